@@ -1,0 +1,71 @@
+"""The public API: apply a method (or several, one per stage) to a transformers model in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .errors import SlimVLMError
+from .models import adapter_for
+from .registry import build, check_compatible
+from .runtime import Runtime, Stats
+from .stages import Method
+
+_ATTRIBUTE = "_slimvlm_handle"
+
+
+class Handle:
+    """What apply() returns: `stats` of the last forward/generate, `remove()` to undo."""
+
+    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.methods = runtime.methods
+
+    @property
+    def stats(self) -> Stats:
+        return self.runtime.stats
+
+    def remove(self) -> None:
+        """Restore the untouched model exactly."""
+        self.runtime.remove()
+        if getattr(self.model, _ATTRIBUTE, None) is self:
+            delattr(self.model, _ATTRIBUTE)
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle({', '.join(map(repr, self.methods))})"
+
+
+def apply(
+    model: nn.Module,
+    method: str | Method | list[str | Method],
+    keep_positions: bool = False,
+    **options: Any,
+) -> Handle:
+    """Install token-reduction method(s) on a transformers model, in place.
+
+    method: a name or preset ("fastv", "fastv-k2-r50"), a spec with options ("tome:r=8"), a Method
+    instance, or a list of these (one per stage). options: extra options of a single method.
+    keep_positions: visual tokens keep the rotary positions of the patches they cover instead of
+    being renumbered without gaps.
+    """
+    if getattr(model, _ATTRIBUTE, None) is not None:
+        raise SlimVLMError("slimvlm is already applied to this model; call handle.remove() first")
+    specs = method if isinstance(method, list) else [method]
+    if not specs:
+        raise SlimVLMError("no method given; use 'none' to run the untouched model")
+    if options and len(specs) > 1:
+        raise SlimVLMError("keyword options apply to a single method; with a list, write them in the specs ('tome:r=8')")
+    built = [build(spec, **options) for spec in specs]
+    check_compatible(built)
+    adapter = adapter_for(model)
+    handle = Handle(model, Runtime(model, adapter, built, keep_positions))
+    setattr(model, _ATTRIBUTE, handle)
+    return handle

@@ -1,0 +1,112 @@
+"""Stage-2 baselines: keep everything, keep a random subset, a spatially uniform subset, or pool."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import SlimVLMError
+from ..registry import register
+from ..stages import Method, PromptContext, Stage, check_budget, check_ratio
+from ..tokens import VisualTokens
+
+
+@register
+class NoReduction(Method):
+    name = "none"
+    description = "keep every visual token (the untouched model; the no-op)"
+    stages = frozenset()
+
+
+class BudgetMethod(Method):
+    """A stage-2 method that keeps `budget` tokens per image, or a `ratio` of them."""
+
+    stages = frozenset({Stage.PROJECT})
+
+    def __init__(self, budget: int | None = None, ratio: float | None = None) -> None:
+        if (budget is None) == (ratio is None):
+            raise SlimVLMError(f"{self.name}: give exactly one of budget (tokens per image) or ratio (fraction kept)")
+        self.budget = budget
+        self.ratio = check_ratio("ratio", ratio) if ratio is not None else None
+
+    def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        if self.budget is not None:
+            check_budget("budget", self.budget, tokens_per_image)
+
+    def target(self, available: int) -> int:
+        """Tokens to keep of `available`: the budget, or round(ratio * available), at least 1."""
+        if self.budget is not None:
+            return check_budget("budget", self.budget, available)
+        return max(1, round(self.ratio * available))
+
+
+@register
+class RandomKeep(BudgetMethod):
+    name = "random"
+    description = "keep a random subset of the visual tokens (seeded)"
+
+    def __init__(self, budget: int | None = None, ratio: float | None = None, seed: int = 0) -> None:
+        super().__init__(budget, ratio)
+        self.seed = seed
+
+    def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        keep = torch.zeros_like(tokens.valid)
+        for image, count in enumerate(tokens.counts.tolist()):
+            chosen = torch.randperm(count, generator=generator)[: self.target(count)]
+            keep[image, chosen.to(keep.device)] = True
+        return tokens.keep(keep)
+
+
+def uniform_indices(count: int, keep: int) -> torch.Tensor:
+    """keep indices spread evenly over range(count): the centre of each of `keep` equal bins."""
+    return ((torch.arange(keep, dtype=torch.float64) + 0.5) * count / keep).floor().long()
+
+
+@register
+class UniformKeep(BudgetMethod):
+    name = "uniform"
+    description = "keep a spatially uniform subsample of the visual tokens (a regular sub-grid when it fits)"
+
+    def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
+        rows, cols = tokens.grid
+        keep = torch.zeros_like(tokens.valid)
+        for image, count in enumerate(tokens.counts.tolist()):
+            target = self.target(count)
+            side = math.isqrt(target)
+            if count == rows * cols and side * side == target:
+                r = uniform_indices(rows, side)
+                c = uniform_indices(cols, side)
+                chosen = (r[:, None] * cols + c[None, :]).flatten()
+            else:
+                chosen = uniform_indices(count, target)
+            keep[image, chosen.to(keep.device)] = True
+        return tokens.keep(keep)
+
+
+@register
+class Pool(BudgetMethod):
+    name = "pool"
+    description = "2D average pooling of the visual-token grid down to a budget (a square number of tokens)"
+
+    def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        super().check_model(num_vision_layers, num_llm_layers, tokens_per_image)
+        target = self.target(tokens_per_image)
+        side = math.isqrt(target)
+        if side * side != target:
+            raise SlimVLMError(f"pool needs a square budget (e.g. 64, 144), got {target}; pick budget={side * side}")
+
+    def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
+        rows, cols = tokens.grid
+        if tokens.has_cls or bool((tokens.counts != rows * cols).any()):
+            raise SlimVLMError("pool needs the full token grid; do not combine it with a stage-1 method that merges tokens")
+        side = math.isqrt(self.target(rows * cols))
+        if side * side != self.target(rows * cols):
+            raise SlimVLMError("pool needs a square budget (e.g. 64, 144)")
+        r = torch.arange(rows, device=tokens.x.device) * side // rows
+        c = torch.arange(cols, device=tokens.x.device) * side // cols
+        cell = (r[:, None] * side + c[None, :]).flatten()
+        # adaptive average pooling with bins of (nearly) equal size: each patch joins its cell
+        assign = cell.expand(tokens.batch_size, -1).clone()
+        return tokens.regroup(assign, side * side)

@@ -1,0 +1,51 @@
+"""FastV (Chen et al., ECCV 2024): drop visual tokens inside the LLM during prefill (stage 3).
+
+At LLM layer K, rank the visual tokens by the attention they received from the last token at
+layer K-1, averaged over heads, and drop the lowest `ratio` of them for every later layer and for
+decoding (those layers' KV cache never holds them). Text tokens are never dropped; kept tokens
+keep their positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SlimVLMError
+from ..registry import register
+from ..stages import Method, PrefillLayer, Stage, check_ratio
+
+
+def lowest_attention_drop(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:
+    """keep mask (B, L): per row, drop round(ratio * visual count) visual tokens with the lowest score."""
+    keep = torch.ones_like(visual)
+    masked = scores.masked_fill(~visual, float("inf"))
+    for row, count in enumerate(visual.sum(dim=1).tolist()):
+        drop = round(ratio * count)
+        if drop:
+            keep[row, masked[row].topk(drop, largest=False).indices] = False
+    return keep
+
+
+@register
+class FastV(Method):
+    name = "fastv"
+    description = "FastV: at LLM layer K drop the visual tokens least attended by the last token (Chen et al. ECCV'24)"
+    stages = frozenset({Stage.PREFILL})
+    queries = "last"
+
+    def __init__(self, k: int = 2, ratio: float = 0.5) -> None:
+        if k < 1:
+            raise SlimVLMError(f"fastv: k={k} must be >= 1 (it reads the attention of layer k-1)")
+        self.k = int(k)
+        self.ratio = check_ratio("ratio", ratio)
+        self.score_layer = self.k - 1
+        self.drop_layer = self.k
+
+    def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        if self.k >= num_llm_layers:
+            raise SlimVLMError(f"fastv: k={self.k} but the language model has {num_llm_layers} layers; use k < {num_llm_layers}")
+
+    def prefill_keep(self, layer: PrefillLayer) -> torch.Tensor:
+        scores = layer.rows.mean(dim=1)[:, 0]  # (B, L): the last query, averaged over heads
+        sequence = layer.sequence
+        return lowest_attention_drop(scores, sequence.visual & sequence.valid, self.ratio)

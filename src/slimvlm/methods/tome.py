@@ -1,0 +1,70 @@
+"""ToMe: Token Merging (Bolya et al., ICLR 2023), in the vision encoder (stage 1).
+
+In every encoder layer, after attention and before the MLP: split the tokens alternately into
+A (even) and B (odd), match each A token to its most similar B token by the cosine similarity of
+the layer's keys averaged over heads, and merge the r most similar pairs (size-weighted mean).
+The class token is never merged. Proportional attention adds log(size) to the attention logits,
+so a merged token counts as the patches it stands for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SlimVLMError
+from ..registry import register
+from ..stages import EncoderAttention, Method, Stage
+from ..tokens import VisualTokens
+
+
+def bipartite_matching(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor, r: int) -> torch.Tensor:
+    """ToMe's bipartite soft matching as a token -> group assignment.
+
+    metric: (B, N, C) per-token features to compare; valid: (B, N) real tokens; protect: (B, N)
+    tokens never merged away (the class token). Returns assign (B, N): every token keeps its own
+    index as group except the r best-matched A tokens, which take the index of their B partner.
+    """
+    batch, n, _ = metric.shape
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    scores = scores.masked_fill(~valid[:, 1::2, None].transpose(1, 2), float("-inf"))
+    best, partner = scores.max(dim=-1)
+    best = best.masked_fill(protect[:, ::2] | ~valid[:, ::2], float("-inf"))
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    merged = order[:, :r]
+    assign = torch.arange(n, device=metric.device).expand(batch, n).clone()
+    a_index = 2 * merged
+    b_index = 2 * partner.gather(1, merged) + 1
+    usable = best.gather(1, merged) > float("-inf")
+    assign.scatter_(1, a_index, torch.where(usable, b_index, a_index))
+    return assign
+
+
+def merge_count(r: int, tokens: int, protected: int) -> int:
+    """ToMe never merges more than half of the unprotected tokens in one layer."""
+    return max(0, min(r, (tokens - protected) // 2))
+
+
+@register
+class ToMe(Method):
+    name = "tome"
+    description = "Token Merging: bipartite soft matching of keys, r merges per encoder layer (Bolya et al. ICLR'23)"
+    stages = frozenset({Stage.ENCODE})
+    proportional_attention = True
+
+    def __init__(self, r: int = 8, proportional_attention: bool = True) -> None:
+        if r < 0:
+            raise SlimVLMError(f"tome: r={r} must be >= 0 (tokens merged per layer)")
+        self.r = int(r)
+        self.proportional_attention = bool(proportional_attention)
+
+    def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        n = tokens.x.shape[1]
+        counts = tokens.counts
+        r = merge_count(self.r, int(counts.min()), int(tokens.has_cls))
+        if r == 0:
+            return tokens
+        metric = attention.keys.mean(dim=1)
+        assign = bipartite_matching(metric, tokens.valid, tokens.is_cls, r)
+        return tokens.regroup(assign, n)

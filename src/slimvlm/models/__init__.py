@@ -1,0 +1,21 @@
+"""Model adapters: one per family, the only code that knows a family's module names."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import SlimVLMError
+from .llava import LlavaAdapter
+
+ADAPTERS = {"LlavaForConditionalGeneration": LlavaAdapter}
+
+
+def adapter_for(model: nn.Module) -> LlavaAdapter:
+    """The adapter of the model's family, or a clear error naming the supported classes."""
+    name = type(model).__name__
+    if name not in ADAPTERS:
+        raise SlimVLMError(
+            f"slimvlm has no adapter for {name}; supported model classes: {', '.join(ADAPTERS)} "
+            "(load your checkpoint with one of them)"
+        )
+    return ADAPTERS[name](model)

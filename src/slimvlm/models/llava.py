@@ -1,0 +1,190 @@
+"""The LLaVA adapter: LlavaForConditionalGeneration = CLIP vision tower + MLP projector + a
+Llama-family LM. The only module in slimvlm that knows this family's module names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import apply_rope, attention_rows
+from ..errors import SlimVLMError
+from ..hooks import capture_outputs
+from ..sequence import gather_rows
+from ..stages import EncoderAttention, Method
+from ..tokens import VisualTokens
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """What the attention-row probe needs of one LLM layer."""
+
+    module: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+class LlavaAdapter:
+    family = "llava"
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        inner = model.model
+        vision = inner.vision_tower
+        self.model = model
+        self.vision = getattr(vision, "vision_model", vision)
+        if type(self.vision).__name__ not in ("CLIPVisionModel", "CLIPVisionTransformer"):
+            raise SlimVLMError(
+                f"the LLaVA adapter supports a CLIP vision tower, not {type(self.vision).__name__}; "
+                "use a LLaVA-1.5-style checkpoint (CLIP ViT + Llama-family LM)"
+            )
+        self.projector = inner.multi_modal_projector
+        self.language_model = inner.language_model
+        self.lm_head = model.lm_head
+        self.config = config
+        self.text_config = config.text_config
+        self.vision_config = config.vision_config
+
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise SlimVLMError(
+                f"vision_feature_layer={layer} (several layers) is not supported yet; use a model with one feature layer"
+            )
+        total = self.vision_config.num_hidden_layers
+        # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k
+        self.vision_layers_run = layer if layer >= 0 else total + 1 + layer
+        if not 1 <= self.vision_layers_run <= total:
+            raise SlimVLMError(f"vision_feature_layer={layer} does not exist in a {total}-layer vision tower")
+        self.select_strategy = config.vision_feature_select_strategy
+        if self.select_strategy not in ("default", "full"):
+            raise SlimVLMError(f"vision_feature_select_strategy={self.select_strategy!r} is not supported; use 'default' or 'full'")
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        self.grid = (side, side)
+        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
+        self.image_token_id = config.image_token_id
+        self.llm_layers = list(self.language_model.layers)
+        first = self.llm_layers[0].self_attn
+        for name in ("q_proj", "k_proj", "scaling", "head_dim"):
+            if not hasattr(first, name):
+                raise SlimVLMError(
+                    f"the language model {type(self.language_model).__name__} has no attention.{name}; "
+                    "the LLaVA adapter supports Llama-family language models"
+                )
+
+    # ---- stage 1: the vision encoder -------------------------------------------------------
+    def encode(self, pixel_values: torch.Tensor, method: Method | None) -> tuple[VisualTokens, list[torch.Tensor]]:
+        """Run the vision tower up to its feature layer, giving a stage-1 method each layer.
+
+        Returns the feature layer's tokens (CLS included) and, per layer run, the tokens each
+        image had at its input (for the FLOPs count)."""
+        vision = self.vision
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+        tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=True)
+        proportional = method is not None and method.proportional_attention
+        trace = []
+        attention = None
+        layers = vision.encoder.layers[: self.vision_layers_run]
+        for index, layer in enumerate(layers):
+            trace.append(tokens.counts)
+            bias = tokens.attention_bias(proportional)
+            residual = tokens.x
+            normed = layer.layer_norm1(residual)
+            if method is None:
+                attended = layer.self_attn(hidden_states=normed, attention_mask=bias)[0]
+            else:
+                attn = layer.self_attn
+                with capture_outputs(attn.q_proj, attn.k_proj) as captured:
+                    attended = attn(hidden_states=normed, attention_mask=bias)[0]
+                attention = self._encoder_attention(index, len(layers), attn, *captured, bias)
+            tokens = tokens.with_features(residual + attended)
+            if method is not None:
+                tokens = method.encode_layer(attention, tokens)
+            hidden = tokens.x
+            tokens = tokens.with_features(hidden + layer.mlp(layer.layer_norm2(hidden)))
+        if method is not None:
+            tokens = method.encode_output(attention, tokens)
+        return tokens, trace
+
+    def _encoder_attention(self, index: int, num_layers: int, attn: nn.Module, queries, keys, bias) -> EncoderAttention:
+        batch, length, _ = keys.shape
+        heads = attn.num_heads
+        keys = keys.view(batch, length, heads, -1).transpose(1, 2)
+        queries = queries.view(batch, length, heads, -1).transpose(1, 2)
+
+        def rows(query_index: torch.Tensor) -> torch.Tensor:
+            picked = queries.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, queries.shape[-1]))
+            return attention_rows(picked, keys, attn.scale, bias=bias)
+
+        return EncoderAttention(layer=index, num_layers=num_layers, keys=keys, rows=rows)
+
+    # ---- stage 2: after the projector --------------------------------------------------------
+    def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:
+        """LLaVA's feature selection then the MLP projector."""
+        if self.select_strategy == "default" and not keep_cls:
+            tokens = tokens.drop_cls()
+        return tokens.with_features(self.projector(tokens.x))
+
+    # ---- the language model ------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def run_llm(self, embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs):
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def attention_parts(self, layer: int) -> AttentionParts:
+        attn = self.llm_layers[layer].self_attn
+        return AttentionParts(
+            module=attn,
+            q_proj=attn.q_proj,
+            k_proj=attn.k_proj,
+            num_heads=self.text_config.num_attention_heads,
+            num_kv_heads=self.text_config.num_key_value_heads,
+            head_dim=attn.head_dim,
+            scaling=attn.scaling,
+        )
+
+    @staticmethod
+    def rotate(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Apply the layer's rotary embedding to x (B, H, L, d)."""
+        cos, sin = position_embeddings
+        return apply_rope(x, cos.expand(x.shape[0], -1, -1), sin.expand(x.shape[0], -1, -1))
+
+    @staticmethod
+    def gather_position_embeddings(position_embeddings, index: torch.Tensor):
+        cos, sin = position_embeddings
+        batch = index.shape[0]
+        return (
+            gather_rows(cos.expand(batch, -1, -1), index),
+            gather_rows(sin.expand(batch, -1, -1), index),
+        )
+
+    def mask_dtype(self, hidden_dtype: torch.dtype) -> torch.dtype | None:
+        """The form of 4D attention mask the LM's attention takes: bool for SDPA, additive for eager."""
+        implementation = self.text_config._attn_implementation
+        if implementation == "sdpa":
+            return None
+        if implementation == "eager":
+            return hidden_dtype
+        raise SlimVLMError(
+            f"stage-3/4 methods need attn_implementation 'sdpa' or 'eager', the model uses {implementation!r}; "
+            "load it with attn_implementation='sdpa'"
+        )
+
+    @staticmethod
+    def cache_layers(cache) -> list:
+        """Per LLM layer, the object holding that layer's `keys` and `values` tensors."""
+        return list(cache.layers)

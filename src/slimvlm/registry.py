@@ -1,0 +1,116 @@
+"""Method names, option strings and presets.
+
+A method spec is a name or preset, optionally with options: "tome:r=8", "fastv:k=2,ratio=0.5".
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from .errors import SlimVLMError
+from .stages import Method, Stage
+
+_METHODS: dict[str, type[Method]] = {}
+
+PRESETS: dict[str, str] = {
+    "fastv-k2-r50": "fastv:k=2,ratio=0.5",
+    "fastv-k2-r75": "fastv:k=2,ratio=0.75",
+    "tome-r8": "tome:r=8",
+    "tome-r16": "tome:r=16",
+    "visionzip-64": "visionzip:dominant=54,contextual=10",
+    "visionzip-128": "visionzip:dominant=108,contextual=20",
+    "visionzip-192": "visionzip:dominant=162,contextual=30",
+    "divprune-64": "divprune:budget=64",
+    "divprune-128": "divprune:budget=128",
+    "divprune-192": "divprune:budget=192",
+}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its name."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    importlib.import_module(f"{__package__}.methods")  # importing registers the built-in methods
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """Every registered method: its one-line description, stages and options with defaults."""
+    _ensure_loaded()
+    out = {}
+    for name, cls in sorted(_METHODS.items()):
+        params = inspect.signature(cls.__init__).parameters
+        out[name] = {
+            "description": cls.description,
+            "stages": sorted(stage.name.lower() for stage in cls.stages),
+            "options": {p: params[p].default for p in params if p != "self"},
+        }
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'fastv:k=2,ratio=0.5' -> ('fastv', {'k': 2, 'ratio': 0.5}); presets expand first."""
+    name, _, rest = spec.strip().partition(":")
+    options: dict[str, Any] = {}
+    if name in PRESETS:
+        name, options = parse_spec(PRESETS[name])
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SlimVLMError(f"cannot read option {item!r} in {spec!r}; write options as key=value, e.g. 'tome:r=8'")
+        options[key.strip()] = _parse_value(value.strip())
+    return name, options
+
+
+def build(spec: str | Method, **overrides: Any) -> Method:
+    """A method instance from a spec string (or an instance, returned as is)."""
+    if isinstance(spec, Method):
+        if overrides:
+            raise SlimVLMError("options cannot be given with a method instance; set them when building it")
+        return spec
+    _ensure_loaded()
+    name, options = parse_spec(spec)
+    options.update(overrides)
+    if name not in _METHODS:
+        known = ", ".join(sorted(_METHODS) + sorted(PRESETS))
+        raise SlimVLMError(f"unknown method {name!r}; known methods and presets: {known}")
+    cls = _METHODS[name]
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(params) - {"self"})
+    if unknown:
+        valid = ", ".join(p for p in params if p != "self") or "none"
+        raise SlimVLMError(f"method {name!r} has no option {', '.join(unknown)}; its options: {valid}")
+    method = cls(**options)
+    method._options = {p: getattr(method, p, params[p].default) for p in params if p != "self"}
+    return method
+
+
+def check_compatible(chosen: list[Method]) -> None:
+    """At most one method per stage: two methods that both act at a stage would fight over it."""
+    owner: dict[Stage, Method] = {}
+    for method in chosen:
+        for stage in method.stages:
+            if stage in owner:
+                raise SlimVLMError(
+                    f"methods {owner[stage].name!r} and {method.name!r} both act at stage {int(stage)} "
+                    f"({stage.name.lower()}); combine methods of different stages, e.g. ['tome:r=8', 'fastv']"
+                )
+            owner[stage] = method

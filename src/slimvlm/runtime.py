@@ -1,0 +1,351 @@
+"""Runs a model with methods installed: the wrapped forward, the prefill and decode bookkeeping.
+
+Data flows one way: pixels -> stage 1 (encoder) -> stage 2 (projected tokens) -> the LLM input is
+rebuilt (embeddings, mask, positions) -> stage 3 (LLM layers in prefill) -> decode steps whose
+masks and positions continue the reduced sequence. generate() needs no change: its own
+bookkeeping stays in the frame of the original prompt, and each forward maps it to ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SlimVLMError
+from .hooks import HookSet, capture_outputs
+from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, rebuild
+from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
+from .attention import attention_rows
+
+
+@dataclass
+class Stats:
+    """What the last forward/generate did. visual_tokens: per image, tokens that reached the LLM.
+    kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill
+    (all / visual). vision_tokens: per vision layer run, per image, tokens at its input.
+    llm_tokens: per LLM layer, per sample, tokens in prefill. prompt_tokens: per sample, the
+    untouched prompt's length."""
+
+    visual_tokens: list[int] = field(default_factory=list)
+    kv_entries: list[list[int]] = field(default_factory=list)
+    kv_visual_entries: list[list[int]] = field(default_factory=list)
+    vision_tokens: list[list[int]] = field(default_factory=list)
+    llm_tokens: list[list[int]] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class View:
+    """The sequence as the LLM layers from `start` on see it (stage 3 can shorten it)."""
+
+    start: int
+    sequence: Sequence
+    key_valid: torch.Tensor  # (B, K): the cache entries these layers hold, valid or padding
+    position_embeddings: tuple | None = None
+    prefill_mask: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+
+@dataclass
+class Session:
+    """One prompt's state from prefill through its decode steps."""
+
+    cache: object
+    prompt_length: int
+    next_position: torch.Tensor
+    base_valid: torch.Tensor
+    views: list[View]
+    decoding: bool = False
+    rows: dict = field(default_factory=dict)
+
+    def view_of(self, layer: int) -> View:
+        chosen = self.views[0]
+        for view in self.views:
+            if view.start <= layer:
+                chosen = view
+        return chosen
+
+
+class Runtime:
+    """Installed on one model by slimvlm.apply; `remove()` restores the model exactly."""
+
+    def __init__(self, model: nn.Module, adapter, methods: list[Method], keep_positions: bool) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        self.keep_positions = keep_positions
+        self.stats = Stats()
+        self.session: Session | None = None
+        self._by_stage = {stage: [m for m in methods if stage in m.stages] for stage in Stage}
+        self._prefill_methods = self._by_stage[Stage.PREFILL]
+        self._hooks = HookSet()
+        for method in methods:
+            method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+        if self._prefill_methods:
+            adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
+            self._install_prefill_hooks()
+        self._install_forward()
+
+    # ---- installation ------------------------------------------------------------------------
+    def _install_forward(self) -> None:
+        original = self.model.forward
+        signature = inspect.signature(original)
+        # without 'mm_encoder_outputs' in the signature, generate() hands us pixel_values
+        params = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            bound = inspect.Signature(params).bind(*args, **kwargs)
+            return self._forward(original, bound.arguments)
+
+        forward.__signature__ = inspect.Signature(params, return_annotation=signature.return_annotation)
+        del forward.__wrapped__
+        self.model.forward = forward
+
+    def _install_prefill_hooks(self) -> None:
+        first = min(m.drop_layer for m in self._prefill_methods)
+        for index in range(first, len(self.adapter.llm_layers)):
+            layer = self.adapter.llm_layers[index]
+            hook = functools.partial(self._layer_pre_hook, index)
+            self._hooks.add(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        for method in self._prefill_methods:
+            if method.queries is not None:
+                self._install_row_probe(method)
+
+    def remove(self) -> None:
+        self._hooks.remove()
+        if "forward" in self.model.__dict__:
+            del self.model.forward
+        self.session = None
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _forward(self, original, arguments: dict):
+        kwargs = dict(arguments.pop("kwargs", {}))
+        for name in ("use_cache", "return_dict"):
+            if name in kwargs:
+                arguments[name] = kwargs.pop(name)
+        pixel_values = arguments.get("pixel_values")
+        cache = arguments.get("past_key_values")
+        if kwargs.get("mm_encoder_outputs") is not None:
+            raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
+        if pixel_values is not None:
+            return self._prefill(arguments, kwargs)
+        if self.session is not None and cache is not None and cache is self.session.cache:
+            return self._decode(arguments, kwargs)
+        self.session = None
+        return original(**arguments, **kwargs)
+
+
+    def _check_unsupported(self, arguments: dict) -> None:
+        if arguments.get("inputs_embeds") is not None:
+            raise SlimVLMError("pass input_ids (with the image placeholders), not inputs_embeds, when slimvlm is applied")
+        if arguments.get("input_ids") is None:
+            raise SlimVLMError("input_ids are required with pixel_values")
+        if arguments.get("image_sizes") is not None:
+            raise SlimVLMError("image_sizes is not supported by the LLaVA adapter (LLaVA-1.5 takes fixed-size images)")
+        for name, configured in (
+            ("vision_feature_layer", self.adapter.config.vision_feature_layer),
+            ("vision_feature_select_strategy", self.adapter.config.vision_feature_select_strategy),
+        ):
+            given = arguments.get(name)
+            if given is not None and given != configured:
+                raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
+        cache = arguments.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise SlimVLMError("images after a non-empty KV cache are not supported; start a new cache for each prompt")
+
+    def _prefill(self, arguments: dict, kwargs: dict):
+        self._check_unsupported(arguments)
+        adapter = self.adapter
+        input_ids = arguments["input_ids"]
+        stage1 = self._by_stage[Stage.ENCODE]
+        tokens, vision_trace = adapter.encode(arguments["pixel_values"], stage1[0] if stage1 else None)
+        tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
+        context = PromptContext(input_ids=input_ids, image_of_sample=[])
+        for method in self._by_stage[Stage.PROJECT]:
+            tokens = method.project(tokens, context)
+
+        rebuilt = rebuild(
+            input_ids,
+            adapter.embed(input_ids),
+            arguments.get("attention_mask"),
+            arguments.get("position_ids"),
+            arguments.get("labels"),
+            tokens,
+            adapter.image_token_id,
+            adapter.tokens_per_image,
+            self.keep_positions,
+        )
+        sequence = rebuilt.sequence
+        use_cache = arguments.get("use_cache")
+        if use_cache is None:
+            use_cache = adapter.text_config.use_cache
+        cache = arguments.get("past_key_values")
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=adapter.text_config)
+        valid = sequence.valid
+        self.session = Session(
+            cache=cache if use_cache else None,
+            prompt_length=input_ids.shape[1],
+            next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
+            base_valid=valid,
+            views=[View(start=0, sequence=sequence, key_valid=valid)],
+        )
+        output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
+        self._record(tokens, vision_trace, input_ids.shape[0], input_ids.shape[1])
+        if not use_cache:
+            self.session = None
+        return self._logits(output, arguments, rebuilt.labels, kwargs)
+
+    def _decode(self, arguments: dict, kwargs: dict):
+        session = self.session
+        input_ids = arguments.get("input_ids")
+        if input_ids is None:
+            raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
+        steps = input_ids.shape[1]
+        mask = arguments.get("attention_mask")
+        decoded = session.base_valid.shape[1] - session.views[0].sequence.valid.shape[1]
+        if mask is not None:
+            expected = session.prompt_length + decoded + steps
+            if mask.shape[1] != expected:
+                raise SlimVLMError(
+                    f"attention_mask has {mask.shape[1]} columns, expected {expected} (prompt + generated tokens); "
+                    "pass the mask generate() maintains, or none"
+                )
+            new_valid = mask[:, -steps:].bool()
+        else:
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        session.decoding = True
+        session.base_valid = torch.cat([session.base_valid, new_valid], dim=1)
+        dtype = self.adapter.mask_dtype(self.adapter.embed(input_ids[:, :0]).dtype) if len(session.views) > 1 else None
+        for view in session.views[1:]:
+            view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
+            view.decode_mask = attention_mask_4d(view.key_valid, steps, dtype)
+        positions = session.next_position[:, None] + torch.arange(steps, device=input_ids.device)
+        session.next_position = session.next_position + steps
+        output = self.adapter.run_llm(
+            self.adapter.embed(input_ids), session.base_valid.long(), positions, session.cache, True, **kwargs
+        )
+        return self._logits(output, arguments, None, kwargs)
+
+    def _logits(self, output, arguments: dict, labels, kwargs: dict):
+        from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+        hidden = output.last_hidden_state
+        keep = arguments.get("logits_to_keep") or 0
+        if isinstance(keep, int):
+            hidden = hidden[:, -keep:] if keep > 0 else hidden
+        else:
+            hidden = hidden[:, keep]
+        logits = self.adapter.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size)
+        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=output.past_key_values)
+        return result if arguments.get("return_dict", True) is not False else result.to_tuple()
+
+    # ---- stage 3: LLM layers during prefill ---------------------------------------------------
+    def _install_row_probe(self, method: Method) -> None:
+        parts = self.adapter.attention_parts(method.score_layer)
+        captured: dict = {}
+
+        def before(_module, _args, kwargs):
+            if self.session is None or self.session.decoding:
+                return
+            captured["position_embeddings"] = kwargs["position_embeddings"]
+            captured["capture"] = capture_outputs(parts.q_proj, parts.k_proj)
+            captured["outputs"] = captured["capture"].__enter__()
+
+        def after(_module, _args, _kwargs, _output):
+            if "capture" not in captured:
+                return
+            captured.pop("capture").__exit__(None, None, None)
+            queries, keys = captured.pop("outputs")
+            view = self.session.view_of(method.score_layer)
+            self.session.rows[method.name] = self._rows(parts, view.sequence, queries, keys, captured.pop("position_embeddings"), method.queries)
+
+        self._hooks.add(parts.module.register_forward_pre_hook(before, with_kwargs=True))
+        self._hooks.add(parts.module.register_forward_hook(after, with_kwargs=True))
+
+    def _rows(self, parts, sequence: Sequence, queries, keys, position_embeddings, which: str):
+        batch, length, _ = keys.shape
+        keys = keys.view(batch, length, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+        queries = queries.view(batch, length, parts.num_heads, parts.head_dim).transpose(1, 2)
+        keys = self.adapter.rotate(keys, position_embeddings)
+        index, valid = query_index(sequence, which)
+        cos, sin = self.adapter.gather_position_embeddings(position_embeddings, index)
+        picked = queries.gather(2, index[:, None, :, None].expand(-1, parts.num_heads, -1, parts.head_dim))
+        picked = self.adapter.rotate(picked, (cos, sin))
+        key_at = torch.arange(length, device=keys.device)
+        allowed = (key_at[None, None, :] <= index[:, :, None]) & sequence.valid[:, None, :]
+        rows = attention_rows(picked, keys, parts.scaling, allowed=allowed[:, None])
+        return rows, index, valid
+
+    def _layer_pre_hook(self, layer_index: int, _module, args, kwargs):
+        session = self.session
+        if session is None:
+            return None
+        if session.decoding:
+            view = session.view_of(layer_index)
+            if view.start == 0:
+                return None
+            kwargs["attention_mask"] = view.decode_mask
+            return args, kwargs
+        for method in self._prefill_methods:
+            if method.drop_layer == layer_index:
+                args, kwargs = self._drop(method, layer_index, args, kwargs)
+        view = session.view_of(layer_index)
+        if view.start == 0:
+            return None
+        kwargs["attention_mask"] = view.prefill_mask
+        kwargs["position_embeddings"] = view.position_embeddings
+        kwargs["position_ids"] = view.sequence.positions
+        return args, kwargs
+
+    def _drop(self, method: Method, layer_index: int, args, kwargs):
+        session = self.session
+        current = session.view_of(layer_index)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows, index, valid = session.rows.pop(method.name, (None, None, None))
+        sequence = current.sequence
+        keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid))
+        keep = (keep | ~sequence.visual) & sequence.valid
+        gather, new_valid = compaction(keep)
+        new_sequence = sequence.gather(gather, new_valid)
+        embeddings = current.position_embeddings or kwargs["position_embeddings"]
+        dtype = self.adapter.mask_dtype(hidden.dtype)
+        session.views.append(
+            View(
+                start=layer_index,
+                sequence=new_sequence,
+                key_valid=new_valid,
+                position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
+                prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], dtype),
+            )
+        )
+        hidden = gather_rows(hidden, gather)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    # ---- statistics --------------------------------------------------------------------------
+    def _record(self, tokens, vision_trace, batch: int, prompt_length: int) -> None:
+        session = self.session
+        layers = len(self.adapter.llm_layers)
+        views = [session.view_of(layer) for layer in range(layers)]
+        self.stats = Stats(
+            visual_tokens=tokens.counts.tolist(),
+            kv_entries=[[int(v.sequence.valid[b].sum()) for v in views] for b in range(batch)],
+            kv_visual_entries=[[int(v.sequence.visual_counts()[b]) for v in views] for b in range(batch)],
+            vision_tokens=[counts.tolist() for counts in vision_trace],
+            llm_tokens=[[int(v.sequence.valid[b].sum()) for b in range(batch)] for v in views],
+            prompt_tokens=[prompt_length] * batch,
+        )

@@ -1,0 +1,157 @@
+"""The LLM's input after the image span is rebuilt: left-padded, each position text or visual.
+
+One primitive, `compaction`, turns a keep mask into a left-padded gather index; rebuilding the
+LLM input after stages 1-2 and dropping tokens inside the LLM at stage 3 both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SlimVLMError
+from .tokens import VisualTokens
+
+IGNORE_INDEX = -100
+
+
+def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (B, L) bool -> (index (B, W), valid (B, W)): gathering with index packs each row's kept
+    positions to the right end of a row of width W = most kept in a row (left padding), in order."""
+    batch, _ = keep.shape
+    kept = keep.sum(dim=1)
+    width = int(kept.max().item()) if batch else 0
+    pad = width - kept
+    slot = pad[:, None] + keep.long().cumsum(dim=1) - 1
+    rows, cols = keep.nonzero(as_tuple=True)
+    index = torch.zeros(batch, width, dtype=torch.long, device=keep.device)
+    index[rows, slot[rows, cols]] = cols
+    valid = torch.arange(width, device=keep.device)[None, :] >= pad[:, None]
+    return index, valid
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) gathered along dim 1 by index (B, W)."""
+    shape = index.shape + x.shape[2:]
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
+    return x.gather(1, expanded)
+
+
+@dataclass
+class Sequence:
+    """Bookkeeping of a left-padded LLM sequence (B, L).
+
+    valid: real tokens. positions: rotary position ids. visual: visual tokens.
+    image: which image (index into pixel_values) a visual token comes from, -1 for text.
+    """
+
+    valid: torch.Tensor
+    positions: torch.Tensor
+    visual: torch.Tensor
+    image: torch.Tensor
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Sequence":
+        return Sequence(
+            valid=valid,
+            positions=self.positions.gather(1, index),
+            visual=self.visual.gather(1, index) & valid,
+            image=torch.where(valid, self.image.gather(1, index), -1),
+        )
+
+    def visual_counts(self) -> torch.Tensor:
+        """(B,) visual tokens per sample."""
+        return (self.visual & self.valid).sum(dim=1)
+
+
+@dataclass
+class Rebuilt:
+    """What the LLM gets after stages 1-2: embeddings, 2D mask, position ids, labels."""
+
+    embeds: torch.Tensor
+    sequence: Sequence
+    labels: torch.Tensor | None
+
+
+def image_slots(input_ids: torch.Tensor, image_token_id: int, num_images: int, tokens_per_image: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which image and which slot of it each placeholder token is, in the order the processor wrote them."""
+    is_image = input_ids == image_token_id
+    found = int(is_image.sum().item())
+    expected = num_images * tokens_per_image
+    if found == 0:
+        raise SlimVLMError(
+            f"the prompt has no image placeholder (token id {image_token_id}) but {num_images} image(s) were given; "
+            "put '<image>' in the text where the image goes and build the inputs with the model's processor"
+        )
+    if found != expected:
+        raise SlimVLMError(
+            f"the prompt has {found} image placeholder tokens but {num_images} image(s) need {expected} "
+            f"({tokens_per_image} each); put one '<image>' per image in the text and let the processor expand it"
+        )
+    order = is_image.flatten().long().cumsum(0).view_as(input_ids) - 1
+    image = torch.where(is_image, order // tokens_per_image, -1)
+    slot = torch.where(is_image, order % tokens_per_image, -1)
+    return is_image, image, slot
+
+
+def rebuild(
+    input_ids: torch.Tensor,
+    text_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    tokens: VisualTokens,
+    image_token_id: int,
+    tokens_per_image: int,
+    keep_positions: bool,
+) -> Rebuilt:
+    """Replace each image's placeholder span with its (possibly fewer) visual tokens.
+
+    keep_positions: each visual token keeps the position of the first patch it covers, text keeps
+    its own; otherwise positions are renumbered without gaps from the first token's position.
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    is_image, image, slot = image_slots(input_ids, image_token_id, tokens.batch_size, tokens_per_image)
+    counts = tokens.counts
+    safe_image, safe_slot = image.clamp_min(0), slot.clamp_min(0)
+    in_budget = slot < counts[safe_image]
+    keep = (~is_image) | in_budget
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+
+    visual_features = tokens.x[safe_image, safe_slot.clamp_max(tokens.x.shape[1] - 1)]
+    use_visual = is_image & in_budget
+    embeds = torch.where(use_visual[..., None], visual_features.to(text_embeds.dtype), text_embeds)
+
+    if position_ids is None:
+        position_ids = torch.arange(length, device=device).expand(batch, length)
+    if keep_positions:
+        origin = tokens.origin[safe_image, safe_slot.clamp_max(tokens.origin.shape[1] - 1)]
+        positions = torch.where(use_visual, position_ids - slot + origin, position_ids)
+    else:
+        first = keep.long().argmax(dim=1, keepdim=True)
+        positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1
+
+    index, valid = compaction(keep)
+    full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image)
+    sequence = full.gather(index, valid)
+    new_labels = None
+    if labels is not None:
+        new_labels = torch.where(valid & ~sequence.visual, labels.gather(1, index), IGNORE_INDEX)
+    return Rebuilt(embeds=gather_rows(embeds, index), sequence=sequence, labels=new_labels)
+
+
+def attention_mask_4d(key_valid: torch.Tensor, query_length: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, 1, Q, K) mask for the last Q of K keys: causal, padding masked, each query sees itself
+    (so padding rows never attend to nothing). dtype None gives a bool mask (True = attend, for
+    SDPA); a float dtype gives an additive mask (for eager attention)."""
+    keys = key_valid.shape[1]
+    query_at = torch.arange(keys - query_length, keys, device=key_valid.device)[:, None]
+    key_at = torch.arange(keys, device=key_valid.device)[None, :]
+    allowed = (key_at <= query_at)[None] & key_valid[:, None, :]
+    allowed |= (key_at == query_at)[None]
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,145 @@
+"""The five stages where visual tokens cost, and the hook protocol a method implements.
+
+A method names the stages it acts at and overrides the hooks of those stages; the model's
+adapter calls them at the right place. Hooks receive and return plain tensors and
+VisualTokens, never model modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Callable, ClassVar
+
+import torch
+
+from .errors import SlimVLMError
+from .sequence import Sequence, compaction
+from .tokens import VisualTokens
+
+
+class Stage(IntEnum):
+    ENCODE = 1  # inside the vision encoder's layers
+    PROJECT = 2  # between the encoder/projector and the LLM
+    PREFILL = 3  # inside the LLM layers during prefill
+    DECODE = 4  # the KV cache during generation
+    TRAIN = 5  # the training loop
+
+
+@dataclass
+class EncoderAttention:
+    """One vision-encoder layer's attention, as a stage-1 hook sees it.
+
+    keys: (B, H, N, d) keys of the layer's input tokens. rows(query_index (B, Q)) gives the
+    attention probabilities (B, H, Q, N) of those queries, as eager attention would compute them.
+    """
+
+    layer: int
+    num_layers: int
+    keys: torch.Tensor
+    rows: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PromptContext:
+    """What stage-2 methods may read besides the visual tokens: the prompt of each image."""
+
+    input_ids: torch.Tensor
+    image_of_sample: list[list[int]]
+
+
+@dataclass
+class PrefillLayer:
+    """An LLM layer during prefill, as a stage-3 hook sees it.
+
+    sequence: bookkeeping of the current (possibly already reduced) sequence, (B, L).
+    hidden: (B, L, D) the layer's input hidden states.
+    rows: (B, H, Q, L) attention probabilities that the method asked for at its score layer
+    (queries given by `query_index`, valid where `query_valid`); None if it asked for none.
+    """
+
+    layer: int
+    sequence: Sequence
+    hidden: torch.Tensor
+    rows: torch.Tensor | None
+    query_index: torch.Tensor | None
+    query_valid: torch.Tensor | None
+
+
+QUERIES = ("last", "text")
+
+
+def query_index(sequence: Sequence, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows a method asks for: 'last' (the last token, which predicts the answer) or
+    'text' (every text token). Returns (index (B, Q), valid (B, Q))."""
+    batch, length = sequence.valid.shape
+    device = sequence.valid.device
+    if which == "last":
+        return torch.full((batch, 1), length - 1, device=device), torch.ones(batch, 1, dtype=torch.bool, device=device)
+    if which == "text":
+        return compaction(sequence.valid & ~sequence.visual)
+    raise SlimVLMError(f"unknown query rows {which!r}; use one of {QUERIES}")
+
+
+class Method:
+    """Base class: a token-reduction method. Subclasses set the class attributes and override the
+    hooks of their stages; options are keyword arguments of __init__ (validated there)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    stages: ClassVar[frozenset[Stage]] = frozenset()
+    # stage 1: add log(size) to the encoder's attention logits (ToMe's proportional attention)
+    proportional_attention: ClassVar[bool] = False
+    # stage 1: the class token goes on to the LLM even where the model's feature selection drops it
+    feeds_cls: ClassVar[bool] = False
+    # stage 3: the layer whose attention rows it reads and the query rows it needs
+    score_layer: int | None = None
+    queries: str | None = None
+    drop_layer: int | None = None
+
+    def options(self) -> dict:
+        """The options this instance was built with (for reports)."""
+        return dict(self._options) if hasattr(self, "_options") else {}
+
+    # stage 1 -----------------------------------------------------------------
+    def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        """After the attention of encoder layer `attention.layer`, before its MLP."""
+        return tokens
+
+    def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        """On the feature layer's output (what the projector reads), with that layer's attention."""
+        return tokens
+
+    # stage 2 -----------------------------------------------------------------
+    def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
+        """On the projected visual tokens, before they enter the LLM."""
+        return tokens
+
+    # stage 3 -----------------------------------------------------------------
+    def prefill_keep(self, layer: PrefillLayer) -> torch.Tensor:
+        """At `drop_layer` during prefill: a (B, L) bool mask of the tokens to keep from here on."""
+        raise NotImplementedError
+
+    def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        """Refuse settings the model cannot honour (a layer it lacks, a budget over its tokens)."""
+
+    def __repr__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}:{opts}" if opts else self.name
+
+
+def check_ratio(name: str, value: float) -> float:
+    """A ratio must lie in (0, 1]."""
+    value = float(value)
+    if not 0 < value <= 1:
+        raise SlimVLMError(f"{name}={value} is outside (0, 1]; give a fraction such as 0.5")
+    return value
+
+
+def check_budget(name: str, budget: int, available: int) -> int:
+    """A token budget must be between 1 and the tokens an image has."""
+    if budget < 1:
+        raise SlimVLMError(f"{name}={budget} must be at least 1 token")
+    if budget > available:
+        raise SlimVLMError(f"{name}={budget} is larger than the {available} tokens of an image; give at most {available}")
+    return budget

@@ -1,0 +1,256 @@
+"""Build slimvlm's own small LLaVA-architecture model: config, tokenizer, processor.
+
+slimvlm never downloads anything, so the test bed needs a LLaVA-1.5-shaped model
+(CLIP vision tower -> MLP projector -> Llama decoder, one ``<image>`` placeholder
+expanded to 576 visual tokens) that can be built from scratch. This module makes
+the pieces with stock ``transformers``/``tokenizers`` classes so that everything
+saved here loads back through the ordinary ``from_pretrained`` entry points,
+offline, with the PIL image backend (torchvision is not required).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "PROMPT",
+    "TINY_VISION",
+    "TINY_TEXT",
+    "TINY_WORDS",
+    "build_tokenizer",
+    "format_prompt",
+    "format_training_text",
+    "build_processor",
+    "llava_config",
+    "make_tiny",
+    "load",
+]
+
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "bos": "<s>",
+    "eos": "</s>",
+    "image": "<image>",
+}
+
+#: Prompt template: one image placeholder, the question, then the cue "answer:".
+PROMPT = "<image>\n{question} answer:"
+
+#: Tiny sizes: big enough to exercise every code path, small enough for CPU tests.
+TINY_VISION: dict[str, int] = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+TINY_TEXT: dict[str, int] = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+)
+
+#: A handful of words: enough for "what colour is the shape?"-style prompts.
+TINY_WORDS: list[str] = [
+    # question words and glue
+    "what", "which", "is", "are", "it", "this", "the", "a", "an", "of", "in", "on", "there", "and",
+    "color", "colour", "shape", "image", "picture", "how", "many", "left", "right", "top", "bottom",
+    # answers
+    "yes", "no", "one", "two", "three", "four",
+    # colours
+    "red", "green", "blue", "yellow", "white", "black", "orange", "purple",
+    # shapes
+    "circle", "square", "triangle", "star",
+    # punctuation
+    "?", ",", ".",
+]  # fmt: skip
+
+
+def _normalizer() -> normalizers.Normalizer:
+    """Lowercase only: "What" and "what" are one word."""
+    return normalizers.Lowercase()
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Split on whitespace, then isolate every punctuation char ("answer:" -> "answer", ":")."""
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+
+
+def _pieces(text: str) -> list[str]:
+    """Split text exactly like the tokenizer will, so the vocabulary always matches encoding."""
+    normalized = _normalizer().normalize_str(text)
+    return [piece for piece, _ in _pre_tokenizer().pre_tokenize_str(normalized)]
+
+
+def _template_words() -> list[str]:
+    """Words and punctuation of the prompt template (minus placeholders), kept in every vocab."""
+    text = PROMPT.replace("{question}", " ")
+    for tok in SPECIAL_TOKENS.values():
+        text = text.replace(tok, " ")
+    return _pieces(text)
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (plus specials and the template's words).
+
+    Word-level keeps token ids human-readable and the vocabulary tiny, which is what
+    a from-scratch test-bed model needs; it is a real ``tokenizers`` pipeline, so it
+    saves as tokenizer.json and reloads with ``AutoTokenizer`` offline.
+    """
+    specials = list(SPECIAL_TOKENS.values())
+    plain: set[str] = set(_template_words())
+    for word in words:
+        plain.update(_pieces(word))
+    plain.difference_update(specials)
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(plain))}
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.normalizer = _normalizer()
+    tok.pre_tokenizer = _pre_tokenizer()
+    # Specials are matched on the raw text before lowercasing/splitting ("<image>\n..." works).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    bos = SPECIAL_TOKENS["bos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    # No decoder: tokenizers then joins tokens with single spaces, which is what we want.
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        extra_special_tokens={"image_token": SPECIAL_TOKENS["image"]},
+        padding_side="left",  # decoder-only generation: pad on the left
+        truncation_side="left",
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def format_prompt(question: str) -> str:
+    """The inference prompt: image placeholder, question, answer cue."""
+    return PROMPT.format(question=question.strip())
+
+
+def format_training_text(question: str, answer: str) -> str:
+    """Prompt + answer + eos, so a model learns to answer and then stop."""
+    return f"{format_prompt(question)} {answer.strip()}{SPECIAL_TOKENS['eos']}"
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
+    """LLaVA-1.5 processor: CLIP preprocessing (PIL backend) + ``<image>`` expansion.
+
+    With CLS counted (``num_additional_image_tokens=1``) and dropped again by the
+    "default" feature strategy, one ``<image>`` becomes (image_size/patch_size)^2
+    placeholder tokens, matching the projected patch features one to one.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        image_token=SPECIAL_TOKENS["image"],
+        num_additional_image_tokens=1,
+    )
+
+
+def llava_config(tokenizer: PreTrainedTokenizerFast, vision: dict, text: dict) -> LlavaConfig:
+    """LLaVA-1.5-style config (CLIP tower, Llama decoder) sized by ``vision``/``text``.
+
+    Token ids come from ``tokenizer`` so model, tokenizer and generation agree.
+    ``vision`` may override image_size (336) and patch_size (14).
+    """
+    vision_kwargs = {"image_size": 336, "patch_size": 14, **vision}
+    vision_config = CLIPVisionConfig(**vision_kwargs)
+    text_kwargs = {
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **text,
+    }
+    # transformers 5.x keeps RoPE settings in `rope_parameters`, not a top-level `rope_theta`.
+    rope_theta = float(text_kwargs.pop("rope_theta"))
+    text_kwargs.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})
+    text_config = LlamaConfig(**text_kwargs)
+    image_size, patch_size = vision_config.image_size, vision_config.patch_size
+    image_token_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"])
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,  # alias of `image_token_index` in transformers 5.x
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Greedy, stop at eos, pad with pad: no 'pad_token_id not set' warnings."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+
+
+def make_tiny(folder: str | Path, seed: int = 0) -> Path:
+    """Build and save a tiny random LLaVA (float32 safetensors + processor) to ``folder``.
+
+    Same ``seed`` -> bit-identical weights, so tests and benchmarks are reproducible.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(TINY_WORDS)
+    processor = build_processor(tokenizer)
+    config = llava_config(tokenizer, TINY_VISION, TINY_TEXT)
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(folder)  # transformers 5.x writes safetensors only
+    processor.save_pretrained(folder)
+    return folder
+
+
+def load(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load a saved model + processor from disk only (never touches the network)."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+    )
+    model = model.to(device).eval()
+    # Pin the PIL image backend: identical preprocessing whether or not torchvision is installed
+    # (AutoProcessor would otherwise pick the torchvision CLIPImageProcessor when it is importable).
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+    return model, processor

@@ -1,0 +1,163 @@
+"""VisualTokens: the visual tokens of a batch of images, with the bookkeeping every method needs.
+
+Images in one batch may end with different token counts (DyMU gives each its own), so the
+tokens live in a padded tensor whose padding slots have size 0. Every reduction, whether it
+drops tokens or merges them, is one operation, `regroup`: each token goes to a group (or to
+-1, dropped), each group becomes the size-weighted mean of its members. Tokens stay in spatial
+order (by the first patch they cover), so the LLM sees them in the order of the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+PADDING_ORIGIN = torch.iinfo(torch.long).max
+CLS_ORIGIN = -1
+
+
+@dataclass
+class VisualTokens:
+    """A padded batch of visual tokens.
+
+    x: (B, N, D) features. size: (B, N) patches each token stands for, 0 for padding.
+    origin: (B, N) first patch index a token covers (CLS_ORIGIN for the class token).
+    patch_to_token: (B, P) the token each of the P patches now belongs to, -1 if dropped.
+    grid: (rows, cols) of the patch grid. has_cls: whether token 0 is the class token.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    origin: torch.Tensor
+    patch_to_token: torch.Tensor
+    grid: tuple[int, int]
+    has_cls: bool
+
+    @classmethod
+    def from_patches(cls, x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> "VisualTokens":
+        """Fresh tokens straight from the patch embedding: one token per patch (after CLS, if any)."""
+        batch, n, _ = x.shape
+        patches = grid[0] * grid[1]
+        if n != patches + int(has_cls):
+            raise ValueError(f"{n} tokens do not fit a {grid} grid (has_cls={has_cls})")
+        device = x.device
+        origin = torch.arange(n, device=device) - int(has_cls)
+        patch_to_token = torch.arange(patches, device=device) + int(has_cls)
+        return cls(
+            x=x,
+            size=torch.ones(batch, n, device=device, dtype=torch.float32),
+            origin=origin.expand(batch, n).clone(),
+            patch_to_token=patch_to_token.expand(batch, patches).clone(),
+            grid=grid,
+            has_cls=has_cls,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, N) True for real tokens, False for padding."""
+        return self.size > 0
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(B,) number of real tokens per image (the class token included if present)."""
+        return self.valid.sum(dim=1)
+
+    @property
+    def is_cls(self) -> torch.Tensor:
+        """(B, N) True where the token is the class token."""
+        return self.origin == CLS_ORIGIN
+
+    def with_features(self, x: torch.Tensor) -> "VisualTokens":
+        """Same tokens, new features (e.g. after an encoder layer or the projector)."""
+        if x.shape[:2] != self.x.shape[:2]:
+            raise ValueError(f"features of shape {tuple(x.shape)} do not match tokens {tuple(self.x.shape[:2])}")
+        return replace(self, x=x)
+
+    def attention_bias(self, proportional: bool) -> torch.Tensor | None:
+        """Additive (B, 1, 1, N) bias on attention logits: log(size) for ToMe's proportional
+        attention, which also masks padding (log 0 = -inf); None when there is nothing to add."""
+        if proportional:
+            if bool((self.size == 1).all()):
+                return None
+            bias = self.size.log()
+        else:
+            if bool(self.valid.all()):
+                return None
+            bias = torch.zeros_like(self.size).masked_fill(~self.valid, float("-inf"))
+        return bias.to(self.x.dtype)[:, None, None, :]
+
+    def regroup(self, assign: torch.Tensor, num_groups: int, order: torch.Tensor | None = None) -> "VisualTokens":
+        """Tokens -> groups: assign (B, N) gives each token a group in [0, num_groups) or -1 to
+        drop it. Each group becomes the size-weighted mean of its members, its size their sum and
+        its origin their first patch. Output is in spatial order (or by `order`, a (B, num_groups)
+        sort key, for methods whose paper fixes another order), padded at the end."""
+        batch, n, dim = self.x.shape
+        if assign.shape != (batch, n):
+            raise ValueError(f"assign has shape {tuple(assign.shape)}, expected {(batch, n)}")
+        kept = (assign >= 0) & self.valid
+        group = torch.where(kept, assign, torch.zeros_like(assign))
+        weight = torch.where(kept, self.size, torch.zeros_like(self.size))
+
+        summed = self.x.new_zeros(batch, num_groups, dim)
+        summed.scatter_add_(1, group[..., None].expand(-1, -1, dim), self.x * weight[..., None].to(self.x.dtype))
+        size = weight.new_zeros(batch, num_groups).scatter_add_(1, group, weight)
+        origin = torch.full((batch, num_groups), PADDING_ORIGIN, device=self.x.device, dtype=torch.long)
+        origin.scatter_reduce_(1, group, torch.where(kept, self.origin, PADDING_ORIGIN), reduce="amin")
+        features = summed / size.clamp_min(torch.finfo(torch.float32).tiny)[..., None].to(summed.dtype)
+
+        key = origin if order is None else order.masked_fill(size == 0, PADDING_ORIGIN)
+        full_order = key.argsort(dim=1, stable=True)
+        rank_of_group = torch.empty_like(full_order)
+        rank_of_group.scatter_(1, full_order, torch.arange(num_groups, device=origin.device).expand(batch, -1))
+        width = int((size > 0).sum(dim=1).max().item()) if batch else 0
+        order = full_order[:, :width]
+
+        token_group = torch.where(kept, group, torch.full_like(group, -1))
+        patch_group = torch.where(
+            self.patch_to_token >= 0,
+            token_group.gather(1, self.patch_to_token.clamp_min(0)),
+            torch.full_like(self.patch_to_token, -1),
+        )
+        patch_to_token = torch.where(
+            patch_group >= 0, rank_of_group.gather(1, patch_group.clamp_min(0)), torch.full_like(patch_group, -1)
+        )
+        return VisualTokens(
+            x=features.gather(1, order[..., None].expand(-1, -1, dim)),
+            size=size.gather(1, order),
+            origin=origin.gather(1, order),
+            patch_to_token=patch_to_token,
+            grid=self.grid,
+            has_cls=self.has_cls,
+        )
+
+    def keep(self, mask: torch.Tensor) -> "VisualTokens":
+        """Keep the tokens where mask (B, N) is True, drop the rest."""
+        n = self.x.shape[1]
+        identity = torch.arange(n, device=mask.device).expand_as(mask)
+        return self.regroup(torch.where(mask, identity, torch.full_like(identity, -1)), n)
+
+    def keep_indices(self, index: torch.Tensor) -> "VisualTokens":
+        """Keep the tokens at index (B, K); output stays in spatial order."""
+        mask = torch.zeros_like(self.valid)
+        mask.scatter_(1, index, True)
+        return self.keep(mask)
+
+    def drop_cls(self) -> "VisualTokens":
+        """The patch tokens alone (LLaVA's 'default' feature selection)."""
+        if not self.has_cls:
+            return self
+        dropped = self.keep(~self.is_cls)
+        return replace(dropped, has_cls=False)
+
+    def split(self) -> list[torch.Tensor]:
+        """Per image, its real tokens' features (N_i, D), in spatial order."""
+        return [self.x[i, : int(c)] for i, c in enumerate(self.counts.tolist())]
