@@ -1,6 +1,7 @@
 """slimvlm: spend fewer visual tokens in vision-language models, and measure what it saves."""
 
-from .api import Handle, apply
+from . import methods as _builtin_methods  # noqa: F401  registers the built-in methods first, so that
+from .api import Handle, apply  # `slimvlm.methods` below is the listing function, not the subpackage
 from .errors import SlimVLMError
 from .registry import PRESETS, methods
 from .stages import Method, Stage

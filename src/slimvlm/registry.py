@@ -36,6 +36,13 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _option_parameters(cls: type[Method]) -> dict[str, inspect.Parameter]:
+    """The options a method takes: the named parameters of its __init__."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(cls.__init__).parameters
+    return {name: p for name, p in params.items() if name != "self" and p.kind in named}
+
+
 def _ensure_loaded() -> None:
     importlib.import_module(f"{__package__}.methods")  # importing registers the built-in methods
 
@@ -45,11 +52,10 @@ def methods() -> dict[str, dict[str, Any]]:
     _ensure_loaded()
     out = {}
     for name, cls in sorted(_METHODS.items()):
-        params = inspect.signature(cls.__init__).parameters
         out[name] = {
             "description": cls.description,
             "stages": sorted(stage.name.lower() for stage in cls.stages),
-            "options": {p: params[p].default for p in params if p != "self"},
+            "options": {p: param.default for p, param in _option_parameters(cls).items()},
         }
     return out
 
@@ -93,13 +99,13 @@ def build(spec: str | Method, **overrides: Any) -> Method:
         known = ", ".join(sorted(_METHODS) + sorted(PRESETS))
         raise SlimVLMError(f"unknown method {name!r}; known methods and presets: {known}")
     cls = _METHODS[name]
-    params = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(options) - set(params) - {"self"})
+    params = _option_parameters(cls)
+    unknown = sorted(set(options) - set(params))
     if unknown:
-        valid = ", ".join(p for p in params if p != "self") or "none"
+        valid = ", ".join(params) or "none"
         raise SlimVLMError(f"method {name!r} has no option {', '.join(unknown)}; its options: {valid}")
     method = cls(**options)
-    method._options = {p: getattr(method, p, params[p].default) for p in params if p != "self"}
+    method._options = {p: getattr(method, p, param.default) for p, param in params.items()}
     return method
 
 

@@ -27,7 +27,8 @@ class Stats:
     """What the last forward/generate did. visual_tokens: per image, tokens that reached the LLM.
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill
     (all / visual). vision_tokens: per vision layer run, per image, tokens at its input.
-    llm_tokens: per LLM layer, per sample, tokens in prefill. prompt_tokens: per sample, the
+    llm_tokens: per LLM layer, per sample, tokens in prefill. projector_tokens: per image, tokens
+    through the projector. prompt_tokens: per sample, the
     untouched prompt's length."""
 
     visual_tokens: list[int] = field(default_factory=list)
@@ -35,6 +36,7 @@ class Stats:
     kv_visual_entries: list[list[int]] = field(default_factory=list)
     vision_tokens: list[list[int]] = field(default_factory=list)
     llm_tokens: list[list[int]] = field(default_factory=list)
+    projector_tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
 
 
@@ -165,6 +167,7 @@ class Runtime:
         stage1 = self._by_stage[Stage.ENCODE]
         tokens, vision_trace = adapter.encode(arguments["pixel_values"], stage1[0] if stage1 else None)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
+        projected = tokens.counts.tolist()
         context = PromptContext(input_ids=input_ids, image_of_sample=[])
         for method in self._by_stage[Stage.PROJECT]:
             tokens = method.project(tokens, context)
@@ -198,7 +201,7 @@ class Runtime:
             views=[View(start=0, sequence=sequence, key_valid=valid)],
         )
         output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
-        self._record(tokens, vision_trace, input_ids.shape[0], input_ids.shape[1])
+        self._record(tokens, vision_trace, projected, input_ids.shape[0], input_ids.shape[1])
         if not use_cache:
             self.session = None
         return self._logits(output, arguments, rebuilt.labels, kwargs)
@@ -337,7 +340,7 @@ class Runtime:
         return args, kwargs
 
     # ---- statistics --------------------------------------------------------------------------
-    def _record(self, tokens, vision_trace, batch: int, prompt_length: int) -> None:
+    def _record(self, tokens, vision_trace, projected: list[int], batch: int, prompt_length: int) -> None:
         session = self.session
         layers = len(self.adapter.llm_layers)
         views = [session.view_of(layer) for layer in range(layers)]
@@ -347,5 +350,6 @@ class Runtime:
             kv_visual_entries=[[int(v.sequence.visual_counts()[b]) for v in views] for b in range(batch)],
             vision_tokens=[counts.tolist() for counts in vision_trace],
             llm_tokens=[[int(v.sequence.valid[b].sum()) for b in range(batch)] for v in views],
+            projector_tokens=projected,
             prompt_tokens=[prompt_length] * batch,
         )

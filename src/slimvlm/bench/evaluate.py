@@ -1,0 +1,384 @@
+"""Accuracy of a LLaVA model on one-word VQA with a token-reduction method installed.
+
+Why this exists: a method is only worth its saved tokens if the answers stay right, so every
+benchmark needs the same loop: apply the method, answer each question greedily, score the answer,
+and note how many visual tokens reached the LLM. Results are plain records (JSON, never pickle)
+so that tables, plots and FLOPs estimates can be made later without re-running the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import string
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from ..api import apply
+from ..runtime import Stats
+from ..testbed.build import format_prompt
+
+__all__ = [
+    "VQAItem",
+    "Record",
+    "MethodResult",
+    "from_sample",
+    "load_jsonl",
+    "normalize_answer",
+    "is_correct",
+    "evaluate",
+    "write_json",
+    "format_table",
+]
+
+
+# ----------------------------------------------------------------------------- items
+
+
+@dataclass
+class VQAItem:
+    """One question about one image; the harness's only input type, whatever the data source."""
+
+    id: str
+    image: PIL.Image.Image
+    question: str
+    answer: str
+    question_type: str = "all"
+    complexity: float | None = None
+
+
+def from_sample(sample: Any) -> VQAItem:
+    """A testbed.scenes.Sample as a VQAItem (the procedural scenes carry type and complexity)."""
+    return VQAItem(
+        id=str(sample.id),
+        image=sample.image,
+        question=sample.question,
+        answer=sample.answer,
+        question_type=sample.question_type,
+        complexity=None if sample.complexity is None else float(sample.complexity),
+    )
+
+
+def _text_field(obj: dict, key: str, where: str) -> str:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def load_jsonl(path: str | Path) -> list[VQAItem]:
+    """A user's own VQA set: one JSON object per line with "image", "question", "answer".
+
+    Optional keys: "id" (default: file stem + line number), "question_type" (default "all"),
+    "complexity" (a number or null). Relative image paths are resolved against the JSONL file's
+    folder, so a data set folder can be moved as a whole. Images are loaded eagerly (RGB) so a
+    broken file fails here, with its line number, rather than midway through an evaluation.
+    Blank lines are skipped.
+    """
+    path = Path(path)
+    folder = path.parent
+    items: list[VQAItem] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: invalid JSON ({error.msg})") from error
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            missing = [key for key in ("image", "question", "answer") if key not in obj]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+            if not isinstance(obj["image"], str) or not obj["image"]:
+                raise ValueError(f"{where}: 'image' must be a non-empty path string")
+            image_path = Path(obj["image"])
+            if not image_path.is_absolute():
+                image_path = folder / image_path
+            try:
+                with PIL.Image.open(image_path) as opened:
+                    image = opened.convert("RGB")  # convert() loads the pixels, so the file can close
+            except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+                raise ValueError(f"{where}: cannot read image {str(image_path)!r} ({error})") from error
+            complexity = obj.get("complexity")
+            if complexity is not None and (isinstance(complexity, bool) or not isinstance(complexity, (int, float))):
+                raise ValueError(f"{where}: 'complexity' must be a number or null")
+            items.append(
+                VQAItem(
+                    id=_text_field(obj, "id", where) if "id" in obj else f"{path.stem}-{number}",
+                    image=image,
+                    question=_text_field(obj, "question", where),
+                    answer=_text_field(obj, "answer", where),
+                    question_type=_text_field(obj, "question_type", where) if "question_type" in obj else "all",
+                    complexity=None if complexity is None else float(complexity),
+                )
+            )
+    return items
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def _is_punctuation(char: str) -> bool:
+    return char in string.punctuation or unicodedata.category(char).startswith("P")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, punctuation removed, whitespace collapsed: "Top-Left." -> "topleft".
+
+    Punctuation is deleted (not turned into spaces) so hyphenated and joined spellings agree.
+    """
+    kept = "".join(char for char in text.lower() if not _is_punctuation(char))
+    return " ".join(kept.split())
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    """True when the prediction's first word is the answer, or the whole prediction is.
+
+    First word: one-word answers followed by chatter ("red circle") still count. Whole
+    prediction: multi-word answers. An empty answer never matches.
+    """
+    target = normalize_answer(answer)
+    if not target:
+        return False
+    predicted = normalize_answer(prediction)
+    words = predicted.split()
+    return (bool(words) and words[0] == target) or predicted == target
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class Record:
+    """One answered item; flat so a list of them is a table (JSON, pandas, csv)."""
+
+    method: str
+    id: str
+    question_type: str
+    complexity: float | None
+    visual_tokens: int
+    correct: bool
+    prediction: str
+    answer: str
+
+
+@dataclass
+class MethodResult:
+    """Every record of one method, plus each batch's Stats (for FLOPs estimates later)."""
+
+    method: str
+    records: list[Record]
+    stats: list = field(default_factory=list)  # list[Stats], one per batch, in order
+
+    def _require_records(self) -> None:
+        if not self.records:
+            raise ValueError(f"{self.method}: no records")
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of items answered correctly."""
+        self._require_records()
+        return sum(r.correct for r in self.records) / len(self.records)
+
+    def accuracy_by_type(self) -> dict[str, float]:
+        """Accuracy per question type, in order of first appearance."""
+        self._require_records()
+        totals: dict[str, list[int]] = {}
+        for record in self.records:
+            entry = totals.setdefault(record.question_type, [0, 0])
+            entry[0] += int(record.correct)
+            entry[1] += 1
+        return {kind: right / count for kind, (right, count) in totals.items()}
+
+    @property
+    def visual_tokens_mean(self) -> float:
+        self._require_records()
+        return sum(r.visual_tokens for r in self.records) / len(self.records)
+
+    @property
+    def visual_tokens_min(self) -> int:
+        self._require_records()
+        return min(r.visual_tokens for r in self.records)
+
+    @property
+    def visual_tokens_max(self) -> int:
+        self._require_records()
+        return max(r.visual_tokens for r in self.records)
+
+    def retention(self, baseline: MethodResult | None) -> float | None:
+        """Accuracy relative to the baseline's; None without one or when the baseline scored 0."""
+        if baseline is None or baseline.accuracy == 0:
+            return None
+        return self.accuracy / baseline.accuracy
+
+    def summary(self, baseline: MethodResult | None = None) -> dict:
+        """The per-method numbers a report needs, JSON-ready."""
+        return {
+            "method": self.method,
+            "accuracy": self.accuracy,
+            "accuracy_by_type": self.accuracy_by_type(),
+            "retention": self.retention(baseline),
+            "visual_tokens_mean": self.visual_tokens_mean,
+            "visual_tokens_min": self.visual_tokens_min,
+            "visual_tokens_max": self.visual_tokens_max,
+            "samples": len(self.records),
+        }
+
+
+# -------------------------------------------------------------------------- evaluation
+
+
+def _label(method: str | Sequence[str]) -> str:
+    if isinstance(method, str):
+        return method
+    return "+".join(method)
+
+
+def _batches(items: Sequence[VQAItem], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    processor: Any,
+    items: Sequence[VQAItem],
+    method: str | list[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 3,
+    prompt: Callable[[str], str] = format_prompt,
+    progress: bool = True,
+) -> MethodResult:
+    """Answer every item greedily with `method` installed; the model is restored afterwards.
+
+    method: a spec ("divprune:budget=64") or a list of specs, one per stage; the result's
+    method label is the spec, or the specs joined with "+". prompt: question -> full prompt text
+    with the model's image placeholder (LLaVA-1.5 checkpoints want their chat template here).
+    Only the newly generated tokens are decoded and scored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    items = list(items)
+    if not items:
+        raise ValueError("no items to evaluate")
+    label = _label(method)
+    parameter = next(model.parameters())
+    generate_options: dict[str, Any] = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generate_options["pad_token_id"] = processor.tokenizer.pad_token_id  # silences a warning per batch
+
+    result = MethodResult(method=label, records=[], stats=[])
+    handle = apply(model, method)
+    bar = tqdm(total=len(items), desc=label, unit="item", disable=not progress)
+    try:
+        for batch in _batches(items, batch_size):
+            inputs = processor(
+                images=[item.image for item in batch],
+                text=[prompt(item.question) for item in batch],
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",  # decoder-only: the new tokens must follow every prompt directly
+            )
+            inputs = inputs.to(parameter.device, dtype=parameter.dtype)  # casts only float tensors
+            with torch.inference_mode():
+                output = model.generate(**inputs, **generate_options)
+            stats: Stats = copy.deepcopy(handle.stats)
+            if len(stats.visual_tokens) != len(batch):
+                raise RuntimeError(
+                    f"{label}: expected visual-token counts for {len(batch)} images, got {len(stats.visual_tokens)}"
+                )
+            result.stats.append(stats)
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            predictions = processor.batch_decode(new_tokens, skip_special_tokens=True)
+            for item, prediction, tokens in zip(batch, predictions, stats.visual_tokens):
+                prediction = prediction.strip()
+                result.records.append(
+                    Record(
+                        method=label,
+                        id=item.id,
+                        question_type=item.question_type,
+                        complexity=item.complexity,
+                        visual_tokens=int(tokens),
+                        correct=is_correct(prediction, item.answer),
+                        prediction=prediction,
+                        answer=item.answer,
+                    )
+                )
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        handle.remove()
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _baseline(results: Sequence[MethodResult]) -> MethodResult | None:
+    """The first result is the baseline when it is the untouched model ("none")."""
+    return results[0] if results and results[0].method == "none" else None
+
+
+def write_json(path: str | Path, results: Sequence[MethodResult], extra: dict | None = None) -> None:
+    """Summaries and every record as one JSON file; `extra` (run settings, model name) is merged in."""
+    extra = dict(extra or {})
+    clash = {"summary", "records"} & set(extra)
+    if clash:
+        raise ValueError(f"extra must not contain the reserved key(s) {sorted(clash)}")
+    baseline = _baseline(results)
+    payload = {
+        "summary": [result.summary(baseline=baseline) for result in results],
+        "records": [asdict(record) for result in results for record in result.records],
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """Aligned plain-text table: method, accuracy, retention, visual tokens, accuracy per type."""
+    baseline = _baseline(results)
+    types: list[str] = []
+    for result in results:
+        for kind in result.accuracy_by_type():
+            if kind not in types:
+                types.append(kind)
+    header = ["method", "acc %", "retain %", "tok mean", "tok min", "tok max", *types]
+    rows = [header]
+    for result in results:
+        retention = result.retention(baseline)
+        by_type = result.accuracy_by_type()
+        rows.append(
+            [
+                result.method,
+                f"{100 * result.accuracy:.1f}",
+                "-" if retention is None else f"{100 * retention:.1f}",
+                f"{result.visual_tokens_mean:.1f}",
+                str(result.visual_tokens_min),
+                str(result.visual_tokens_max),
+                *(f"{100 * by_type[kind]:.1f}" if kind in by_type else "-" for kind in types),
+            ]
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])

@@ -1,0 +1,131 @@
+"""Analytic FLOPs per stage, from a model's config and the token counts a run actually had.
+
+One multiply-add counts as 2 FLOPs. Per layer, with n tokens:
+  vision encoder (CLIP, width d, MLP width f):  8 n d^2 (q, k, v, out) + 4 n^2 d (scores, values) + 4 n d f (MLP);
+  patch embedding, once per image: 2 P (3 p^2) d for P patches of p x p pixels;
+  projector (LLaVA MLP, vision width d_v -> LLM width D), per visual token: 2 d_v D + 2 D D;
+  LLM prefill (Llama, width D, H heads and H_kv key/value heads of size h, gated MLP width F), n tokens:
+      4 n D H h (q, o) + 4 n D H_kv h (k, v) + 2 H h n (n + 1) (causal attention: n(n+1)/2 query-key
+      pairs, 2 h FLOPs for the score and 2 h for the value, per head) + 6 n D F (gate, up, down);
+      plus 2 D V for the logits of the last token;
+  LLM decode, per generated token, with c cache entries in a layer (the new token included):
+      4 D H h + 4 D H_kv h + 4 H h c + 6 D F per layer, plus 2 D V.
+Token merging/matching, attention-row scoring and selection are not counted: they are O(n) to
+O(n r) per image and small next to the terms above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    width: int
+    mlp: int
+    patch: int
+    channels: int
+    patches: int
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    width: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    vocab: int
+    layers: int
+
+
+def shapes(config) -> tuple[VisionShape, LLMShape]:
+    """The sizes the formulas need, read from a LlavaConfig."""
+    v, t = config.vision_config, config.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    vision = VisionShape(
+        width=v.hidden_size,
+        mlp=v.intermediate_size,
+        patch=v.patch_size,
+        channels=v.num_channels,
+        patches=(v.image_size // v.patch_size) ** 2,
+    )
+    llm = LLMShape(
+        width=t.hidden_size,
+        heads=t.num_attention_heads,
+        kv_heads=t.num_key_value_heads,
+        head_dim=head_dim,
+        mlp=t.intermediate_size,
+        vocab=t.vocab_size,
+        layers=t.num_hidden_layers,
+    )
+    return vision, llm
+
+
+def vision_layer_flops(v: VisionShape, n: int) -> int:
+    return 8 * n * v.width**2 + 4 * n * n * v.width + 4 * n * v.width * v.mlp
+
+
+def patch_embedding_flops(v: VisionShape) -> int:
+    return 2 * v.patches * v.channels * v.patch**2 * v.width
+
+
+def projector_flops(v: VisionShape, t: LLMShape, n: int) -> int:
+    return n * (2 * v.width * t.width + 2 * t.width * t.width)
+
+
+def llm_layer_prefill_flops(t: LLMShape, n: int) -> int:
+    projections = 4 * n * t.width * t.heads * t.head_dim + 4 * n * t.width * t.kv_heads * t.head_dim
+    attention = 2 * t.heads * t.head_dim * n * (n + 1)
+    return projections + attention + 6 * n * t.width * t.mlp
+
+
+def llm_layer_decode_flops(t: LLMShape, cache_entries: int) -> int:
+    projections = 4 * t.width * t.heads * t.head_dim + 4 * t.width * t.kv_heads * t.head_dim
+    return projections + 4 * t.heads * t.head_dim * cache_entries + 6 * t.width * t.mlp
+
+
+def logits_flops(t: LLMShape) -> int:
+    return 2 * t.width * t.vocab
+
+
+@dataclass
+class StageFlops:
+    """FLOPs of one forward, per stage, summed over the batch."""
+
+    vision: int
+    projector: int
+    llm_prefill: int
+    decode_per_token: int
+
+    @property
+    def prefill(self) -> int:
+        """Everything before the first token: encoder + projector + LLM prefill."""
+        return self.vision + self.projector + self.llm_prefill
+
+
+def count(config, stats) -> StageFlops:
+    """FLOPs of the forward that `stats` (a slimvlm Stats) describes.
+
+    stats.vision_tokens: per vision layer, per image, tokens at its input; stats.llm_tokens: per
+    LLM layer, per sample, tokens in prefill; stats.kv_entries: per sample, per layer, cache entries
+    after prefill; stats.projector_tokens: per image, tokens through the projector (stage-2
+    methods select after it, so they do not shrink this term)."""
+    v, t = shapes(config)
+    images = len(stats.vision_tokens[0]) if stats.vision_tokens else 0
+    vision = images * patch_embedding_flops(v) + sum(
+        vision_layer_flops(v, n) for layer in stats.vision_tokens for n in layer
+    )
+    projector = sum(projector_flops(v, t, n) for n in stats.projector_tokens)
+    llm = sum(llm_layer_prefill_flops(t, n) for layer in stats.llm_tokens for n in layer)
+    llm += len(stats.prompt_tokens) * logits_flops(t)
+    decode = sum(llm_layer_decode_flops(t, c + 1) for sample in stats.kv_entries for c in sample)
+    decode += len(stats.kv_entries) * logits_flops(t)
+    return StageFlops(vision=vision, projector=projector, llm_prefill=llm, decode_per_token=decode)
+
+
+def kv_bytes(config, entries: int, bytes_per_value: int) -> int:
+    """Bytes of KV cache that `entries` cache entries (summed over layers) take: keys and values of
+    every key/value head."""
+    _, t = shapes(config)
+    return entries * 2 * t.kv_heads * t.head_dim * bytes_per_value

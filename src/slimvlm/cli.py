@@ -1,0 +1,103 @@
+"""The command line: slimvlm bench | methods | make-tiny (and the testbed commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from .errors import SlimVLMError
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench.run import format_table, parse_methods, run_bench
+    from .models.loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, device, args.dtype)
+    results = run_bench(
+        model,
+        parse_methods(args.methods),
+        batch_size=args.batch_size,
+        text_tokens=args.text_tokens,
+        new_tokens=args.new_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    print(format_table(results))
+    if args.json:
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        payload = {
+            "model": args.model,
+            "device": device_name,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "text_tokens": args.text_tokens,
+            "command": "slimvlm " + shlex.join(sys.argv[1:]),
+            "results": [r.as_dict() for r in results],
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _methods(_args: argparse.Namespace) -> None:
+    from .registry import PRESETS, methods
+
+    for name, info in methods().items():
+        stages = ",".join(info["stages"]) or "-"
+        print(f"{name:<10} [{stages}] {info['description']}")
+        if info["options"]:
+            print(" " * 11 + "options: " + ", ".join(f"{k}={v}" for k, v in info["options"].items()))
+    print("\npresets: " + ", ".join(f"{k} ({v})" for k, v in PRESETS.items()))
+
+
+def _make_tiny(args: argparse.Namespace) -> None:
+    from .testbed.build import make_tiny
+
+    print(f"saved a tiny random LLaVA model to {make_tiny(args.folder, seed=args.seed)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="slimvlm", description="Spend fewer visual tokens in VLMs, and measure it.")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="tokens, FLOPs, KV-cache bytes and latency per method")
+    bench.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' (random weights)")
+    bench.add_argument("--methods", default="none,tome:r=8,fastv:k=2,ratio=0.5,visionzip,divprune:budget=64",
+                       help="comma-separated specs; key=value continues the previous spec; '+' composes")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--text-tokens", type=int, default=64)
+    bench.add_argument("--new-tokens", type=int, default=8, help="decoded tokens for the per-token decode time (0: skip)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--json", help="write the results here")
+    bench.set_defaults(run=_bench)
+
+    listing = sub.add_parser("methods", help="list methods, their stages and options")
+    listing.set_defaults(run=_methods)
+
+    tiny = sub.add_parser("make-tiny", help="save a tiny random LLaVA model (for tests and trying the CLI)")
+    tiny.add_argument("folder")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_make_tiny)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except SlimVLMError as error:
+        print(f"slimvlm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""Loading a model for the CLI: a local folder, the embedded testbed, or a random model of a published shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import SlimVLMError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SlimVLMError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def load_model(spec: str, device: torch.device, dtype: str = "float32"):
+    """(model, processor or None) for 'testbed', 'shape:NAME' (random weights) or a local folder."""
+    if dtype not in DTYPES:
+        raise SlimVLMError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    if spec.startswith("shape:"):
+        from ..bench.shapes import random_model
+
+        return random_model(spec.removeprefix("shape:"), device, torch_dtype), None
+    folder = TESTBED if spec == "testbed" else Path(spec)
+    if not (folder / "config.json").exists():
+        hint = "the testbed weights are not in this install" if spec == "testbed" else "give a local model folder"
+        raise SlimVLMError(f"no model at {folder} (no config.json); {hint}, 'testbed', or 'shape:llava-1.5-7b'")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
+    ).to(device).eval()
+    processor = None
+    if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+    return model, processor

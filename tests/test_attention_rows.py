@@ -1,0 +1,62 @@
+"""Attention rows computed beside SDPA equal the rows of eager attention on the same inputs."""
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import slimvlm
+from conftest import batch
+
+
+class RecordRows(slimvlm.Method):
+    """Keeps everything; records the rows it is given (stage 3: the text queries of layer 1)."""
+
+    name = "test-rows"
+    stages = frozenset({slimvlm.Stage.PREFILL, slimvlm.Stage.ENCODE})
+    queries = "text"
+    score_layer = 1
+    drop_layer = 2
+
+    def __init__(self):
+        self.seen = {}
+
+    def encode_layer(self, attention, tokens):
+        cls = torch.zeros(tokens.batch_size, 1, dtype=torch.long)
+        self.seen[f"vision{attention.layer}"] = attention.rows(cls)
+        return tokens
+
+    def prefill_keep(self, layer):
+        self.seen["llm"] = (layer.rows, layer.query_index, layer.query_valid, layer.sequence)
+        return torch.ones_like(layer.sequence.valid)
+
+
+def test_rows_equal_eager_attention(tiny_dir, tiny):
+    _, processor = tiny
+    inputs = batch(processor, 2)
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+        vision = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    sdpa = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    method = RecordRows()
+    with torch.no_grad(), slimvlm.apply(sdpa, method):
+        sdpa(**inputs)
+
+    rows, index, valid, sequence = method.seen["llm"]
+    expected = out.attentions[1]  # (B, H, L, L): same sequence, since nothing was dropped before layer 2
+    assert sequence.valid.shape == inputs["attention_mask"].shape
+    for b in range(2):
+        for q in range(index.shape[1]):
+            if valid[b, q]:
+                torch.testing.assert_close(rows[b, :, q], expected[b, :, index[b, q]], atol=1e-5, rtol=1e-4)
+    assert int(valid.sum()) == int((inputs["attention_mask"].bool() & (inputs["input_ids"] != sdpa.config.image_token_id)).sum())
+    for layer in range(2):
+        torch.testing.assert_close(method.seen[f"vision{layer}"][:, :, 0], vision.attentions[layer][:, :, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_methods_keep_sdpa_on(tiny):
+    model, processor = tiny
+    with slimvlm.apply(model, "fastv"):
+        assert model.config.text_config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            model(**batch(processor, 1))
+        assert model.config.text_config._attn_implementation == "sdpa"

@@ -1,0 +1,79 @@
+"""The FLOPs formula against a hand count on a tiny config; the bench and its CLI on the tiny model."""
+
+import json
+
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from slimvlm.bench import flops
+from slimvlm.bench.run import parse_methods
+from slimvlm.cli import main
+from slimvlm.runtime import Stats
+
+
+def tiny_config():
+    vision = CLIPVisionConfig(hidden_size=2, intermediate_size=3, num_hidden_layers=2, num_attention_heads=1,
+                              image_size=2, patch_size=1, num_channels=1)
+    text = LlamaConfig(hidden_size=4, intermediate_size=5, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=2, vocab_size=7)
+    return LlavaConfig(vision_config=vision, text_config=text)
+
+
+def test_flops_hand_count():
+    stats = Stats(
+        visual_tokens=[2],
+        vision_tokens=[[3], [2]],  # layer 0 saw 3 tokens (CLS + 2 merged patches), layer 1 saw 2
+        projector_tokens=[2],
+        llm_tokens=[[4], [3]],  # layer 0 saw 4 tokens, layer 1 saw 3 (one dropped at layer 1)
+        kv_entries=[[4, 3]],
+        prompt_tokens=[6],
+    )
+    counted = flops.count(tiny_config(), stats)
+    # vision, d=2, f=3: n=3: 8*3*2^2 + 4*3^2*2 + 4*3*2*3 = 96 + 72 + 72 = 240
+    #                   n=2: 8*2*2^2 + 4*2^2*2 + 4*2*2*3 = 64 + 32 + 48 = 144; patch embedding 2*4*(1*1^2)*2 = 16
+    assert counted.vision == 240 + 144 + 16
+    # projector, 2 tokens: 2 * (2*2*4 + 2*4*4) = 96
+    assert counted.projector == 96
+    # LLM, D=4, H=2, H_kv=1, h=2, F=5, V=7:
+    #   n=4: 4*4*4*2*2 + 4*4*4*1*2 = 384; attention 2*2*2*4*5 = 160; MLP 6*4*4*5 = 480 -> 1024
+    #   n=3: 4*3*4*2*2 + 4*3*4*1*2 = 288; attention 2*2*2*3*4 = 96;  MLP 6*3*4*5 = 360 -> 744
+    #   logits of the last token: 2*4*7 = 56
+    assert counted.llm_prefill == 1024 + 744 + 56
+    # decode, cache 4+1 and 3+1 entries: 4*4*2*2 + 4*4*1*2 = 96 per layer; attention 4*2*2*c; MLP 6*4*5 = 120
+    assert counted.decode_per_token == (96 + 16 * 5 + 120) + (96 + 16 * 4 + 120) + 56
+    assert counted.prefill == 400 + 96 + 1824
+    # KV bytes: entries * 2 (k, v) * H_kv * h * bytes
+    assert flops.kv_bytes(tiny_config(), 10, 2) == 10 * 2 * 1 * 2 * 2
+
+
+def test_parse_methods():
+    assert parse_methods("none,tome:r=8,fastv:k=2,ratio=0.5,tome:r=4+fastv") == [
+        ["none"], ["tome:r=8"], ["fastv:k=2,ratio=0.5"], ["tome:r=4", "fastv"]
+    ]
+
+
+def test_bench_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(tiny_dir), "--methods", "tome:r=8,fastv:k=2,ratio=0.5,divprune:budget=64",
+                 "--json", str(out), "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "prefill TFLOPs" in printed and "fastv:k=2,ratio=0.5" in printed
+    payload = json.loads(out.read_text())
+    assert payload["device"] == "cpu" and payload["model"] == str(tiny_dir)
+    results = {r["method"]: r for r in payload["results"]}
+    assert list(results) == ["none", "tome:r=8", "fastv:k=2,ratio=0.5", "divprune:budget=64"]
+    keys = {"method", "options", "visual_tokens_mean", "visual_tokens_min", "visual_tokens_max", "prefill_flops",
+            "flops_ratio", "kv_bytes_per_image", "latency_ms"}
+    assert keys <= set(results["none"])
+    assert results["none"]["flops_ratio"] == 1.0
+    assert results["tome:r=8"]["visual_tokens_mean"] == 576 - 2 * 8  # the tiny tower runs 2 layers to its feature layer
+    assert results["divprune:budget=64"]["visual_tokens_max"] == 64
+    assert results["divprune:budget=64"]["flops_ratio"] < results["fastv:k=2,ratio=0.5"]["flops_ratio"] < 1
+    assert results["fastv:k=2,ratio=0.5"]["options"] == {"fastv": {"k": 2, "ratio": 0.5}}
+    # KV bytes per image: 576 visual entries in each of 4 layers, 2 kv heads of 16 dims, float32
+    assert results["none"]["kv_bytes_per_image"] == 576 * 4 * 2 * 2 * 16 * 4
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["bench", "--model", "/nonexistent", "--device", "cpu"]) == 2
+    assert "no model at /nonexistent" in capsys.readouterr().err
