@@ -42,9 +42,9 @@ class Stats:
 
 @dataclass
 class View:
-    """The sequence as the LLM layers from `start` on see it (stage 3 can shorten it)."""
+    """The sequence as some LLM layers see it: stage 3 shortens it for the layers after a drop,
+    stage 4 for the cache of a layer. Layers that share a view share one mask per step."""
 
-    start: int
     sequence: Sequence
     key_valid: torch.Tensor  # (B, K): the cache entries these layers hold, valid or padding
     position_embeddings: tuple | None = None
@@ -58,18 +58,25 @@ class Session:
 
     cache: object
     prompt_length: int
+    prefill_length: int
     next_position: torch.Tensor
-    base_valid: torch.Tensor
-    views: list[View]
+    layer_views: list[View]
     decoding: bool = False
     rows: dict = field(default_factory=dict)
 
     def view_of(self, layer: int) -> View:
-        chosen = self.views[0]
-        for view in self.views:
-            if view.start <= layer:
-                chosen = view
-        return chosen
+        return self.layer_views[layer]
+
+    def is_base(self, layer: int) -> bool:
+        """Layers that see what layer 0 sees get transformers' own mask, made from our 2D mask."""
+        return self.layer_views[layer] is self.layer_views[0]
+
+    def distinct_views(self) -> list[View]:
+        return list({id(view): view for view in self.layer_views}.values())
+
+    def set_view(self, layers: range | list[int], view: View) -> None:
+        for layer in layers:
+            self.layer_views[layer] = view
 
 
 class Runtime:
@@ -87,9 +94,10 @@ class Runtime:
         self._hooks = HookSet()
         for method in methods:
             method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
-        if self._prefill_methods:
+        self._decode_methods = self._by_stage[Stage.DECODE]
+        if self._prefill_methods or self._decode_methods:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
-            self._install_prefill_hooks()
+            self._install_layer_hooks()
         self._install_forward()
 
     # ---- installation ------------------------------------------------------------------------
@@ -108,8 +116,10 @@ class Runtime:
         del forward.__wrapped__
         self.model.forward = forward
 
-    def _install_prefill_hooks(self) -> None:
-        first = min(m.drop_layer for m in self._prefill_methods)
+    def _install_layer_hooks(self) -> None:
+        first = min((m.drop_layer for m in self._prefill_methods), default=0)
+        if self._decode_methods:
+            first = 0
         for index in range(first, len(self.adapter.llm_layers)):
             layer = self.adapter.llm_layers[index]
             hook = functools.partial(self._layer_pre_hook, index)
@@ -193,15 +203,20 @@ class Runtime:
 
             cache = DynamicCache(config=adapter.text_config)
         valid = sequence.valid
+        base = View(sequence=sequence, key_valid=valid)
         self.session = Session(
             cache=cache if use_cache else None,
             prompt_length=input_ids.shape[1],
+            prefill_length=valid.shape[1],
             next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
-            base_valid=valid,
-            views=[View(start=0, sequence=sequence, key_valid=valid)],
+            layer_views=[base] * len(adapter.llm_layers),
         )
         output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
-        self._record(tokens, vision_trace, projected, input_ids.shape[0], input_ids.shape[1])
+        prefill_tokens = [view.sequence.valid.sum(dim=1).tolist() for view in self.session.layer_views]
+        if use_cache:
+            for method in self._decode_methods:
+                self._compress_cache(method)
+        self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1])
         if not use_cache:
             self.session = None
         return self._logits(output, arguments, rebuilt.labels, kwargs)
@@ -213,7 +228,7 @@ class Runtime:
             raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
         steps = input_ids.shape[1]
         mask = arguments.get("attention_mask")
-        decoded = session.base_valid.shape[1] - session.views[0].sequence.valid.shape[1]
+        decoded = session.layer_views[0].key_valid.shape[1] - session.layer_views[0].sequence.valid.shape[1]
         if mask is not None:
             expected = session.prompt_length + decoded + steps
             if mask.shape[1] != expected:
@@ -225,16 +240,15 @@ class Runtime:
         else:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
         session.decoding = True
-        session.base_valid = torch.cat([session.base_valid, new_valid], dim=1)
-        dtype = self.adapter.mask_dtype(self.adapter.embed(input_ids[:, :0]).dtype) if len(session.views) > 1 else None
-        for view in session.views[1:]:
+        embeds = self.adapter.embed(input_ids)
+        base = session.layer_views[0]
+        for view in session.distinct_views():
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
-            view.decode_mask = attention_mask_4d(view.key_valid, steps, dtype)
+            if view is not base:
+                view.decode_mask = attention_mask_4d(view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
         positions = session.next_position[:, None] + torch.arange(steps, device=input_ids.device)
         session.next_position = session.next_position + steps
-        output = self.adapter.run_llm(
-            self.adapter.embed(input_ids), session.base_valid.long(), positions, session.cache, True, **kwargs
-        )
+        output = self.adapter.run_llm(embeds, base.key_valid.long(), positions, session.cache, True, **kwargs)
         return self._logits(output, arguments, None, kwargs)
 
     def _logits(self, output, arguments: dict, labels, kwargs: dict):
@@ -295,17 +309,16 @@ class Runtime:
         if session is None:
             return None
         if session.decoding:
-            view = session.view_of(layer_index)
-            if view.start == 0:
+            if session.is_base(layer_index):
                 return None
-            kwargs["attention_mask"] = view.decode_mask
+            kwargs["attention_mask"] = session.view_of(layer_index).decode_mask
             return args, kwargs
         for method in self._prefill_methods:
             if method.drop_layer == layer_index:
                 args, kwargs = self._drop(method, layer_index, args, kwargs)
-        view = session.view_of(layer_index)
-        if view.start == 0:
+        if session.is_base(layer_index):
             return None
+        view = session.view_of(layer_index)
         kwargs["attention_mask"] = view.prefill_mask
         kwargs["position_embeddings"] = view.position_embeddings
         kwargs["position_ids"] = view.sequence.positions
@@ -323,15 +336,13 @@ class Runtime:
         new_sequence = sequence.gather(gather, new_valid)
         embeddings = current.position_embeddings or kwargs["position_embeddings"]
         dtype = self.adapter.mask_dtype(hidden.dtype)
-        session.views.append(
-            View(
-                start=layer_index,
-                sequence=new_sequence,
-                key_valid=new_valid,
-                position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
-                prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], dtype),
-            )
+        view = View(
+            sequence=new_sequence,
+            key_valid=new_valid,
+            position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
+            prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], dtype),
         )
+        session.set_view(range(layer_index, len(self.adapter.llm_layers)), view)
         hidden = gather_rows(hidden, gather)
         if args:
             args = (hidden,) + tuple(args[1:])
@@ -339,17 +350,36 @@ class Runtime:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    # ---- statistics --------------------------------------------------------------------------
-    def _record(self, tokens, vision_trace, projected: list[int], batch: int, prompt_length: int) -> None:
+    # ---- stage 4: the KV cache after prefill --------------------------------------------------
+    def _compress_cache(self, method: Method) -> None:
+        """Keep, per layer, only the cache entries the method chooses (visual entries only; text
+        and positions of later tokens stay as they are)."""
         session = self.session
-        layers = len(self.adapter.llm_layers)
-        views = [session.view_of(layer) for layer in range(layers)]
+        layers = self.adapter.cache_layers(session.cache)
+        for index, cache_layer in enumerate(layers):
+            current = session.view_of(index)
+            sequence = current.sequence
+            keep = method.decode_keep(index, sequence)
+            if keep is None:
+                continue
+            keep = (keep | ~sequence.visual) & sequence.valid
+            if bool((keep == sequence.valid).all()):
+                continue
+            gather, valid = compaction(keep)
+            cache_layer.keys = cache_layer.keys.gather(2, gather[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
+            cache_layer.values = cache_layer.values.gather(2, gather[:, None, :, None].expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
+            session.set_view([index], View(sequence=sequence.gather(gather, valid), key_valid=valid))
+
+    # ---- statistics --------------------------------------------------------------------------
+    def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: list[list[int]], prompt_length: int) -> None:
+        views = self.session.layer_views
+        batch = len(prefill_tokens[0])
         self.stats = Stats(
             visual_tokens=tokens.counts.tolist(),
             kv_entries=[[int(v.sequence.valid[b].sum()) for v in views] for b in range(batch)],
             kv_visual_entries=[[int(v.sequence.visual_counts()[b]) for v in views] for b in range(batch)],
             vision_tokens=[counts.tolist() for counts in vision_trace],
-            llm_tokens=[[int(v.sequence.valid[b].sum()) for b in range(batch)] for v in views],
+            llm_tokens=prefill_tokens,
             projector_tokens=projected,
             prompt_tokens=[prompt_length] * batch,
         )

@@ -120,6 +120,12 @@ class Method:
         """At `drop_layer` during prefill: a (B, L) bool mask of the tokens to keep from here on."""
         raise NotImplementedError
 
+    # stage 4 -----------------------------------------------------------------
+    def decode_keep(self, layer: int, sequence: Sequence) -> torch.Tensor | None:
+        """After prefill: a (B, K) bool mask of the cache entries of LLM layer `layer` to keep for
+        decoding (only visual entries can go), or None to keep them all."""
+        return None
+
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         """Refuse settings the model cannot honour (a layer it lacks, a budget over its tokens)."""
 

@@ -1,0 +1,867 @@
+"""Train slimvlm's testbed VLM from scratch on procedurally drawn scenes.
+
+Usage::
+
+    python -m slimvlm.testbed.train --out DIR [--size testbed|tiny] [--minutes 9] [--device cuda]
+        [--batch-size 96] [--lr 1e-3] [--eval-samples 800] [--workers N] [--seed 0] [--steps N]
+
+Everything (CLIP vision tower, projector, Llama decoder) starts from random weights and
+is trained on an endless stream of :mod:`slimvlm.testbed.scenes` samples (train split
+only), with two losses:
+
+* the language-model loss on the answer word and the closing eos (prompt tokens are
+  masked with -100), and
+* a CLS auxiliary loss (weight 0.5): a linear head on the vision tower's CLS hidden
+  state at the feature layer (``hidden_states[-2][:, 0]``) predicts, with BCE, which
+  (colour, shape) pairs and which words are in the scene. slimvlm's CLS-attention
+  methods need a CLS token that carries a trained global signal; without this loss
+  the CLS row of a LLaVA tower gets no gradient at all (the "default" feature
+  selection drops it). The head is training-only and is not saved.
+
+Data pipeline (the CPU side is the usual bottleneck of such a small model):
+
+* ``DataLoader`` workers each own a distinct stream of even (train-split) scene seeds
+  and yield whole, already collated batches (``batch_size=None``), so the training loop
+  does no per-sample Python work.
+* One rendered scene answers ``--questions-per-scene`` (default 3) different questions;
+  question types are kept balanced by always asking the least-asked type first (a scene
+  whose layout cannot answer it is skipped *before* rendering, like ``make_samples``).
+* Images travel as uint8 HWC (4x less shared memory / H2D traffic than float32) and are
+  normalised on the device with the processor's own mean/std: bit-identical to
+  ``LlavaProcessor`` output (tested), and ~5-8 ms per image cheaper on the CPU.
+* Text is tokenised with the processor's tokenizer; the single ``<image>`` is expanded to
+  the processor's number of image tokens (576), exactly as ``LlavaProcessor`` does.
+* The vision tower runs once per *scene*; its projected features are indexed out to the
+  scene's questions and handed to the stock ``LlavaForConditionalGeneration.forward``
+  through ``mm_encoder_outputs`` (tested equal to feeding duplicated ``pixel_values``).
+* Batches are right-padded and trained without an attention mask: under a causal mask
+  real tokens never see the trailing pads, and pads carry label -100, so this is exact
+  and lets SDPA use its fastest causal kernel.
+
+Schedule (wall-clock driven, no step estimate needed): linear warmup over the first
+300 steps, times a cosine from 1 to 0.1 over the training-progress fraction ``f``:
+``f = elapsed training time / time available for training`` (or ``step / --steps`` if
+that is larger). The time available is ``--minutes`` from the start of :func:`train`
+minus a reserve for the final evaluation and saving (3x the measured time of the
+step-0 evaluation + 10 s). Training stops when ``f`` reaches 1, so the whole run,
+workers' start-up and final evaluation included, takes about ``--minutes``.
+
+Outputs in ``--out``: the model (``save_pretrained``; float32 if it is under 40 MB,
+else bfloat16), processor and generation config (loadable offline with
+:func:`slimvlm.testbed.build.load`), ``train_log.jsonl``, ``eval.json`` and a model card
+``README.md``. The final accuracy is measured on the model *reloaded from disk*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import SlimVLMError
+from . import build, scenes
+
+__all__ = [
+    "TESTBED_VISION",
+    "TESTBED_TEXT",
+    "SIZES",
+    "AUX_LABELS",
+    "TrainConfig",
+    "aux_target",
+    "Collator",
+    "SceneQADataset",
+    "PixelNormalizer",
+    "normalize_pixels",
+    "forward_losses",
+    "make_eval_batches",
+    "evaluate",
+    "lr_factor",
+    "train",
+    "main",
+]
+
+#: The shipped testbed model: CLIP-style tower (336 px, patch 14 -> 576 patches + CLS).
+TESTBED_VISION: dict[str, int] = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768)
+#: Llama decoder of the testbed model.
+TESTBED_TEXT: dict[str, int] = dict(
+    hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768
+)
+SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+    "testbed": (TESTBED_VISION, TESTBED_TEXT),
+    "tiny": (build.TINY_VISION, build.TINY_TEXT),
+}
+
+AUX_WEIGHT = 0.5
+MIN_LR_RATIO = 0.1
+MAX_FLOAT32_BYTES = 40 * 1024 * 1024  # save in float32 when the weights fit, else bfloat16
+MAX_STREAMS = 4096  # worker streams per --seed (distinct scene seeds for any worker count below this)
+
+#: The CLS head's targets: every (colour, shape) pair, then every word.
+AUX_LABELS: tuple[str, ...] = tuple(f"{c} {s}" for c in scenes.COLORS for s in scenes.SHAPES) + tuple(
+    f"word:{w}" for w in scenes.WORDS
+)
+_PAIR_INDEX = {(c, s): i for i, (c, s) in enumerate((c, s) for c in scenes.COLORS for s in scenes.SHAPES)}
+_WORD_INDEX = {w: len(_PAIR_INDEX) + i for i, w in enumerate(scenes.WORDS)}
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def _default_workers() -> int:
+    return max(0, min(14, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of :func:`train`; the CLI flags map one to one (``--batch-size`` -> batch_size)."""
+
+    out: str | Path
+    size: str = "testbed"
+    minutes: float = 9.0
+    device: str = "cuda"
+    batch_size: int = 96
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    eval_samples: int = 800
+    eval_every: int = 1000
+    eval_batch_size: int = 200
+    workers: int | None = None  # None -> min(14, cpu_count - 1)
+    seed: int = 0
+    steps: int | None = None  # optional step cap; the time budget always applies too
+    questions_per_scene: int = 3
+    warmup_steps: int = 300
+    log_every: int = 50
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.size not in SIZES:
+            raise SlimVLMError(f"unknown --size {self.size!r}; expected one of {sorted(SIZES)}")
+        if not (isinstance(self.minutes, (int, float)) and math.isfinite(self.minutes) and self.minutes > 0):
+            raise SlimVLMError(f"--minutes must be a positive number, got {self.minutes!r}")
+        for name in ("batch_size", "eval_samples", "eval_every", "eval_batch_size", "questions_per_scene", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SlimVLMError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
+        if self.warmup_steps < 0:
+            raise SlimVLMError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if self.steps is not None and self.steps < 1:
+            raise SlimVLMError(f"--steps must be >= 1 when given, got {self.steps!r}")
+        if self.workers is not None and not (0 <= self.workers < MAX_STREAMS):
+            raise SlimVLMError(f"--workers must be in [0, {MAX_STREAMS}), got {self.workers!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SlimVLMError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise SlimVLMError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise SlimVLMError(f"--seed must be a non-negative int, got {self.seed!r}")
+        _resolve_device(self.device)
+
+    def command(self) -> str:
+        """The exact CLI command that reproduces this configuration."""
+        parts = ["python", "-m", "slimvlm.testbed.train", "--out", str(self.out)]
+        defaults = TrainConfig(out="")
+        for f in dataclasses.fields(self):
+            if f.name in ("out", "progress"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "workers" and value is None:
+                value = _default_workers()
+            if f.name not in _ALWAYS_IN_COMMAND and value == getattr(defaults, f.name):
+                continue
+            if value is None:
+                continue
+            parts += [f"--{f.name.replace('_', '-')}", str(value)]
+        return shlex.join(parts)
+
+
+_ALWAYS_IN_COMMAND = ("size", "minutes", "device", "batch_size", "lr", "workers", "seed", "questions_per_scene")
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise SlimVLMError(f"bad --device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SlimVLMError(
+            f"--device {name} was requested but CUDA is not available (torch {torch.__version__}); "
+            "use --device cpu (with --size tiny) for a smoke test"
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise SlimVLMError(f"--device must be cuda or cpu, got {name!r}")
+    return device
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def aux_target(objects: Sequence[scenes.SceneObject], words: Sequence[tuple[str, Any]]) -> np.ndarray:
+    """Multi-hot float32 vector over :data:`AUX_LABELS`: which (colour, shape) pairs and words are drawn."""
+    target = np.zeros(len(AUX_LABELS), dtype=np.float32)
+    for o in objects:
+        target[_PAIR_INDEX[(o.color, o.shape)]] = 1.0
+    for w, _ in words:
+        target[_WORD_INDEX[w]] = 1.0
+    return target
+
+
+class Collator:
+    """Turns (images, questions, answers) into training tensors exactly like ``LlavaProcessor``.
+
+    ``input_ids`` equal the processor's (right padding), ``labels`` are -100 except on
+    the answer tokens and the final eos, and images stay uint8 HWC for
+    :func:`normalize_pixels` on the device.
+    """
+
+    def __init__(self, processor) -> None:
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(build.SPECIAL_TOKENS["image"])
+        self.pad_id = self.tokenizer.pad_token_id
+        ip = processor.image_processor
+        crop = ip.crop_size
+        if (crop["height"], crop["width"]) != (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE) or ip.size.get(
+            "shortest_edge"
+        ) != scenes.IMAGE_SIZE:
+            raise SlimVLMError(
+                f"processor expects {crop} images but scenes are {scenes.IMAGE_SIZE}px; "
+                "the device-side normalisation would not match the processor"
+            )
+        # How many placeholders one <image> becomes, asked from the processor itself.
+        probe = processor(
+            text=[build.format_prompt("x")],
+            images=[Image.new("RGB", (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE))],
+            return_tensors="np",
+        )
+        self.n_image_tokens = int((probe["input_ids"][0] == self.image_token_id).sum())
+
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        questions: Sequence[str],
+        answers: Sequence[str],
+        image_index: Sequence[int],
+    ) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        full = tok([build.format_training_text(q, a) for q, a in zip(questions, answers)])["input_ids"]
+        prompt = tok([build.format_prompt(q) for q in questions])["input_ids"]
+        n_img = self.n_image_tokens
+        lengths = [len(ids) + n_img - 1 for ids in full]
+        width = max(lengths)
+        input_ids = np.full((len(full), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(full), width), -100, dtype=np.int64)
+        for i, (ids, p_ids) in enumerate(zip(full, prompt)):
+            if ids[: len(p_ids)] != p_ids or ids.count(self.image_token_id) != 1:
+                raise RuntimeError(f"prompt is not a prefix of the training text: {questions[i]!r}")
+            j = ids.index(self.image_token_id)
+            row = input_ids[i]
+            row[:j] = ids[:j]
+            row[j : j + n_img] = self.image_token_id
+            row[j + n_img : lengths[i]] = ids[j + 1 :]
+            start = len(p_ids) + n_img - 1  # first answer token
+            labels[i, start : lengths[i]] = row[start : lengths[i]]
+        return {
+            "pixels": torch.from_numpy(np.stack(images)),  # (S, H, W, 3) uint8
+            "image_index": torch.tensor(image_index, dtype=torch.long),
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+        }
+
+
+class PixelNormalizer:
+    """uint8 (S, H, W, 3) -> float32 (S, 3, H, W) with the processor's rescale + mean/std.
+
+    Mean and std live on the device once (building them per step would be a blocking
+    host-to-device copy every step).
+    """
+
+    def __init__(self, processor, device: torch.device | str = "cpu") -> None:
+        ip = processor.image_processor
+        if not math.isclose(ip.rescale_factor, 1 / 255):
+            raise SlimVLMError(f"unexpected rescale_factor {ip.rescale_factor}")
+        self.device = torch.device(device)
+        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(ip.image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return (x / 255.0 - self.mean) / self.std  # same op order as the processor: bit-identical
+
+
+def normalize_pixels(pixels: torch.Tensor, processor, device: torch.device | str | None = None) -> torch.Tensor:
+    """One-off form of :class:`PixelNormalizer`."""
+    return PixelNormalizer(processor, pixels.device if device is None else device)(pixels)
+
+
+@dataclass
+class _Record:
+    """One rendered scene and the questions asked about it (used by tests and the dataset)."""
+
+    scene_seed: int
+    image: np.ndarray  # (H, W, 3) uint8
+    aux: np.ndarray
+    qas: list[tuple[str, str, str]]  # (question_type, question, answer)
+
+
+class SceneQADataset(IterableDataset):
+    """Endless stream of collated training batches, generated on the fly (train split only).
+
+    Each DataLoader worker ``w`` draws scene seeds ``scenes._scene_seed(seed * 4096 + w,
+    "train", k)`` for k = 0, 1, ...: even numbers (the train parity of
+    :func:`scenes.make_samples`), distinct across workers and ``--seed`` values, never a
+    test-split scene.
+    """
+
+    def __init__(self, processor, batch_size: int, seed: int = 0, questions_per_scene: int = 3) -> None:
+        super().__init__()
+        self.collate = Collator(processor)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.questions_per_scene = questions_per_scene
+        self.types = scenes.QUESTION_TYPES
+        self.counts = [0] * len(self.types)
+
+    def scene_seeds(self, worker_id: int) -> Iterator[int]:
+        stream = self.seed * MAX_STREAMS + worker_id
+        parity = scenes.SPLITS.index("train")
+        for k in range(scenes._SCENE_BLOCK):
+            s = scenes._scene_seed(stream, "train", k)
+            assert s % 2 == parity
+            yield s
+        raise RuntimeError("scene stream exhausted")  # pragma: no cover - 16M scenes per worker
+
+    def _questions(self, seed: int, limit: int):
+        """Layout + questions for a scene seed, or None when the neediest type can't be asked."""
+        objects, words, word_sizes, clutter = scenes._layout(seed, None)
+        stub = scenes.Scene(seed, None, objects, words, clutter, 0.0, word_sizes)  # type: ignore[arg-type]
+        rng = random.Random(seed)
+        order = sorted(range(len(self.types)), key=lambda t: (self.counts[t], rng.random()))
+        qas: list[tuple[str, str, str]] = []
+        for rank, t in enumerate(order):
+            qa = scenes.ask(stub, self.types[t], rng)
+            if qa is None:
+                if rank == 0:
+                    return None  # keep types balanced: the least-asked type must be asked
+                continue
+            qas.append((self.types[t], qa[0], qa[1]))
+            if len(qas) == limit:
+                break
+        for qt, _, _ in qas:
+            self.counts[self.types.index(qt)] += 1
+        return objects, words, word_sizes, clutter, qas
+
+    def records(self, seeds: Iterator[int], n_questions: int) -> list[_Record]:
+        """Render scenes until ``n_questions`` questions are collected."""
+        out: list[_Record] = []
+        have = 0
+        while have < n_questions:
+            s = next(seeds)
+            got = self._questions(s, min(self.questions_per_scene, n_questions - have))
+            if got is None:
+                continue
+            objects, words, word_sizes, clutter, qas = got
+            scene = scenes.render(objects, words, clutter, s, word_sizes)
+            out.append(_Record(s, np.asarray(scene.image, dtype=np.uint8), aux_target(objects, words), qas))
+            have += len(qas)
+        return out
+
+    def batch(self, records: Sequence[_Record]) -> dict[str, torch.Tensor]:
+        images, questions, answers, index, qtypes = [], [], [], [], []
+        for i, r in enumerate(records):
+            images.append(r.image)
+            for qt, q, a in r.qas:
+                questions.append(q)
+                answers.append(a)
+                index.append(i)
+                qtypes.append(self.types.index(qt))
+        out = self.collate(images, questions, answers, index)
+        out["aux_target"] = torch.from_numpy(np.stack([r.aux for r in records]))
+        out["question_type"] = torch.tensor(qtypes, dtype=torch.long)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker_id = info.id if info is not None else 0
+        seeds = self.scene_seeds(worker_id)
+        while True:
+            yield self.batch(self.records(seeds, self.batch_size))
+
+
+# ----------------------------------------------------------------------- model steps
+
+
+def forward_losses(model, head: torch.nn.Module, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor):
+    """(lm_loss, aux_loss) with the vision tower run once per scene, features shared by its questions."""
+    inner = model.model
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise SlimVLMError("train.py supports a single int vision_feature_layer")
+    image_out = inner.get_image_features(pixel_values=pixel_values, return_dict=True)
+    features = torch.stack(list(image_out.pooler_output))  # (S, 576, D)
+    cls = image_out.hidden_states[layer][:, 0]  # (S, vision_hidden): CLS at the feature layer
+    per_question = features.index_select(0, batch["image_index"])  # (B, 576, D)
+    out = model(
+        input_ids=batch["input_ids"],
+        labels=batch["labels"],
+        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[per_question.reshape(-1, per_question.shape[-1])])},
+    )
+    aux_loss = F.binary_cross_entropy_with_logits(head(cls).float(), batch["aux_target"].float())
+    return out.loss, aux_loss
+
+
+def lr_factor(step: int, frac: float, warmup_steps: int) -> float:
+    """Linear warmup over ``warmup_steps`` times a cosine from 1 to 0.1 over progress ``frac`` in [0, 1]."""
+    warm = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    frac = min(max(frac, 0.0), 1.0)
+    return warm * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_eval_batches(samples: Sequence[scenes.Sample], processor, batch_size: int, device: torch.device):
+    """Processor outputs (left padding) for the held-out samples, cached on the device."""
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        enc = processor(
+            text=[build.format_prompt(s.question) for s in chunk],
+            images=[s.image for s in chunk],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+        )
+        batches.append(
+            {
+                "inputs": {k: v.to(device) for k, v in enc.items()},
+                "answers": [s.answer.strip().lower() for s in chunk],
+                "types": [s.question_type for s in chunk],
+            }
+        )
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_batches, autocast: bool = False) -> dict[str, Any]:
+    """Greedy answers (max 3 new tokens, first word) vs. the truth: overall and per question type."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else contextlib.nullcontext()
+    hits: dict[str, list[int]] = {t: [0, 0] for t in scenes.QUESTION_TYPES}
+    with ctx:
+        for b in eval_batches:
+            inputs = b["inputs"]
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for text, answer, qt in zip(texts, b["answers"], b["types"]):
+                words = text.strip().lower().split()
+                hits[qt][0] += int(bool(words) and words[0] == answer)
+                hits[qt][1] += 1
+    if was_training:
+        model.train()
+    correct = sum(h[0] for h in hits.values())
+    total = sum(h[1] for h in hits.values())
+    return {
+        "accuracy": correct / max(total, 1),
+        "per_type": {t: h[0] / h[1] for t, h in hits.items() if h[1]},
+        "n": total,
+        "n_per_type": {t: h[1] for t, h in hits.items() if h[1]},
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _param_groups(modules: Sequence[torch.nn.Module], weight_decay: float):
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _results_table(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
+    head = "| question type | n | accuracy (%) |" + (" before training (%) |" if baseline else "")
+    sep = "|---|---:|---:|" + ("---:|" if baseline else "")
+    rows = [head, sep]
+    for t in scenes.QUESTION_TYPES:
+        if t not in result["per_type"]:
+            continue
+        row = f"| {t} | {result['n_per_type'][t]} | {_fmt_pct(result['per_type'][t])} |"
+        if baseline:
+            row += f" {_fmt_pct(baseline['per_type'].get(t))} |"
+        rows.append(row)
+    row = f"| **overall** | {result['n']} | **{_fmt_pct(result['accuracy'])}** |"
+    if baseline:
+        row += f" {_fmt_pct(baseline['accuracy'])} |"
+    rows.append(row)
+    return "\n".join(rows)
+
+
+def _model_card(info: dict[str, Any]) -> str:
+    v, t = info["vision"], info["text"]
+    shapes, colors = ", ".join(scenes.SHAPES), ", ".join(scenes.COLORS)
+    return f"""# slimvlm testbed VLM ({info['size']})
+
+A small LLaVA-1.5-architecture vision-language model trained **from scratch** by
+`slimvlm.testbed.train` on procedurally drawn scenes, so that slimvlm can measure
+visual-token reduction on a real trained model without downloading anything.
+Load it offline with `slimvlm.testbed.build.load(folder)`.
+
+## Architecture
+
+| part | configuration | parameters |
+|---|---|---:|
+| vision tower (CLIP) | {scenes.IMAGE_SIZE} px, patch 14 -> {info['n_image_tokens']} patches + CLS; hidden {v['hidden_size']}, {v['num_hidden_layers']} layers, {v['num_attention_heads']} heads, MLP {v['intermediate_size']} | {info['params']['vision']:,} |
+| projector | 2-layer MLP (GELU), {v['hidden_size']} -> {t['hidden_size']} | {info['params']['projector']:,} |
+| language model (Llama) | hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, {t['num_attention_heads']} heads ({t['num_key_value_heads']} KV), MLP {t['intermediate_size']}, word-level vocab {info['vocab_size']} | {info['params']['language']:,} |
+| **total** | feature layer -2, "default" selection (CLS dropped), SDPA attention | **{info['params']['total']:,}** |
+
+Saved as {info['save_dtype']} safetensors: {info['file_mb']:.1f} MB.
+
+## Data
+
+Generated on the fly by `slimvlm.testbed.scenes` (train split: even scene seeds; the
+held-out test split uses odd seeds, so no test scene is ever trained on). Each
+{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} scene has 1-12 objects (shapes: {shapes};
+colours: {colors}; small/medium/large), 0-2 written words (from {len(scenes.WORDS)}),
+and background clutter (gradient, noise texture, distractor dots/lines).
+Scene complexity is uniform in [0, 1]:
+`complexity = 0.5*(n_objects-1)/11 + 0.1*n_words/2 + 0.4*clutter`.
+Question types (one-word answers, balanced): {", ".join(scenes.QUESTION_TYPES)}.
+Each rendered scene is used for {info['questions_per_scene']} different questions.
+
+## Recipe
+
+- Losses: next-token cross-entropy on the answer word + eos only (prompt masked),
+  plus {AUX_WEIGHT} x BCE of a training-only linear head on the vision CLS hidden state at
+  the feature layer, predicting which (colour, shape) pairs and words are present
+  ({len(AUX_LABELS)} labels). The head is not part of this folder.
+- AdamW (betas 0.9/0.98, weight decay {info['weight_decay']} on matrices), peak lr {info['lr']:g},
+  linear warmup {info['warmup_steps']} steps then cosine to 10% of peak over the wall-clock budget,
+  grad clip 1.0, batch {info['batch_size']}, bf16 autocast on CUDA (TF32 matmuls), all weights trained.
+- {info['steps']:,} steps, {info['samples']:,} samples ({info['scenes_est']:,} scenes approx.),
+  {info['train_s']:.0f} s of training, {info['total_s']:.0f} s in all, on {info['device_name']}
+  ({info['workers']} data workers).
+
+## Held-out accuracy
+
+{info['eval_n']} test-split samples (`make_samples({info['eval_n']}, seed=0, split="test")`), greedy
+decoding (3 new tokens, first word compared with the answer), measured on this folder
+reloaded from disk ({info['save_dtype']}).
+
+{info['table']}
+
+## Command
+
+```
+{info['command']}
+```
+"""
+
+
+def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
+    """Train and save the testbed model; returns the output folder. Accepts a TrainConfig or its fields."""
+    if config is None:
+        config = TrainConfig(**kwargs)
+    elif kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    config.validate()
+    t0 = time.perf_counter()
+    budget_s = config.minutes * 60.0
+    device = _resolve_device(config.device)
+    cuda = device.type == "cuda"
+    workers = _default_workers() if config.workers is None else config.workers
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork workers after tokenising
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    tokenizer = build.build_tokenizer(scenes.vocabulary())
+    processor = build.build_processor(tokenizer)
+
+    # Start the data workers first (before CUDA is initialised): they fill their queues
+    # while the model and the held-out set are being built.
+    dataset = SceneQADataset(processor, config.batch_size, config.seed, config.questions_per_scene)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    batches = iter(loader)
+
+    vision, text = SIZES[config.size]
+    model_config = build.llava_config(tokenizer, vision, text)
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration._from_config(model_config, attn_implementation="sdpa")
+    model.generation_config = build._generation_config(tokenizer)
+    head = torch.nn.Linear(model_config.vision_config.hidden_size, len(AUX_LABELS))
+    model.to(device).train()
+    head.to(device).train()
+
+    eval_samples = scenes.make_samples(config.eval_samples, seed=0, split="test")
+    eval_batches = make_eval_batches(eval_samples, processor, config.eval_batch_size, device)
+    del eval_samples
+
+    optimizer = torch.optim.AdamW(
+        _param_groups([model, head], config.weight_decay), lr=config.lr, betas=(0.9, 0.98), fused=cuda
+    )
+    for g in optimizer.param_groups:
+        g["initial_lr"] = config.lr
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    normalizer = PixelNormalizer(processor, device)
+
+    log_path = out / "train_log.jsonl"
+    log_file = open(log_path, "w")
+
+    def log(record: dict[str, Any]) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    # Step-0 evaluation: a chance-level baseline, and a measure of what the final one will cost.
+    t_eval = time.perf_counter()
+    baseline = evaluate(model, tokenizer, eval_batches, autocast=True)
+    eval_s = time.perf_counter() - t_eval
+    reserve_s = 3.0 * eval_s + 10.0
+    log({"step": 0, "elapsed_s": round(time.perf_counter() - t0, 2), "loss": None, "lm_loss": None,
+         "aux_loss": None, "lr": 0.0, "eval_s": round(eval_s, 2), **baseline})  # fmt: skip
+
+    t_train = time.perf_counter()
+    deadline = t0 + budget_s - reserve_s
+    span = max(deadline - t_train, 1e-6)
+    sums = torch.zeros(3, device=device)  # running sums of loss, lm loss, aux loss since the last log
+    n_in_sums = 0
+    wait_s = 0.0
+    step = 0
+    last_log_t, last_log_step = t_train, 0
+    last_eval: dict[str, Any] | None = None
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True, desc=f"train {config.size}")
+
+    def progress(now: float) -> float:
+        frac = (now - t_train) / span
+        if config.steps is not None:
+            frac = max(frac, step / config.steps)
+        return frac
+
+    while True:
+        now = time.perf_counter()
+        frac = progress(now)
+        if step >= 1 and frac >= 1.0:
+            break
+        lr = config.lr * lr_factor(step, frac, config.warmup_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        wait_s += time.perf_counter() - t_wait
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        pixel_values = normalizer(batch["pixels"])
+        with amp:
+            lm_loss, aux_loss = forward_losses(model, head, batch, pixel_values)
+            loss = lm_loss + AUX_WEIGHT * aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums += torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]).float()
+        n_in_sums += 1
+        step += 1
+
+        frac_after = progress(time.perf_counter())
+        last = frac_after >= 1.0
+        do_eval = step % config.eval_every == 0 and not last  # the final evaluation happens after saving
+        if step % config.log_every == 0 or do_eval or last:
+            mean = (sums / n_in_sums).tolist()  # one device sync per log interval
+            now = time.perf_counter()
+            record = {
+                "step": step,
+                "elapsed_s": round(now - t0, 2),
+                "loss": mean[0],
+                "lm_loss": mean[1],
+                "aux_loss": mean[2],
+                "lr": lr,
+                "samples": step * config.batch_size,
+                "samples_per_s": round((step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9), 1),
+                "data_wait_frac": round(wait_s / max(now - last_log_t, 1e-9), 3),
+            }
+            if not all(math.isfinite(x) for x in mean):
+                log(record)
+                raise RuntimeError(f"non-finite loss at step {step}: {mean}")
+            if do_eval:
+                t_eval = time.perf_counter()
+                last_eval = evaluate(model, tokenizer, eval_batches, autocast=True)
+                record.update(eval_s=round(time.perf_counter() - t_eval, 2), **last_eval)
+            log(record)
+            if bar is not None:
+                postfix = {"loss": f"{mean[0]:.3f}", "lm": f"{mean[1]:.3f}", "lr": f"{lr:.2e}",
+                           "smp/s": f"{record['samples_per_s']:.0f}"}  # fmt: skip
+                if last_eval is not None:
+                    postfix["acc"] = f"{last_eval['accuracy']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+            sums.zero_()
+            n_in_sums = 0
+            wait_s = 0.0
+            last_log_t, last_log_step = time.perf_counter(), step
+        if bar is not None:
+            bar.update(1)
+
+    if cuda:
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t_train
+    if bar is not None:
+        bar.close()
+    del batches, loader  # stop the workers
+
+    # ---- save (float32 if it fits in 40 MB, else bfloat16), reload, final evaluation
+    n_params = _count(model)
+    save_dtype = torch.float32 if n_params * 4 <= MAX_FLOAT32_BYTES else torch.bfloat16
+    model.eval()
+    model.to(dtype=save_dtype)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    file_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    del model, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+
+    loaded, loaded_processor = build.load(out, dtype=save_dtype, device=device)
+    if _count(loaded) != n_params:
+        raise RuntimeError("reloaded model has a different parameter count")
+    t_eval = time.perf_counter()
+    final = evaluate(loaded, loaded_processor.tokenizer, eval_batches, autocast=False)
+    final_eval_s = time.perf_counter() - t_eval
+    total_s = time.perf_counter() - t0
+    log({"step": step, "elapsed_s": round(total_s, 2), "loss": None, "lm_loss": None, "aux_loss": None,
+         "lr": None, "final": True, "eval_s": round(final_eval_s, 2), **final})  # fmt: skip
+    log_file.close()
+
+    inner = loaded.model
+    info = {
+        "size": config.size,
+        "vision": vision,
+        "text": text,
+        "n_image_tokens": dataset.collate.n_image_tokens,
+        "vocab_size": len(tokenizer),
+        "params": {
+            "vision": _count(inner.vision_tower),
+            "projector": _count(inner.multi_modal_projector),
+            "language": _count(inner.language_model) + _count(loaded.lm_head),
+            "total": n_params,
+        },
+        "save_dtype": str(save_dtype).replace("torch.", ""),
+        "file_mb": file_bytes / 2**20,
+        "questions_per_scene": config.questions_per_scene,
+        "weight_decay": config.weight_decay,
+        "lr": config.lr,
+        "warmup_steps": config.warmup_steps,
+        "batch_size": config.batch_size,
+        "steps": step,
+        "samples": step * config.batch_size,
+        "scenes_est": math.ceil(step * config.batch_size / config.questions_per_scene),
+        "train_s": train_s,
+        "total_s": total_s,
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "workers": workers,
+        "eval_n": final["n"],
+        "table": _results_table(final, baseline),
+        "command": config.command(),
+    }
+    (out / "README.md").write_text(_model_card(info))
+    eval_record = {
+        **final,
+        "baseline_accuracy": baseline["accuracy"],
+        "steps": step,
+        "samples": step * config.batch_size,
+        "train_s": round(train_s, 1),
+        "total_s": round(total_s, 1),
+        "dtype": info["save_dtype"],
+        "device": info["device_name"],
+        "params": n_params,
+        "file_bytes": file_bytes,
+        "eval_set": f"make_samples({config.eval_samples}, seed=0, split='test')",
+    }
+    (out / "eval.json").write_text(json.dumps(eval_record, indent=2) + "\n")
+
+    print(f"\n{config.size} model: {n_params:,} params, {info['file_mb']:.1f} MB ({info['save_dtype']}) -> {out}")
+    print(f"{step:,} steps, {step * config.batch_size:,} samples in {train_s:.0f} s of training "
+          f"({step * config.batch_size / max(train_s, 1e-9):.0f} samples/s), {total_s:.0f} s in all")  # fmt: skip
+    print(_results_table(final, baseline))
+    return out
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def parser() -> argparse.ArgumentParser:
+    d = TrainConfig(out="")
+    p = argparse.ArgumentParser(
+        prog="python -m slimvlm.testbed.train", description="Train slimvlm's testbed VLM from scratch."
+    )
+    p.add_argument("--out", required=True, help="output folder (model, processor, log, eval.json, README.md)")
+    p.add_argument("--size", default=d.size, help=f"one of {sorted(SIZES)} (default {d.size})")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="wall-clock budget, final eval included")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--workers", type=int, default=None, help="data workers (default min(14, cpu_count - 1))")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=None, help="optional step cap (the time budget still applies)")
+    p.add_argument("--questions-per-scene", type=int, default=d.questions_per_scene)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    args["progress"] = not args.pop("no_progress")
+    try:
+        train(TrainConfig(**args))
+    except SlimVLMError as error:
+        print(f"slimvlm.testbed.train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
