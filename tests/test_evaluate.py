@@ -15,6 +15,9 @@ from slimvlm.testbed import build, scenes
 RECORD_KEYS = {"method", "id", "question_type", "complexity", "visual_tokens", "correct", "prediction", "answer"}
 SUMMARY_KEYS = {
     "method",
+    "llm_visual_tokens_mean",
+    "prefill_flops",
+    "flops_ratio",
     "accuracy",
     "accuracy_by_type",
     "retention",

@@ -44,6 +44,40 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .bench.evaluate import evaluate, format_table, from_sample, load_jsonl, write_json
+    from .bench.run import parse_methods
+    from .models.loading import load_model, resolve_device
+
+    model, processor = load_model(args.model, resolve_device(args.device), args.dtype)
+    if processor is None:
+        raise SlimVLMError(f"{args.model} has no processor; eval needs a model folder with its processor")
+    if args.data:
+        items = load_jsonl(args.data)
+    else:
+        from .testbed.scenes import make_samples
+
+        items = [from_sample(s) for s in make_samples(args.samples, seed=args.seed, split="test")]
+    runs = parse_methods(args.methods)
+    if ["none"] in runs:
+        runs = [["none"]] + [r for r in runs if r != ["none"]]
+    results = [evaluate(model, processor, items, specs, batch_size=args.batch_size) for specs in runs]
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results, {"model": args.model, "data": args.data or "testbed", "command": "slimvlm " + shlex.join(sys.argv[1:])})
+        print(f"wrote {args.json}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .demo import run_demo
+    from .models.loading import load_model, resolve_device
+
+    model, processor = load_model(args.model, resolve_device(args.device), "float32")
+    run_demo(model, processor, args.samples, Path(args.out), batch_size=args.batch_size)
+
+
 def _methods(_args: argparse.Namespace) -> None:
     from .registry import PRESETS, methods
 
@@ -78,6 +112,26 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--json", help="write the results here")
     bench.set_defaults(run=_bench)
+
+    evaluation = sub.add_parser("eval", help="accuracy and retention per method on testbed scenes or your own VQA JSONL")
+    evaluation.add_argument("--model", default="testbed", help="'testbed' or a local model folder with its processor")
+    evaluation.add_argument("--methods", default="none,tome:r=8,fastv:k=2,ratio=0.5,visionzip,divprune:budget=64")
+    evaluation.add_argument("--samples", type=int, default=200, help="held-out testbed scenes (ignored with --data)")
+    evaluation.add_argument("--data", help='a JSONL file of {"image": path, "question", "answer"} per line')
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--dtype", default="float32")
+    evaluation.add_argument("--json", help="write the summary and one record per sample here")
+    evaluation.set_defaults(run=_eval)
+
+    demo = sub.add_parser("demo", help="the main job: every method at two budgets on the testbed, table and plots")
+    demo.add_argument("--model", default="testbed")
+    demo.add_argument("--samples", type=int, default=200)
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--out", default="reports/demo")
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(run=_demo)
 
     listing = sub.add_parser("methods", help="list methods, their stages and options")
     listing.set_defaults(run=_methods)

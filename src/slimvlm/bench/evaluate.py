@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import apply
+from . import flops
 from ..runtime import Stats
 from ..testbed.build import format_prompt
 
@@ -179,6 +180,7 @@ class MethodResult:
     method: str
     records: list[Record]
     stats: list = field(default_factory=list)  # list[Stats], one per batch, in order
+    config: Any = None  # the model's config, for the FLOPs count
 
     def _require_records(self) -> None:
         if not self.records:
@@ -215,6 +217,25 @@ class MethodResult:
         self._require_records()
         return max(r.visual_tokens for r in self.records)
 
+    @property
+    def prefill_flops(self) -> int | None:
+        """Analytic prefill FLOPs (encoder + projector + LLM) summed over every batch run."""
+        if self.config is None or not self.stats:
+            return None
+        return sum(flops.count(self.config, stats).prefill for stats in self.stats)
+
+    @property
+    def llm_visual_tokens_mean(self) -> float:
+        """Visual tokens per LLM layer, averaged over layers and samples: what a layer pays for
+        (equal to visual_tokens_mean unless a stage-3/4 method drops tokens inside the LLM)."""
+        per_sample = [sum(layers) / len(layers) for stats in self.stats for layers in stats.kv_visual_entries]
+        return sum(per_sample) / len(per_sample) if per_sample else self.visual_tokens_mean
+
+    def flops_ratio(self, baseline: MethodResult | None) -> float | None:
+        if baseline is None or not baseline.prefill_flops or self.prefill_flops is None:
+            return None
+        return self.prefill_flops / baseline.prefill_flops
+
     def retention(self, baseline: MethodResult | None) -> float | None:
         """Accuracy relative to the baseline's; None without one or when the baseline scored 0."""
         if baseline is None or baseline.accuracy == 0:
@@ -231,6 +252,9 @@ class MethodResult:
             "visual_tokens_mean": self.visual_tokens_mean,
             "visual_tokens_min": self.visual_tokens_min,
             "visual_tokens_max": self.visual_tokens_max,
+            "llm_visual_tokens_mean": self.llm_visual_tokens_mean,
+            "prefill_flops": self.prefill_flops,
+            "flops_ratio": self.flops_ratio(baseline),
             "samples": len(self.records),
         }
 
@@ -280,7 +304,7 @@ def evaluate(
     if generation_config is not None and generation_config.pad_token_id is None:
         generate_options["pad_token_id"] = processor.tokenizer.pad_token_id  # silences a warning per batch
 
-    result = MethodResult(method=label, records=[], stats=[])
+    result = MethodResult(method=label, records=[], stats=[], config=model.config)
     handle = apply(model, method)
     bar = tqdm(total=len(items), desc=label, unit="item", disable=not progress)
     try:
@@ -358,7 +382,7 @@ def format_table(results: Sequence[MethodResult]) -> str:
         for kind in result.accuracy_by_type():
             if kind not in types:
                 types.append(kind)
-    header = ["method", "acc %", "retain %", "tok mean", "tok min", "tok max", *types]
+    header = ["method", "acc %", "retain %", "tok mean", "tok min", "tok max", "LLM tok", "FLOPs %", *types]
     rows = [header]
     for result in results:
         retention = result.retention(baseline)
@@ -371,6 +395,8 @@ def format_table(results: Sequence[MethodResult]) -> str:
                 f"{result.visual_tokens_mean:.1f}",
                 str(result.visual_tokens_min),
                 str(result.visual_tokens_max),
+                f"{result.llm_visual_tokens_mean:.1f}",
+                "-" if result.flops_ratio(baseline) is None else f"{100 * result.flops_ratio(baseline):.1f}",
                 *(f"{100 * by_type[kind]:.1f}" if kind in by_type else "-" for kind in types),
             ]
         )

@@ -210,6 +210,31 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _fit_loader_to_shm(workers: int, prefetch: int, batch_bytes: int) -> tuple[int, int]:
+    """Shrink prefetch, then workers, so in-flight batches fit in /dev/shm (Docker's default is 64 MB).
+
+    Workers hand batches over through shared memory; overflowing it kills them with a bus error.
+    """
+    if workers == 0:
+        return 0, prefetch
+    try:
+        free = os.statvfs("/dev/shm")
+        free_bytes = free.f_bavail * free.f_frsize
+    except OSError:
+        return workers, prefetch
+    budget = free_bytes // 2  # headroom for other processes and the pinned-memory copies
+    if workers * prefetch * batch_bytes <= budget:
+        return workers, prefetch
+    new_prefetch = 2
+    new_workers = max(1, min(workers, budget // max(new_prefetch * batch_bytes, 1)))
+    print(
+        f"warning: /dev/shm has {free_bytes / 2**20:.0f} MB free; {workers} workers x {prefetch} batches x "
+        f"{batch_bytes / 2**20:.1f} MB would not fit, using {new_workers} workers x {new_prefetch}",
+        file=sys.stderr,
+    )
+    return int(new_workers), new_prefetch
+
+
 # ------------------------------------------------------------------------------ data
 
 
@@ -417,11 +442,10 @@ def forward_losses(model, head: torch.nn.Module, batch: dict[str, torch.Tensor],
     features = torch.stack(list(image_out.pooler_output))  # (S, 576, D)
     cls = image_out.hidden_states[layer][:, 0]  # (S, vision_hidden): CLS at the feature layer
     per_question = features.index_select(0, batch["image_index"])  # (B, 576, D)
-    out = model(
-        input_ids=batch["input_ids"],
-        labels=batch["labels"],
-        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[per_question.reshape(-1, per_question.shape[-1])])},
-    )
+    encoded = BaseModelOutputWithPooling(pooler_output=[per_question.reshape(-1, per_question.shape[-1])])
+    # No attention_mask: batches are right-padded, so under the causal mask no real token sees a pad
+    # (pads carry label -100); this keeps SDPA on its fastest causal kernel.
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], mm_encoder_outputs={"image": encoded})
     aux_loss = F.binary_cross_entropy_with_logits(head(cls).float(), batch["aux_target"].float())
     return out.loss, aux_loss
 
@@ -461,7 +485,8 @@ def evaluate(model, tokenizer, eval_batches, autocast: bool = False) -> dict[str
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else contextlib.nullcontext()
+    use_amp = autocast and device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     hits: dict[str, list[int]] = {t: [0, 0] for t in scenes.QUESTION_TYPES}
     with ctx:
         for b in eval_batches:
@@ -609,13 +634,18 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     # Start the data workers first (before CUDA is initialised): they fill their queues
     # while the model and the held-out set are being built.
     dataset = SceneQADataset(processor, config.batch_size, config.seed, config.questions_per_scene)
+    n_scenes = math.ceil(config.batch_size / config.questions_per_scene)
+    batch_bytes = n_scenes * (scenes.IMAGE_SIZE**2 * 3 + 4 * len(AUX_LABELS)) + 2 * 8 * config.batch_size * (
+        dataset.collate.n_image_tokens + 32
+    )
+    workers, prefetch = _fit_loader_to_shm(workers, 4, batch_bytes)
     loader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=cuda,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch if workers > 0 else None,
     )
     batches = iter(loader)
 
@@ -635,8 +665,6 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     optimizer = torch.optim.AdamW(
         _param_groups([model, head], config.weight_decay), lr=config.lr, betas=(0.9, 0.98), fused=cuda
     )
-    for g in optimizer.param_groups:
-        g["initial_lr"] = config.lr
     params = [p for g in optimizer.param_groups for p in g["params"]]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     normalizer = PixelNormalizer(processor, device)

@@ -1,0 +1,61 @@
+"""Plots of an evaluation: accuracy against visual tokens, and visual tokens against image complexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .evaluate import MethodResult  # noqa: E402
+
+
+def family(method: str) -> str:
+    """'tome:r=8' -> 'tome'; compositions keep every part's name ('tome+fastv')."""
+    return "+".join(part.split(":")[0] for part in method.split("+"))
+
+
+def plot_accuracy_vs_tokens(results: list[MethodResult], path: Path) -> Path:
+    """One line per method family: accuracy against the visual tokens an LLM layer sees on average."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for result in results:
+        if result.method == "none":
+            axes.axhline(100 * result.accuracy, color="black", linestyle="--", label=f"none ({result.visual_tokens_mean:.0f} tokens)")
+            continue
+        lines.setdefault(family(result.method), []).append((result.llm_visual_tokens_mean, 100 * result.accuracy))
+    for name, points in sorted(lines.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    axes.set_xlabel("visual tokens per LLM layer (mean)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Accuracy against visual tokens")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_tokens_vs_complexity(results: list[MethodResult], path: Path) -> Path | None:
+    """For methods whose token count varies per image: tokens against the scene's complexity.
+    None (no file) when no method's count varies."""
+    varying = [r for r in results if r.visual_tokens_min != r.visual_tokens_max]
+    if not varying:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for result in varying:
+        points = [(r.complexity, r.visual_tokens) for r in result.records if r.complexity is not None]
+        axes.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.6, label=result.method)
+    axes.set_xlabel("scene complexity")
+    axes.set_ylabel("visual tokens reaching the LLM")
+    axes.set_title("Token count against image complexity")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,37 @@
+"""`slimvlm eval` and `slimvlm demo` end to end on a tiny random model (accuracy is meaningless here)."""
+
+import json
+
+from slimvlm.cli import main
+from slimvlm.demo import BUDGETS, budget_specs
+from slimvlm.registry import methods
+
+
+def test_eval_cli_writes_summary_and_records(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_dir), "--methods", "divprune:budget=16,none", "--samples", "4",
+                 "--batch-size", "2", "--device", "cpu", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    summary = {s["method"]: s for s in payload["summary"]}
+    assert list(summary) == ["none", "divprune:budget=16"]  # the untouched model first, as the baseline
+    assert summary["none"]["flops_ratio"] == 1.0 and summary["divprune:budget=16"]["flops_ratio"] < 0.5
+    assert len(payload["records"]) == 8
+    assert set(payload["records"][0]) == {"method", "id", "question_type", "complexity", "visual_tokens", "correct", "prediction", "answer"}
+    assert "FLOPs %" in capsys.readouterr().out
+
+
+def test_demo_covers_every_method_at_both_budgets(tiny, tmp_path):
+    model, _ = tiny
+    for budget in BUDGETS:
+        specs = budget_specs(model, budget)
+        assert set(specs) == set(methods()) - {"none"}
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+
+
+def test_demo_writes_report(tiny_dir, tmp_path):
+    out = tmp_path / "report"
+    assert main(["demo", "--model", str(tiny_dir), "--samples", "2", "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert len(summary) == 1 + len(BUDGETS) * (len(methods()) - 1)
+    assert (out / "accuracy_vs_tokens.png").stat().st_size > 10_000
+    assert "accuracy_vs_tokens.png" in (out / "README.md").read_text()
