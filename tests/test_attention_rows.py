@@ -13,8 +13,7 @@ class RecordRows(slimvlm.Method):
     name = "test-rows"
     stages = frozenset({slimvlm.Stage.PREFILL, slimvlm.Stage.ENCODE})
     queries = "text"
-    score_layer = 1
-    drop_layer = 2
+    drop_layers = (2,)  # rows of layer 1
 
     def __init__(self):
         self.seen = {}
@@ -60,3 +59,38 @@ def test_prefill_methods_keep_sdpa_on(tiny):
         with torch.no_grad():
             model(**batch(processor, 1))
         assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_next_layer_rows_equal_eager_attention_of_the_layer_after_the_features(tiny_dir, tiny):
+    """The tiny tower has 3 layers and LLaVA reads the output of layer 2; next_rows gives layer 3's CLS row."""
+    _, processor = tiny
+    inputs = batch(processor, 2)
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        vision = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+
+    class ReadNext(slimvlm.Method):
+        name = "test-next-rows"
+        stages = frozenset({slimvlm.Stage.ENCODE})
+
+        def encode_output(self, attention, tokens):
+            self.rows = attention.next_rows(torch.zeros(tokens.batch_size, 1, dtype=torch.long))
+            return tokens
+
+    method = ReadNext()
+    with torch.no_grad(), slimvlm.apply(eager, method):
+        eager(**inputs)
+    torch.testing.assert_close(method.rows[:, :, 0], vision.attentions[2][:, :, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_query_rows_after_the_image():
+    from slimvlm.sequence import Sequence
+    from slimvlm.stages import query_index
+
+    visual = torch.tensor([[False, False, True, True, False, False], [False, True, True, False, False, False]])
+    valid = torch.tensor([[True] * 6, [False] + [True] * 5])
+    sequence = Sequence(valid, torch.zeros(2, 6, dtype=torch.long), visual, visual.long() - 1, visual.long() - 1)
+    index, ok = query_index(sequence, "text_after_image")
+    assert index[ok].tolist() == [4, 5, 3, 4, 5]
+    index, ok = query_index(sequence, "text")
+    assert index[0][ok[0]].tolist() == [0, 1, 4, 5] and index[1][ok[1]].tolist() == [0, 3, 4, 5][1:]

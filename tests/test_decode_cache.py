@@ -15,7 +15,7 @@ class ThinCache(slimvlm.Method):
     def __init__(self, step: int = 2):
         self.step = step
 
-    def decode_keep(self, layer, sequence):
+    def decode_keep(self, layer, sequence, tokens):
         if layer % 2 == 0:
             return None
         rank = sequence.visual.long().cumsum(dim=1) - 1

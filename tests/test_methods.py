@@ -46,10 +46,10 @@ def test_fastv_drops_the_least_attended_visual_tokens():
     keep = lowest_attention_drop(scores, visual, ratio=0.5)
     assert keep.tolist() == [[True, False, True, False, True, True]]  # 0.05 and 0.1 go, text stays
     method = FastV(k=2, ratio=0.5)
-    assert (method.score_layer, method.drop_layer) == (1, 2)
+    assert method.drop_layers == (2,)  # scored on the attention of layer 1
     rows = torch.zeros(1, 2, 1, 6)
     rows[0, 0, 0] = scores[0] * 2
-    sequence = Sequence(valid=torch.ones(1, 6, dtype=torch.bool), positions=torch.arange(6)[None], visual=visual, image=visual.long() - 1)
+    sequence = Sequence(valid=torch.ones(1, 6, dtype=torch.bool), positions=torch.arange(6)[None], visual=visual, image=visual.long() - 1, token=visual.long().cumsum(1) - 1)
     layer = PrefillLayer(2, sequence, torch.zeros(1, 6, 4), rows, torch.tensor([[5]]), torch.tensor([[True]]))
     assert method.prefill_keep(layer).tolist() == keep.tolist()  # the mean over heads ranks the same
 

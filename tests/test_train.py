@@ -159,3 +159,13 @@ def test_tiny_training_run(tmp_path, monkeypatch):
     assert "| question type |" in card and "**overall**" in card and "python -m slimvlm.testbed.train" in card
     result = json.loads((out / "eval.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 8 and result["steps"] == 10
+
+
+def test_loader_shrinks_to_fit_small_shm(monkeypatch):
+    class Small:
+        f_bavail, f_frsize = 64 * 1024 * 1024 // 4096, 4096  # Docker's default 64 MB /dev/shm
+
+    monkeypatch.setattr(T.os, "statvfs", lambda path: Small())
+    workers, prefetch = T._fit_loader_to_shm(14, 4, 11 * 2**20)
+    assert prefetch == 2 and workers == 1
+    assert T._fit_loader_to_shm(0, 4, 11 * 2**20) == (0, 4)

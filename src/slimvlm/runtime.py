@@ -61,6 +61,7 @@ class Session:
     prefill_length: int
     next_position: torch.Tensor
     layer_views: list[View]
+    tokens: object = None  # the VisualTokens that entered the LLM
     decoding: bool = False
     rows: dict = field(default_factory=dict)
 
@@ -117,7 +118,7 @@ class Runtime:
         self.model.forward = forward
 
     def _install_layer_hooks(self) -> None:
-        first = min((m.drop_layer for m in self._prefill_methods), default=0)
+        first = min((layer for m in self._prefill_methods for layer in m.drop_layers), default=0)
         if self._decode_methods:
             first = 0
         for index in range(first, len(self.adapter.llm_layers)):
@@ -126,7 +127,8 @@ class Runtime:
             self._hooks.add(layer.register_forward_pre_hook(hook, with_kwargs=True))
         for method in self._prefill_methods:
             if method.queries is not None:
-                self._install_row_probe(method)
+                for layer in method.drop_layers:
+                    self._install_row_probe(method, layer)
 
     def remove(self) -> None:
         self._hooks.remove()
@@ -210,6 +212,7 @@ class Runtime:
             prefill_length=valid.shape[1],
             next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
             layer_views=[base] * len(adapter.llm_layers),
+            tokens=tokens,
         )
         output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
         prefill_tokens = [view.sequence.valid.sum(dim=1).tolist() for view in self.session.layer_views]
@@ -268,8 +271,10 @@ class Runtime:
         return result if arguments.get("return_dict", True) is not False else result.to_tuple()
 
     # ---- stage 3: LLM layers during prefill ---------------------------------------------------
-    def _install_row_probe(self, method: Method) -> None:
-        parts = self.adapter.attention_parts(method.score_layer)
+    def _install_row_probe(self, method: Method, drop_layer: int) -> None:
+        """Compute, beside SDPA, the attention rows `method` needs from the layer before `drop_layer`."""
+        score_layer = drop_layer - 1
+        parts = self.adapter.attention_parts(score_layer)
         captured: dict = {}
 
         def before(_module, _args, kwargs):
@@ -284,8 +289,8 @@ class Runtime:
                 return
             captured.pop("capture").__exit__(None, None, None)
             queries, keys = captured.pop("outputs")
-            view = self.session.view_of(method.score_layer)
-            self.session.rows[method.name] = self._rows(parts, view.sequence, queries, keys, captured.pop("position_embeddings"), method.queries)
+            view = self.session.view_of(score_layer)
+            self.session.rows[method.name, drop_layer] = self._rows(parts, view.sequence, queries, keys, captured.pop("position_embeddings"), method.queries)
 
         self._hooks.add(parts.module.register_forward_pre_hook(before, with_kwargs=True))
         self._hooks.add(parts.module.register_forward_hook(after, with_kwargs=True))
@@ -314,7 +319,7 @@ class Runtime:
             kwargs["attention_mask"] = session.view_of(layer_index).decode_mask
             return args, kwargs
         for method in self._prefill_methods:
-            if method.drop_layer == layer_index:
+            if layer_index in method.drop_layers:
                 args, kwargs = self._drop(method, layer_index, args, kwargs)
         if session.is_base(layer_index):
             return None
@@ -328,9 +333,9 @@ class Runtime:
         session = self.session
         current = session.view_of(layer_index)
         hidden = args[0] if args else kwargs["hidden_states"]
-        rows, index, valid = session.rows.pop(method.name, (None, None, None))
+        rows, index, valid = session.rows.pop((method.name, layer_index), (None, None, None))
         sequence = current.sequence
-        keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid))
+        keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid, session.tokens))
         keep = (keep | ~sequence.visual) & sequence.valid
         gather, new_valid = compaction(keep)
         new_sequence = sequence.gather(gather, new_valid)
@@ -359,7 +364,7 @@ class Runtime:
         for index, cache_layer in enumerate(layers):
             current = session.view_of(index)
             sequence = current.sequence
-            keep = method.decode_keep(index, sequence)
+            keep = method.decode_keep(index, sequence, session.tokens)
             if keep is None:
                 continue
             keep = (keep | ~sequence.visual) & sequence.valid

@@ -44,12 +44,14 @@ class Sequence:
 
     valid: real tokens. positions: rotary position ids. visual: visual tokens.
     image: which image (index into pixel_values) a visual token comes from, -1 for text.
+    token: which of that image's VisualTokens it is (so stage-1 choices can be found again), -1 for text.
     """
 
     valid: torch.Tensor
     positions: torch.Tensor
     visual: torch.Tensor
     image: torch.Tensor
+    token: torch.Tensor
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Sequence":
         return Sequence(
@@ -57,6 +59,7 @@ class Sequence:
             positions=self.positions.gather(1, index),
             visual=self.visual.gather(1, index) & valid,
             image=torch.where(valid, self.image.gather(1, index), -1),
+            token=torch.where(valid, self.token.gather(1, index), -1),
         )
 
     def visual_counts(self) -> torch.Tensor:
@@ -134,7 +137,7 @@ def rebuild(
         positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1
 
     index, valid = compaction(keep)
-    full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image)
+    full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image, token=torch.where(use_visual, slot, -1))
     sequence = full.gather(index, valid)
     new_labels = None
     if labels is not None:

@@ -38,6 +38,9 @@ class EncoderAttention:
     num_layers: int
     keys: torch.Tensor
     rows: Callable[[torch.Tensor], torch.Tensor]
+    # at the encoder output only: the same rows from the next encoder layer (which LLaVA does not
+    # run), for methods whose paper reads the last layer's attention; None if there is none
+    next_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -64,20 +67,27 @@ class PrefillLayer:
     rows: torch.Tensor | None
     query_index: torch.Tensor | None
     query_valid: torch.Tensor | None
+    tokens: VisualTokens | None = None  # the visual tokens that entered the LLM (sequence.image/.token index them)
 
 
-QUERIES = ("last", "text")
+QUERIES = ("last", "text", "text_after_image")
 
 
 def query_index(sequence: Sequence, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The query rows a method asks for: 'last' (the last token, which predicts the answer) or
-    'text' (every text token). Returns (index (B, Q), valid (B, Q))."""
+    """The query rows a method asks for: 'last' (the last token, which predicts the answer),
+    'text' (every text token) or 'text_after_image' (the text after the last visual token: the
+    question). Returns (index (B, Q), valid (B, Q))."""
     batch, length = sequence.valid.shape
     device = sequence.valid.device
+    text = sequence.valid & ~sequence.visual
     if which == "last":
         return torch.full((batch, 1), length - 1, device=device), torch.ones(batch, 1, dtype=torch.bool, device=device)
     if which == "text":
-        return compaction(sequence.valid & ~sequence.visual)
+        return compaction(text)
+    if which == "text_after_image":
+        at = torch.arange(length, device=device)
+        last_visual = torch.where(sequence.visual, at, -1).max(dim=1, keepdim=True).values
+        return compaction(text & (at > last_visual))
     raise SlimVLMError(f"unknown query rows {which!r}; use one of {QUERIES}")
 
 
@@ -92,10 +102,10 @@ class Method:
     proportional_attention: ClassVar[bool] = False
     # stage 1: the class token goes on to the LLM even where the model's feature selection drops it
     feeds_cls: ClassVar[bool] = False
-    # stage 3: the layer whose attention rows it reads and the query rows it needs
-    score_layer: int | None = None
+    # stage 3: the LLM layers at whose input it drops tokens; it reads the attention rows
+    # (`queries`) of the layer before each
+    drop_layers: tuple[int, ...] = ()
     queries: str | None = None
-    drop_layer: int | None = None
 
     def options(self) -> dict:
         """The options this instance was built with (for reports)."""
@@ -117,13 +127,14 @@ class Method:
 
     # stage 3 -----------------------------------------------------------------
     def prefill_keep(self, layer: PrefillLayer) -> torch.Tensor:
-        """At `drop_layer` during prefill: a (B, L) bool mask of the tokens to keep from here on."""
+        """At each of `drop_layers` during prefill: a (B, L) bool mask of the tokens to keep from here on."""
         raise NotImplementedError
 
     # stage 4 -----------------------------------------------------------------
-    def decode_keep(self, layer: int, sequence: Sequence) -> torch.Tensor | None:
+    def decode_keep(self, layer: int, sequence: Sequence, tokens: VisualTokens) -> torch.Tensor | None:
         """After prefill: a (B, K) bool mask of the cache entries of LLM layer `layer` to keep for
-        decoding (only visual entries can go), or None to keep them all."""
+        decoding (only visual entries can go), or None to keep them all. tokens: the visual tokens
+        that entered the LLM (sequence.image and sequence.token index them)."""
         return None
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:

@@ -38,8 +38,7 @@ class FastV(Method):
             raise SlimVLMError(f"fastv: k={k} must be >= 1 (it reads the attention of layer k-1)")
         self.k = int(k)
         self.ratio = check_ratio("ratio", ratio)
-        self.score_layer = self.k - 1
-        self.drop_layer = self.k
+        self.drop_layers = (self.k,)
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if self.k >= num_llm_layers:

@@ -109,8 +109,28 @@ class LlavaAdapter:
             hidden = tokens.x
             tokens = tokens.with_features(hidden + layer.mlp(layer.layer_norm2(hidden)))
         if method is not None:
+            attention.next_rows = self._next_layer_rows(tokens, proportional)
             tokens = method.encode_output(attention, tokens)
         return tokens, trace
+
+    def _next_layer_rows(self, tokens: VisualTokens, proportional: bool):
+        """Attention rows of the encoder layer after the feature layer, on the feature tokens."""
+        layers = self.vision.encoder.layers
+        if self.vision_layers_run >= len(layers):
+            return None
+        layer = layers[self.vision_layers_run]
+        attn = layer.self_attn
+        bias = tokens.attention_bias(proportional)
+
+        def rows(query_index: torch.Tensor) -> torch.Tensor:
+            normed = layer.layer_norm1(tokens.x)
+            batch, length, _ = normed.shape
+            picked = normed.gather(1, query_index[..., None].expand(-1, -1, normed.shape[-1]))
+            queries = attn.q_proj(picked).view(batch, query_index.shape[1], attn.num_heads, -1).transpose(1, 2)
+            keys = attn.k_proj(normed).view(batch, length, attn.num_heads, -1).transpose(1, 2)
+            return attention_rows(queries, keys, attn.scale, bias=bias)
+
+        return rows
 
     def _encoder_attention(self, index: int, num_layers: int, attn: nn.Module, queries, keys, bias) -> EncoderAttention:
         batch, length, _ = keys.shape
