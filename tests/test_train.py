@@ -93,7 +93,7 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
     torch.manual_seed(0)
     config = B.llava_config(processor.tokenizer, B.TINY_VISION, B.TINY_TEXT)
     model = T.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    head = torch.nn.Linear(config.vision_config.hidden_size, len(T.AUX_LABELS))
+    head = T.AuxHeads(config.vision_config.hidden_size)
     pixels = T.normalize_pixels(batch["pixels"], processor)
     with torch.no_grad():
         lm, aux = T.forward_losses(model, head, batch, pixels)
@@ -103,8 +103,9 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
             attention_mask=(batch["input_ids"] != processor.tokenizer.pad_token_id).long(),
             labels=batch["labels"],
         )
-        hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 0]
-        ref_aux = torch.nn.functional.binary_cross_entropy_with_logits(head(hs), batch["aux_target"])
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+        ref_aux = torch.nn.functional.binary_cross_entropy_with_logits(head.cls(hidden[:, 0]), batch["aux_target"])
+        ref_aux += torch.nn.functional.cross_entropy(head.patch(hidden[:, 1:]).flatten(0, 1), batch["patch_target"].flatten())
     assert torch.allclose(lm, ref.loss, atol=1e-5)
     assert torch.allclose(aux, ref_aux, atol=1e-6)
 
@@ -155,6 +156,7 @@ def test_tiny_training_run(tmp_path, monkeypatch):
     assert model.config.vision_config.hidden_size == B.TINY_VISION["hidden_size"]
     assert model.dtype == torch.float32
     assert all(k.startswith(("model.", "lm_head.")) for k in model.state_dict())  # no aux head saved
+
     card = (out / "README.md").read_text()
     assert "| question type |" in card and "**overall**" in card and "python -m slimvlm.testbed.train" in card
     result = json.loads((out / "eval.json").read_text())
@@ -169,3 +171,15 @@ def test_loader_shrinks_to_fit_small_shm(monkeypatch):
     workers, prefetch = T._fit_loader_to_shm(14, 4, 11 * 2**20)
     assert prefetch == 2 and workers == 1
     assert T._fit_loader_to_shm(0, 4, 11 * 2**20) == (0, 4)
+
+
+def test_patch_targets_mark_what_covers_each_patch():
+    big = S.SceneObject("square", "red", x=14 * 5 + 7, y=14 * 2 + 7, size=40)
+    tiny = S.SceneObject("circle", "blue", x=14 * 20 + 3, y=14 * 20 + 3, size=8)  # covers no patch centre
+    word = S.WORDS[0]
+    target = T.patch_target([big, tiny], [(word, (200.0, 100.0))], [24]).reshape(24, 24)
+    red_square = 1 + T.AUX_LABELS.index("red square")
+    assert target[2, 5] == red_square and target[1, 4] == red_square and target[4, 5] == 0
+    assert target[20, 20] == 1 + T.AUX_LABELS.index("blue circle")
+    assert target[100 // 14, 200 // 14] == 1 + T.AUX_LABELS.index(f"word:{word}")
+    assert (target > 0).sum() < 30

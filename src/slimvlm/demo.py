@@ -28,6 +28,8 @@ def budget_specs(model, budget: int) -> dict[str, str]:
         "fastv": f"fastv:k=2,ratio={round(1 - budget / tokens, 4)}",
         "visionzip": f"visionzip:dominant={dominant},contextual={budget - dominant}",
         "divprune": f"divprune:budget={budget}",
+        # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
+        "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
     }
     missing = set(methods()) - set(specs) - {"none"}
     if missing:

@@ -25,6 +25,11 @@ PRESETS: dict[str, str] = {
     "divprune-64": "divprune:budget=64",
     "divprune-128": "divprune:budget=128",
     "divprune-192": "divprune:budget=192",
+    # MustDrop's budgets are threshold-driven (the authors' TextVQA scripts for LLaVA-1.5-7B): the
+    # kept count varies per image and "64/128/192" is the visual-token count averaged over all LLM layers
+    "mustdrop-64": "mustdrop:global_thr=0.011,individual_thr=0.01",
+    "mustdrop-128": "mustdrop:global_thr=0.0012,individual_thr=0.001",
+    "mustdrop-192": "mustdrop:global_thr=0.001,individual_thr=0.001",
 }
 
 

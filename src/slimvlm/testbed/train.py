@@ -33,7 +33,7 @@ Data pipeline (measured ~380 scenes/s per worker on CPU, so 14 workers out-suppl
   the processor's number of image tokens (576), exactly as ``LlavaProcessor`` does.
 * The vision tower runs once per *scene*; its projected features are indexed out to the
   scene's questions and handed to the stock ``LlavaForConditionalGeneration.forward``
-  through ``mm_encoder_outputs`` (tested equal to feeding duplicated ``pixel_values``).
+  through ``inputs_embeds`` (tested equal to feeding duplicated ``pixel_values``).
 * Batches are right-padded and trained without an attention mask: under a causal mask
   real tokens never see the trailing pads, and pads carry label -100, so this is exact
   and lets SDPA use its fastest causal kernel.
@@ -71,10 +71,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import LlavaForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import SlimVLMError
 from . import build, scenes
@@ -238,6 +237,47 @@ def _fit_loader_to_shm(workers: int, prefetch: int, batch_bytes: int) -> tuple[i
 # ------------------------------------------------------------------------------ data
 
 
+#: Per-patch classes of the dense auxiliary loss: background, each (colour, shape) pair, each word.
+PATCH_CLASSES = 1 + len(AUX_LABELS)
+_PATCH = 14
+
+
+def patch_target(objects: Sequence[scenes.SceneObject], words: Sequence[tuple[str, Any]], word_sizes: Sequence[int]) -> np.ndarray:
+    """Per patch (raster order), the class of what covers its centre pixel (0 = background,
+    1 + an AUX_LABELS index otherwise); an object smaller than a patch still marks the patch
+    holding its centre. Dense labels teach the from-scratch vision tower what is where in a few
+    minutes, which the answer loss alone does not."""
+    canvas = Image.new("L", (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(canvas)
+    for o in objects:
+        label = 1 + _PAIR_INDEX[(o.color, o.shape)]
+        x, y, r = o.x, o.y, o.size / 2
+        if o.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r - 1, y + r - 1), fill=label)
+        elif o.shape == "square":
+            draw.rectangle((x - r, y - r, x + r - 1, y + r - 1), fill=label)
+        else:
+            draw.polygon(scenes._shape_polygon(o), fill=label)
+    for (word, (cx, cy)), size in zip(words, word_sizes):
+        draw.rectangle(scenes._word_bbox(word, size, cx, cy), fill=1 + _WORD_INDEX[word])
+    grid = np.asarray(canvas)[_PATCH // 2 :: _PATCH, _PATCH // 2 :: _PATCH].copy()
+    side = grid.shape[0]
+    for o in objects:
+        row, col = min(int(o.y) // _PATCH, side - 1), min(int(o.x) // _PATCH, side - 1)
+        grid[row, col] = 1 + _PAIR_INDEX[(o.color, o.shape)]
+    return grid.reshape(-1).astype(np.int64)
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only heads on the vision tower's feature layer: CLS -> which pairs/words are in the
+    scene (a global signal for CLS-attention methods), each patch -> what covers it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.cls = torch.nn.Linear(width, len(AUX_LABELS))
+        self.patch = torch.nn.Linear(width, PATCH_CLASSES)
+
+
 def aux_target(objects: Sequence[scenes.SceneObject], words: Sequence[tuple[str, Any]]) -> np.ndarray:
     """Multi-hot float32 vector over :data:`AUX_LABELS`: which (colour, shape) pairs and words are drawn."""
     target = np.zeros(len(AUX_LABELS), dtype=np.float32)
@@ -342,6 +382,7 @@ class _Record:
     scene_seed: int
     image: np.ndarray  # (H, W, 3) uint8
     aux: np.ndarray
+    patches: np.ndarray  # (576,) int64 patch classes
     qas: list[tuple[str, str, str]]  # (question_type, question, answer)
 
 
@@ -403,7 +444,10 @@ class SceneQADataset(IterableDataset):
                 continue
             objects, words, word_sizes, clutter, qas = got
             scene = scenes.render(objects, words, clutter, s, word_sizes)
-            out.append(_Record(s, np.asarray(scene.image, dtype=np.uint8), aux_target(objects, words), qas))
+            out.append(
+                _Record(s, np.asarray(scene.image, dtype=np.uint8), aux_target(objects, words),
+                        patch_target(objects, words, word_sizes), qas)
+            )
             have += len(qas)
         return out
 
@@ -418,6 +462,7 @@ class SceneQADataset(IterableDataset):
                 qtypes.append(self.types.index(qt))
         out = self.collate(images, questions, answers, index)
         out["aux_target"] = torch.from_numpy(np.stack([r.aux for r in records]))
+        out["patch_target"] = torch.from_numpy(np.stack([r.patches for r in records]))
         out["question_type"] = torch.tensor(qtypes, dtype=torch.long)
         return out
 
@@ -432,21 +477,29 @@ class SceneQADataset(IterableDataset):
 # ----------------------------------------------------------------------- model steps
 
 
-def forward_losses(model, head: torch.nn.Module, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor):
+def forward_losses(model, head: AuxHeads, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor):
     """(lm_loss, aux_loss) with the vision tower run once per scene, features shared by its questions."""
     inner = model.model
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
         raise SlimVLMError("train.py supports a single int vision_feature_layer")
-    image_out = inner.get_image_features(pixel_values=pixel_values, return_dict=True)
-    features = torch.stack(list(image_out.pooler_output))  # (S, 576, D)
-    cls = image_out.hidden_states[layer][:, 0]  # (S, vision_hidden): CLS at the feature layer
+    # The vision tower's own forward and LLaVA's projector, placed into the embeddings by hand: the
+    # same computation as LlavaForConditionalGeneration.forward on every transformers 5.x release.
+    hidden = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    cls = hidden[:, 0]  # (S, vision_hidden): CLS at the feature layer
+    if model.config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]
+    features = inner.multi_modal_projector(hidden)  # (S, 576, D)
     per_question = features.index_select(0, batch["image_index"])  # (B, 576, D)
-    encoded = BaseModelOutputWithPooling(pooler_output=[per_question.reshape(-1, per_question.shape[-1])])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    placeholders = (batch["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(placeholders, per_question.to(embeds.dtype))
     # No attention_mask: batches are right-padded, so under the causal mask no real token sees a pad
     # (pads carry label -100); this keeps SDPA on its fastest causal kernel.
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"], mm_encoder_outputs={"image": encoded})
-    aux_loss = F.binary_cross_entropy_with_logits(head(cls).float(), batch["aux_target"].float())
+    out = model(inputs_embeds=embeds, labels=batch["labels"])
+    aux_loss = F.binary_cross_entropy_with_logits(head.cls(cls).float(), batch["aux_target"].float())
+    patch_logits = head.patch(hidden if model.config.vision_feature_select_strategy == "default" else hidden[:, 1:])
+    aux_loss = aux_loss + F.cross_entropy(patch_logits.flatten(0, 1).float(), batch["patch_target"].flatten())
     return out.loss, aux_loss
 
 
@@ -654,7 +707,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     torch.manual_seed(config.seed)
     model = LlavaForConditionalGeneration._from_config(model_config, attn_implementation="sdpa")
     model.generation_config = build._generation_config(tokenizer)
-    head = torch.nn.Linear(model_config.vision_config.hidden_size, len(AUX_LABELS))
+    head = AuxHeads(model_config.vision_config.hidden_size)
     model.to(device).train()
     head.to(device).train()
 
