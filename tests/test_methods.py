@@ -66,6 +66,11 @@ def test_divprune_greedy_max_min_hand_example():
     assert max_min_diverse(features, 9).tolist() == [0, 1, 2, 3, 4]
 
 
+def test_divprune_meets_its_budget_on_identical_tokens():
+    features = torch.cat([torch.ones(6, 2), torch.tensor([[1.0, -1.0]])])  # a flat background + one object
+    assert max_min_diverse(features, 4).tolist() == [0, 1, 2, 6]
+
+
 def test_visionzip_hand_example():
     # 1 CLS + 6 patches on a 2x3 grid; CLS attends most to patches 4 and 1
     x = torch.arange(7, dtype=torch.float32).view(1, 7, 1) * 10
