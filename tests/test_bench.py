@@ -41,6 +41,11 @@ def test_flops_hand_count():
     # decode, cache 4+1 and 3+1 entries: 4*4*2*2 + 4*4*1*2 = 96 per layer; attention 4*2*2*c; MLP 6*4*5 = 120
     assert counted.decode_per_token == (96 + 16 * 5 + 120) + (96 + 16 * 4 + 120) + 56
     assert counted.prefill == 400 + 96 + 1824
+    # virtual unmerging: layer 1's attention runs over 4 copies of its 3 tokens (2*2*2*4*5 instead of 2*2*2*3*4)
+    stats.attention_tokens = [[4], [4]]
+    unmerged = flops.count(tiny_config(), stats)
+    assert unmerged.llm_prefill == 1024 + (744 - 96 + 160) + 56
+    assert unmerged.decode_per_token == counted.decode_per_token + 16 * 1  # layer 1 attends one more copy
     # KV bytes: entries * 2 (k, v) * H_kv * h * bytes
     assert flops.kv_bytes(tiny_config(), 10, 2) == 10 * 2 * 1 * 2 * 2
 

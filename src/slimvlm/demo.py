@@ -13,18 +13,24 @@ from .registry import methods
 BUDGETS = (64, 192)
 
 
-def budget_specs(model, budget: int) -> dict[str, str]:
-    """For each registered method, the spec that leaves about `budget` visual tokens per image."""
+Spec = str | list[str] | None
+
+
+def budget_specs(model, budget: int) -> dict[str, Spec]:
+    """For each registered method, the spec (or composition) that leaves about `budget` visual
+    tokens per image; None for a method that needs a calibration file the demo does not have."""
     adapter = adapter_for(model)
     tokens = adapter.tokens_per_image
     layers = adapter.vision_layers_run
     side = round(math.sqrt(budget))
     dominant = round(budget * 54 / 64)
-    specs = {
+    tome = f"tome:r={math.ceil((tokens - budget) / layers)}"
+    specs: dict[str, Spec] = {
         "random": f"random:budget={budget}",
         "uniform": f"uniform:budget={budget}",
         "pool": f"pool:budget={side * side}",
-        "tome": f"tome:r={math.ceil((tokens - budget) / layers)}",
+        "tome": tome,
+        "vtu": [tome, "vtu"],  # a stage-3 companion of merging: the same merges, attended as unmerged
         "fastv": f"fastv:k=2,ratio={round(1 - budget / tokens, 4)}",
         "visionzip": f"visionzip:dominant={dominant},contextual={budget - dominant}",
         "divprune": f"divprune:budget={budget}",
@@ -41,7 +47,7 @@ def run_demo(model, processor, samples: int, out: Path, batch_size: int = 16, se
     from .testbed.scenes import make_samples
 
     items = [from_sample(s) for s in make_samples(samples, seed=seed, split="test")]
-    runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget).values()]
+    runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget).values() if spec is not None]
     results = [evaluate(model, processor, items, spec, batch_size=batch_size) for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)

@@ -20,6 +20,7 @@ from .hooks import HookSet, capture_outputs
 from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, rebuild
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
+from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Stats:
     """What the last forward/generate did. visual_tokens: per image, tokens that reached the LLM.
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill
     (all / visual). vision_tokens: per vision layer run, per image, tokens at its input.
-    llm_tokens: per LLM layer, per sample, tokens in prefill. projector_tokens: per image, tokens
+    llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens: the same for the
+    tokens each layer's attention runs over (more than llm_tokens under virtual unmerging). projector_tokens: per image, tokens
     through the projector. prompt_tokens: per sample, the
     untouched prompt's length."""
 
@@ -36,6 +38,7 @@ class Stats:
     kv_visual_entries: list[list[int]] = field(default_factory=list)
     vision_tokens: list[list[int]] = field(default_factory=list)
     llm_tokens: list[list[int]] = field(default_factory=list)
+    attention_tokens: list[list[int]] = field(default_factory=list)
     projector_tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
 
@@ -62,6 +65,8 @@ class Session:
     next_position: torch.Tensor
     layer_views: list[View]
     tokens: object = None  # the VisualTokens that entered the LLM
+    copies: Copies | None = None  # virtual unmerging: the full sequence's keys as copies
+    query_copies: Copies | None = None
     decoding: bool = False
     rows: dict = field(default_factory=dict)
 
@@ -96,7 +101,15 @@ class Runtime:
         for method in methods:
             method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
         self._decode_methods = self._by_stage[Stage.DECODE]
-        if self._prefill_methods or self._decode_methods:
+        self._unmerge = any(getattr(m, "virtual_unmerge", False) for m in methods)
+        self._undo: list = []
+        if self._unmerge:
+            if self._decode_methods:
+                raise SlimVLMError("virtual unmerging cannot be combined with a stage-4 method that edits the KV cache")
+            self.keep_positions = True  # the copies sit at the patches' own positions
+            for layer in range(len(adapter.llm_layers)):
+                self._undo.append(adapter.override_attention(layer, _UnmergeCore(self)))
+        elif self._prefill_methods or self._decode_methods:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
             self._install_layer_hooks()
         self._install_forward()
@@ -132,6 +145,9 @@ class Runtime:
 
     def remove(self) -> None:
         self._hooks.remove()
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
         if "forward" in self.model.__dict__:
             del self.model.forward
         self.session = None
@@ -214,6 +230,9 @@ class Runtime:
             layer_views=[base] * len(adapter.llm_layers),
             tokens=tokens,
         )
+        if self._unmerge:
+            self.session.copies = self._with_rotary(unmerged_copies(sequence, tokens), rebuilt.embeds)
+            self.session.query_copies = self.session.copies
         output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
         prefill_tokens = [view.sequence.valid.sum(dim=1).tolist() for view in self.session.layer_views]
         if use_cache:
@@ -245,11 +264,17 @@ class Runtime:
         session.decoding = True
         embeds = self.adapter.embed(input_ids)
         base = session.layer_views[0]
+        positions = session.next_position[:, None] + torch.arange(steps, device=input_ids.device)
+        if self._unmerge:
+            first = base.key_valid.shape[1]
+            session.copies = self._with_rotary(append_tokens(session.copies, first, steps, positions, new_valid), embeds)
+            new = Copies(torch.arange(steps, device=positions.device).expand_as(positions), torch.zeros_like(positions),
+                         positions, new_valid)
+            session.query_copies = self._with_rotary(new, embeds)
         for view in session.distinct_views():
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
             if view is not base:
                 view.decode_mask = attention_mask_4d(view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
-        positions = session.next_position[:, None] + torch.arange(steps, device=input_ids.device)
         session.next_position = session.next_position + steps
         output = self.adapter.run_llm(embeds, base.key_valid.long(), positions, session.cache, True, **kwargs)
         return self._logits(output, arguments, None, kwargs)
@@ -385,6 +410,29 @@ class Runtime:
             kv_visual_entries=[[int(v.sequence.visual_counts()[b]) for v in views] for b in range(batch)],
             vision_tokens=[counts.tolist() for counts in vision_trace],
             llm_tokens=prefill_tokens,
+            attention_tokens=(
+                [self.session.copies.valid.sum(dim=1).tolist()] * len(views) if self._unmerge else prefill_tokens
+            ),
             projector_tokens=projected,
             prompt_tokens=[prompt_length] * batch,
         )
+
+    # ---- virtual unmerging ---------------------------------------------------------------------
+    def _with_rotary(self, copies: Copies, like: torch.Tensor) -> Copies:
+        copies.cos, copies.sin = self.adapter.rotary(like, copies.rotation)
+        return copies
+
+
+class _UnmergeCore:
+    """The attention core the adapter runs in every LLM layer while virtual unmerging is on."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def active(self) -> bool:
+        session = self.runtime.session
+        return session is not None and session.copies is not None
+
+    def __call__(self, module, queries, keys, values) -> torch.Tensor:
+        session = self.runtime.session
+        return virtual_unmerge_attention(module, queries, keys, values, session.query_copies, session.copies)

@@ -7,7 +7,8 @@ One multiply-add counts as 2 FLOPs. Per layer, with n tokens:
   LLM prefill (Llama, width D, H heads and H_kv key/value heads of size h, gated MLP width F), n tokens:
       4 n D H h (q, o) + 4 n D H_kv h (k, v) + 2 H h n (n + 1) (causal attention: n(n+1)/2 query-key
       pairs, 2 h FLOPs for the score and 2 h for the value, per head) + 6 n D F (gate, up, down);
-      plus 2 D V for the logits of the last token;
+      plus 2 D V for the logits of the last token; under virtual unmerging the attention term
+      counts the m copies the attention runs over (2 H h m (m + 1)) while the rest counts n;
   LLM decode, per generated token, with c cache entries in a layer (the new token included):
       4 D H h + 4 D H_kv h + 4 H h c + 6 D F per layer, plus 2 D V.
 Token merging/matching, attention-row scoring and selection are not counted: they are O(n) to
@@ -74,9 +75,12 @@ def projector_flops(v: VisionShape, t: LLMShape, n: int) -> int:
     return n * (2 * v.width * t.width + 2 * t.width * t.width)
 
 
-def llm_layer_prefill_flops(t: LLMShape, n: int) -> int:
+def llm_layer_prefill_flops(t: LLMShape, n: int, attended: int | None = None) -> int:
+    """n tokens through the layer; `attended` tokens in its attention (more than n under virtual
+    unmerging, whose attention runs over every merged token's copies)."""
+    m = n if attended is None else attended
     projections = 4 * n * t.width * t.heads * t.head_dim + 4 * n * t.width * t.kv_heads * t.head_dim
-    attention = 2 * t.heads * t.head_dim * n * (n + 1)
+    attention = 2 * t.heads * t.head_dim * m * (m + 1)
     return projections + attention + 6 * n * t.width * t.mlp
 
 
@@ -117,9 +121,20 @@ def count(config, stats) -> StageFlops:
         vision_layer_flops(v, n) for layer in stats.vision_tokens for n in layer
     )
     projector = sum(projector_flops(v, t, n) for n in stats.projector_tokens)
-    llm = sum(llm_layer_prefill_flops(t, n) for layer in stats.llm_tokens for n in layer)
+    attended = stats.attention_tokens or stats.llm_tokens
+    llm = sum(
+        llm_layer_prefill_flops(t, n, m)
+        for tokens, attention in zip(stats.llm_tokens, attended)
+        for n, m in zip(tokens, attention)
+    )
     llm += len(stats.prompt_tokens) * logits_flops(t)
-    decode = sum(llm_layer_decode_flops(t, c + 1) for sample in stats.kv_entries for c in sample)
+    # a decode step attends over the cache, or over its copies under virtual unmerging
+    extra = [[m - n for n, m in zip(tokens, attention)] for tokens, attention in zip(stats.llm_tokens, attended)]
+    decode = sum(
+        llm_layer_decode_flops(t, c + extra[layer][sample] + 1)
+        for sample, entries in enumerate(stats.kv_entries)
+        for layer, c in enumerate(entries)
+    )
     decode += len(stats.kv_entries) * logits_flops(t)
     return StageFlops(vision=vision, projector=projector, llm_prefill=llm, decode_per_token=decode)
 

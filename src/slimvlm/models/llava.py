@@ -208,3 +208,42 @@ class LlavaAdapter:
     def cache_layers(cache) -> list:
         """Per LLM layer, the object holding that layer's `keys` and `values` tensors."""
         return list(cache.layers)
+
+    # ---- an attention core of slimvlm's own (VTU) -------------------------------------------
+    def rotary(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's (cos, sin) for position ids (B, L); they compose (R_a R_b = R_{a+b}) only for
+        plain rotations, so scaled rotary variants are refused."""
+        rotary = self.language_model.rotary_emb
+        if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+            raise SlimVLMError("this LM's rotary embedding is scaled (e.g. YaRN); virtual unmerging needs plain RoPE")
+        return rotary(like, position_ids=positions)
+
+    def override_attention(self, layer: int, core) -> callable:
+        """Run LLM layer `layer`'s attention with `core(module, q, k, v, mask) -> (B, L, H, d)`
+        in place of its attention function (projections, RoPE and the KV cache stay the model's).
+        core returns None to let the layer run as usual. Returns the function that undoes it."""
+        attn = self.llm_layers[layer].self_attn
+        original = attn.forward
+
+        def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+            if not core.active():
+                return original(hidden_states, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+            input_shape = hidden_states.shape[:-1]
+            hidden_shape = (*input_shape, -1, attn.head_dim)
+            queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            queries = self.rotate(queries, position_embeddings)
+            keys = self.rotate(keys, position_embeddings)
+            if past_key_values is not None:
+                keys, values = past_key_values.update(keys, values, attn.layer_idx)
+            output = core(attn, queries, keys, values)
+            return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), None
+
+        attn.forward = forward
+
+        def undo() -> None:
+            del attn.forward
+
+        return undo
