@@ -54,6 +54,19 @@ def test_parse_methods():
     assert parse_methods("none,tome:r=8,fastv:k=2,ratio=0.5,tome:r=4+fastv") == [
         ["none"], ["tome:r=8"], ["fastv:k=2,ratio=0.5"], ["tome:r=4", "fastv"]
     ]
+    # a preset's options follow ':' (this once cost a GPU run: the bench now checks every spec first)
+    assert parse_methods("mustdrop-64,output_cache=false") == [["mustdrop-64:output_cache=false"]]
+
+
+def test_bench_refuses_a_bad_spec_before_running_any(tiny):
+    import pytest
+
+    from slimvlm import SlimVLMError
+    from slimvlm.bench.run import run_bench
+
+    model, _ = tiny
+    with pytest.raises(SlimVLMError, match="unknown method"):
+        run_bench(model, [["none"], ["nonsense"]], progress=False)
 
 
 def test_bench_cli_on_tiny_model(tiny_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..api import apply
+from ..registry import build, check_compatible
 from . import flops as flops_mod
 from .timing import median_ms, peak_memory_bytes
 
@@ -38,7 +39,7 @@ def parse_methods(text: str) -> list[list[str]]:
     runs: list[str] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" in part and ":" not in part and runs:
-            runs[-1] += "," + part
+            runs[-1] += ("," if ":" in runs[-1] else ":") + part  # a preset's first option follows ':'
         else:
             runs.append(part)
     return [run.split("+") for run in runs]
@@ -130,6 +131,8 @@ def run_bench(
     untouched model ('none') is always measured first, as the reference of flops_ratio."""
     from tqdm.auto import tqdm
 
+    for specs in methods:  # refuse a bad spec before spending time on the others
+        check_compatible([build(spec) for spec in specs])
     if ["none"] not in methods:
         methods = [["none"]] + methods
     else:
