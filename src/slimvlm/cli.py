@@ -78,6 +78,34 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(model, processor, args.samples, Path(args.out), batch_size=args.batch_size)
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from .calibrate import ImageFolder, calibrate_dymu, summary, calibration_scenes, token_counts
+    from .models.loading import load_model, resolve_device
+
+    if args.method != "dymu":
+        raise SlimVLMError(
+            f"calibrate makes thresholds for --method dymu only; {args.method!r} needs no calibration (give its options directly)"
+        )
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SlimVLMError(f"{flag}={value} must be at least 1")
+    model, processor = load_model(args.model, resolve_device(args.device), args.dtype)
+    if processor is None:
+        raise SlimVLMError(f"{args.model} has no image processor; calibrate needs a model folder with its processor, or 'testbed'")
+    images = calibration_scenes(args.num_images) if args.images == "testbed" else ImageFolder(args.images, args.num_images)
+    thresholds = calibrate_dymu(model, images, args.target, batch_size=args.batch_size, processor=processor)
+    if isinstance(images, ImageFolder) and images.skipped:
+        print(f"skipped {images.skipped} files PIL cannot read")
+    thresholds.save(args.out)
+    print(f"dymu thresholds for target {args.target} patch tokens per image from {thresholds.images} images "
+          f"(r per layer: {thresholds.schedule}):")
+    print("  " + " ".join(f"{t:.4f}" for t in thresholds.thresholds))
+    if args.check:
+        counts = token_counts(model, thresholds, images, batch_size=args.batch_size, processor=processor)
+        print(f"on these images they keep {summary(counts)} patch tokens per image")
+    print(f"wrote {args.out}; use it with 'dymu:thresholds={args.out}'")
+
+
 def _methods(_args: argparse.Namespace) -> None:
     from .registry import PRESETS, methods
 
@@ -132,6 +160,20 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="reports/demo")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
+
+    calibrate = sub.add_parser("calibrate", help="find DyMU's per-layer merge thresholds for a target token count")
+    calibrate.add_argument("--model", default="testbed", help="local model folder (with its processor) or 'testbed'")
+    calibrate.add_argument("--method", default="dymu", help="the method to calibrate (only dymu needs it)")
+    calibrate.add_argument("--target", type=int, required=True,
+                           help="average patch tokens per image after the encoder (CLS excluded), e.g. 89, 195, 394")
+    calibrate.add_argument("--images", default="testbed", help="a folder of images (any PIL-readable files) or 'testbed'")
+    calibrate.add_argument("--num-images", type=int, default=256, help="use at most this many images")
+    calibrate.add_argument("--batch-size", type=int, default=16, help="images whose merges are ranked together")
+    calibrate.add_argument("--out", required=True, help="the JSON file to write")
+    calibrate.add_argument("--check", action="store_true", help="then report the tokens the thresholds keep on the same images")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--dtype", default="float32")
+    calibrate.set_defaults(run=_calibrate)
 
     listing = sub.add_parser("methods", help="list methods, their stages and options")
     listing.set_defaults(run=_methods)

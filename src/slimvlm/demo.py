@@ -36,6 +36,8 @@ def budget_specs(model, budget: int) -> dict[str, Spec]:
         "divprune": f"divprune:budget={budget}",
         # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
         "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
+        # its thresholds come from `slimvlm calibrate`, a file the demo does not have: skipped
+        "dymu": None,
     }
     missing = set(methods()) - set(specs) - {"none"}
     if missing:

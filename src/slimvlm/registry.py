@@ -30,6 +30,11 @@ PRESETS: dict[str, str] = {
     "mustdrop-64": "mustdrop:global_thr=0.011,individual_thr=0.01",
     "mustdrop-128": "mustdrop:global_thr=0.0012,individual_thr=0.001",
     "mustdrop-192": "mustdrop:global_thr=0.001,individual_thr=0.001",
+    # DyMU's average tokens per image on LLaVA-1.5 (paper Table 2: 89+-27, 195+-47, 394+-57 of 576); the
+    # thresholds come from `slimvlm calibrate --method dymu --target N`, passed as thresholds=FILE
+    "dymu-low": "dymu:target=89",
+    "dymu-mid": "dymu:target=195",
+    "dymu-high": "dymu:target=394",
 }
 
 

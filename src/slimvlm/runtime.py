@@ -100,6 +100,7 @@ class Runtime:
         self._hooks = HookSet()
         for method in methods:
             method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+            method.check_identity(model)
         self._decode_methods = self._by_stage[Stage.DECODE]
         self._unmerge = any(getattr(m, "virtual_unmerge", False) for m in methods)
         self._undo: list = []

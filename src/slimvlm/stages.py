@@ -137,6 +137,9 @@ class Method:
         that entered the LLM (sequence.image and sequence.token index them)."""
         return None
 
+    def check_identity(self, model) -> None:
+        """Refuse a model other than the one the method's files (e.g. calibrated thresholds) were made for."""
+
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         """Refuse settings the model cannot honour (a layer it lacks, a budget over its tokens)."""
 

@@ -1,0 +1,147 @@
+"""DyMU's dynamic token merging, DToMe (Wang et al., "DyMU: Dynamic Merging and Virtual Unmerging
+for Efficient VLMs", arXiv 2504.17040), in the vision encoder (stage 1).
+
+ToMe with a threshold instead of a fixed r. In every encoder layer l, after attention and before
+the MLP, the tokens are split alternately into A (even) and B (odd), each A token finds its most
+similar B token by the cosine similarity of the layer's keys averaged over heads, and EVERY A token
+whose best similarity is strictly greater than the layer's threshold tau_l merges into its B
+partner (size-weighted mean, proportional attention on). The class token never merges; padding
+never takes part. Simple images have many near-duplicate patches and keep few tokens, busy images
+keep many: the count varies per image (VisualTokens pads the batch).
+
+The thresholds come from a calibration pass (`slimvlm calibrate`, see slimvlm.calibrate): for a
+target average of `target` tokens, layer l merges r_l tokens per image on average (the authors'
+constant schedule, r_total = tokens - target split evenly over the layers run); on batches of
+images it ranks the A tokens of the WHOLE batch, merges the top B * r_l and takes as tau_l the
+similarity of the first edge not merged (at least 0), averaged over batches. The authors' code
+(MikeWangWZHL/dymu, src/open_clip/tome.py `batch_level_bipartite_soft_matching`,
+src/open_clip_train/threshold_finder.py) does exactly this, with a running mean over batches and a
+strict '>' at inference.
+
+Presets (paper, Table 2, LLaVA-1.5-7B with CLIP ViT-L/14-336, 576 patch tokens): DyMU-low keeps
+89 +- 27 tokens on average, DyMU-mid 195 +- 47, DyMU-high 394 +- 57. The authors calibrate them as
+open_clip configs "ViT-L-14-336-tome-{72,192,384}out": r_total = 504 / 384 / 192 over all 24
+CLIP layers, constant schedule 21 / 16 / 8 per layer (ViT-L-14-336-tome-72out.json: r_total 504,
+r_schedule constant); LLaVA reads layer 23, so the nominal counts are 576 - 23 r = 93 / 208 / 392
+patches (the paper's ToMe rows at the same r: 94 / 209 / 393 tokens). Our presets name the paper's
+measured averages, target = 89 / 195 / 394, and `slimvlm calibrate` spreads 576 - target over the
+layers slimvlm runs (23 for LLaVA-1.5), which gives the same per-layer r within one token.
+
+`target` counts the patch tokens that leave the last encoder layer run, the class token excluded:
+for LLaVA-1.5 ('default' feature selection) exactly the visual tokens the LLM sees.
+
+VTU (virtual token unmerging, the paper's second half) runs in the LLM at prefill; with vtu=true
+(the default) this method asks the runtime for it (`virtual_unmerge`), with vtu=false the merged
+tokens go to the LLM as they are.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..errors import SlimVLMError
+from ..registry import register
+from ..stages import EncoderAttention, Method, Stage
+from ..tokens import VisualTokens
+
+
+def best_partners(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite split, every edge scored: metric (B, N, C) per-token features, valid (B, N)
+    real tokens, protect (B, N) tokens that never merge away. Returns, per A token (even index),
+    its best cosine similarity to a valid B token (odd index), -inf for protected or padding A
+    tokens, and that B partner's position among the B tokens: (best (B, NA), partner (B, NA))."""
+    metric = metric.float()  # thresholds near 1 need more than bfloat16's 3 digits
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = (a @ b.transpose(-1, -2)).clamp(-1.0, 1.0)  # rounding can push a cosine past 1
+    scores = scores.masked_fill(~valid[:, None, 1::2], float("-inf"))
+    best, partner = scores.max(dim=-1)
+    best = best.masked_fill(protect[:, ::2] | ~valid[:, ::2], float("-inf"))
+    return best, partner
+
+
+def merge_assign(merge: torch.Tensor, partner: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-edge decisions -> a token -> group assignment for VisualTokens.regroup: merge (B, NA) True
+    where A token 2i joins its B partner 2 * partner[i] + 1; every other token keeps its index."""
+    batch = merge.shape[0]
+    assign = torch.arange(n, device=merge.device).expand(batch, n).clone()
+    a_index = 2 * torch.arange(merge.shape[1], device=merge.device).expand(batch, -1)
+    target = torch.where(merge, 2 * partner + 1, a_index)
+    assign[:, ::2] = target
+    return assign
+
+
+def threshold_merge(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor, threshold: float) -> torch.Tensor:
+    """DToMe at inference: every A token whose best similarity is strictly greater than `threshold`
+    merges into its B partner. Returns the assignment (B, N)."""
+    if metric.shape[1] < 2:
+        return torch.arange(metric.shape[1], device=metric.device).expand(metric.shape[0], -1).clone()
+    best, partner = best_partners(metric, valid, protect)
+    return merge_assign(best > threshold, partner, metric.shape[1])
+
+
+@register
+class DyMU(Method):
+    name = "dymu"
+    description = (
+        "DyMU: dynamic token merging by calibrated per-layer thresholds, tokens vary per image, "
+        "+ virtual unmerging in the LLM unless vtu=false (Wang et al. 2025)"
+    )
+    # the defaults (vtu=true) act at both stages; an instance sets its own from `vtu`
+    stages = frozenset({Stage.ENCODE, Stage.PREFILL})
+    proportional_attention = True
+    virtual_unmerge: ClassVar[bool] = False
+
+    def __init__(self, thresholds: str | None = None, target: int | None = None, vtu: bool = True) -> None:
+        """thresholds: a JSON file written by `slimvlm calibrate` (or a Thresholds object); target: the
+        average patch tokens per image it must have been calibrated for (presets set it); vtu:
+        virtual token unmerging in the LLM at prefill."""
+        from ..calibrate import Thresholds  # calibrate imports this module
+
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 1):
+            raise SlimVLMError(f"dymu: target={target!r} must be a whole number of tokens >= 1 (the average kept per image)")
+        if not isinstance(vtu, bool):
+            raise SlimVLMError(f"dymu: vtu={vtu!r} must be true or false")
+        self.target = target
+        self.vtu = vtu
+        self.stages = frozenset({Stage.ENCODE, Stage.PREFILL}) if vtu else frozenset({Stage.ENCODE})
+        self.virtual_unmerge = vtu
+        if thresholds is None or thresholds == "":
+            wanted = f"the target of {target} tokens" if target is not None else "a target N"
+            raise SlimVLMError(
+                f"dymu needs per-layer thresholds calibrated for {wanted}: run "
+                f"`slimvlm calibrate --model PATH --method dymu --target {target if target is not None else 'N'} "
+                "--images DIR --out FILE.json` first, then pass thresholds=FILE (e.g. 'dymu:thresholds=FILE.json')"
+            )
+        if isinstance(thresholds, Thresholds):
+            calibration = thresholds
+            self.thresholds = calibration.source or "<in memory>"
+        else:
+            calibration = Thresholds.load(str(thresholds))  # a spec may hand a name like '123' over as a number
+            self.thresholds = str(thresholds)
+        if target is not None and calibration.target != target:
+            raise SlimVLMError(
+                f"dymu: the thresholds in {self.thresholds} were calibrated for target={calibration.target} tokens, "
+                f"but target={target} was asked for; calibrate with --target {target} or give the matching file"
+            )
+        self.calibration = calibration
+        self.taus = [float(t) for t in calibration.thresholds]
+
+    def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        self.calibration.check_shape(num_vision_layers, tokens_per_image)
+
+    def check_identity(self, model) -> None:
+        """The full check: the file was made for this model's vision tower (config hash, feature layer
+        and selection). check_model sees only the layer count and tokens per image."""
+        self.calibration.check(model)
+
+    def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        self.calibration.check_encoder(attention, tokens)
+        metric = attention.keys.mean(dim=1)
+        assign = threshold_merge(metric, tokens.valid, tokens.is_cls, self.taus[attention.layer])
+        if bool((assign == torch.arange(assign.shape[1], device=assign.device)).all()):
+            return tokens
+        return tokens.regroup(assign, tokens.x.shape[1])
+
