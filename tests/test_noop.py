@@ -15,6 +15,9 @@ KEEP_ALL = [
     "tome:r=0",
     "fastv:k=2,ratio=0.0001",  # rounds to 0 dropped: exercises the stage-3 masks and views
     ["tome:r=0", "fastv:k=1,ratio=0.0001"],
+    "mustdrop:lsm=false,important=false,filter=false,output_cache=false",
+    # every MustDrop part active with thresholds that keep every token: stage-1, -3 and -4 paths
+    "mustdrop:threshold=1,global_thr=0,individual_thr=0,layers=0;1;2",
 ]
 
 

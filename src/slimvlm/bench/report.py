@@ -29,15 +29,7 @@ def plot_accuracy_vs_tokens(results: list[MethodResult], path: Path) -> Path:
     for name, points in sorted(lines.items()):
         points.sort()
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    axes.set_xlabel("visual tokens per LLM layer (mean)")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title("Accuracy against visual tokens")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axes, path, "visual tokens per LLM layer (mean)", "accuracy (%)", "Accuracy against visual tokens")
 
 
 def plot_tokens_vs_complexity(results: list[MethodResult], path: Path) -> Path | None:
@@ -50,9 +42,13 @@ def plot_tokens_vs_complexity(results: list[MethodResult], path: Path) -> Path |
     for result in varying:
         points = [(r.complexity, r.visual_tokens) for r in result.records if r.complexity is not None]
         axes.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.6, label=result.method)
-    axes.set_xlabel("scene complexity")
-    axes.set_ylabel("visual tokens reaching the LLM")
-    axes.set_title("Token count against image complexity")
+    return _save(figure, axes, path, "scene complexity", "visual tokens reaching the LLM", "Token count against image complexity")
+
+
+def _save(figure, axes, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
