@@ -36,4 +36,18 @@ def test_demo_writes_report(tiny, tiny_dir, tmp_path):
     assert skipped == {"dymu"}  # needs a calibration file the demo does not have
     assert len(summary) == 1 + len(BUDGETS) * (len(methods()) - 1 - len(skipped))
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 10_000
+    assert (out / "merges.png").stat().st_size > 10_000
     assert "accuracy_vs_tokens.png" in (out / "README.md").read_text()
+
+
+def test_outline_marks_token_borders_and_dropped_patches():
+    from PIL import Image
+
+    from slimvlm.bench.report import outline_merges
+
+    image = Image.new("RGB", (4, 4), (100, 100, 100))
+    # 2x2 grid of 2x2-pixel patches: the top two patches form one token, bottom-left dropped
+    pixels = outline_merges(image, [0, 0, -1, 1], (2, 2))
+    assert pixels[0, 1].tolist() == [100, 100, 100]  # no border inside the merged token
+    assert pixels[1, 0].tolist() == [255, 0, 255]  # border between the top token and what lies below
+    assert pixels[2, 0].tolist() == [25, 25, 25]  # dropped: darkened

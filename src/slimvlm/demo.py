@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .bench.evaluate import MethodResult, evaluate, format_table, from_sample, write_json
-from .bench.report import plot_accuracy_vs_tokens, plot_tokens_vs_complexity
+from .bench.report import plot_accuracy_vs_tokens, plot_source_maps, plot_tokens_vs_complexity
 from .models import adapter_for
 from .registry import methods
 
@@ -45,6 +45,24 @@ def budget_specs(model, budget: int) -> dict[str, Spec]:
     return specs
 
 
+def source_maps(model, processor, item, path: Path) -> Path:
+    """The first held-out image under each method at the small budget: what each token covers."""
+    import torch
+
+    from .api import apply
+    from .testbed.build import format_prompt
+
+    inputs = processor(images=[item.image], text=[format_prompt(item.question)], return_tensors="pt").to(model.device)
+    maps = {}
+    for name, spec in budget_specs(model, BUDGETS[0]).items():
+        if spec is None or name in ("fastv", "vtu"):  # stage-3 methods leave the source map as it is
+            continue
+        with apply(model, spec) as handle, torch.no_grad():
+            model(**inputs)
+            maps[spec if isinstance(spec, str) else "+".join(spec)] = handle.stats.sources[0]
+    return plot_source_maps(item.image, maps, adapter_for(model).grid, path)
+
+
 def run_demo(model, processor, samples: int, out: Path, batch_size: int = 16, seed: int = 0) -> list[MethodResult]:
     from .testbed.scenes import make_samples
 
@@ -59,6 +77,7 @@ def run_demo(model, processor, samples: int, out: Path, batch_size: int = 16, se
     varying = plot_tokens_vs_complexity(results, out / "tokens_vs_complexity.png")
     if varying:
         plots.append(varying)
+    plots.append(source_maps(model, processor, items[0], out / "merges.png"))
     (out / "README.md").write_text(
         f"# slimvlm demo\n\n{samples} held-out testbed scenes (seed {seed}), budgets {BUDGETS}.\n\n"
         f"```\n{table}\n```\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"

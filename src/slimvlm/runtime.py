@@ -31,9 +31,11 @@ class Stats:
     llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens: the same for the
     tokens each layer's attention runs over (more than llm_tokens under virtual unmerging). projector_tokens: per image, tokens
     through the projector. prompt_tokens: per sample, the
-    untouched prompt's length."""
+    untouched prompt's length. sources: per image, for each patch (raster order) the visual token it
+    ended in (-1 if dropped): the source map, for visualising merges."""
 
     visual_tokens: list[int] = field(default_factory=list)
+    sources: list[list[int]] = field(default_factory=list)
     kv_entries: list[list[int]] = field(default_factory=list)
     kv_visual_entries: list[list[int]] = field(default_factory=list)
     vision_tokens: list[list[int]] = field(default_factory=list)
@@ -407,6 +409,7 @@ class Runtime:
         batch = len(prefill_tokens[0])
         self.stats = Stats(
             visual_tokens=tokens.counts.tolist(),
+            sources=tokens.patch_to_token.tolist(),
             kv_entries=[[int(v.sequence.valid[b].sum()) for v in views] for b in range(batch)],
             kv_visual_entries=[[int(v.sequence.visual_counts()[b]) for v in views] for b in range(batch)],
             vision_tokens=[counts.tolist() for counts in vision_trace],

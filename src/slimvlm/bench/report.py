@@ -55,3 +55,43 @@ def _save(figure, axes, path: Path, xlabel: str, ylabel: str, title: str) -> Pat
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def outline_merges(image, sources: list[int], grid: tuple[int, int]):
+    """The image with each visual token's region outlined (from the source map: patch -> token)
+    and dropped patches darkened, as an RGB array."""
+    import numpy as np
+
+    rows, cols = grid
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    height, width = pixels.shape[:2]
+    ph, pw = height // rows, width // cols
+    token = np.asarray(sources).reshape(rows, cols)
+    for r in range(rows):
+        for c in range(cols):
+            block = pixels[r * ph : (r + 1) * ph, c * pw : (c + 1) * pw]
+            if token[r, c] < 0:
+                block *= 0.25
+                continue
+            if c + 1 < cols and token[r, c + 1] != token[r, c]:
+                block[:, -1] = (255, 0, 255)
+            if r + 1 < rows and token[r + 1, c] != token[r, c]:
+                block[-1, :] = (255, 0, 255)
+    return pixels.astype("uint8")
+
+
+def plot_source_maps(image, maps: dict[str, list[int]], grid: tuple[int, int], path: Path) -> Path:
+    """One panel per method: which patches each visual token covers (outlines) and which were dropped."""
+    columns = min(4, len(maps))
+    rows = -(-len(maps) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, sources) in zip(axes.flat, maps.items()):
+        kept = len({s for s in sources if s >= 0})
+        ax.imshow(outline_merges(image, sources, grid))
+        ax.set_title(f"{name}\n{kept} tokens with patches", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
