@@ -15,6 +15,8 @@ from slimvlm.testbed import build, scenes
 RECORD_KEYS = {"method", "id", "question_type", "complexity", "visual_tokens", "correct", "prediction", "answer"}
 SUMMARY_KEYS = {
     "method",
+    "tokens_complexity_spearman",
+    "tokens_jpeg_spearman",
     "llm_visual_tokens_mean",
     "prefill_flops",
     "flops_ratio",
@@ -272,3 +274,13 @@ def test_evaluate_rejects_bad_arguments(tiny, items):
     with pytest.raises(ValueError, match="no items"):
         E.evaluate(model, processor, [], "none", progress=False)
     _assert_restored(model)
+
+
+def test_spearman_hand_values():
+    from slimvlm.bench.evaluate import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert spearman([5, 5, 5], [1, 2, 3]) is None
+    # ties share a rank: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3) -> r = 0.75 / sqrt(0.5 * 2) = 0.866...
+    assert abs(spearman([1, 1, 2], [1, 2, 3]) - 0.8660254) < 1e-6

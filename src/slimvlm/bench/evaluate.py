@@ -9,6 +9,7 @@ so that tables, plots and FLOPs estimates can be made later without re-running t
 from __future__ import annotations
 
 import copy
+import io
 import json
 import string
 import unicodedata
@@ -181,6 +182,7 @@ class MethodResult:
     records: list[Record]
     stats: list = field(default_factory=list)  # list[Stats], one per batch, in order
     config: Any = None  # the model's config, for the FLOPs count
+    jpeg_bytes: list[int] = field(default_factory=list)  # per record: the image's JPEG size, a complexity proxy
 
     def _require_records(self) -> None:
         if not self.records:
@@ -255,11 +257,53 @@ class MethodResult:
             "llm_visual_tokens_mean": self.llm_visual_tokens_mean,
             "prefill_flops": self.prefill_flops,
             "flops_ratio": self.flops_ratio(baseline),
+            "tokens_complexity_spearman": self.token_correlation([r.complexity for r in self.records]),
+            "tokens_jpeg_spearman": self.token_correlation(self.jpeg_bytes),
             "samples": len(self.records),
         }
 
+    def token_correlation(self, values: Sequence[float | None]) -> float | None:
+        """Spearman correlation of per-image token counts with `values` (complexity, JPEG bytes):
+        does the count follow the image? None when counts are constant or values are missing."""
+        if len(values) != len(self.records) or any(v is None for v in values):
+            return None
+        return spearman([r.visual_tokens for r in self.records], list(values))
+
 
 # -------------------------------------------------------------------------- evaluation
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on tie-averaged ranks); None if either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
+
+
+def jpeg_bytes(image: PIL.Image.Image, quality: int = 75) -> int:
+    """Size of the image as a JPEG: DyMU's proxy for how much an image holds."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.tell()
 
 
 def _label(method: str | Sequence[str]) -> str:
@@ -328,6 +372,7 @@ def evaluate(
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             predictions = processor.batch_decode(new_tokens, skip_special_tokens=True)
             for item, prediction, tokens in zip(batch, predictions, stats.visual_tokens):
+                result.jpeg_bytes.append(jpeg_bytes(item.image))
                 prediction = prediction.strip()
                 result.records.append(
                     Record(
