@@ -207,23 +207,6 @@ class Thresholds:
                 f"{tokens_per_image}: they were made for another model; calibrate for this one (--target {self.target})"
             )
 
-    def check_encoder(self, attention: EncoderAttention, tokens: VisualTokens) -> None:
-        """Per encoder layer, the facts a stage-1 hook sees: layers, heads, width and patch grid."""
-        heads = attention.keys.shape[1]
-        side = self.identity.get("image_size", 0) // max(1, self.identity.get("patch_size", 1))
-        if (
-            attention.num_layers != len(self.thresholds)
-            or heads != self.identity.get("num_attention_heads")
-            or tokens.x.shape[-1] != self.identity.get("hidden_size")
-            or tuple(tokens.grid) != (side, side)
-        ):
-            raise SlimVLMError(
-                f"{self._where()} were calibrated for another vision tower ({len(self.thresholds)} layers, "
-                f"{self.identity.get('num_attention_heads')} heads, width {self.identity.get('hidden_size')}, {side}x{side} patches; "
-                f"this one: {attention.num_layers} layers, {heads} heads, width {tokens.x.shape[-1]}, "
-                f"{tokens.grid[0]}x{tokens.grid[1]} patches); calibrate for this model (--target {self.target})"
-            )
-
 
 class BatchLevelMerge(Method):
     """The calibration pass at layer l: merge the top B * r_l edges of the whole batch and record

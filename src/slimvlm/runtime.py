@@ -25,14 +25,16 @@ from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge
 
 @dataclass
 class Stats:
-    """What the last forward/generate did. visual_tokens: per image, tokens that reached the LLM.
-    kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill
-    (all / visual). vision_tokens: per vision layer run, per image, tokens at its input.
-    llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens: the same for the
-    tokens each layer's attention runs over (more than llm_tokens under virtual unmerging). projector_tokens: per image, tokens
-    through the projector. prompt_tokens: per sample, the
-    untouched prompt's length. sources: per image, for each patch (raster order) the visual token it
-    ended in (-1 if dropped): the source map, for visualising merges."""
+    """What the last forward/generate did.
+
+    visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
+    (raster order) the visual token it ended in, -1 if dropped (the source map).
+    kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
+    visual). vision_tokens: per vision layer run, per image, tokens at its input. llm_tokens: per
+    LLM layer, per sample, tokens in prefill. attention_tokens: the same for the tokens each
+    layer's attention runs over (more than llm_tokens under virtual unmerging). projector_tokens:
+    per image, tokens through the projector. prompt_tokens: per sample, the untouched prompt's length.
+    """
 
     visual_tokens: list[int] = field(default_factory=list)
     sources: list[list[int]] = field(default_factory=list)
@@ -63,7 +65,6 @@ class Session:
 
     cache: object
     prompt_length: int
-    prefill_length: int
     next_position: torch.Tensor
     layer_views: list[View]
     tokens: object = None  # the VisualTokens that entered the LLM
@@ -228,7 +229,6 @@ class Runtime:
         self.session = Session(
             cache=cache if use_cache else None,
             prompt_length=input_ids.shape[1],
-            prefill_length=valid.shape[1],
             next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
             layer_views=[base] * len(adapter.llm_layers),
             tokens=tokens,

@@ -138,7 +138,6 @@ class DyMU(Method):
         self.calibration.check(model)
 
     def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
-        self.calibration.check_encoder(attention, tokens)
         metric = attention.keys.mean(dim=1)
         assign = threshold_merge(metric, tokens.valid, tokens.is_cls, self.taus[attention.layer])
         if bool((assign == torch.arange(assign.shape[1], device=assign.device)).all()):
