@@ -54,7 +54,8 @@ def apply(
     method: a name or preset ("fastv", "fastv-k2-r50"), a spec with options ("tome:r=8"), a Method
     instance, or a list of these (one per stage). options: extra options of a single method.
     keep_positions: visual tokens keep the rotary positions of the patches they cover instead of
-    being renumbered without gaps.
+    being renumbered without gaps (virtual unmerging always keeps them: it rebuilds the full
+    sequence's positions).
     """
     if getattr(model, _ATTRIBUTE, None) is not None:
         raise SlimVLMError("slimvlm is already applied to this model; call handle.remove() first")
