@@ -416,21 +416,25 @@ def _name(o: SceneObject) -> str:
     return f"{o.color} {o.shape}"
 
 
+def _unique_by(scene: Scene, attribute: str) -> list[SceneObject]:
+    """Objects that their `attribute` alone names ('the circle' when only one is a circle)."""
+    values = [getattr(o, attribute) for o in scene.objects]
+    return [o for o, value in zip(scene.objects, values) if values.count(value) == 1]
+
+
 def _ask_color(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    shapes = [o.shape for o in scene.objects]
-    cands = [o for o in scene.objects if shapes.count(o.shape) == 1]
-    if not cands:
+    candidates = _unique_by(scene, "shape")
+    if not candidates:
         return None
-    o = rng.choice(cands)
+    o = rng.choice(candidates)
     return f"what color is the {o.shape}?", o.color
 
 
 def _ask_shape(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    colors = [o.color for o in scene.objects]
-    cands = [o for o in scene.objects if colors.count(o.color) == 1]
-    if not cands:
+    candidates = _unique_by(scene, "color")
+    if not candidates:
         return None
-    o = rng.choice(cands)
+    o = rng.choice(candidates)
     return f"what shape is the {o.color} object?", o.shape
 
 
