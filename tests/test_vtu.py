@@ -90,3 +90,13 @@ def test_vtu_refuses_a_cache_editing_method(fresh):
     model, _ = fresh
     with pytest.raises(slimvlm.SlimVLMError, match="virtual unmerging cannot be combined"):
         slimvlm.apply(model, ["vtu", "mustdrop:lsm=false,important=false,filter=false,output_cache=true,cache_keep=final"])
+
+
+def test_a_token_without_patches_stays_one_token(fresh):
+    """VisionZip passes the class token on; it covers no patch, so VTU keeps it as itself."""
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    with torch.no_grad(), slimvlm.apply(model, ["visionzip", "vtu"]) as handle:
+        model(**inputs)
+        # 53 dominant patches + 10 contextual tokens cover 576 patches; the class token adds one
+        assert handle.stats.attention_tokens[0] == [inputs["attention_mask"].sum().item() + 1]

@@ -71,6 +71,8 @@ def unmerged_copies(sequence: Sequence, tokens: VisualTokens) -> Copies:
                 continue
             image, token = int(sequence.image[b, i]), int(sequence.token[b, i])
             patches = (tokens.patch_to_token[image] == token).nonzero().squeeze(1)
+            if len(patches) == 0:  # a token that covers no patch (the class token) stays one token
+                patches = tokens.origin[image, token].view(1)
             source.append(torch.full_like(patches, i))
             rotation.append(patches - tokens.origin[image, token])
         source, rotation = torch.cat(source), torch.cat(rotation)
