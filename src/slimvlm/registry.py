@@ -64,7 +64,7 @@ def methods() -> dict[str, dict[str, Any]]:
     for name, cls in sorted(_METHODS.items()):
         out[name] = {
             "description": cls.description,
-            "stages": sorted(stage.name.lower() for stage in cls.stages),
+            "stages": [stage.name.lower() for stage in sorted(cls.stages)],
             "options": {p: param.default for p, param in _option_parameters(cls).items()},
         }
     return out
