@@ -206,7 +206,7 @@ def test_presets_and_listing():
         assert method.window == 3 and method.threshold == 0.8 and method.important_ratio == 0.08
     assert "mustdrop-64" in PRESETS
     listing = slimvlm.methods()["mustdrop"]
-    assert listing["stages"] == ["decode", "encode", "prefill"]
+    assert listing["stages"] == ["encode", "prefill", "decode"]
     assert listing["options"]["layers"] == "2;6;10;14"
     assert parse_layers("14;2,6 10") == (2, 6, 10, 14) and parse_layers(3) == (3,)
     assert repr(build("mustdrop:layers=0;2")).count("layers=0;2") == 1

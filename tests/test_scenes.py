@@ -78,8 +78,8 @@ def test_splits_disjoint() -> None:
     # The split is encoded in the scene-seed parity, for any seed and index.
     for seed in (0, 1, 12345):
         for k in (0, 1, 999):
-            assert S._scene_seed(seed, "train", k) % 2 == 0
-            assert S._scene_seed(seed, "test", k) % 2 == 1
+            assert S.scene_seed(seed, "train", k) % 2 == 0
+            assert S.scene_seed(seed, "test", k) % 2 == 1
 
 
 # --------------------------------------------------------- answers on hand-built scenes
@@ -243,7 +243,7 @@ def test_objects_and_words_do_not_overlap_and_fit() -> None:
     for seed in range(60):
         scene = make_scene(seed, complexity=1.0)
         boxes = [o.bbox for o in scene.objects]
-        boxes += [S._word_bbox(w, fs, *c) for (w, c), fs in zip(scene.words, scene.word_sizes)]
+        boxes += [S.word_bbox(w, fs, *c) for (w, c), fs in zip(scene.words, scene.word_sizes)]
         for b in boxes:
             assert 0 <= b[0] and 0 <= b[1] and b[2] <= IMAGE_SIZE and b[3] <= IMAGE_SIZE
         for i, a in enumerate(boxes):

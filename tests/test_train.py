@@ -66,7 +66,7 @@ def test_collation_matches_processor(processor, batch_and_records):
 def test_records_are_train_scenes_with_matching_images_and_aux(processor):
     ds = T.SceneQADataset(processor, batch_size=8, seed=0, questions_per_scene=2)
     records = ds.records(ds.scene_seeds(1), 8)
-    test_seeds = {S._scene_seed(0, "test", k) for k in range(1000)}
+    test_seeds = {S.scene_seed(0, "test", k) for k in range(1000)}
     for r in records:
         assert r.scene_seed % 2 == 0 and r.scene_seed not in test_seeds
         scene = S.make_scene(r.scene_seed)  # the image is the scene the questions were asked about
@@ -132,13 +132,21 @@ def test_bad_input(tmp_path):
     assert not (tmp_path / "train_log.jsonl").exists()
 
 
-def test_tiny_training_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    out = T.train(
-        out=tmp_path / "model", size="tiny", device="cpu", minutes=5, steps=10, batch_size=4,
-        eval_samples=8, eval_batch_size=4, eval_every=5, workers=0, log_every=1, warmup_steps=2, progress=False,
-    )  # fmt: skip
+TINY_RUN = dict(size="tiny", device="cpu", minutes=5, batch_size=4, eval_samples=8, eval_batch_size=4,
+                workers=0, log_every=1, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 10-step tiny CPU training run (shared: the --init test continues it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        return T.train(out=tmp_path_factory.mktemp("run") / "model", steps=10, eval_every=5, warmup_steps=2, **TINY_RUN)
+
+
+def test_tiny_training_run(tiny_run):
+    out = tiny_run
     lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train_lines = [r for r in lines if r["loss"] is not None]
     assert [r["step"] for r in train_lines] == list(range(1, 11))
@@ -151,16 +159,138 @@ def test_tiny_training_run(tmp_path, monkeypatch):
     evals = [r for r in lines if "accuracy" in r]
     assert [r["step"] for r in evals] == [0, 5, 10] and evals[-1].get("final")
     assert set(evals[-1]["per_type"]) == set(S.QUESTION_TYPES)
+    # the curriculum is on by default: early scenes are simple
+    assert all(r["complexity_cap"] == pytest.approx(T.curriculum_cap(r["step"] - 1, 3000), abs=1e-4) for r in train_lines)
+    assert max(r["scene_complexity"] for r in train_lines) < 0.35
 
     model, proc = B.load(out)
     assert model.config.vision_config.hidden_size == B.TINY_VISION["hidden_size"]
     assert model.dtype == torch.float32
     assert all(k.startswith(("model.", "lm_head.")) for k in model.state_dict())  # no aux head saved
+    assert (out / T.AUX_HEADS_FILE).is_file()  # ... it is kept beside the model, for --init
 
     card = (out / "README.md").read_text()
     assert "| question type |" in card and "**overall**" in card and "python -m slimvlm.testbed.train" in card
+    assert "Curriculum: " in card and "before training (%)" in card
     result = json.loads((out / "eval.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 8 and result["steps"] == 10
+    assert result["chain"]["steps"] == 10 and result["chain"]["samples"] == 40 and len(result["chain"]["runs"]) == 1
+
+
+def test_init_continues_the_chain(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    saved, _ = B.load(tiny_run)
+    seen = []
+    evaluate = T.evaluate
+
+    def spy(model, *args, **kwargs):
+        if not seen:  # the step-0 evaluation: the weights the second run starts from
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return evaluate(model, *args, **kwargs)
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(T, "evaluate", spy)
+    monkeypatch.setattr(T.torch, "compile", failing_compile)  # --compile falls back to eager training
+    out = T.train(out=tmp_path / "next", init=str(tiny_run), steps=3, eval_every=100, compile=True, **TINY_RUN)
+
+    for k, v in saved.state_dict().items():
+        assert torch.equal(seen[0][k], v), k
+    result = json.loads((out / "eval.json").read_text())
+    first = json.loads((tiny_run / "eval.json").read_text())
+    assert result["steps"] == 3 and result["init"] == str(tiny_run)
+    assert result["compile_error"].startswith("RuntimeError: no compiler here")
+    chain = result["chain"]
+    assert chain["steps"] == 13 and chain["samples"] == 52 and len(chain["runs"]) == 2
+    assert chain["curriculum_step"] == 13  # the curriculum went on where the first run left it
+    assert chain["minutes"] == pytest.approx(first["chain"]["minutes"] + result["total_s"] / 60, abs=0.02)
+    assert [r["init"] for r in chain["runs"]] == [None, str(tiny_run)]
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["chain_step"] for r in lines if r["loss"] is not None] == [11, 12, 13]
+    assert lines[0]["accuracy"] == pytest.approx(first["accuracy"])  # starts where the first run ended
+    card = (out / "README.md").read_text()
+    assert "13 steps, 52 samples" in card and "(from scratch)" in card and "at start (init)" in card
+    assert "with their saved aux heads" in card and "warmup 100 steps" in card
+    assert "--init" in card and "--compile" in card  # the command reproduces the continuation
+
+
+def test_init_from_a_folder_without_chain_record(tiny_run, tmp_path, processor):
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_run, legacy)
+    record = json.loads((legacy / "eval.json").read_text())
+    del record["chain"]  # as written before chains were recorded (no curriculum either)
+    (legacy / "eval.json").write_text(json.dumps(record))
+    (legacy / T.AUX_HEADS_FILE).unlink()
+    init = T._load_init(legacy, processor.tokenizer, "tiny")
+    assert init.aux is None
+    assert init.chain["steps"] == 10 and init.chain["samples"] == 40 and len(init.chain["runs"]) == 1
+    assert init.chain["curriculum_step"] == 0  # its training had no curriculum: the ramp starts again
+
+
+def test_init_needs_matching_sizes(tiny_run, tiny_dir, tmp_path):
+    with pytest.raises(SlimVLMError, match=r"does not fit --size testbed \(it is a --size tiny model\).*hidden_size"):
+        T.train(out=tmp_path / "a", init=str(tiny_run), size="testbed", device="cpu", workers=0, progress=False)
+    with pytest.raises(SlimVLMError, match="scene vocabulary"):  # make_tiny's folder: tiny sizes, other words
+        T.train(out=tmp_path / "b", init=str(tiny_dir), size="tiny", device="cpu", workers=0, progress=False)
+    with pytest.raises(SlimVLMError, match="no config.json"):
+        T.train(out=tmp_path / "c", init=str(tmp_path / "missing"), size="tiny", device="cpu")
+    with pytest.raises(SlimVLMError, match="--out must differ"):
+        T.train(out=tiny_run, init=str(tiny_run), size="tiny", device="cpu")
+    assert T.main(["--out", str(tmp_path / "d"), "--init", str(tiny_run), "--device", "cpu"]) == 2
+    assert not any((tmp_path / d / "train_log.jsonl").exists() for d in "abcd")
+
+
+def test_curriculum_cap_ramps():
+    assert T.curriculum_cap(0, 3000) == pytest.approx(0.15)
+    assert T.curriculum_cap(1500, 3000) == pytest.approx(0.575)
+    assert T.curriculum_cap(3000, 3000) == 1.0 and T.curriculum_cap(10**6, 3000) == 1.0
+    assert T.curriculum_cap(0, 0) == 1.0 and T.curriculum_cap(50, 0) == 1.0  # 0 disables
+    caps = [T.curriculum_cap(s, 100) for s in range(0, 120, 10)]
+    assert caps == sorted(caps)
+    draws = [T.scene_complexity(2 * k, 0.3) for k in range(200)]
+    assert all(0.0 <= d <= 0.3 for d in draws) and max(draws) > 0.25 and min(draws) < 0.05
+    assert draws == [T.scene_complexity(2 * k, 0.3) for k in range(200)]  # deterministic
+    assert T.scene_complexity(8, 1.0) is None  # cap 1: exactly the standard scene of the seed
+
+
+def test_curriculum_shapes_generated_scenes(processor):
+    ds = T.SceneQADataset(processor, batch_size=30, seed=0, questions_per_scene=3, curriculum_steps=4)
+    batches = iter(ds)  # in-process: one worker, so its batch k is global step k
+    got = [next(batches) for _ in range(6)]
+    caps = [float(b["complexity_cap"]) for b in got]
+    assert caps == pytest.approx([0.15, 0.3625, 0.575, 0.7875, 1.0, 1.0])
+    early, late = got[0]["complexity"], torch.cat([b["complexity"] for b in got[4:]])
+    assert early.max() < 0.35 and early.mean() < 0.15
+    assert late.mean() > 0.35 and late.max() > 0.7
+    assert all(b["pixels"].shape[0] == 10 for b in got)  # always ceil(30 / 3) scenes
+    assert max(ds.counts) - min(ds.counts) <= 3  # question types stay balanced under the curriculum
+    # a continued chain starts where it left off
+    resumed = T.SceneQADataset(processor, batch_size=30, seed=0, questions_per_scene=3, curriculum_steps=4, step_offset=4)
+    assert float(next(iter(resumed))["complexity_cap"]) == 1.0
+
+
+def test_compile_pads_to_one_width(processor):
+    tok = processor.tokenizer
+    longest = T.max_text_tokens(tok)
+    ds = T.SceneQADataset(processor, batch_size=8, seed=0, questions_per_scene=3)
+    seeds = ds.scene_seeds(0)
+    for _ in range(30):
+        for r in ds.records(seeds, 8):
+            for _, q, a in r.qas:
+                assert len(tok(B.format_training_text(q, a))["input_ids"]) <= longest
+    ds.collate.min_width = longest + ds.collate.n_image_tokens - 1
+    widths = {ds.batch(ds.records(seeds, 8))["input_ids"].shape[1] for _ in range(5)}
+    assert widths == {ds.collate.min_width}
+    command = T.TrainConfig(out="x", init="prev", compile=True, curriculum_steps=0).command()
+    assert "--init prev" in command and "--compile" in command and "--curriculum-steps 0" in command
+    assert "--compile" not in T.TrainConfig(out="x").command()
 
 
 def test_loader_shrinks_to_fit_small_shm(monkeypatch):

@@ -210,7 +210,7 @@ def llava_config(tokenizer: PreTrainedTokenizerFast, vision: dict, text: dict) -
     )
 
 
-def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     """Greedy, stop at eos, pad with pad: no 'pad_token_id not set' warnings."""
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -233,7 +233,7 @@ def make_tiny(folder: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = _generation_config(tokenizer)
+    model.generation_config = generation_config(tokenizer)
     model.save_pretrained(folder)  # transformers 5.x writes safetensors only
     processor.save_pretrained(folder)
     return folder

@@ -174,7 +174,7 @@ def _text_box(word: str, size: int) -> tuple[int, int, int, int]:
     return left, top, right - left, bottom - top
 
 
-def _word_bbox(word: str, size: int, cx: float, cy: float) -> tuple[float, float, float, float]:
+def word_bbox(word: str, size: int, cx: float, cy: float) -> tuple[float, float, float, float]:
     _, _, w, h = _text_box(word, size)
     return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
 
@@ -270,8 +270,9 @@ def _shape_polygon(obj: SceneObject) -> list[tuple[float, float]]:
     raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
-    fill = COLOR_RGB[obj.color]
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int] | int | None = None) -> None:
+    """Draw obj in its colour, or in `fill` (a label map draws the same pixels with a class id)."""
+    fill = COLOR_RGB[obj.color] if fill is None else fill
     x, y, r = obj.x, obj.y, obj.size / 2
     if obj.shape == "circle":
         draw.ellipse((x - r, y - r, x + r - 1, y + r - 1), fill=fill)
@@ -309,7 +310,7 @@ def render(
     draw = ImageDraw.Draw(image)
     _draw_distractors(draw, seed, clutter, lum)
     for obj in objects:
-        _draw_object(draw, obj)
+        draw_object(draw, obj)
     for (word, (cx, cy)), size in zip(words, sizes):
         left, top, w, h = _text_box(word, size)
         x0, y0 = cx - w / 2, cy - h / 2
@@ -332,7 +333,7 @@ def render(
 # -------------------------------------------------------------------------- layout
 
 
-def _layout(
+def layout(
     seed: int, complexity: float | None
 ) -> tuple[list[SceneObject], list[tuple[str, tuple[float, float]]], list[int], float]:
     """Choose objects, words and clutter for a seed; cheap, so samplers can reject before drawing."""
@@ -376,7 +377,7 @@ def _layout(
         for px, py in pos:
             cx = float(round(_GAP + w / 2 + px * (IMAGE_SIZE - 2 * _GAP - w)))
             cy = float(round(_GAP + h / 2 + py * (IMAGE_SIZE - 2 * _GAP - h)))
-            box = _word_bbox(word, fsize, cx, cy)
+            box = word_bbox(word, fsize, cx, cy)
             if all(_disjoint(box, b) for b in boxes):
                 words.append((word, (cx, cy)))
                 word_sizes.append(fsize)
@@ -393,7 +394,7 @@ def make_scene(seed: int, complexity: float | None = None) -> Scene:
     """Scene for ``seed``; complexity drawn uniformly when None, else targeted (more objects, clutter)."""
     _check_seed(seed)
     _check_complexity(complexity)
-    objects, words, word_sizes, clutter = _layout(seed, complexity)
+    objects, words, word_sizes, clutter = layout(seed, complexity)
     return render(objects, words, clutter, seed, word_sizes)
 
 
@@ -552,12 +553,12 @@ def ask(scene: Scene, question_type: str, rng: random.Random) -> tuple[str, str]
 
 # ------------------------------------------------------------------------- samples
 
-_SCENE_BLOCK = 1 << 24  # scenes one make_samples call may draw before seeds could repeat
+SCENE_BLOCK = 1 << 24  # scenes one make_samples call may draw before seeds could repeat
 
 
-def _scene_seed(seed: int, split: str, k: int) -> int:
+def scene_seed(seed: int, split: str, k: int) -> int:
     """Scene seed: parity encodes the split, so train and test never share a scene."""
-    return (seed * _SCENE_BLOCK + k) * 2 + SPLITS.index(split)
+    return (seed * SCENE_BLOCK + k) * 2 + SPLITS.index(split)
 
 
 def make_samples(
@@ -592,11 +593,11 @@ def make_samples(
     for i in range(n):
         qt = question_types[i % len(question_types)]
         for _ in range(10_000):
-            if k >= _SCENE_BLOCK:
+            if k >= SCENE_BLOCK:
                 raise ValueError("too many scenes for one call; split it over several seeds")
-            s = _scene_seed(seed, split, k)
+            s = scene_seed(seed, split, k)
             k += 1
-            objects, words, word_sizes, clutter = _layout(s, complexity)
+            objects, words, word_sizes, clutter = layout(s, complexity)
             stub = Scene(s, None, objects, words, clutter, 0.0, word_sizes)  # type: ignore[arg-type]
             qa = ask(stub, qt, random.Random(s))
             if qa is not None:

@@ -3,7 +3,12 @@
 Usage::
 
     python -m slimvlm.testbed.train --out DIR [--size testbed|tiny] [--minutes 9] [--device cuda]
-        [--batch-size 96] [--lr 1e-3] [--eval-samples 800] [--workers N] [--seed 0] [--steps N]
+        [--batch-size 192] [--lr 1e-3] [--eval-samples 800] [--workers N] [--seed 0] [--steps N]
+        [--curriculum-steps 3000] [--init PREVIOUS_DIR] [--warmup-steps N] [--compile]
+
+    # a chain of short calls: each saves its folder, the next continues from it
+    python -m slimvlm.testbed.train --out run1 --minutes 8.5
+    python -m slimvlm.testbed.train --out run2 --minutes 8.5 --init run1
 
 Everything (CLIP vision tower, projector, Llama decoder) starts from random weights and
 is trained on an endless stream of :mod:`slimvlm.testbed.scenes` samples (train split
@@ -11,21 +16,45 @@ only), with two losses:
 
 * the language-model loss on the answer word and the closing eos (prompt tokens are
   masked with -100), and
-* a CLS auxiliary loss (weight 0.5): a linear head on the vision tower's CLS hidden
-  state at the feature layer (``hidden_states[-2][:, 0]``) predicts, with BCE, which
-  (colour, shape) pairs and which words are in the scene. slimvlm's CLS-attention
-  methods need a CLS token that carries a trained global signal; without this loss
-  the CLS row of a LLaVA tower gets no gradient at all (the "default" feature
-  selection drops it). The head is training-only and is not saved.
+* auxiliary losses (weight 0.5) on the vision tower's feature layer (``hidden_states[-2]``):
+  a linear head on the CLS hidden state predicts, with BCE, which (colour, shape) pairs
+  and which words are in the scene (slimvlm's CLS-attention methods need a CLS token that
+  carries a trained global signal; without this loss the CLS row of a LLaVA tower gets no
+  gradient at all, the "default" feature selection drops it), and a per-patch head
+  predicts what covers each patch (cross-entropy). The heads are training-only: they are
+  not part of the saved model (``aux_heads.safetensors`` beside it keeps them for ``--init``).
 
-Data pipeline (measured ~380 scenes/s per worker on CPU, so 14 workers out-supply one GPU):
+Curriculum (``--curriculum-steps N``, default 3000; 0 disables): a training scene's target
+complexity (see :mod:`slimvlm.testbed.scenes`) is uniform on ``[0, cap]``, the cap rising
+linearly from 0.15 (1-3 objects, little clutter) at global step 0 to 1.0 at step N;
+from then on scenes are drawn exactly like the held-out ones. Evaluation always uses the
+standard held-out set. Each data worker estimates the global step as (batches it has made)
+x (number of workers) + the curriculum steps the ``--init`` chain has done already (its runs
+without a curriculum, e.g. folders trained before it existed, count 0: the ramp restarts).
+
+Continuing (``--init DIR``): the weights of a folder saved by this script (same ``--size``,
+else SlimVLMError) are loaded, together with its aux heads; the optimizer is new, with a
+short warmup (``--warmup-steps``, default 100 with ``--init``) and a fresh cosine over this
+run's budget. ``eval.json`` and the card record the chain: every run's folder, steps,
+samples and minutes, and the totals. Several short calls (e.g. two of 8.5 minutes) thus
+make one long training.
+
+``--compile`` compiles the training loss function (vision tower, projector, decoder,
+heads, forward and backward) with ``torch.compile``; the model object itself stays eager,
+so evaluation's ``generate`` never runs compiled code. Batches then have one shape (a fixed
+number of scenes, always; a fixed padded width under ``--compile``), so it compiles once.
+If compilation fails, the run goes on eagerly (noted in the log, card and eval.json).
+
+Data pipeline (measured ~300 scenes / ~900 samples/s per worker on CPU, so 14 workers out-supply one GPU):
 
 * ``DataLoader`` workers each own a distinct stream of even (train-split) scene seeds
   and yield whole, already collated batches (``batch_size=None``), so the training loop
   does no per-sample Python work.
 * One rendered scene answers ``--questions-per-scene`` (default 3) different questions;
   question types are kept balanced by always asking the least-asked type first (a scene
-  whose layout cannot answer it is skipped *before* rendering, like ``make_samples``).
+  whose layout cannot answer it, or cannot answer its full share of distinct types, is
+  skipped *before* rendering, like ``make_samples``), so every batch has the same number
+  of scenes.
 * Images travel as uint8 HWC (4x less shared memory / H2D traffic than float32) and are
   normalised on the device with the processor's own mean/std: bit-identical to
   ``LlavaProcessor`` output (tested), and ~5-8 ms per image cheaper on the CPU.
@@ -39,7 +68,8 @@ Data pipeline (measured ~380 scenes/s per worker on CPU, so 14 workers out-suppl
   and lets SDPA use its fastest causal kernel.
 
 Schedule (wall-clock driven, no step estimate needed): linear warmup over the first
-300 steps, times a cosine from 1 to 0.1 over the training-progress fraction ``f``:
+``--warmup-steps`` steps (300; 100 with ``--init``), times a cosine from 1 to 0.1 over the
+training-progress fraction ``f``:
 ``f = elapsed training time / time available for training`` (or ``step / --steps`` if
 that is larger). The time available is ``--minutes`` from the start of :func:`train`
 minus a reserve for the final evaluation and saving (2x the measured time of the
@@ -48,8 +78,9 @@ workers' start-up and final evaluation included, takes about ``--minutes``.
 
 Outputs in ``--out``: the model (``save_pretrained``; float32 if it is under 40 MB,
 else bfloat16), processor and generation config (loadable offline with
-:func:`slimvlm.testbed.build.load`), ``train_log.jsonl``, ``eval.json`` and a model card
-``README.md``. The final accuracy is measured on the model *reloaded from disk*.
+:func:`slimvlm.testbed.build.load`), ``aux_heads.safetensors`` (training-only, for ``--init``),
+``train_log.jsonl``, ``eval.json`` and a model card ``README.md``. The final accuracy is
+measured on the model *reloaded from disk*.
 """
 
 from __future__ import annotations
@@ -70,6 +101,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -93,6 +125,9 @@ __all__ = [
     "make_eval_batches",
     "evaluate",
     "lr_factor",
+    "curriculum_cap",
+    "scene_complexity",
+    "max_text_tokens",
     "train",
     "main",
 ]
@@ -112,6 +147,10 @@ AUX_WEIGHT = 0.5
 MIN_LR_RATIO = 0.1
 MAX_FLOAT32_BYTES = 40 * 1024 * 1024  # save in float32 when the weights fit, else bfloat16
 MAX_STREAMS = 4096  # worker streams per --seed (distinct scene seeds for any worker count below this)
+DEFAULT_WARMUP_STEPS = 300
+INIT_WARMUP_STEPS = 100  # --init: the weights are trained already, only the new optimizer's moments warm up
+CURRICULUM_START = 0.15  # scene-complexity cap at global step 0 (1-3 objects, little clutter)
+AUX_HEADS_FILE = "aux_heads.safetensors"  # training-only heads, saved beside the model so --init can resume them
 
 #: The CLS head's targets: every (colour, shape) pair, then every word.
 AUX_LABELS: tuple[str, ...] = tuple(f"{c} {s}" for c in scenes.COLORS for s in scenes.SHAPES) + tuple(
@@ -136,7 +175,7 @@ class TrainConfig:
     size: str = "testbed"
     minutes: float = 9.0
     device: str = "cuda"
-    batch_size: int = 96
+    batch_size: int = 192
     lr: float = 1e-3
     weight_decay: float = 0.05
     eval_samples: int = 800
@@ -146,9 +185,17 @@ class TrainConfig:
     seed: int = 0
     steps: int | None = None  # optional step cap; the time budget always applies too
     questions_per_scene: int = 3
-    warmup_steps: int = 300
+    warmup_steps: int | None = None  # None -> 300, or 100 with --init
     log_every: int = 50
+    curriculum_steps: int = 3000  # complexity cap ramps 0.15 -> 1 over these global steps; 0 = off
+    init: str | Path | None = None  # a saved testbed folder to continue training from
+    compile: bool = False  # torch.compile the training forward (never used by generate)
     progress: bool = True
+
+    def resolved_warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return INIT_WARMUP_STEPS if self.init is not None else DEFAULT_WARMUP_STEPS
 
     def validate(self) -> None:
         if self.size not in SIZES:
@@ -159,8 +206,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SlimVLMError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
-        if self.warmup_steps < 0:
-            raise SlimVLMError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if self.warmup_steps is not None and not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise SlimVLMError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps!r}")
+        n = self.curriculum_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise SlimVLMError(f"--curriculum-steps must be an int >= 0 (0 disables), got {self.curriculum_steps!r}")
+        if self.init is not None:
+            if not (Path(self.init) / "config.json").is_file():
+                raise SlimVLMError(f"--init {self.init}: not a saved model folder (no config.json there)")
+            if Path(self.init).resolve() == Path(self.out).resolve():
+                raise SlimVLMError("--out must differ from --init (each run of a chain keeps its own folder and log)")
         if self.steps is not None and self.steps < 1:
             raise SlimVLMError(f"--steps must be >= 1 when given, got {self.steps!r}")
         if self.workers is not None and not (0 <= self.workers < MAX_STREAMS):
@@ -186,6 +241,10 @@ class TrainConfig:
             if f.name not in _ALWAYS_IN_COMMAND and value == getattr(defaults, f.name):
                 continue
             if value is None:
+                continue
+            if isinstance(value, bool):  # store_true flags
+                if value:
+                    parts.append(f"--{f.name.replace('_', '-')}")
                 continue
             parts += [f"--{f.name.replace('_', '-')}", str(value)]
         return shlex.join(parts)
@@ -237,6 +296,55 @@ def _fit_loader_to_shm(workers: int, prefetch: int, batch_bytes: int) -> tuple[i
 # ------------------------------------------------------------------------------ data
 
 
+def curriculum_cap(step: int, curriculum_steps: int) -> float:
+    """Upper end of the scene-complexity range at global ``step``: :data:`CURRICULUM_START` at step 0,
+    rising linearly to 1.0 at ``curriculum_steps`` and staying there; always 1.0 when ``curriculum_steps``
+    is 0 (curriculum off)."""
+    if curriculum_steps <= 0:
+        return 1.0
+    ramp = min(1.0, max(step, 0) / curriculum_steps)
+    return CURRICULUM_START + (1.0 - CURRICULUM_START) * ramp
+
+
+def scene_complexity(seed: int, cap: float) -> float | None:
+    """The target complexity handed to ``scenes.layout`` for a scene seed under ``cap``: uniform on
+    [0, cap], drawn from the seed (deterministic). ``None`` at cap 1, so that ``layout`` draws its own
+    uniform target and the scene is exactly the standard (held-out-like) scene of that seed."""
+    if cap >= 1.0:
+        return None
+    return float(np.random.default_rng([seed, 0xC0C]).uniform(0.0, cap))
+
+
+def max_text_tokens(tokenizer) -> int:
+    """Tokens of the longest training text (before ``<image>`` expansion) any question and answer can make.
+
+    Found by asking every question type about a scene built from the longest-tokenised names, with the
+    longest-tokenised answer; used to pad batches to one width under ``--compile`` (a wider batch would
+    only cost a recompilation, never a wrong result)."""
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    colour = max(scenes.COLORS, key=n_tokens)
+    shape = max(scenes.SHAPES, key=n_tokens)
+    word = max(scenes.WORDS, key=n_tokens)
+    answers = [*scenes.COLORS, *scenes.SHAPES, *scenes.WORDS, *scenes.COUNT_WORDS, *scenes.QUADRANTS,
+               "yes", "no", "left", "right", "above", "below", "bigger", "smaller"]  # fmt: skip
+    answer = max(answers, key=n_tokens)
+    other = scenes.SHAPES[0] if shape != scenes.SHAPES[0] else scenes.SHAPES[1]
+    objects = [
+        scenes.SceneObject(shape, colour, 60.0, 60.0, 70.0),
+        scenes.SceneObject(other, colour, 280.0, 280.0, 20.0),
+    ]
+    stub = scenes.Scene(0, None, objects, [(word, (200.0, 60.0))], 0.0, 0.0, [20])  # type: ignore[arg-type]
+    longest = 0
+    for qt in scenes.QUESTION_TYPES:
+        for k in range(8):
+            qa = scenes.ask(stub, qt, random.Random(k))
+            if qa is not None:
+                longest = max(longest, len(tokenizer(build.format_training_text(qa[0], answer))["input_ids"]))
+    return longest
+
+
 #: Per-patch classes of the dense auxiliary loss: background, each (colour, shape) pair, each word.
 PATCH_CLASSES = 1 + len(AUX_LABELS)
 _PATCH = 14
@@ -250,16 +358,9 @@ def patch_target(objects: Sequence[scenes.SceneObject], words: Sequence[tuple[st
     canvas = Image.new("L", (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(canvas)
     for o in objects:
-        label = 1 + _PAIR_INDEX[(o.color, o.shape)]
-        x, y, r = o.x, o.y, o.size / 2
-        if o.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r - 1, y + r - 1), fill=label)
-        elif o.shape == "square":
-            draw.rectangle((x - r, y - r, x + r - 1, y + r - 1), fill=label)
-        else:
-            draw.polygon(scenes._shape_polygon(o), fill=label)
+        scenes.draw_object(draw, o, fill=1 + _PAIR_INDEX[(o.color, o.shape)])
     for (word, (cx, cy)), size in zip(words, word_sizes):
-        draw.rectangle(scenes._word_bbox(word, size, cx, cy), fill=1 + _WORD_INDEX[word])
+        draw.rectangle(scenes.word_bbox(word, size, cx, cy), fill=1 + _WORD_INDEX[word])
     grid = np.asarray(canvas)[_PATCH // 2 :: _PATCH, _PATCH // 2 :: _PATCH].copy()
     side = grid.shape[0]
     for o in objects:
@@ -293,10 +394,13 @@ class Collator:
 
     ``input_ids`` equal the processor's (right padding), ``labels`` are -100 except on
     the answer tokens and the final eos, and images stay uint8 HWC for
-    :func:`normalize_pixels` on the device.
+    :func:`normalize_pixels` on the device. With ``min_width`` set, every batch is right-padded
+    to at least that many tokens (one shape for ``torch.compile``); the extra pads are exact
+    (causal mask, label -100).
     """
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor, min_width: int | None = None) -> None:
+        self.min_width = min_width
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(build.SPECIAL_TOKENS["image"])
         self.pad_id = self.tokenizer.pad_token_id
@@ -329,7 +433,7 @@ class Collator:
         prompt = tok([build.format_prompt(q) for q in questions])["input_ids"]
         n_img = self.n_image_tokens
         lengths = [len(ids) + n_img - 1 for ids in full]
-        width = max(lengths)
+        width = max(max(lengths), self.min_width or 0)
         input_ids = np.full((len(full), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(full), width), -100, dtype=np.int64)
         for i, (ids, p_ids) in enumerate(zip(full, prompt)):
@@ -384,38 +488,60 @@ class _Record:
     aux: np.ndarray
     patches: np.ndarray  # (576,) int64 patch classes
     qas: list[tuple[str, str, str]]  # (question_type, question, answer)
+    complexity: float = 0.0  # the scene's realised complexity (scenes.complexity_of)
 
 
 class SceneQADataset(IterableDataset):
     """Endless stream of collated training batches, generated on the fly (train split only).
 
-    Each DataLoader worker ``w`` draws scene seeds ``scenes._scene_seed(seed * 4096 + w,
+    Each DataLoader worker ``w`` draws scene seeds ``scenes.scene_seed(seed * 4096 + w,
     "train", k)`` for k = 0, 1, ...: even numbers (the train parity of
     :func:`scenes.make_samples`), distinct across workers and ``--seed`` values, never a
     test-split scene.
+
+    Curriculum: a worker's ``k``-th batch is taken to be trained at global step
+    ``step_offset + k * num_workers`` (workers are consumed round-robin, so this is exact up
+    to the prefetch depth); its scenes get a target complexity uniform on
+    ``[0, curriculum_cap(step, curriculum_steps)]`` (see :func:`scene_complexity`).
+
+    Every scene contributes its full share of questions (``questions_per_scene``, fewer only
+    for the batch's last scene), so a batch always holds ``ceil(batch_size /
+    questions_per_scene)`` scenes: one tensor shape, whatever the layouts.
     """
 
-    def __init__(self, processor, batch_size: int, seed: int = 0, questions_per_scene: int = 3) -> None:
+    def __init__(
+        self,
+        processor,
+        batch_size: int,
+        seed: int = 0,
+        questions_per_scene: int = 3,
+        curriculum_steps: int = 0,
+        step_offset: int = 0,
+        min_width: int | None = None,
+    ) -> None:
         super().__init__()
-        self.collate = Collator(processor)
+        self.collate = Collator(processor, min_width)
         self.batch_size = batch_size
         self.seed = seed
         self.questions_per_scene = questions_per_scene
+        self.curriculum_steps = curriculum_steps
+        self.step_offset = step_offset
         self.types = scenes.QUESTION_TYPES
         self.counts = [0] * len(self.types)
 
     def scene_seeds(self, worker_id: int) -> Iterator[int]:
         stream = self.seed * MAX_STREAMS + worker_id
         parity = scenes.SPLITS.index("train")
-        for k in range(scenes._SCENE_BLOCK):
-            s = scenes._scene_seed(stream, "train", k)
+        for k in range(scenes.SCENE_BLOCK):
+            s = scenes.scene_seed(stream, "train", k)
             assert s % 2 == parity
             yield s
         raise RuntimeError("scene stream exhausted")  # pragma: no cover - 16M scenes per worker
 
-    def _questions(self, seed: int, limit: int):
-        """Layout + questions for a scene seed, or None when the neediest type can't be asked."""
-        objects, words, word_sizes, clutter = scenes._layout(seed, None)
+    def _questions(self, seed: int, limit: int, cap: float = 1.0):
+        """Layout + questions for a scene seed (complexity uniform on [0, cap]), or None when the
+        neediest type can't be asked or the scene can't answer ``limit`` distinct types."""
+        objects, words, word_sizes, clutter = scenes.layout(seed, scene_complexity(seed, cap))
         stub = scenes.Scene(seed, None, objects, words, clutter, 0.0, word_sizes)  # type: ignore[arg-type]
         rng = random.Random(seed)
         order = sorted(range(len(self.types)), key=lambda t: (self.counts[t], rng.random()))
@@ -429,24 +555,26 @@ class SceneQADataset(IterableDataset):
             qas.append((self.types[t], qa[0], qa[1]))
             if len(qas) == limit:
                 break
+        if len(qas) < limit:
+            return None  # rare (< 1 scene in 100): keeps the number of scenes per batch fixed
         for qt, _, _ in qas:
             self.counts[self.types.index(qt)] += 1
         return objects, words, word_sizes, clutter, qas
 
-    def records(self, seeds: Iterator[int], n_questions: int) -> list[_Record]:
-        """Render scenes until ``n_questions`` questions are collected."""
+    def records(self, seeds: Iterator[int], n_questions: int, cap: float = 1.0) -> list[_Record]:
+        """Render scenes (complexity uniform on [0, cap]) until ``n_questions`` questions are collected."""
         out: list[_Record] = []
         have = 0
         while have < n_questions:
             s = next(seeds)
-            got = self._questions(s, min(self.questions_per_scene, n_questions - have))
+            got = self._questions(s, min(self.questions_per_scene, n_questions - have), cap)
             if got is None:
                 continue
             objects, words, word_sizes, clutter, qas = got
             scene = scenes.render(objects, words, clutter, s, word_sizes)
             out.append(
                 _Record(s, np.asarray(scene.image, dtype=np.uint8), aux_target(objects, words),
-                        patch_target(objects, words, word_sizes), qas)
+                        patch_target(objects, words, word_sizes), qas, scene.complexity)
             )
             have += len(qas)
         return out
@@ -464,14 +592,21 @@ class SceneQADataset(IterableDataset):
         out["aux_target"] = torch.from_numpy(np.stack([r.aux for r in records]))
         out["patch_target"] = torch.from_numpy(np.stack([r.patches for r in records]))
         out["question_type"] = torch.tensor(qtypes, dtype=torch.long)
+        out["complexity"] = torch.tensor([r.complexity for r in records], dtype=torch.float32)  # CPU-side stats
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker_id = info.id if info is not None else 0
+        n_workers = info.num_workers if info is not None else 1
         seeds = self.scene_seeds(worker_id)
+        produced = 0
         while True:
-            yield self.batch(self.records(seeds, self.batch_size))
+            cap = curriculum_cap(self.step_offset + produced * n_workers, self.curriculum_steps)
+            out = self.batch(self.records(seeds, self.batch_size, cap))
+            out["complexity_cap"] = torch.tensor(cap, dtype=torch.float32)
+            produced += 1
+            yield out
 
 
 # ----------------------------------------------------------------------- model steps
@@ -582,8 +717,10 @@ def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _results_table(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
-    head = "| question type | n | accuracy (%) |" + (" before training (%) |" if baseline else "")
+def _results_table(
+    result: dict[str, Any], baseline: dict[str, Any] | None = None, baseline_label: str = "before training (%)"
+) -> str:
+    head = "| question type | n | accuracy (%) |" + (f" {baseline_label} |" if baseline else "")
     sep = "|---|---:|---:|" + ("---:|" if baseline else "")
     rows = [head, sep]
     for t in scenes.QUESTION_TYPES:
@@ -600,9 +737,51 @@ def _results_table(result: dict[str, Any], baseline: dict[str, Any] | None = Non
     return "\n".join(rows)
 
 
+def _curriculum_text(info: dict[str, Any]) -> str:
+    n = info["curriculum_steps"]
+    if n <= 0:
+        return "No curriculum: every training scene's complexity is uniform in [0, 1]."
+    return (
+        f"Curriculum: a training scene's complexity is uniform in [0, cap], the cap rising linearly from "
+        f"{CURRICULUM_START} (1-3 objects, little clutter) at global step 0 to 1 at global step {n:,} "
+        f"(counted over the whole training chain) and staying at 1 after; this run ended at cap "
+        f"{info['chain']['runs'][-1]['complexity_cap_end']:g}. The held-out set is never curriculum-shaped."
+    )
+
+
+def _chain_text(info: dict[str, Any]) -> str:
+    chain = info["chain"]
+    if info["init"] is None:
+        return (
+            f"- Training chain: this single run ({chain['steps']:,} steps). Continue it with "
+            f"`--init <this folder>`."
+        )
+    rows = ["| run | continued from | steps | samples | batch | minutes | held-out accuracy (%) |",
+            "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for i, r in enumerate(chain["runs"], 1):
+        acc = r.get("accuracy")
+        rows.append(
+            f"| {i} | {r.get('init') or '(from scratch)'} | {r['steps']:,} | {r['samples']:,} | "
+            f"{r.get('batch_size', '-')} | {r['minutes']:.1f} | {_fmt_pct(acc)} |"
+        )
+    resumed = "with their saved aux heads" if info["aux_resumed"] else "with new aux heads"
+    return (
+        f"- Training chain: this run continued `{info['init']}` (weights loaded, new optimizer, {resumed}, "
+        f"warmup {info['warmup_steps']} steps); in all {len(chain['runs'])} runs, **{chain['steps']:,} steps, "
+        f"{chain['samples']:,} samples, {chain['minutes']:.1f} minutes**:\n\n" + "\n".join(rows) + "\n"
+    )
+
+
 def _model_card(info: dict[str, Any]) -> str:
     v, t = info["vision"], info["text"]
     shapes, colors = ", ".join(scenes.SHAPES), ", ".join(scenes.COLORS)
+    compiled = ""
+    if info["compile"]:
+        compiled = (
+            f", training forward compiled with torch.compile (first step {info['first_step_s']:.0f} s)"
+            if info["compile_error"] is None
+            else f", torch.compile requested but failed ({info['compile_error'][:120]}), trained eagerly"
+        )
     return f"""# slimvlm testbed VLM ({info['size']})
 
 A small LLaVA-1.5-architecture vision-language model trained **from scratch** by
@@ -628,23 +807,26 @@ held-out test split uses odd seeds, so no test scene is ever trained on). Each
 {scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} scene has 1-12 objects (shapes: {shapes};
 colours: {colors}; small/medium/large), 0-2 written words (from {len(scenes.WORDS)}),
 and background clutter (gradient, noise texture, distractor dots/lines).
-Scene complexity is uniform in [0, 1]:
+Scene complexity (held-out set: uniform in [0, 1]):
 `complexity = 0.5*(n_objects-1)/11 + 0.1*n_words/2 + 0.4*clutter`.
+{_curriculum_text(info)}
 Question types (one-word answers, balanced): {", ".join(scenes.QUESTION_TYPES)}.
 Each rendered scene is used for {info['questions_per_scene']} different questions.
 
 ## Recipe
 
 - Losses: next-token cross-entropy on the answer word + eos only (prompt masked),
-  plus {AUX_WEIGHT} x BCE of a training-only linear head on the vision CLS hidden state at
+  plus {AUX_WEIGHT} x (BCE of a training-only linear head on the vision CLS hidden state at
   the feature layer, predicting which (colour, shape) pairs and words are present
-  ({len(AUX_LABELS)} labels). The head is not part of this folder.
+  ({len(AUX_LABELS)} labels) + cross-entropy of a per-patch head predicting what covers each
+  patch). The heads are not part of the model (`{AUX_HEADS_FILE}` keeps them for `--init` only).
 - AdamW (betas 0.9/0.98, weight decay {info['weight_decay']} on matrices), peak lr {info['lr']:g},
   linear warmup {info['warmup_steps']} steps then cosine to 10% of peak over the wall-clock budget,
-  grad clip 1.0, batch {info['batch_size']}, bf16 autocast on CUDA (TF32 matmuls), all weights trained.
-- {info['steps']:,} steps, {info['samples']:,} samples ({info['scenes_est']:,} scenes approx.),
+  grad clip 1.0, batch {info['batch_size']}, bf16 autocast on CUDA (TF32 matmuls){compiled}, all weights trained.
+- This run: {info['steps']:,} steps, {info['samples']:,} samples ({info['scenes_est']:,} scenes approx.),
   {info['train_s']:.0f} s of training, {info['total_s']:.0f} s in all, on {info['device_name']}
   ({info['workers']} data workers).
+{_chain_text(info)}
 
 ## Held-out accuracy
 
@@ -660,6 +842,74 @@ reloaded from disk ({info['save_dtype']}).
 {info['command']}
 ```
 """
+
+
+@dataclass
+class _Init:
+    """What ``--init`` brings in: the folder's weights, its aux heads (if saved) and its training chain."""
+
+    folder: Path
+    state: dict[str, torch.Tensor]
+    aux: dict[str, torch.Tensor] | None
+    chain: dict[str, Any]
+
+
+def _size_of(config) -> str | None:
+    for name, (vision, text) in SIZES.items():
+        if all(getattr(config.vision_config, k, None) == v for k, v in vision.items()) and all(
+            getattr(config.text_config, k, None) == v for k, v in text.items()
+        ):
+            return name
+    return None
+
+
+def _load_init(folder: str | Path, tokenizer, size: str) -> _Init:
+    """Load a saved testbed folder for ``--init``; SlimVLMError unless it has exactly ``size``'s shapes
+    and the scene vocabulary."""
+    folder = Path(folder)
+    try:
+        loaded, processor = build.load(folder, dtype=torch.float32, device="cpu")
+    except Exception as error:  # noqa: BLE001 - any loading failure is a bad --init
+        raise SlimVLMError(
+            f"--init {folder}: cannot load a model and processor ({type(error).__name__}: {error})"
+        ) from None
+    vision, text = SIZES[size]
+    parts = (("vision", vision, loaded.config.vision_config), ("text", text, loaded.config.text_config))
+    problems = [
+        f"{part} {key} is {getattr(cfg, key, None)}, --size {size} has {value}"
+        for part, want, cfg in parts
+        for key, value in want.items()
+        if getattr(cfg, key, None) != value
+    ]
+    vocab = processor.tokenizer.get_vocab()
+    if loaded.config.text_config.vocab_size != len(tokenizer) or vocab != tokenizer.get_vocab():
+        problems.append("its tokenizer is not the testbed's scene vocabulary")
+    if problems:
+        other = _size_of(loaded.config)
+        hint = f" (it is a --size {other} model)" if other and other != size else ""
+        raise SlimVLMError(f"--init {folder} does not fit --size {size}{hint}: " + "; ".join(problems))
+    aux = None
+    aux_path = folder / AUX_HEADS_FILE
+    if aux_path.is_file():
+        aux = load_file(str(aux_path))
+    chain: dict[str, Any] = {"steps": 0, "samples": 0, "minutes": 0.0, "curriculum_step": 0, "runs": []}
+    record_path = folder / "eval.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if isinstance(record.get("chain"), dict):
+            chain = record["chain"]
+        else:  # a folder from before chains were recorded: one run
+            run = {"out": str(folder), "init": None, "steps": int(record.get("steps", 0)),
+                   "samples": int(record.get("samples", 0)),
+                   "minutes": round(float(record.get("total_s", 0.0)) / 60, 2),
+                   "accuracy": record.get("accuracy")}  # fmt: skip
+            # trained without a curriculum: the curriculum starts from its beginning
+            chain = {"steps": run["steps"], "samples": run["samples"], "minutes": run["minutes"], "curriculum_step": 0,
+                     "runs": [run]}  # fmt: skip
+    else:
+        print(f"warning: --init {folder} has no eval.json; its earlier training is not counted in the chain",
+              file=sys.stderr)  # fmt: skip
+    return _Init(folder, loaded.state_dict(), aux, chain)
 
 
 def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
@@ -683,14 +933,24 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
 
     tokenizer = build.build_tokenizer(scenes.vocabulary())
     processor = build.build_processor(tokenizer)
+    init = _load_init(config.init, tokenizer, config.size) if config.init is not None else None
+    prior_steps = int(init.chain["steps"]) if init is not None else 0
+    # Curriculum position: the steps earlier runs of the chain trained under a curriculum.
+    curriculum_offset = int(init.chain.get("curriculum_step", 0)) if init is not None else 0
+    warmup_steps = config.resolved_warmup()
 
     # Start the data workers first (before CUDA is initialised): they fill their queues
-    # while the model and the held-out set are being built.
-    dataset = SceneQADataset(processor, config.batch_size, config.seed, config.questions_per_scene)
+    # while the model and the held-out set are being built. The curriculum continues the
+    # chain's global step count.
+    dataset = SceneQADataset(
+        processor, config.batch_size, config.seed, config.questions_per_scene,
+        curriculum_steps=config.curriculum_steps, step_offset=curriculum_offset,
+    )  # fmt: skip
+    if config.compile:  # one sequence width -> one compiled graph (no dynamic-shape recompilation)
+        dataset.collate.min_width = max_text_tokens(tokenizer) + dataset.collate.n_image_tokens - 1
     n_scenes = math.ceil(config.batch_size / config.questions_per_scene)
-    batch_bytes = n_scenes * (scenes.IMAGE_SIZE**2 * 3 + 4 * len(AUX_LABELS)) + 2 * 8 * config.batch_size * (
-        dataset.collate.n_image_tokens + 32
-    )
+    scene_bytes = scenes.IMAGE_SIZE**2 * 3 + 4 * len(AUX_LABELS) + 8 * (scenes.IMAGE_SIZE // _PATCH) ** 2
+    batch_bytes = n_scenes * scene_bytes + 2 * 8 * config.batch_size * (dataset.collate.n_image_tokens + 32)
     workers, prefetch = _fit_loader_to_shm(workers, 4, batch_bytes)
     loader = DataLoader(
         dataset,
@@ -706,8 +966,23 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     model_config = build.llava_config(tokenizer, vision, text)
     torch.manual_seed(config.seed)
     model = LlavaForConditionalGeneration._from_config(model_config, attn_implementation="sdpa")
-    model.generation_config = build._generation_config(tokenizer)
+    model.generation_config = build.generation_config(tokenizer)
     head = AuxHeads(model_config.vision_config.hidden_size)
+    aux_resumed = False
+    if init is not None:
+        try:
+            model.load_state_dict(init.state, strict=True)
+        except RuntimeError as error:
+            raise SlimVLMError(
+                f"--init {init.folder}: weights do not fit the --size {config.size} model: {error}"
+            ) from None
+        if init.aux is not None:
+            try:
+                head.load_state_dict(init.aux, strict=True)
+                aux_resumed = True
+            except RuntimeError:
+                print(f"warning: --init {init.folder}: {AUX_HEADS_FILE} does not fit; new aux heads", file=sys.stderr)
+        del init.state
     model.to(device).train()
     head.to(device).train()
 
@@ -721,6 +996,11 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     normalizer = PixelNormalizer(processor, device)
+    # --compile compiles this training-loss function only: `model` itself stays uncompiled, so
+    # evaluate()'s model.generate never runs compiled code. Batches have one shape (fixed scene
+    # count, padded width), hence dynamic=False: a single compilation.
+    loss_fn = torch.compile(forward_losses, dynamic=False) if config.compile else forward_losses
+    compile_error: str | None = None
 
     log_path = out / "train_log.jsonl"
     log_file = open(log_path, "w")
@@ -734,8 +1014,8 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     baseline = evaluate(model, tokenizer, eval_batches, autocast=True)
     eval_s = time.perf_counter() - t_eval
     reserve_s = 2.0 * eval_s + 5.0
-    log({"step": 0, "elapsed_s": round(time.perf_counter() - t0, 2), "loss": None, "lm_loss": None,
-         "aux_loss": None, "lr": 0.0, "eval_s": round(eval_s, 2), **baseline})  # fmt: skip
+    log({"step": 0, "chain_step": prior_steps, "elapsed_s": round(time.perf_counter() - t0, 2), "loss": None,
+         "lm_loss": None, "aux_loss": None, "lr": 0.0, "eval_s": round(eval_s, 2), **baseline})  # fmt: skip
 
     t_train = time.perf_counter()
     deadline = t0 + budget_s - reserve_s
@@ -743,6 +1023,8 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     sums = torch.zeros(3, device=device)  # running sums of loss, lm loss, aux loss since the last log
     n_in_sums = 0
     wait_s = 0.0
+    complexity_sum, n_scenes_in_sum, cap = 0.0, 0, curriculum_cap(curriculum_offset, config.curriculum_steps)
+    first_step_s: float | None = None
     step = 0
     last_log_t, last_log_step = t_train, 0
     last_eval: dict[str, Any] | None = None
@@ -758,22 +1040,44 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
             frac = max(frac, step / config.steps)
         return frac
 
+    def forward_backward(fn, batch, pixel_values):
+        with amp:
+            lm_loss, aux_loss = fn(model, head, batch, pixel_values)
+            loss = lm_loss + AUX_WEIGHT * aux_loss
+        loss.backward()
+        return loss, lm_loss, aux_loss
+
     last = False
     while not last:  # at least one step; stop once the progress fraction reaches 1
         frac = progress(time.perf_counter())
-        lr = config.lr * lr_factor(step, frac, config.warmup_steps)
+        lr = config.lr * lr_factor(step, frac, warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
 
         t_wait = time.perf_counter()
         batch = next(batches)
         wait_s += time.perf_counter() - t_wait
+        complexity = batch.pop("complexity")  # CPU-side statistics, never sent to the device
+        complexity_sum += float(complexity.sum())
+        n_scenes_in_sum += complexity.numel()
+        cap = float(batch.pop("complexity_cap"))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         pixel_values = normalizer(batch["pixels"])
-        with amp:
-            lm_loss, aux_loss = forward_losses(model, head, batch, pixel_values)
-            loss = lm_loss + AUX_WEIGHT * aux_loss
-        loss.backward()
+        if step == 0 and loss_fn is not forward_losses:
+            t_first = time.perf_counter()
+            try:  # compilation happens here; should it fail, train eagerly instead of losing the run
+                loss, lm_loss, aux_loss = forward_backward(loss_fn, batch, pixel_values)
+            except Exception as error:  # noqa: BLE001
+                compile_error = f"{type(error).__name__}: {str(error)[:500]}"
+                print(f"warning: --compile failed, training without it: {compile_error}", file=sys.stderr)
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn = forward_losses
+                loss, lm_loss, aux_loss = forward_backward(loss_fn, batch, pixel_values)
+            if cuda:
+                torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - t_first
+        else:
+            loss, lm_loss, aux_loss = forward_backward(loss_fn, batch, pixel_values)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -788,6 +1092,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
             now = time.perf_counter()
             record = {
                 "step": step,
+                "chain_step": prior_steps + step,
                 "elapsed_s": round(now - t0, 2),
                 "loss": mean[0],
                 "lm_loss": mean[1],
@@ -796,7 +1101,11 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
                 "samples": step * config.batch_size,
                 "samples_per_s": round((step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9), 1),
                 "data_wait_frac": round(wait_s / max(now - last_log_t, 1e-9), 3),
+                "complexity_cap": round(cap, 4),
+                "scene_complexity": round(complexity_sum / max(n_scenes_in_sum, 1), 4),
             }
+            if first_step_s is not None and last_log_step == 0:
+                record["first_step_s"] = round(first_step_s, 2)  # includes the compilation
             if not all(math.isfinite(x) for x in mean):
                 log(record)
                 raise RuntimeError(f"non-finite loss at step {step}: {mean}")
@@ -814,6 +1123,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
             sums.zero_()
             n_in_sums = 0
             wait_s = 0.0
+            complexity_sum, n_scenes_in_sum = 0.0, 0
             last_log_t, last_log_step = time.perf_counter(), step
         if bar is not None:
             bar.update(1)
@@ -832,7 +1142,9 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     model.to(dtype=save_dtype)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    file_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    # Training-only state for a later --init (not part of the model; build.load ignores it).
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / AUX_HEADS_FILE))
+    file_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors") if p.name != AUX_HEADS_FILE)
     del model, optimizer
     if cuda:
         torch.cuda.empty_cache()
@@ -844,9 +1156,32 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
     final = evaluate(loaded, loaded_processor.tokenizer, eval_batches, autocast=False)
     final_eval_s = time.perf_counter() - t_eval
     total_s = time.perf_counter() - t0
-    log({"step": step, "elapsed_s": round(total_s, 2), "loss": None, "lm_loss": None, "aux_loss": None,
-         "lr": None, "final": True, "eval_s": round(final_eval_s, 2), **final})  # fmt: skip
+    log({"step": step, "chain_step": prior_steps + step, "elapsed_s": round(total_s, 2), "loss": None, "lm_loss": None,
+         "aux_loss": None, "lr": None, "final": True, "eval_s": round(final_eval_s, 2), **final})  # fmt: skip
     log_file.close()
+
+    prior = init.chain if init is not None else {"steps": 0, "samples": 0, "minutes": 0.0, "runs": []}
+    run = {
+        "out": str(out),
+        "init": None if init is None else str(init.folder),
+        "steps": step,
+        "samples": step * config.batch_size,
+        "minutes": round(total_s / 60, 2),
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "warmup_steps": warmup_steps,
+        "curriculum_steps": config.curriculum_steps,
+        "complexity_cap_end": round(cap, 4),
+        "compiled": config.compile and compile_error is None,
+        "accuracy": final["accuracy"],
+    }
+    chain = {
+        "steps": int(prior["steps"]) + step,
+        "samples": int(prior["samples"]) + step * config.batch_size,
+        "minutes": round(float(prior["minutes"]) + total_s / 60, 2),
+        "curriculum_step": curriculum_offset + (step if config.curriculum_steps > 0 else 0),
+        "runs": [*prior.get("runs", []), run],
+    }
 
     inner = loaded.model
     info = {
@@ -866,8 +1201,15 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
         "questions_per_scene": config.questions_per_scene,
         "weight_decay": config.weight_decay,
         "lr": config.lr,
-        "warmup_steps": config.warmup_steps,
+        "warmup_steps": warmup_steps,
         "batch_size": config.batch_size,
+        "curriculum_steps": config.curriculum_steps,
+        "init": None if init is None else str(init.folder),
+        "aux_resumed": aux_resumed,
+        "chain": chain,
+        "compile": config.compile,
+        "compile_error": compile_error,
+        "first_step_s": first_step_s,
         "steps": step,
         "samples": step * config.batch_size,
         "scenes_est": math.ceil(step * config.batch_size / config.questions_per_scene),
@@ -876,7 +1218,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "workers": workers,
         "eval_n": final["n"],
-        "table": _results_table(final, baseline),
+        "table": _results_table(final, baseline, "at start (init) (%)" if init is not None else "before training (%)"),
         "command": config.command(),
     }
     (out / "README.md").write_text(_model_card(info))
@@ -892,13 +1234,24 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
         "params": n_params,
         "file_bytes": file_bytes,
         "eval_set": f"make_samples({config.eval_samples}, seed=0, split='test')",
+        "batch_size": config.batch_size,
+        "curriculum_steps": config.curriculum_steps,
+        "complexity_cap_end": round(cap, 4),
+        "init": info["init"],
+        "compile": config.compile,
+        "compile_error": compile_error,
+        "first_step_s": None if first_step_s is None else round(first_step_s, 2),
+        "chain": chain,
     }
     (out / "eval.json").write_text(json.dumps(eval_record, indent=2) + "\n")
 
     print(f"\n{config.size} model: {n_params:,} params, {info['file_mb']:.1f} MB ({info['save_dtype']}) -> {out}")
     print(f"{step:,} steps, {step * config.batch_size:,} samples in {train_s:.0f} s of training "
           f"({step * config.batch_size / max(train_s, 1e-9):.0f} samples/s), {total_s:.0f} s in all")  # fmt: skip
-    print(_results_table(final, baseline))
+    if init is not None:
+        print(f"chain: {len(chain['runs'])} runs, {chain['steps']:,} steps, {chain['samples']:,} samples, "
+              f"{chain['minutes']:.1f} min (continued from {init.folder})")
+    print(info["table"])
     return out
 
 
@@ -924,8 +1277,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=None, help="optional step cap (the time budget still applies)")
     p.add_argument("--questions-per-scene", type=int, default=d.questions_per_scene)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps,
+        help=f"linear lr warmup (default {DEFAULT_WARMUP_STEPS}, or {INIT_WARMUP_STEPS} with --init)",
+    )  # fmt: skip
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument(
+        "--curriculum-steps", type=int, default=d.curriculum_steps,
+        help=f"training-scene complexity is uniform in [0, cap], cap rising linearly from {CURRICULUM_START} to 1 "
+        f"over this many global steps (counted over an --init chain); 0 disables (default {d.curriculum_steps})",
+    )  # fmt: skip
+    p.add_argument(
+        "--init", default=None, metavar="DIR",
+        help="continue training a saved testbed folder (same --size; new optimizer, cosine over this run); "
+        "the card and eval.json record the whole chain",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the training forward/backward (evaluation's generate stays eager)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
