@@ -56,40 +56,48 @@ class Copies:
 
 def unmerged_copies(sequence: Sequence, tokens: VisualTokens) -> Copies:
     """Copies of the merged LLM sequence that make up the full one. Needs the positions that
-    slimvlm keeps in `keep_positions` mode: a visual token sits at its first patch's position."""
+    slimvlm keeps in `keep_positions` mode: a visual token sits at its first patch's position.
+    A visual token covering no patch (a class token) stays one copy."""
     batch, length = sequence.valid.shape
     device = sequence.valid.device
-    rows = []
-    for b in range(batch):
-        source, rotation = [], []
-        for i in range(length):
-            if not sequence.valid[b, i]:
-                continue
-            if not sequence.visual[b, i]:
-                source.append(torch.tensor([i], device=device))
-                rotation.append(torch.zeros(1, dtype=torch.long, device=device))
-                continue
-            image, token = int(sequence.image[b, i]), int(sequence.token[b, i])
-            patches = (tokens.patch_to_token[image] == token).nonzero().squeeze(1)
-            if len(patches) == 0:  # a token that covers no patch (the class token) stays one token
-                patches = tokens.origin[image, token].view(1)
-            source.append(torch.full_like(patches, i))
-            rotation.append(patches - tokens.origin[image, token])
-        source, rotation = torch.cat(source), torch.cat(rotation)
-        position = sequence.positions[b, source] + rotation
-        order = position.argsort(stable=True)
-        rows.append((source[order], rotation[order], position[order]))
-    width = max(len(r[0]) for r in rows)
-
-    def pad(values: list[torch.Tensor], fill: int) -> torch.Tensor:
-        return torch.stack([F.pad(v, (0, width - len(v)), value=fill) for v in values])
-
-    return Copies(
-        source=pad([r[0] for r in rows], 0),
-        rotation=pad([r[1] for r in rows], 0),
-        position=pad([r[2] for r in rows], torch.iinfo(torch.long).max),
-        valid=pad([torch.ones_like(r[0], dtype=torch.bool) for r in rows], 0).bool(),
+    real = sequence.valid
+    visual = sequence.visual & real
+    # where each (image, token) sits in the sequence, and in which sample
+    rows, cols = visual.nonzero(as_tuple=True)
+    images, token_ids = sequence.image[rows, cols], sequence.token[rows, cols]
+    where = torch.full(tokens.origin.shape, -1, dtype=torch.long, device=device)
+    where[images, token_ids] = rows * length + cols
+    # one copy per kept patch, at the patch's own position
+    image_of_patch, patch = (tokens.patch_to_token >= 0).nonzero(as_tuple=True)
+    token_of_patch = tokens.patch_to_token[image_of_patch, patch]
+    flat = where[image_of_patch, token_of_patch]
+    patch_rotation = patch - tokens.origin[image_of_patch, token_of_patch]
+    # one copy, unrotated, for text and for visual tokens that cover no patch
+    covered = torch.zeros_like(real)
+    covered.view(-1)[flat] = True
+    single = real & ~covered
+    single_flat = single.view(-1).nonzero().squeeze(1)
+    flat = torch.cat([flat, single_flat])
+    rotation = torch.cat([patch_rotation, torch.zeros_like(single_flat)])
+    sample, source = flat // length, flat % length
+    position = sequence.positions[sample, source] + rotation
+    # per sample, in order of position; left-aligned rows padded at the end
+    order = (sample * (position.max() + 1) + position).argsort(stable=True)
+    sample, source, rotation, position = sample[order], source[order], rotation[order], position[order]
+    counts = torch.bincount(sample, minlength=batch)
+    width = int(counts.max())
+    column = torch.arange(len(sample), device=device) - (counts.cumsum(0) - counts)[sample]
+    copies = Copies(
+        source=torch.zeros(batch, width, dtype=torch.long, device=device),
+        rotation=torch.zeros(batch, width, dtype=torch.long, device=device),
+        position=torch.full((batch, width), torch.iinfo(torch.long).max, dtype=torch.long, device=device),
+        valid=torch.zeros(batch, width, dtype=torch.bool, device=device),
     )
+    copies.source[sample, column] = source
+    copies.rotation[sample, column] = rotation
+    copies.position[sample, column] = position
+    copies.valid[sample, column] = True
+    return copies
 
 
 def append_tokens(copies: Copies, first: int, steps: int, positions: torch.Tensor, valid: torch.Tensor) -> Copies:
