@@ -8,7 +8,7 @@ from conftest import batch, select
 
 import slimvlm
 from slimvlm.errors import SlimVLMError
-from slimvlm.train import DualSpeed, remap_labels
+from slimvlm.train import DualSpeed
 from slimvlm.train.dualspeed import ISOLATOR_FILE
 
 
@@ -174,15 +174,3 @@ def test_refuses_a_pruner_outside_stage_2(fresh):
         DualSpeed(model, pruner="fastv:k=2,ratio=0.5")
 
 
-def test_remap_labels_matches_rebuild():
-    from slimvlm.sequence import rebuild
-    from slimvlm.tokens import VisualTokens
-
-    image_id = 9
-    input_ids = torch.tensor([[0, 1, 9, 9, 9, 9, 2, 3], [1, 9, 9, 9, 9, 4, 5, 6]])
-    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
-    labels = torch.where(input_ids == image_id, -100, input_ids).masked_fill(mask == 0, -100)
-    tokens = VisualTokens.from_patches(torch.randn(2, 4, 3), (2, 2), has_cls=False)
-    tokens = tokens.keep(torch.tensor([[True, False, True, False], [False, False, False, True]]))
-    rebuilt = rebuild(input_ids, torch.randn(2, 8, 3), mask, None, labels, tokens, image_id, 4, False)
-    assert torch.equal(remap_labels(input_ids, mask, labels, tokens.counts.tolist(), image_id, 4), rebuilt.labels)

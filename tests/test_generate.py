@@ -89,3 +89,18 @@ def test_labels_are_remapped_to_the_reduced_sequence(fresh):
             output = model(**inputs, labels=labels)
     assert output.logits.shape[1] == inputs["input_ids"].shape[1] - 576 + 32
     assert torch.isfinite(output.loss)
+
+
+def test_handle_gives_the_labels_of_the_reduced_sequence(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=32") as handle:
+        output = model(**inputs, labels=labels)
+        assert handle.labels.shape == output.logits.shape[:2]
+        # every text label survives, in order; the 32 visual positions carry -100
+        for row in range(2):
+            kept = handle.labels[row][handle.labels[row] != -100]
+            assert torch.equal(kept, labels[row][(labels[row] != -100) & inputs["attention_mask"][row].bool()])
+        model(**inputs)
+        assert handle.labels is None

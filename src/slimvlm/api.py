@@ -27,6 +27,12 @@ class Handle:
     def stats(self) -> Stats:
         return self.runtime.stats
 
+    @property
+    def labels(self):
+        """The labels of the last forward, remapped to the reduced sequence its logits cover (visual
+        positions -100), or None if it had no labels: what a training loop aligns logits with."""
+        return self.runtime.labels
+
     def remove(self) -> None:
         """Restore the untouched model exactly."""
         self.runtime.remove()

@@ -97,6 +97,7 @@ class Runtime:
         self.methods = methods
         self.keep_positions = keep_positions
         self.stats = Stats()
+        self.labels: torch.Tensor | None = None  # the last prefill's labels, remapped to its sequence
         self.session: Session | None = None
         self._by_stage = {stage: [m for m in methods if stage in m.stages] for stage in Stage}
         self._prefill_methods = self._by_stage[Stage.PREFILL]
@@ -216,6 +217,7 @@ class Runtime:
             self.keep_positions,
         )
         sequence = rebuilt.sequence
+        self.labels = rebuilt.labels
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = adapter.text_config.use_cache

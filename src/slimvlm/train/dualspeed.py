@@ -33,7 +33,7 @@ from torch import nn
 from ..api import apply
 from ..errors import SlimVLMError
 from ..registry import build
-from ..sequence import IGNORE_INDEX, compaction, image_slots
+from ..sequence import IGNORE_INDEX
 from ..stages import Method, PromptContext, Stage
 from ..tokens import CLS_ORIGIN, VisualTokens
 
@@ -129,26 +129,6 @@ class ModeIsolator(Method):
         return f"{self.name}(length={self.length}, pruner={self.pruner!r})"
 
 
-def remap_labels(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    counts: list[int],
-    image_token_id: int,
-    tokens_per_image: int,
-) -> torch.Tensor:
-    """The labels of the reduced sequence slimvlm builds when image i keeps counts[i] visual tokens
-    (the same bookkeeping as slimvlm.sequence.rebuild)."""
-    is_image, image, slot = image_slots(input_ids, image_token_id, len(counts), tokens_per_image)
-    counts_t = torch.tensor(counts, device=input_ids.device)
-    keep = (~is_image) | (slot < counts_t[image.clamp_min(0)])
-    if attention_mask is not None:
-        keep &= attention_mask.bool()
-    index, valid = compaction(keep)
-    visual = is_image.gather(1, index)
-    return torch.where(valid & ~visual, labels.gather(1, index), IGNORE_INDEX)
-
-
 def _answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, V) logits of the positions that predict a labelled token (next-token shift), row-major."""
     predicts = labels[:, 1:] != IGNORE_INDEX
@@ -217,10 +197,6 @@ class DualSpeed:
         init = torch.randn(int(isolator_length), hidden, generator=generator) * std
         self.isolator = nn.Parameter(init.to(device=weight.device, dtype=torch.float32))
         self._method = ModeIsolator(self.isolator, self.pruner)
-        self.image_token_id = config.image_token_id
-        vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.tokens_per_image = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
 
     # ---- modes ---------------------------------------------------------------------------------
     def step_mode(self, step: int) -> str:
@@ -288,12 +264,9 @@ class DualSpeed:
         handle = apply(self.model, self._method)
         try:
             output = self.model(**inputs, labels=labels)
-            counts = handle.stats.visual_tokens
+            remapped = handle.labels
         finally:
             handle.remove()
-        remapped = remap_labels(
-            inputs["input_ids"], inputs.get("attention_mask"), labels, counts, self.image_token_id, self.tokens_per_image
-        )
         return output.loss, output.logits, remapped
 
     def slow_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
