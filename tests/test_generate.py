@@ -104,3 +104,38 @@ def test_handle_gives_the_labels_of_the_reduced_sequence(fresh):
             assert torch.equal(kept, labels[row][(labels[row] != -100) & inputs["attention_mask"][row].bool()])
         model(**inputs)
         assert handle.labels is None
+
+
+class FuseMean(slimvlm.Method):
+    """A test stage-2 method: keep 8 tokens, add each image's mean visual feature to its text."""
+
+    name = "test-fuse"
+    stages = frozenset({slimvlm.Stage.PROJECT})
+
+    def project(self, tokens, context):
+        self.means = [tokens.x[i, : int(c)].mean(0) for i, c in enumerate(tokens.counts.tolist())]
+        keep = torch.zeros_like(tokens.valid)
+        keep[:, :8] = True
+        return tokens.keep(keep)
+
+    def fuse(self, text_embeds, tokens, context):
+        self.images = context.image_of_sample
+        shift = torch.stack([sum(self.means[i] for i in images) for images in context.image_of_sample])
+        return text_embeds + shift[:, None, :]
+
+
+def test_stage2_methods_can_fuse_visual_information_into_the_text(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    method = FuseMean()
+    with torch.no_grad(), slimvlm.apply(model, method) as handle:
+        fused = model(**inputs).logits[:, -1]
+        assert method.images == [[0], [1]] and handle.stats.visual_tokens == [8, 8]
+
+    class NoFuse(FuseMean):
+        def fuse(self, text_embeds, tokens, context):
+            return text_embeds
+
+    with torch.no_grad(), slimvlm.apply(model, NoFuse()):
+        plain = model(**inputs).logits[:, -1]
+    assert not torch.allclose(fused, plain)

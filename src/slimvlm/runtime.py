@@ -201,13 +201,23 @@ class Runtime:
         tokens, vision_trace = adapter.encode(arguments["pixel_values"], stage1[0] if stage1 else None)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
         projected = tokens.counts.tolist()
-        context = PromptContext(input_ids=input_ids, image_of_sample=[])
+        images_per_sample = ((input_ids == adapter.image_token_id).sum(dim=1) // adapter.tokens_per_image).tolist()
+        starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
+        context = PromptContext(
+            input_ids=input_ids,
+            attention_mask=arguments.get("attention_mask"),
+            text_embeds=adapter.embed(input_ids),
+            image_of_sample=[list(range(start, start + n)) for start, n in zip(starts, images_per_sample)],
+        )
         for method in self._by_stage[Stage.PROJECT]:
             tokens = method.project(tokens, context)
+        text_embeds = context.text_embeds
+        for method in self._by_stage[Stage.PROJECT]:
+            text_embeds = method.fuse(text_embeds, tokens, context)
 
         rebuilt = rebuild(
             input_ids,
-            adapter.embed(input_ids),
+            text_embeds,
             arguments.get("attention_mask"),
             arguments.get("position_ids"),
             arguments.get("labels"),

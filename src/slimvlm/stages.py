@@ -7,7 +7,7 @@ VisualTokens, never model modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable, ClassVar
 
@@ -45,10 +45,16 @@ class EncoderAttention:
 
 @dataclass
 class PromptContext:
-    """What stage-2 methods may read besides the visual tokens: the prompt of each image."""
+    """What stage-2 methods may read besides the visual tokens: the prompts.
+
+    input_ids, attention_mask: (B, L) as given; text_embeds: (B, L, D) their embeddings (image
+    placeholders included); image_of_sample: per sample, the indices of its images in the batch.
+    """
 
     input_ids: torch.Tensor
-    image_of_sample: list[list[int]]
+    attention_mask: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_of_sample: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +130,11 @@ class Method:
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
         """On the projected visual tokens, before they enter the LLM."""
         return tokens
+
+    def fuse(self, text_embeds: torch.Tensor, tokens: VisualTokens, context: PromptContext) -> torch.Tensor:
+        """After `project`: the text embeddings (B, L, D) the LLM will see, e.g. with the visual
+        information fused into them before the visual tokens are compressed (LLaVA-Mini)."""
+        return text_embeds
 
     # stage 3 -----------------------------------------------------------------
     def prefill_keep(self, layer: PrefillLayer) -> torch.Tensor:
