@@ -296,3 +296,21 @@ class DualSpeed:
             total = ce + self.lam * self.tau**2 * kl
         info = {"mode": mode, "ce": float(ce.detach()), "kl": float(kl.detach()), "loss": float(total.detach())}
         return total, info
+
+
+class DualSpeedModule(nn.Module):
+    """The model and its isolator as one module, so data parallelism (DDP under `torchrun` or
+    `accelerate launch`) averages the isolator's gradient with the model's: wrap it with
+    `DistributedDataParallel(module, find_unused_parameters=True)` (a slow step does not use the
+    isolator) and call `module(step, **batch)` for the step's loss. Every rank picks the same mode
+    for a step (see `DualSpeed.step_mode`), so the ranks run the same graph."""
+
+    def __init__(self, dual: DualSpeed) -> None:
+        super().__init__()
+        self.model = dual.model
+        self.isolator = dual.isolator
+        self._dual = dual
+
+    def forward(self, step: int, **batch: torch.Tensor) -> torch.Tensor:
+        loss, _ = self._dual.loss(batch, step)
+        return loss
