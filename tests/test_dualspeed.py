@@ -174,3 +174,29 @@ def test_refuses_a_pruner_outside_stage_2(fresh):
         DualSpeed(model, pruner="fastv:k=2,ratio=0.5")
 
 
+
+
+def test_trains_with_transformers_trainer(tiny_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from slimvlm.testbed.build import format_prompt, load
+    from slimvlm.train import dualspeed_trainer
+    from conftest import images
+
+    model, processor = load(tiny_dir)
+    model.train()
+    prompts = [format_prompt("what color is the circle ?") + " red", format_prompt("is there a square ?") + " yes"]
+    inputs = processor(images=images(2), text=prompts, return_tensors="pt", padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    rows = [{"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i],
+             "pixel_values": inputs["pixel_values"][i], "labels": labels[i]} for i in range(2)] * 2
+    dual = DualSpeed(model, pruner="divprune:budget=16", r=0.5, seed=3)
+    before = dual.isolator.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                             report_to=[], remove_unused_columns=False, use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = dualspeed_trainer(dual, args, rows)
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(dual.isolator.detach(), before)  # the isolator is among the trained parameters
+    assert "forward" not in model.__dict__
