@@ -33,7 +33,7 @@ def test_demo_writes_report(tiny, tiny_dir, tmp_path):
     assert main(["demo", "--model", str(tiny_dir), "--samples", "2", "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())["summary"]
     skipped = {name for name, spec in budget_specs(tiny[0], BUDGETS[0]).items() if spec is None}
-    assert skipped == {"dymu"}  # needs a calibration file the demo does not have
+    assert skipped == {"dymu", "llava-mini"}  # they need a calibration file or trained weights the demo does not have
     assert len(summary) == 1 + len(BUDGETS) * (len(methods()) - 1 - len(skipped))
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 10_000
     assert (out / "merges.png").stat().st_size > 10_000

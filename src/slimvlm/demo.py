@@ -38,6 +38,8 @@ def budget_specs(model, budget: int) -> dict[str, Spec]:
         "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
         # its thresholds come from `slimvlm calibrate`, a file the demo does not have: skipped
         "dymu": None,
+        # its queries and pre-fusion layers must be trained first; the demo has no weights: skipped
+        "llava-mini": None,
     }
     missing = set(methods()) - set(specs) - {"none"}
     if missing:

@@ -210,13 +210,16 @@ class LlavaAdapter:
         return list(cache.layers)
 
     # ---- an attention core of slimvlm's own (VTU) -------------------------------------------
+    def position_embeddings(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's rotary (cos, sin) for position ids (B, L), as its decoder layers take them."""
+        return self.language_model.rotary_emb(like, position_ids=positions)
+
     def rotary(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LM's (cos, sin) for position ids (B, L); they compose (R_a R_b = R_{a+b}) only for
-        plain rotations, so scaled rotary variants are refused."""
-        rotary = self.language_model.rotary_emb
-        if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        """position_embeddings for rotations that must compose (R_a R_b = R_{a+b}), which holds only
+        for plain RoPE: scaled rotary variants are refused."""
+        if getattr(self.language_model.rotary_emb, "attention_scaling", 1.0) != 1.0:
             raise SlimVLMError("this LM's rotary embedding is scaled (e.g. YaRN); virtual unmerging needs plain RoPE")
-        return rotary(like, position_ids=positions)
+        return self.position_embeddings(like, positions)
 
     def override_attention(self, layer: int, core) -> callable:
         """Run LLM layer `layer`'s attention with `core(module, q, k, v, mask) -> (B, L, H, d)`

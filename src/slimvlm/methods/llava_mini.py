@@ -1,0 +1,342 @@
+"""LLaVA-Mini (Zhang et al., 2025, arXiv 2501.03895): compress each image to C visual tokens
+with learnable queries, and fuse the visual information into the text beforehand (stage 2).
+
+Two learned modules (the inference side; training them is a separate step):
+
+* compressor: C learnable queries (C, D) cross-attend (one multi-head attention) over the
+  projected visual tokens of an image; a fixed 2D sin-cos encoding of each token's patch
+  position is added to the keys (not to the values). Output: (images, C, D).
+* prefusion: `layers` decoder layers of the LM's own class (the paper uses 4), run per sample
+  over [all visual tokens of its images (uncompressed), then its text tokens], with the LM's
+  rotary embedding at positions 0..n-1 and a causal mask over the whole sequence, as in the
+  authors' code (`encode_images_mini`: `_prepare_4d_causal_attention_mask` over
+  [image features; text embeddings], padding and image placeholders masked, positions = running
+  count of valid tokens). The outputs at the text positions replace the text embeddings;
+  padding and image placeholders keep theirs (rebuild replaces the placeholders).
+
+Spec: "llava-mini:budget=16,layers=4,weights=FOLDER". Without weights the modules are freshly
+initialised from `seed` (for training and tests) - such a model is untrained and its answers
+meaningless. The modules are built for a model when the method is applied (or by `build(model)`
+beforehand, e.g. to hand `parameters()` to an optimizer); autograd is left on so that the
+model's loss trains them.
+
+Deviations from the authors' code, all for the stage-2 frame slimvlm gives: the compressor reads
+the *projected* tokens (the authors compress CLIP features, then project); it is one plain
+nn.MultiheadAttention (their Qwen-VL-style resampler adds kv projection, layer norms, an output
+projection and a query-grid position encoding); the prefusion text excludes no answer tokens
+(their training code treats labelled tokens as padding; stage 2 does not see labels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SlimVLMError
+from ..models import adapter_for
+from ..registry import register
+from ..stages import Method, PromptContext, Stage, check_budget
+from ..tokens import VisualTokens
+
+WEIGHTS_FILE = "llava_mini.safetensors"
+CONFIG_FILE = "llava_mini.json"
+FORMAT = "slimvlm-llava-mini"
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(n, dim) fixed sin-cos encoding of positions (n,): [sin(p w_k)..., cos(p w_k)...] with
+    w_k = 10000^(-k / (dim/2)), k = 0..dim/2-1 (the MAE / Qwen-VL convention)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angle = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(rows * cols, dim) 2D sin-cos encoding of a patch grid, raster order: patch (r, c) gets
+    [sincos_1d(dim/2, r), sincos_1d(dim/2, c)] (first half the row, second half the column)."""
+    if dim % 4:
+        raise SlimVLMError(f"a 2D sin-cos position encoding needs a width divisible by 4, not {dim}")
+    rows, cols = grid
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    return torch.cat([sincos_1d(dim // 2, r), sincos_1d(dim // 2, c)], dim=1).float()
+
+
+class LlavaMiniModules(nn.Module):
+    """The compressor and pre-fusion layers for one LLaVA config.
+
+    config: the LlavaConfig; layer_class: the LM's decoder-layer class (built as
+    layer_class(config.text_config, layer_idx)); budget: C queries; layers: pre-fusion layers.
+    """
+
+    def __init__(self, config, layer_class: type[nn.Module], budget: int, layers: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        text = config.text_config
+        vision = config.vision_config
+        self.hidden = int(text.hidden_size)
+        side = vision.image_size // vision.patch_size
+        self.grid = (side, side)
+        self.budget = int(budget)
+        self.num_layers = int(layers)
+        self.layer_class = layer_class.__name__
+        self.num_heads = int(text.num_attention_heads)
+        if self.budget < 1:
+            raise SlimVLMError(f"budget={budget} must be at least 1 token")
+        if self.num_layers < 0:
+            raise SlimVLMError(f"layers={layers} must be 0 or more")
+        if self.hidden % self.num_heads:
+            raise SlimVLMError(f"hidden size {self.hidden} is not divisible by {self.num_heads} heads")
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        std = float(getattr(text, "initializer_range", 0.02))
+        self.queries = nn.Parameter(torch.randn(self.budget, self.hidden, generator=generator) * std)
+        self.attention = nn.MultiheadAttention(self.hidden, self.num_heads, batch_first=True)
+        self.prefusion = nn.ModuleList([layer_class(text, index) for index in range(self.num_layers)])
+        with torch.no_grad():  # deterministic init, independent of the global RNG
+            for name, param in self.named_parameters():
+                if name == "queries":
+                    continue
+                if "norm" in name and param.dim() == 1:
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        self.register_buffer("position", sincos_2d(self.hidden, self.grid), persistent=False)
+
+    # ---- identity and files --------------------------------------------------------------------
+    def identity(self) -> dict:
+        return {
+            "format": FORMAT,
+            "hidden_size": self.hidden,
+            "grid": list(self.grid),
+            "budget": self.budget,
+            "layers": self.num_layers,
+            "layer_class": self.layer_class,
+            "num_heads": self.num_heads,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """folder/llava_mini.safetensors (float32 weights) + folder/llava_mini.json (identity)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().float().cpu().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (folder / CONFIG_FILE).write_text(json.dumps(self.identity(), indent=2) + "\n")
+        return folder
+
+    @staticmethod
+    def read_identity(folder: str | Path) -> dict:
+        folder = Path(folder)
+        path = folder / CONFIG_FILE
+        if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise SlimVLMError(f"no LLaVA-Mini weights in {folder} (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
+        identity = json.loads(path.read_text())
+        if identity.get("format") != FORMAT:
+            raise SlimVLMError(f"{path} is not a slimvlm LLaVA-Mini config (format {identity.get('format')!r})")
+        return identity
+
+    def load(self, folder: str | Path) -> None:
+        """Load weights saved by save(), refusing a file made for other modules or another model."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        saved = self.read_identity(folder)
+        mine = self.identity()
+        for key in ("hidden_size", "grid", "budget", "layers", "layer_class", "num_heads"):
+            if saved.get(key) != mine[key]:
+                raise SlimVLMError(
+                    f"the LLaVA-Mini weights in {folder} were made for {key}={saved.get(key)}, this model/method has {mine[key]}"
+                )
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+        expected = self.state_dict()
+        if set(tensors) != set(expected):
+            raise SlimVLMError(f"the LLaVA-Mini weights in {folder} do not hold the expected tensors")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise SlimVLMError(f"{name} has shape {tuple(tensor.shape)} in {folder}, expected {tuple(expected[name].shape)}")
+        with torch.no_grad():
+            for name, param in self.state_dict().items():
+                param.copy_(tensors[name].to(param.device, param.dtype))
+
+    # ---- compute -------------------------------------------------------------------------------
+    def key_positions(self, tokens: VisualTokens) -> torch.Tensor:
+        """(I, N, D) the 2D encoding of each token's first patch; 0 for the class token and padding."""
+        origin = tokens.origin
+        inside = (origin >= 0) & (origin < self.position.shape[0]) & tokens.valid
+        table = self.position.to(device=tokens.x.device, dtype=tokens.x.dtype)
+        return torch.where(inside[..., None], table[origin.clamp(0, self.position.shape[0] - 1)], torch.zeros_like(tokens.x))
+
+    def compress(self, tokens: VisualTokens) -> torch.Tensor:
+        """(I, C, D): the queries' cross-attention over each image's tokens."""
+        if tokens.grid != self.grid:
+            raise SlimVLMError(f"the tokens come from a {tokens.grid} grid, the LLaVA-Mini modules were built for {self.grid}")
+        dtype = self.queries.dtype
+        x = tokens.x.to(dtype)
+        keys = x + self.key_positions(tokens).to(dtype)
+        queries = self.queries[None].expand(x.shape[0], -1, -1)
+        out, _ = self.attention(queries, keys, x, key_padding_mask=~tokens.valid, need_weights=False)
+        return out
+
+    def prefuse(self, sequence: torch.Tensor, valid: torch.Tensor, rotary) -> torch.Tensor:
+        """Run the pre-fusion layers over sequence (B, n, D) whose valid (B, n) tokens come first
+        in each row: causal attention among valid tokens, rotary positions 0..n-1."""
+        batch, length, _ = sequence.shape
+        device = sequence.device
+        x = sequence.to(self.queries.dtype)
+        positions = torch.arange(length, device=device).expand(batch, -1)
+        embeddings = rotary(x, positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+        mask = torch.zeros(batch, 1, length, length, dtype=x.dtype, device=device)
+        mask = mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
+        for layer in self.prefusion:
+            out = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+
+@register
+class LlavaMini(Method):
+    """LLaVA-Mini at stage 2: `budget` query tokens per image, text pre-fused with the visual tokens.
+
+    The compressed tokens do not correspond to patches: each stands for all patches/C of its
+    image (size patches/C), their origins are 0..C-1 (query order) and no patch maps to them
+    (patch_to_token = -1, so the source map is empty).
+    """
+
+    name = "llava-mini"
+    description = "LLaVA-Mini: C learnable queries compress each image; pre-fusion layers fuse vision into the text (Zhang et al. '25)"
+    stages = frozenset({Stage.PROJECT})
+
+    def __init__(self, budget: int | None = None, layers: int | None = None, weights: str | None = None, seed: int = 0) -> None:
+        saved = LlavaMiniModules.read_identity(weights) if weights is not None else None
+        if budget is None:
+            budget = saved["budget"] if saved else 64
+        if layers is None:
+            layers = saved["layers"] if saved else 4
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise SlimVLMError(f"budget={budget} must be a whole number of tokens, at least 1")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise SlimVLMError(f"layers={layers} must be a whole number, 0 or more")
+        if saved is not None:
+            for key, value in (("budget", budget), ("layers", layers)):
+                if saved.get(key) != value:
+                    raise SlimVLMError(f"{key}={value} differs from the {saved.get(key)} the weights in {weights} were made with")
+        self.budget = budget
+        self.layers = layers
+        self.weights = None if weights is None else str(weights)
+        self.seed = int(seed)
+        self.modules: LlavaMiniModules | None = None
+        self._rotary: nn.Module | None = None
+        self._image_token_id: int | None = None
+        self._full: VisualTokens | None = None
+
+    # ---- building ------------------------------------------------------------------------------
+    def build(self, model) -> LlavaMiniModules:
+        """The modules for `model` (made once, on the LM's device and dtype, loaded from `weights`
+        if given); later calls check that the model matches them."""
+        config = model.config
+        adapter = adapter_for(model)
+        layer_class = type(adapter.llm_layers[0])
+        if self.modules is None:
+            modules = LlavaMiniModules(config, layer_class, self.budget, self.layers, self.seed)
+            if self.weights is not None:
+                modules.load(self.weights)
+            reference = next(adapter.language_model.parameters())
+            self.modules = modules.to(device=reference.device, dtype=reference.dtype)
+        else:
+            text, vision = config.text_config, config.vision_config
+            side = vision.image_size // vision.patch_size
+            have = (self.modules.hidden, self.modules.grid, self.modules.layer_class)
+            want = (int(text.hidden_size), (side, side), layer_class.__name__)
+            if have != want:
+                raise SlimVLMError(f"this LLaVA-Mini method was built for (hidden, grid, layer) {have}, the model has {want}")
+        self._rotary = adapter.position_embeddings
+        self._image_token_id = int(config.image_token_id)
+        return self.modules
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The learnable parameters (queries, attention, pre-fusion layers); call build(model) first."""
+        if self.modules is None:
+            raise SlimVLMError("build(model) (or apply the method) before asking for its parameters")
+        return list(self.modules.parameters())
+
+    def save(self, folder: str | Path) -> Path:
+        if self.modules is None:
+            raise SlimVLMError("nothing to save: build(model) (or apply the method) first")
+        return self.modules.save(folder)
+
+    def load(self, folder: str | Path) -> None:
+        if self.modules is None:
+            raise SlimVLMError("build(model) (or apply the method) before loading weights into it")
+        self.modules.load(folder)
+
+    def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        check_budget("budget", self.budget, tokens_per_image)
+
+    def check_identity(self, model) -> None:
+        self.build(model)
+
+    # ---- stage 2 -------------------------------------------------------------------------------
+    def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
+        if self.modules is None:
+            raise SlimVLMError("the LLaVA-Mini modules are not built; install the method with slimvlm.apply")
+        counts = tokens.counts
+        if int(counts.min()) < self.budget:
+            raise SlimVLMError(f"budget={self.budget} is more than the {int(counts.min())} tokens an image has here")
+        self._full = tokens
+        compressed = self.modules.compress(tokens).to(tokens.x.dtype)
+        images, budget = compressed.shape[0], self.budget
+        device = tokens.x.device
+        patches = tokens.num_patches
+        return VisualTokens(
+            x=compressed,
+            size=torch.full((images, budget), patches / budget, device=device, dtype=torch.float32),
+            origin=torch.arange(budget, device=device).expand(images, -1).clone(),
+            patch_to_token=torch.full((images, patches), -1, device=device, dtype=torch.long),
+            grid=tokens.grid,
+            has_cls=False,
+        )
+
+    def fuse(self, text_embeds: torch.Tensor, tokens: VisualTokens, context: PromptContext) -> torch.Tensor:
+        full = self._full
+        self._full = None
+        if full is None:
+            raise SlimVLMError("LLaVA-Mini's fuse ran without its project step")
+        batch, length, dim = text_embeds.shape
+        ids = context.input_ids
+        text = ids != self._image_token_id
+        if context.attention_mask is not None:
+            text = text & context.attention_mask.bool()
+        visual = full.split()
+        rows, counts = [], []
+        for b in range(batch):
+            parts = [visual[i] for i in context.image_of_sample[b]] + [text_embeds[b, text[b]]]
+            row = torch.cat([p.to(text_embeds.dtype) for p in parts], dim=0)
+            rows.append(row)
+            counts.append(row.shape[0])
+        width = max(counts)
+        sequence = text_embeds.new_zeros(batch, width, dim)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=text_embeds.device)
+        for b, row in enumerate(rows):
+            sequence[b, : row.shape[0]] = row
+            valid[b, : row.shape[0]] = True
+        fused = self.modules.prefuse(sequence, valid, self._rotary).to(text_embeds.dtype)
+        out = []
+        for b in range(batch):
+            n_text = int(text[b].sum())
+            start = counts[b] - n_text
+            row = text_embeds[b].clone()
+            row[text[b]] = fused[b, start : counts[b]]
+            out.append(row)
+        return torch.stack(out)
+
+    def __repr__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options().items() if v is not None)
+        return f"{self.name}:{opts}" if opts else self.name

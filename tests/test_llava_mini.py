@@ -1,0 +1,158 @@
+"""LLaVA-Mini's inference modules: query compression and modality pre-fusion at stage 2."""
+
+import math
+
+import pytest
+import torch
+
+import slimvlm
+from conftest import batch, select
+from slimvlm.errors import SlimVLMError
+from slimvlm.methods.llava_mini import LlavaMini, sincos_2d
+
+
+def _labels(model, inputs):
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    return labels.masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+def test_sincos_2d_on_a_hand_example():
+    s1, c1 = math.sin(1.0), math.cos(1.0)
+    # width 4: one frequency (1) per half; patch (r, c) -> [sin r, cos r, sin c, cos c], raster order
+    expected = torch.tensor([[0, 1, 0, 1], [0, 1, s1, c1], [s1, c1, 0, 1], [s1, c1, s1, c1]], dtype=torch.float32)
+    assert torch.allclose(sincos_2d(4, (2, 2)), expected, atol=1e-6)
+    # width 8: frequencies 1 and 1/100 per half: [sin r, sin r/100, cos r, cos r/100, (same for c)]
+    table = sincos_2d(8, (2, 2))
+    r, c = 1, 0  # patch 2
+    want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100), math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+    assert torch.allclose(table[2], torch.tensor(want), atol=1e-6)
+    with pytest.raises(SlimVLMError):
+        sincos_2d(6, (2, 2))
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16])
+def test_budget_gives_that_many_tokens_per_image(fresh, budget):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    with torch.no_grad(), slimvlm.apply(model, f"llava-mini:budget={budget},layers=2") as handle:
+        output = model(**inputs)
+        assert handle.stats.visual_tokens == [budget, budget]
+        assert all(all(p == -1 for p in row) for row in handle.stats.sources)
+    assert output.logits.shape[1] == inputs["input_ids"].shape[1] - 576 + budget
+    assert torch.isfinite(output.logits).all()
+
+
+def test_batched_generate_equals_one_by_one(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 3, seed=1)
+    method = LlavaMini(budget=4, layers=2)
+    with torch.no_grad(), slimvlm.apply(model, method) as handle:
+        batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        assert handle.stats.visual_tokens == [4, 4, 4]
+        for index in range(3):
+            one = select(inputs, index)
+            alone = model.generate(**one, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+            assert torch.equal(batched.sequences[index, inputs["input_ids"].shape[1]:], alone.sequences[0, one["input_ids"].shape[1]:])
+            for step_batched, step_alone in zip(batched.scores, alone.scores):
+                assert torch.allclose(step_batched[index], step_alone[0], atol=1e-4)
+
+
+def test_fuse_changes_the_text_and_gradients_reach_the_modules(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    method = LlavaMini(budget=4, layers=2)
+    method.build(model)
+    seen = {}
+    original_fuse = method.fuse
+
+    def fuse(text_embeds, tokens, context):
+        out = original_fuse(text_embeds, tokens, context)
+        seen["before"], seen["after"], seen["context"] = text_embeds.detach(), out.detach(), context
+        return out
+
+    method.fuse = fuse
+    labels = _labels(model, inputs)
+    with slimvlm.apply(model, method):
+        loss = model(**inputs, labels=labels).loss
+    context = seen["context"]
+    text = (context.input_ids != model.config.image_token_id) & context.attention_mask.bool()
+    changed = (seen["after"] - seen["before"]).abs().amax(dim=-1) > 0
+    assert torch.equal(changed, text)  # every text token pre-fused; placeholders and padding untouched
+    loss.backward()
+    modules = method.modules
+    assert modules.queries.grad is not None and modules.queries.grad.abs().sum() > 0
+    for layer in modules.prefusion:
+        assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+        assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
+    assert modules.attention.in_proj_weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    model.zero_grad(set_to_none=True)
+
+
+def test_fusion_depends_on_the_image(fresh):
+    model, processor = fresh
+    a, b = batch(processor, 1, seed=0), batch(processor, 1, seed=5)
+    method = LlavaMini(budget=1, layers=1)
+    with torch.no_grad(), slimvlm.apply(model, method):
+        first = model(**a).logits[:, -1]
+        b = dict(b, input_ids=a["input_ids"], attention_mask=a["attention_mask"])
+        second = model(**b).logits[:, -1]
+    assert not torch.allclose(first, second)
+
+
+def test_save_and_load_round_trip(fresh, tmp_path):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    trained = LlavaMini(budget=4, layers=2, seed=3)
+    with torch.no_grad(), slimvlm.apply(model, trained):
+        with torch.no_grad():
+            trained.modules.queries.add_(0.5)  # any change from the seeded init
+        reference = model(**inputs).logits
+    trained.save(tmp_path)
+    assert (tmp_path / "llava_mini.safetensors").is_file() and (tmp_path / "llava_mini.json").is_file()
+    loaded = slimvlm.registry.build(f"llava-mini:weights={tmp_path}")
+    assert (loaded.budget, loaded.layers) == (4, 2)
+    with torch.no_grad(), slimvlm.apply(model, loaded):
+        again = model(**inputs).logits
+    assert torch.equal(reference, again)
+    other = LlavaMini(budget=4, layers=2, seed=9)  # load() into a built instance
+    other.build(model)
+    other.load(tmp_path)
+    with torch.no_grad(), slimvlm.apply(model, other):
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_load_refuses_weights_made_for_something_else(fresh, tmp_path):
+    model, _ = fresh
+    method = LlavaMini(budget=4, layers=1)
+    method.build(model)
+    method.save(tmp_path)
+    with pytest.raises(SlimVLMError, match="budget"):
+        LlavaMini(budget=16, weights=str(tmp_path))
+    with pytest.raises(SlimVLMError, match="layers"):
+        LlavaMini(layers=2, weights=str(tmp_path))
+    other = LlavaMini(budget=16, layers=1)
+    other.build(model)
+    with pytest.raises(SlimVLMError, match="budget=4"):
+        other.load(tmp_path)
+    import json
+
+    identity = json.loads((tmp_path / "llava_mini.json").read_text())
+    identity["hidden_size"] += 4
+    (tmp_path / "llava_mini.json").write_text(json.dumps(identity))
+    with pytest.raises(SlimVLMError, match="hidden_size"):
+        method.load(tmp_path)
+    with pytest.raises(SlimVLMError, match="no LLaVA-Mini weights"):
+        LlavaMini(weights=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("spec", ["llava-mini:budget=0", "llava-mini:budget=-3", "llava-mini:layers=-1", "llava-mini:budget=2.5"])
+def test_bad_options_are_refused(spec):
+    with pytest.raises(SlimVLMError):
+        slimvlm.registry.build(spec)
+
+
+def test_budget_over_the_tokens_of_an_image_is_refused(fresh):
+    model, _ = fresh
+    with pytest.raises(SlimVLMError, match="larger than"):
+        slimvlm.apply(model, "llava-mini:budget=577,layers=0")
