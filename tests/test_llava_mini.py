@@ -72,12 +72,14 @@ def test_fuse_changes_the_text_and_gradients_reach_the_modules(fresh):
 
     method.fuse = fuse
     labels = _labels(model, inputs)
+    labels[:, :-2] = -100  # the answer: the last two tokens (left padding)
     with slimvlm.apply(model, method):
         loss = model(**inputs, labels=labels).loss
     context = seen["context"]
     text = (context.input_ids != model.config.image_token_id) & context.attention_mask.bool()
     changed = (seen["after"] - seen["before"]).abs().amax(dim=-1) > 0
-    assert torch.equal(changed, text)  # every text token pre-fused; placeholders and padding untouched
+    # every unlabelled text token pre-fused; the answer, placeholders and padding untouched
+    assert torch.equal(changed, text & (labels == -100))
     loss.backward()
     modules = method.modules
     assert modules.queries.grad is not None and modules.queries.grad.abs().sum() > 0
@@ -87,6 +89,47 @@ def test_fuse_changes_the_text_and_gradients_reach_the_modules(fresh):
     assert modules.attention.in_proj_weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     model.zero_grad(set_to_none=True)
+
+
+def test_labelled_tokens_are_left_out_of_the_prefusion(fresh):
+    """A labelled token keeps its raw embedding, and the tokens after it are fused as if it were
+    not in the sequence at all (the authors treat labelled tokens as padding in pre-fusion)."""
+    model, processor = fresh
+    one = select(batch(processor, 1), 0)
+    method = LlavaMini(budget=4, layers=2, seed=1)
+    method.build(model)
+    seen = []
+    original_fuse = method.fuse
+
+    def fuse(text_embeds, tokens, context):
+        out = original_fuse(text_embeds, tokens, context)
+        seen.append((text_embeds.detach(), out.detach()))
+        return out
+
+    method.fuse = fuse
+    ids = one["input_ids"]
+    length = ids.shape[1]
+    k = length - 4  # a question token after the image, followed by unlabelled tokens
+    assert int(ids[0, k]) != model.config.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[0, k] = ids[0, k]
+    labels[0, -1] = ids[0, -1]
+    keep = torch.ones(length, dtype=torch.bool)
+    keep[k] = False
+    without = {"input_ids": ids[:, keep], "attention_mask": one["attention_mask"][:, keep], "pixel_values": one["pixel_values"]}
+    labels_without = labels[:, keep]
+    with torch.no_grad(), slimvlm.apply(model, method):
+        model(**one, labels=labels)
+        model(**without, labels=labels_without)
+        model(**one)  # no labels (inference): every text token is fused
+    (raw, fused), (_, fused_without), (_, fused_all) = seen
+    assert torch.equal(fused[0, k], raw[0, k]) and torch.equal(fused[0, -1], raw[0, -1])
+    assert torch.allclose(fused[0, keep], fused_without[0], atol=1e-5)
+    assert not torch.allclose(fused[0, k + 1], fused_all[0, k + 1])  # k would have been seen otherwise
+    assert torch.allclose(fused[0, :k], fused_all[0, :k], atol=1e-5)
+    with pytest.raises(SlimVLMError):
+        with torch.no_grad(), slimvlm.apply(model, method):
+            model(**one, labels=labels[:, 1:])
 
 
 def test_fusion_depends_on_the_image(fresh):

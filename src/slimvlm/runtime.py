@@ -208,6 +208,7 @@ class Runtime:
             attention_mask=arguments.get("attention_mask"),
             text_embeds=adapter.embed(input_ids),
             image_of_sample=[list(range(start, start + n)) for start, n in zip(starts, images_per_sample)],
+            labels=arguments.get("labels"),
         )
         for method in self._by_stage[Stage.PROJECT]:
             tokens = method.project(tokens, context)

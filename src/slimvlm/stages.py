@@ -48,13 +48,16 @@ class PromptContext:
     """What stage-2 methods may read besides the visual tokens: the prompts.
 
     input_ids, attention_mask: (B, L) as given; text_embeds: (B, L, D) their embeddings (image
-    placeholders included); image_of_sample: per sample, the indices of its images in the batch.
+    placeholders included); image_of_sample: per sample, the indices of its images in the batch;
+    labels: the forward's labels (B, L) when training (-100 where no loss is taken), else None,
+    so that training-time fusion can leave the answer tokens out (LLaVA-Mini).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     image_of_sample: list[list[int]] = field(default_factory=list)
+    labels: torch.Tensor | None = None
 
 
 @dataclass

@@ -12,7 +12,10 @@ Two learned modules (the inference side; training them is a separate step):
   authors' code (`encode_images_mini`: `_prepare_4d_causal_attention_mask` over
   [image features; text embeddings], padding and image placeholders masked, positions = running
   count of valid tokens). The outputs at the text positions replace the text embeddings;
-  padding and image placeholders keep theirs (rebuild replaces the placeholders).
+  padding and image placeholders keep theirs (rebuild replaces the placeholders). When the
+  forward is given labels (training), every labelled position (label != -100: the answer) is
+  left out of the pre-fusion sequence and keeps its raw embedding, as the authors' training code
+  does (it treats labelled tokens as padding) and as generated tokens do at inference.
 
 Spec: "llava-mini:budget=16,layers=4,weights=FOLDER". Without weights the modules are freshly
 initialised from `seed` (for training and tests) - such a model is untrained and its answers
@@ -23,8 +26,7 @@ model's loss trains them.
 Deviations from the authors' code, all for the stage-2 frame slimvlm gives: the compressor reads
 the *projected* tokens (the authors compress CLIP features, then project); it is one plain
 nn.MultiheadAttention (their Qwen-VL-style resampler adds kv projection, layer norms, an output
-projection and a query-grid position encoding); the prefusion text excludes no answer tokens
-(their training code treats labelled tokens as padding; stage 2 does not see labels).
+projection and a query-grid position encoding). Training: see slimvlm.train.llava_mini.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 from ..errors import SlimVLMError
 from ..models import adapter_for
 from ..registry import register
+from ..sequence import IGNORE_INDEX
 from ..stages import Method, PromptContext, Stage, check_budget
 from ..tokens import VisualTokens
 
@@ -314,6 +317,10 @@ class LlavaMini(Method):
         text = ids != self._image_token_id
         if context.attention_mask is not None:
             text = text & context.attention_mask.bool()
+        if context.labels is not None:  # training: the answer keeps its raw embeddings
+            if context.labels.shape != ids.shape:
+                raise SlimVLMError(f"labels {tuple(context.labels.shape)} do not match input_ids {tuple(ids.shape)}")
+            text = text & (context.labels == IGNORE_INDEX)
         visual = full.split()
         rows, counts = [], []
         for b in range(batch):

@@ -1,5 +1,15 @@
-"""Training-time methods (stage 5): DualSpeed."""
+"""Training-time methods (stage 5): DualSpeed; training LLaVA-Mini's modules."""
 
 from .dualspeed import DualSpeed, DualSpeedModule, ModeIsolator, distillation_kl, dualspeed_trainer, step_uniform
+from .llava_mini import LlavaMiniModule, llava_mini_trainer
 
-__all__ = ["DualSpeed", "DualSpeedModule", "ModeIsolator", "distillation_kl", "dualspeed_trainer", "step_uniform"]
+__all__ = [
+    "DualSpeed",
+    "DualSpeedModule",
+    "LlavaMiniModule",
+    "ModeIsolator",
+    "distillation_kl",
+    "dualspeed_trainer",
+    "llava_mini_trainer",
+    "step_uniform",
+]

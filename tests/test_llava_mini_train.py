@@ -1,0 +1,97 @@
+"""Training LLaVA-Mini's modules with a transformers Trainer (slimvlm.train.llava_mini)."""
+
+import pytest
+import torch
+
+import slimvlm
+from conftest import images
+from slimvlm.errors import SlimVLMError
+from slimvlm.methods.llava_mini import LlavaMini
+from slimvlm.testbed.build import format_prompt, load
+
+
+def _rows(model, processor):
+    """Two left-padded samples, each labelled on its last (answer) token only, repeated twice."""
+    prompts = [format_prompt("what color is the circle ?") + " red", format_prompt("is there a square ?") + " yes"]
+    inputs = processor(images=images(2), text=prompts, return_tensors="pt", padding=True)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -1] = inputs["input_ids"][:, -1]
+    rows = [{"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i],
+             "pixel_values": inputs["pixel_values"][i], "labels": labels[i]} for i in range(2)] * 2
+    return rows, inputs
+
+
+def _train(tmp_path, method, model, rows, **kwargs):
+    from transformers import TrainingArguments
+
+    from slimvlm.train import llava_mini_trainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                             report_to=[], remove_unused_columns=False, use_cpu=True, save_strategy="no", logging_steps=1)
+    result = llava_mini_trainer(method, model, args, rows, **kwargs).train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def _state(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_trainer_trains_the_modules_and_the_llm_and_the_saved_modules_load_back(tiny_dir, tmp_path):
+    model, processor = load(tiny_dir)  # its own copy: training changes its weights
+    model.train()
+    rows, inputs = _rows(model, processor)
+    method = LlavaMini(budget=4, layers=1, seed=2)
+    modules = method.build(model)
+    queries = modules.queries.detach().clone()
+    q_proj = modules.prefusion[0].self_attn.q_proj.weight.detach().clone()
+    before = _state(model)
+    _train(tmp_path, method, model, rows)
+    assert not torch.equal(modules.queries.detach(), queries)
+    assert not torch.equal(modules.prefusion[0].self_attn.q_proj.weight.detach(), q_proj)
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert any("language_model" in name for name in changed)  # the LLM is fine-tuned too
+    assert "forward" not in model.__dict__ and getattr(model, "_slimvlm_handle", None) is None
+
+    model.eval()
+    with torch.no_grad(), slimvlm.apply(model, method):
+        reference = model(**inputs).logits
+    method.save(tmp_path / "mini")
+    loaded = slimvlm.registry.build(f"llava-mini:weights={tmp_path / 'mini'}")
+    assert (loaded.budget, loaded.layers) == (4, 1)
+    with torch.no_grad(), slimvlm.apply(model, loaded):
+        again = model(**inputs).logits
+    assert torch.equal(reference, again)
+
+
+def test_train_llm_false_trains_only_the_modules(tiny_dir, tmp_path):
+    model, processor = load(tiny_dir)
+    model.train()
+    rows, _ = _rows(model, processor)
+    method = LlavaMini(budget=4, layers=1, seed=2)
+    modules = method.build(model)
+    mini_before = _state(modules)
+    before = _state(model)
+    _train(tmp_path, method, model, rows, train_llm=False)
+    assert all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(not torch.equal(p.detach(), mini_before[name]) for name, p in modules.named_parameters()
+               if name in ("queries", "attention.in_proj_weight", "prefusion.0.self_attn.q_proj.weight"))
+    assert "forward" not in model.__dict__
+
+
+def test_module_refuses_bad_input(tiny, tmp_path):
+    from transformers import TrainingArguments
+
+    from slimvlm.train import LlavaMiniModule, llava_mini_trainer
+
+    model, processor = tiny
+    with pytest.raises(SlimVLMError):
+        LlavaMiniModule("divprune:budget=16", model)
+    module = LlavaMiniModule("llava-mini:budget=4,layers=1", model)
+    rows, inputs = _rows(model, processor)
+    with pytest.raises(SlimVLMError):
+        module(**inputs)  # no labels
+    assert "forward" not in model.__dict__
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)  # remove_unused_columns left True
+    with pytest.raises(SlimVLMError):
+        llava_mini_trainer(LlavaMini(budget=4, layers=1), model, args, rows)
