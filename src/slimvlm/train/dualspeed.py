@@ -318,16 +318,7 @@ class DualSpeedModule(nn.Module):
 
 def dualspeed_trainer(dual: DualSpeed, args, train_dataset, data_collator=None, **kwargs):
     """A `transformers.Trainer` that trains `dual` (model + isolator): each step's loss is
-    `dual.loss(batch, global_step)`. The batches must hold input_ids, attention_mask, pixel_values
-    and labels; set `remove_unused_columns=False` in the TrainingArguments (the module's forward
-    takes **batch)."""
-    from transformers import Trainer
+    `dual.loss(batch, global_step)`. Set `remove_unused_columns=False` in the TrainingArguments."""
+    from .trainer import module_trainer
 
-    class DualSpeedTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = model(self.state.global_step, **inputs)
-            return (loss, None) if return_outputs else loss
-
-    return DualSpeedTrainer(
-        model=DualSpeedModule(dual), args=args, train_dataset=train_dataset, data_collator=data_collator, **kwargs
-    )
+    return module_trainer(DualSpeedModule(dual), args, train_dataset, data_collator, pass_step=True, **kwargs)

@@ -32,6 +32,7 @@ from ..api import apply
 from ..errors import SlimVLMError
 from ..methods.llava_mini import LlavaMini
 from ..registry import build
+from .trainer import module_trainer
 
 
 class LlavaMiniModule(nn.Module):
@@ -87,15 +88,5 @@ def llava_mini_trainer(method: LlavaMini | str, model: nn.Module, args, train_da
     takes **batch). Saving: after `trainer.train()`, write the modules with `method.save(folder)`
     (and the model with `model.save_pretrained` if the LLM was trained) - the Trainer's own
     checkpoints hold the wrapper's state_dict, not the `llava-mini:weights=` format."""
-    from transformers import Trainer
-
-    if getattr(args, "remove_unused_columns", False):
-        raise SlimVLMError("set remove_unused_columns=False in the TrainingArguments (the module's forward takes **batch)")
-
-    class LlavaMiniTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = model(**inputs)
-            return (loss, None) if return_outputs else loss
-
     module = LlavaMiniModule(method, model, train_llm=train_llm)
-    return LlavaMiniTrainer(model=module, args=args, train_dataset=train_dataset, data_collator=data_collator, **kwargs)
+    return module_trainer(module, args, train_dataset, data_collator, **kwargs)

@@ -1,0 +1,24 @@
+"""A transformers.Trainer over a module whose forward returns the step's loss."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import SlimVLMError
+
+
+def module_trainer(module: nn.Module, args, train_dataset, data_collator=None, pass_step: bool = False, **kwargs):
+    """Trainer whose loss is `module(**batch)` (or `module(global_step, **batch)` with pass_step,
+    for methods whose step decides the mode). The batches must hold input_ids, attention_mask,
+    pixel_values and labels, so `args.remove_unused_columns` must be False."""
+    from transformers import Trainer
+
+    if getattr(args, "remove_unused_columns", False):
+        raise SlimVLMError("set remove_unused_columns=False in the TrainingArguments (the module's forward takes **batch)")
+
+    class ModuleTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = model(self.state.global_step, **inputs) if pass_step else model(**inputs)
+            return (loss, None) if return_outputs else loss
+
+    return ModuleTrainer(model=module, args=args, train_dataset=train_dataset, data_collator=data_collator, **kwargs)
