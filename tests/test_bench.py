@@ -1,6 +1,9 @@
 """The FLOPs formula against a hand count on a tiny config; the bench and its CLI on the tiny model."""
 
 import json
+from pathlib import Path
+
+import slimvlm.models.loading
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -95,3 +98,6 @@ def test_bench_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
 def test_cli_reports_bad_input(capsys):
     assert main(["bench", "--model", "/nonexistent", "--device", "cpu"]) == 2
     assert "no model at /nonexistent" in capsys.readouterr().err
+    if not (Path(slimvlm.models.loading.TESTBED) / "config.json").exists():
+        assert main(["demo", "--device", "cpu"]) == 2
+        assert "slimvlm make-tiny DIR" in capsys.readouterr().err

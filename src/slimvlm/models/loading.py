@@ -32,8 +32,12 @@ def load_model(spec: str, device: torch.device, dtype: str = "float32"):
         return random_model(spec.removeprefix("shape:"), device, torch_dtype), None
     folder = TESTBED if spec == "testbed" else Path(spec)
     if not (folder / "config.json").exists():
-        hint = "the testbed weights are not in this install" if spec == "testbed" else "give a local model folder"
-        raise SlimVLMError(f"no model at {folder} (no config.json); {hint}, 'testbed', or 'shape:llava-1.5-7b'")
+        if spec == "testbed":
+            raise SlimVLMError(
+                f"the testbed model is not in this install ({folder} has no config.json); pass --model DIR with a "
+                "local LLaVA folder, e.g. one made by `slimvlm make-tiny DIR`"
+            )
+        raise SlimVLMError(f"no model at {folder} (no config.json); give a local model folder, 'testbed' or 'shape:llava-1.5-7b'")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(
