@@ -1,4 +1,4 @@
-"""The command line: slimvlm bench | methods | make-tiny (and the testbed commands)."""
+"""The command line: slimvlm bench | eval | demo | calibrate | train | methods | make-tiny."""
 
 from __future__ import annotations
 
@@ -106,6 +106,44 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; use it with 'dymu:thresholds={args.out}'")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from transformers import TrainingArguments
+
+    from .models.loading import load_model, resolve_device
+    from .train import DualSpeed, dualspeed_trainer, llava_mini_trainer
+    from .train.data import SceneCollator, training_scenes
+
+    device = resolve_device(args.device)
+    model, processor = load_model(args.model, device, "float32")
+    if processor is None:
+        raise SlimVLMError(f"{args.model} has no processor; training on testbed scenes needs one")
+    model.train()
+    out = Path(args.out)
+    training = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, report_to=[], remove_unused_columns=False, save_strategy="no",
+        logging_steps=max(1, args.steps // 20), use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+    )
+    data, collator = training_scenes(args.samples, args.seed), SceneCollator(processor)
+    if args.method == "dualspeed":
+        dual = DualSpeed(model, pruner=args.pruner, r=args.r, isolator_length=args.isolator_length, lam=args.lam, tau=args.tau)
+        dualspeed_trainer(dual, training, data, collator).train()
+        dual.save(out)
+    elif args.method == "llava-mini":
+        from .methods.llava_mini import LlavaMini
+
+        method = LlavaMini(budget=args.budget, layers=args.layers)
+        llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm).train()
+        method.save(out)
+    else:
+        raise SlimVLMError(f"slimvlm train knows 'dualspeed' and 'llava-mini', not {args.method!r}")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"wrote {out}")
+
+
 def _methods(_args: argparse.Namespace) -> None:
     from .registry import PRESETS, methods
 
@@ -174,6 +212,26 @@ def parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--dtype", default="float32")
     calibrate.set_defaults(run=_calibrate)
+
+    train = sub.add_parser("train", help="train with fewer tokens on testbed scenes: dualspeed or llava-mini")
+    train.add_argument("--method", required=True, help="'dualspeed' or 'llava-mini'")
+    train.add_argument("--model", default="testbed")
+    train.add_argument("--out", required=True, help="folder for the model, processor and the method's weights")
+    train.add_argument("--samples", type=int, default=2000, help="training scenes (train split)")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--pruner", default="divprune:ratio=0.1", help="dualspeed: the fast mode's pruner")
+    train.add_argument("--r", type=float, default=0.1, help="dualspeed: probability of a slow step")
+    train.add_argument("--isolator-length", type=int, default=4)
+    train.add_argument("--lam", type=float, default=1.0)
+    train.add_argument("--tau", type=float, default=1.0)
+    train.add_argument("--budget", type=int, default=64, help="llava-mini: visual tokens per image")
+    train.add_argument("--layers", type=int, default=4, help="llava-mini: pre-fusion layers")
+    train.add_argument("--freeze-llm", action="store_true", help="llava-mini: train only its modules")
+    train.set_defaults(run=_train)
 
     listing = sub.add_parser("methods", help="list methods, their stages and options")
     listing.set_defaults(run=_methods)
