@@ -73,10 +73,13 @@ class LlavaMiniModules(nn.Module):
     """The compressor and pre-fusion layers for one LLaVA config.
 
     config: the LlavaConfig; layer_class: the LM's decoder-layer class (built as
-    layer_class(config.text_config, layer_idx)); budget: C queries; layers: pre-fusion layers.
+    layer_class(config.text_config, layer_idx)); budget: C queries; layers: pre-fusion layers;
+    seed, device: the initial weights are drawn from `seed` by a generator on `device` (the same
+    seed gives the same weights on the same kind of device).
     """
 
-    def __init__(self, config, layer_class: type[nn.Module], budget: int, layers: int = 4, seed: int = 0) -> None:
+    def __init__(self, config, layer_class: type[nn.Module], budget: int, layers: int = 4, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         super().__init__()
         text = config.text_config
         vision = config.vision_config
@@ -93,11 +96,19 @@ class LlavaMiniModules(nn.Module):
             raise SlimVLMError(f"layers={layers} must be 0 or more")
         if self.hidden % self.num_heads:
             raise SlimVLMError(f"hidden size {self.hidden} is not divisible by {self.num_heads} heads")
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        device = torch.device(device)
+        generator = torch.Generator(device=device).manual_seed(int(seed))  # the numbers depend on the device kind
         std = float(getattr(text, "initializer_range", 0.02))
-        self.queries = nn.Parameter(torch.randn(self.budget, self.hidden, generator=generator) * std)
-        self.attention = nn.MultiheadAttention(self.hidden, self.num_heads, batch_first=True)
-        self.prefusion = nn.ModuleList([layer_class(text, index) for index in range(self.num_layers)])
+        self.queries = nn.Parameter(torch.randn(self.budget, self.hidden, generator=generator, device=device) * std)
+        # built on the meta device and then allocated: every parameter is set below, so the layers'
+        # own (costly) default init is skipped - 4 layers of a 7B LM take seconds instead of a minute
+        with torch.device("meta"):
+            attention = nn.MultiheadAttention(self.hidden, self.num_heads, batch_first=True)
+            prefusion = nn.ModuleList([layer_class(text, index) for index in range(self.num_layers)])
+        if any(True for _ in attention.buffers()) or any(True for _ in prefusion.buffers()):
+            raise SlimVLMError(f"{self.layer_class} holds buffers; LLaVA-Mini pre-fusion supports layers made of parameters only")
+        self.attention = attention.to_empty(device=device)
+        self.prefusion = prefusion.to_empty(device=device)
         with torch.no_grad():  # deterministic init, independent of the global RNG
             for name, param in self.named_parameters():
                 if name == "queries":
@@ -107,8 +118,8 @@ class LlavaMiniModules(nn.Module):
                 elif name.endswith("bias"):
                     param.zero_()
                 else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * std)
-        self.register_buffer("position", sincos_2d(self.hidden, self.grid), persistent=False)
+                    param.normal_(0.0, std, generator=generator)  # the same numbers as randn(...) * std
+        self.register_buffer("position", sincos_2d(self.hidden, self.grid).to(device), persistent=False)
 
     # ---- identity and files --------------------------------------------------------------------
     def identity(self) -> dict:
@@ -248,10 +259,11 @@ class LlavaMini(Method):
         adapter = adapter_for(model)
         layer_class = type(adapter.llm_layers[0])
         if self.modules is None:
-            modules = LlavaMiniModules(config, layer_class, self.budget, self.layers, self.seed)
+            reference = next(adapter.language_model.parameters())
+            # initialised on the LM's device (a CUDA init differs from a CPU one of the same seed)
+            modules = LlavaMiniModules(config, layer_class, self.budget, self.layers, self.seed, device=reference.device)
             if self.weights is not None:
                 modules.load(self.weights)
-            reference = next(adapter.language_model.parameters())
             self.modules = modules.to(device=reference.device, dtype=reference.dtype)
         else:
             text, vision = config.text_config, config.vision_config

@@ -37,3 +37,24 @@ class SceneCollator:
 def training_scenes(count: int, seed: int = 0) -> list[scenes.Sample]:
     """`count` question-answer samples from the train split (never a held-out scene)."""
     return scenes.make_samples(count, seed=seed, split="train")
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """`length` train-split samples drawn on demand (so DataLoader workers render them in
+    parallel): item i is the first askable scene of seed `seed + i` for question type i mod 8, so
+    the types stay balanced, every item is deterministic and none is a held-out scene."""
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        if length < 1:
+            raise ValueError(f"length must be at least 1, got {length}")
+        self.length = int(length)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> scenes.Sample:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        kind = scenes.QUESTION_TYPES[index % len(scenes.QUESTION_TYPES)]
+        return scenes.make_samples(1, seed=self.seed + index, split="train", question_types=(kind,))[0]

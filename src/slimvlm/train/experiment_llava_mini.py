@@ -1,0 +1,381 @@
+"""LLaVA-Mini at several budgets on the testbed: train, save, evaluate, compare (issue 6, item 5).
+
+    python -m slimvlm.train.experiment_llava_mini --model models/tb --out reports/llava_mini \
+        --budgets 1,4,16,64 --steps 400 --batch-size 32 --eval-samples 400 --device cuda
+
+For each budget C: a fresh copy of the model; LLaVA-Mini's compressor (C queries) and pre-fusion
+layers are built and trained together with the projector and the language model, the vision
+tower frozen - the paper's instruction-tuning stage (Zhang et al. 2025, sec. 4: "the compression
+and modality pre-fusion modules are trained with the LLM"; the CLIP encoder stays frozen).
+`--freeze-llm` trains the modules alone. Training runs through `llava_mini_trainer`
+(transformers.Trainer) on train-split scenes drawn by DataLoader workers; the modules are saved
+as safetensors + JSON (`llava-mini:weights=DIR`) and, when the LLM was trained, the model beside
+them (`DIR/model`). Each is then evaluated on the same held-out scenes through
+`slimvlm.apply(model, "llava-mini:weights=DIR")` + `generate()` (slimvlm.bench.evaluate), with the
+untouched model ("none") and training-free methods at the same budgets as references.
+
+Written to --out: results.json (every row, the settings, the command) and results.md (a table).
+Per row: budget, train wall seconds, accuracy and retention (accuracy / untouched accuracy),
+visual tokens per image, prefill FLOPs ratio to the untouched model on this model, KV-cache bytes
+per image (bf16) on this model and on the LLaVA-1.5-7B shape.
+
+FLOPs: slimvlm.bench.flops counts the vision encoder, projector and LLM prefill from the run's
+stats; LLaVA-Mini's pre-fusion layers run outside the LLM, so they are added here:
+`layers` x llm_layer_prefill_flops(n) per sample, n = that sample's visual tokens (uncompressed)
++ its text tokens (the pre-fusion sequence at inference). The compressor's cross-attention
+(C queries over 576 keys: 2 C 576 D x 2 plus the 4 D^2 projections) is below 0.1% and not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..bench import flops as flops_mod
+from ..bench.evaluate import MethodResult, evaluate, from_sample
+from ..bench.shapes import shape_config
+from ..errors import SlimVLMError
+from ..testbed.build import format_prompt
+
+SHAPE_7B = "llava-1.5-7b"
+KV_BYTES = 2  # bf16 cache, as served
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise SlimVLMError(f"--budgets must be comma-separated whole numbers, not {text!r}") from error
+    if not budgets or any(b < 1 for b in budgets):
+        raise SlimVLMError(f"--budgets needs at least one budget, each at least 1 token: {text!r}")
+    return budgets
+
+
+def baseline_specs(budgets: list[int], names: list[str]) -> list[str]:
+    """Training-free methods at the budgets: divprune at any budget; visionzip at budgets of 16 or
+    more (its dominant/contextual split as the authors' 54/10 at 64: contextual = C * 10 // 64)."""
+    specs = []
+    for name in names:
+        for budget in budgets:
+            if name == "divprune":
+                specs.append(f"divprune:budget={budget}")
+            elif name == "visionzip":
+                if budget >= 16:
+                    contextual = max(1, budget * 10 // 64)
+                    specs.append(f"visionzip:dominant={budget - contextual},contextual={contextual}")
+            elif name in ("pool", "uniform", "random"):
+                specs.append(f"{name}:budget={budget}")
+            else:
+                raise SlimVLMError(f"unknown baseline {name!r}; use divprune, visionzip, pool, uniform or random")
+    return specs
+
+
+# ------------------------------------------------------------------------------- measures
+
+
+def text_lengths(processor, items) -> list[int]:
+    """Per item, its prompt's text tokens (bos and question, image placeholder excluded)."""
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    return [sum(1 for i in processor.tokenizer(format_prompt(item.question))["input_ids"] if i != image_id) for item in items]
+
+
+def prefusion_flops(config, layers: int, lengths: list[int]) -> int:
+    """FLOPs of `layers` pre-fusion layers (the LM's own layers) over sequences of `lengths` tokens."""
+    _, llm = flops_mod.shapes(config)
+    return layers * sum(flops_mod.llm_layer_prefill_flops(llm, n) for n in lengths)
+
+
+def kv_per_image(result: MethodResult, config, images_per_sample: int = 1) -> float:
+    """Visual KV-cache bytes per image (bf16), from the run's per-layer cache entries."""
+    entries = [sum(layers) for stats in result.stats for layers in stats.kv_visual_entries]
+    return flops_mod.kv_bytes(config, sum(entries), KV_BYTES) / (len(entries) * images_per_sample)
+
+
+def shape_7b(tokens_per_image: float, prefusion_layers: int, text_tokens: int = 64) -> tuple[float, float]:
+    """(prefill FLOPs ratio to the untouched model, visual KV bytes per image) on the LLaVA-1.5-7B
+    shape for one image and `text_tokens` of text, a stage-2 method keeping `tokens_per_image`
+    tokens in every LLM layer (plus `prefusion_layers` over the full sequence for LLaVA-Mini)."""
+    config = shape_config(SHAPE_7B)
+    vision, llm = flops_mod.shapes(config)
+    patches = vision.patches
+    encoder = flops_mod.patch_embedding_flops(vision) + sum(
+        flops_mod.vision_layer_flops(vision, patches + 1) for _ in range(config.vision_config.num_hidden_layers - 1)
+    )  # LLaVA runs the tower up to the second-to-last layer
+    projector = flops_mod.projector_flops(vision, llm, patches)
+
+    def prefill(n: float, fused: int) -> float:
+        n = int(round(n))
+        body = llm.layers * flops_mod.llm_layer_prefill_flops(llm, n + text_tokens)
+        return encoder + projector + body + fused * flops_mod.llm_layer_prefill_flops(llm, patches + text_tokens)
+
+    ratio = prefill(tokens_per_image, prefusion_layers) / prefill(patches, 0)
+    kv = flops_mod.kv_bytes(config, tokens_per_image * llm.layers, KV_BYTES)
+    return ratio, kv
+
+
+def row(result: MethodResult, baseline: MethodResult | None, config, *, budget, extra_flops: int = 0,
+        prefusion_layers: int = 0, train: dict | None = None, images_per_sample: int = 1) -> dict:
+    flops = (result.prefill_flops or 0) + extra_flops
+    base = baseline.prefill_flops if baseline is not None else None
+    ratio_7b, kv_7b = shape_7b(result.visual_tokens_mean / images_per_sample, prefusion_layers)
+    return {
+        "method": result.method,
+        "budget": budget,
+        "trained": train is not None,
+        **(train or {"train_s": None, "steps": None, "final_loss": None}),
+        "accuracy": result.accuracy,
+        "accuracy_by_type": result.accuracy_by_type(),
+        "retention": result.retention(baseline),
+        "visual_tokens_mean": result.visual_tokens_mean,
+        "prefill_flops": flops,
+        "flops_ratio": flops / base if base else None,
+        "kv_bytes_per_image": kv_per_image(result, config, images_per_sample),
+        "flops_ratio_7b": ratio_7b,
+        "kv_bytes_per_image_7b": kv_7b,
+        "samples": len(result.records),
+    }
+
+
+# ------------------------------------------------------------------------------- training
+
+
+class TimeLimit:
+    """A Trainer callback that stops training once `seconds` have passed (None: no limit)."""
+
+    def __new__(cls, seconds: float | None):
+        from transformers import TrainerCallback
+
+        class _TimeLimit(TrainerCallback):
+            def __init__(self) -> None:
+                self.start = None
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if seconds is not None and time.perf_counter() - self.start > seconds:
+                    control.should_training_stop = True
+                return control
+
+        return _TimeLimit()
+
+
+def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple[torch.nn.Module, dict]:
+    """Train LLaVA-Mini at `budget` on a fresh copy of the model; save the modules (and the model
+    when the LLM was trained) to `folder`; return the trained model and the training record."""
+    from transformers import TrainingArguments
+
+    from ..methods.llava_mini import LlavaMini
+    from ..models.loading import load_model
+    from .data import SceneCollator, SceneDataset
+    from .llava_mini import llava_mini_trainer
+
+    model, processor = load_model(args.model, device, "float32")
+    model.train()
+    for param in model.model.vision_tower.parameters():  # the paper keeps the CLIP encoder frozen
+        param.requires_grad_(False)
+    method = LlavaMini(budget=budget, layers=args.layers, seed=args.seed)
+    modules = method.build(model)
+    mine = {id(p) for p in modules.parameters()}
+    groups = [{"params": list(modules.parameters()), "lr": args.lr}]
+    if not args.freeze_llm:
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+        groups.append({"params": rest, "lr": args.llm_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0)
+    cuda = device.type == "cuda"
+    training = TrainingArguments(
+        output_dir=str(folder / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20), max_grad_norm=1.0,
+        report_to=[], remove_unused_columns=False, save_strategy="no", logging_steps=max(1, args.steps // 10),
+        use_cpu=not cuda, bf16=cuda, dataloader_num_workers=args.workers, seed=args.seed,
+        disable_tqdm=not args.progress,
+    )
+    dataset = SceneDataset(args.steps * args.batch_size, seed=args.seed * 1_000_003 + budget)
+    trainer = llava_mini_trainer(method, model, training, dataset, SceneCollator(processor), train_llm=not args.freeze_llm,
+                                 optimizers=(optimizer, None), callbacks=[TimeLimit(args.max_train_seconds)])
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    output = trainer.train()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    method.save(folder)
+    if not args.freeze_llm:
+        model.save_pretrained(folder / "model")
+        processor.save_pretrained(folder / "model")
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    record = {
+        "train_s": round(seconds, 2),
+        "steps": int(output.global_step),
+        "final_loss": losses[-1] if losses else float(output.training_loss),
+        "first_loss": losses[0] if losses else None,
+        "weights": str(folder),
+        "model": str(folder / "model") if not args.freeze_llm else args.model,
+    }
+    return model, record
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_markdown(rows: list[dict], settings: dict) -> str:
+    lines = [
+        "# LLaVA-Mini on the testbed: accuracy, FLOPs and KV cache per budget",
+        "",
+        f"Model `{settings['model']}`; {settings['eval_samples']} held-out scenes (test split, seed {settings['seed']}); "
+        f"training {settings['steps']} steps x batch {settings['batch_size']} per budget "
+        f"({'modules only' if settings['freeze_llm'] else 'modules + projector + LLM, vision tower frozen'}), "
+        f"lr {settings['lr']:g} (modules) / {settings['llm_lr']:g} (model), {settings['layers']} pre-fusion layers; "
+        f"device {settings['device']}.",
+        "",
+        "| method | C | train s | steps | acc % | retain % | tokens/img | FLOPs % | KV KB/img | 7B FLOPs % | 7B KV MB/img |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | "
+            f"{_seconds(r['train_s'])} | {r['steps'] or '-'} | "
+            f"{_pct(r['accuracy'])} | {_pct(r['retention'])} | {r['visual_tokens_mean']:.1f} | {_pct(r['flops_ratio'])} | "
+            f"{r['kv_bytes_per_image'] / 1024:.1f} | {_pct(r['flops_ratio_7b'])} | {r['kv_bytes_per_image_7b'] / 2**20:.2f} |"
+        )
+    lines += [
+        "",
+        "FLOPs %: prefill FLOPs (vision encoder + projector + LLM prefill, plus LLaVA-Mini's pre-fusion layers) "
+        "relative to the untouched model, on this model and on the LLaVA-1.5-7B shape (one image, 64 text tokens). "
+        "KV: visual KV-cache bytes per image in bf16. Retention: accuracy / untouched accuracy.",
+        "",
+        f"Command: `{settings['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    from ..models.loading import load_model, resolve_device
+    from ..testbed.scenes import make_samples
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    budgets = parse_budgets(args.budgets)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    items = [from_sample(s) for s in make_samples(args.eval_samples, seed=args.seed, split="test")]
+    model, processor = load_model(args.model, device, "float32")
+    if processor is None:
+        raise SlimVLMError(f"{args.model} has no processor; the experiment needs a model folder with its processor")
+    config = model.config
+    lengths = text_lengths(processor, items)
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+
+    def evaluate_spec(m, spec) -> MethodResult:
+        return evaluate(m, processor, items, spec, batch_size=args.eval_batch_size, progress=args.progress)
+
+    baseline = evaluate_spec(model, "none")
+    rows = [row(baseline, baseline, config, budget=None)]
+    timings = {"eval_none_s": round(time.perf_counter() - started, 2)}
+    for spec in baseline_specs(budgets, [b for b in args.baselines.split(",") if b]):
+        t = time.perf_counter()
+        result = evaluate_spec(model, spec)
+        budget = result.visual_tokens_mean
+        rows.append(row(result, baseline, config, budget=int(round(budget))))
+        timings[f"eval {spec}"] = round(time.perf_counter() - t, 2)
+        print(f"{spec}: accuracy {result.accuracy:.3f}", flush=True)
+    del model
+    for budget in budgets:
+        folder = out / f"c{budget}"
+        trained, record = train_budget(args, budget, device, folder)
+        t = time.perf_counter()
+        result = evaluate_spec(trained, f"llava-mini:weights={folder}")
+        timings[f"eval llava-mini c{budget}"] = round(time.perf_counter() - t, 2)
+        extra = sum(prefusion_flops(config, args.layers, [patches + n]) for n in lengths)
+        result.method = f"llava-mini:budget={budget},layers={args.layers}"
+        rows.append(row(result, baseline, config, budget=budget, extra_flops=extra, prefusion_layers=args.layers, train=record))
+        print(f"llava-mini C={budget}: {record['steps']} steps in {record['train_s']} s, loss {record['first_loss']} -> "
+              f"{record['final_loss']}, accuracy {result.accuracy:.3f}", flush=True)
+        del trained
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    settings = {
+        "model": args.model, "budgets": budgets, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "llm_lr": args.llm_lr, "layers": args.layers, "freeze_llm": args.freeze_llm, "eval_samples": args.eval_samples,
+        "seed": args.seed, "max_train_seconds": args.max_train_seconds,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "command": "python -m slimvlm.train.experiment_llava_mini " + shlex.join(sys.argv[1:]),
+        "total_s": round(time.perf_counter() - started, 2),
+        "timings": timings,
+    }
+    payload = {"settings": settings, "rows": rows}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    (out / "results.md").write_text(format_markdown(rows, settings))
+    print(format_markdown(rows, settings))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {settings['total_s']} s")
+    return payload
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slimvlm.train.experiment_llava_mini", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a local LLaVA model folder with its processor (e.g. models/tb)")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md and the weights (c<C>/)")
+    p.add_argument("--budgets", default="1,4,16,64")
+    p.add_argument("--steps", type=int, default=400, help="training steps per budget")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the LLaVA-Mini modules")
+    p.add_argument("--llm-lr", type=float, default=1e-4, help="peak learning rate of the projector and LLM")
+    p.add_argument("--layers", type=int, default=4, help="pre-fusion layers")
+    p.add_argument("--freeze-llm", action="store_true", help="train the LLaVA-Mini modules only")
+    p.add_argument("--max-train-seconds", type=float, default=None, help="stop a budget's training after this long")
+    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--baselines", default="divprune,visionzip", help="training-free methods at the same budgets ('' for none)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers drawing training scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--eval-samples", args.eval_samples),
+                        ("--eval-batch-size", args.eval_batch_size)):
+        if value < 1:
+            print(f"error: {flag}={value} must be at least 1", file=sys.stderr)
+            return 2
+    if not (args.lr > 0 and math.isfinite(args.lr) and args.llm_lr > 0 and math.isfinite(args.llm_lr)):
+        print("error: --lr and --llm-lr must be positive", file=sys.stderr)
+        return 2
+    try:
+        run(args)
+    except SlimVLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

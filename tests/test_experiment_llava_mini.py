@@ -1,0 +1,91 @@
+"""The LLaVA-Mini experiment runner (train at several budgets, evaluate, report) on a tiny model."""
+
+import json
+
+import pytest
+
+import slimvlm
+from slimvlm.bench import flops
+from slimvlm.errors import SlimVLMError
+from slimvlm.testbed import scenes
+from slimvlm.train import experiment_llava_mini as exp
+from slimvlm.train.data import SceneDataset
+
+
+def test_runner_trains_each_budget_saves_weights_and_reports(tiny_dir, tmp_path):
+    out = tmp_path / "exp"
+    code = exp.main(["--model", str(tiny_dir), "--out", str(out), "--budgets", "1,4", "--steps", "2", "--batch-size", "2",
+                     "--eval-samples", "8", "--eval-batch-size", "4", "--workers", "0", "--device", "cpu",
+                     "--layers", "1", "--baselines", "divprune"])
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert list(rows) == ["none", "divprune:budget=1", "divprune:budget=4", "llava-mini:budget=1,layers=1",
+                          "llava-mini:budget=4,layers=1"]
+    model, _ = slimvlm.testbed.build.load(tiny_dir)
+    config = model.config
+    text = config.text_config
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    for budget in (1, 4):
+        r = rows[f"llava-mini:budget={budget},layers=1"]
+        assert r["trained"] and r["steps"] == 2 and r["train_s"] > 0 and r["samples"] == 8
+        assert r["visual_tokens_mean"] == budget
+        assert r["kv_bytes_per_image"] == budget * per_token
+        assert r["kv_bytes_per_image_7b"] == budget * 32 * 2 * 32 * 128 * 2
+        # pre-fusion over the full sequence costs more than dropping to the same budget
+        assert r["flops_ratio"] > rows[f"divprune:budget={budget}"]["flops_ratio"]
+        assert (out / f"c{budget}" / "llava_mini.safetensors").is_file()
+        assert (out / f"c{budget}" / "model" / "config.json").is_file()  # the fine-tuned LLM beside the modules
+        loaded = slimvlm.registry.build(f"llava-mini:weights={out / f'c{budget}'}")
+        assert (loaded.budget, loaded.layers) == (budget, 1)
+    none = rows["none"]
+    assert none["visual_tokens_mean"] == 576 and none["flops_ratio"] == 1.0 and none["kv_bytes_per_image"] == 576 * per_token
+    table = (out / "results.md").read_text()
+    assert "| llava-mini:budget=4,layers=1 | 4 |" in table and "Command: `python -m slimvlm.train.experiment_llava_mini" in table
+
+
+def test_time_limit_stops_training(tiny_dir, tmp_path):
+    out = tmp_path / "exp"
+    assert exp.main(["--model", str(tiny_dir), "--out", str(out), "--budgets", "1", "--steps", "50", "--batch-size", "1",
+                     "--eval-samples", "2", "--workers", "0", "--device", "cpu", "--layers", "1", "--baselines", "",
+                     "--max-train-seconds", "0", "--freeze-llm"]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][-1]
+    assert row["steps"] == 1
+    assert not (out / "c1" / "model").exists()  # frozen LLM: only the modules are saved
+
+
+def test_prefusion_and_7b_shape_measures():
+    ratio, kv = exp.shape_7b(576, 0)
+    assert ratio == pytest.approx(1.0) and kv == 576 * 32 * 2 * 32 * 128 * 2  # 288 MiB per image in bf16
+    ratio1, kv1 = exp.shape_7b(1, 4)
+    assert kv1 == 2**19  # 0.5 MiB: one token in 32 layers
+    assert 0.15 < ratio1 < 0.35  # the paper: 77% fewer FLOPs at C=1
+    assert exp.shape_7b(1, 0)[0] < ratio1
+    config = slimvlm.bench.shapes.shape_config("llava-1.5-7b")
+    _, llm = flops.shapes(config)
+    assert exp.prefusion_flops(config, 4, [10, 20]) == 4 * (flops.llm_layer_prefill_flops(llm, 10) + flops.llm_layer_prefill_flops(llm, 20))
+
+
+def test_baseline_specs_and_budgets():
+    assert exp.baseline_specs([4, 64], ["divprune", "visionzip"]) == [
+        "divprune:budget=4", "divprune:budget=64", "visionzip:dominant=54,contextual=10"]
+    assert exp.baseline_specs([16], ["visionzip"]) == ["visionzip:dominant=14,contextual=2"]
+    assert exp.parse_budgets("1, 4,16") == [1, 4, 16]
+    for bad in ("", "0", "a"):
+        with pytest.raises(SlimVLMError):
+            exp.parse_budgets(bad)
+    with pytest.raises(SlimVLMError):
+        exp.baseline_specs([4], ["tome"])
+
+
+def test_scene_dataset_is_deterministic_balanced_and_train_split():
+    data = SceneDataset(16, seed=3)
+    again = SceneDataset(16, seed=3)
+    assert len(data) == 16
+    for i in (0, 5, 15):
+        a, b = data[i], again[i]
+        assert (a.question, a.answer) == (b.question, b.answer) and a.image.tobytes() == b.image.tobytes()
+    assert [data[i].question_type for i in range(8)] == list(scenes.QUESTION_TYPES)
+    assert data[0].id.startswith("train-")
+    with pytest.raises(IndexError):
+        data[16]
