@@ -48,9 +48,13 @@ def test_time_limit_stops_training(tiny_dir, tmp_path):
     out = tmp_path / "exp"
     assert exp.main(["--model", str(tiny_dir), "--out", str(out), "--budgets", "1", "--steps", "50", "--batch-size", "1",
                      "--eval-samples", "2", "--workers", "0", "--device", "cpu", "--layers", "1", "--baselines", "",
-                     "--max-train-seconds", "0", "--freeze-llm"]) == 0
-    row = json.loads((out / "results.json").read_text())["rows"][-1]
-    assert row["steps"] == 1
+                     "--max-train-seconds", "0", "--freeze-llm", "--clip-samples", "2", "--clip-frames", "3"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "none (clips of 3 frames)", "llava-mini:budget=1,layers=1",
+                                           "llava-mini:budget=1,layers=1 (clips of 3 frames)"]
+    assert rows[1]["visual_tokens_mean"] == 3 * 576 and rows[3]["visual_tokens_mean"] == 3
+    assert rows[3]["kv_bytes_per_image"] == rows[2]["kv_bytes_per_image"]  # per frame, as per image
+    assert rows[3]["flops_ratio"] < 1 and rows[2]["steps"] == 1
     assert not (out / "c1" / "model").exists()  # frozen LLM: only the modules are saved
 
 

@@ -46,10 +46,12 @@ __all__ = [
 
 @dataclass
 class VQAItem:
-    """One question about one image; the harness's only input type, whatever the data source."""
+    """One question about one image, or about a clip: `image` may be a list of frames (in order),
+    each of which gets its own image placeholder in the prompt; the harness's only input type,
+    whatever the data source."""
 
     id: str
-    image: PIL.Image.Image
+    image: PIL.Image.Image | list[PIL.Image.Image]
     question: str
     answer: str
     question_type: str = "all"
@@ -57,10 +59,10 @@ class VQAItem:
 
 
 def from_sample(sample: Any) -> VQAItem:
-    """A testbed.scenes.Sample as a VQAItem (the procedural scenes carry type and complexity)."""
+    """A testbed.scenes.Sample (or clips.ClipSample, whose image is its frames) as a VQAItem."""
     return VQAItem(
         id=str(sample.id),
-        image=sample.image,
+        image=list(sample.image) if isinstance(sample.image, (list, tuple)) else sample.image,
         question=sample.question,
         answer=sample.answer,
         question_type=sample.question_type,
@@ -162,7 +164,8 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 @dataclass
 class Record:
-    """One answered item; flat so a list of them is a table (JSON, pandas, csv)."""
+    """One answered item; flat so a list of them is a table (JSON, pandas, csv). visual_tokens:
+    the item's visual tokens that reached the LLM (summed over the frames of a clip)."""
 
     method: str
     id: str
@@ -312,6 +315,22 @@ def _label(method: str | Sequence[str]) -> str:
     return "+".join(method)
 
 
+def _frames(item: VQAItem) -> list[PIL.Image.Image]:
+    frames = list(item.image) if isinstance(item.image, (list, tuple)) else [item.image]
+    if not frames:
+        raise ValueError(f"item {item.id!r} has an empty list of frames")
+    return frames
+
+
+def _with_frames(text: str, frames: int, image_token: str) -> str:
+    """The prompt with its one image placeholder repeated once per frame (a clip's frames in order)."""
+    if frames == 1:
+        return text
+    if text.count(image_token) != 1:
+        raise ValueError(f"a prompt for {frames} frames must hold exactly one {image_token!r} to repeat, got: {text!r}")
+    return text.replace(image_token, image_token * frames)
+
+
 def _batches(items: Sequence[VQAItem], size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -349,13 +368,15 @@ def evaluate(
         generate_options["pad_token_id"] = processor.tokenizer.pad_token_id  # silences a warning per batch
 
     result = MethodResult(method=label, records=[], stats=[], config=model.config)
+    image_token = getattr(processor, "image_token", None) or "<image>"
     handle = apply(model, method)
     bar = tqdm(total=len(items), desc=label, unit="item", disable=not progress)
     try:
         for batch in _batches(items, batch_size):
+            frames = [_frames(item) for item in batch]
             inputs = processor(
-                images=[item.image for item in batch],
-                text=[prompt(item.question) for item in batch],
+                images=[frame for item_frames in frames for frame in item_frames],
+                text=[_with_frames(prompt(item.question), len(f), image_token) for item, f in zip(batch, frames)],
                 return_tensors="pt",
                 padding=True,
                 padding_side="left",  # decoder-only: the new tokens must follow every prompt directly
@@ -364,15 +385,16 @@ def evaluate(
             with torch.inference_mode():
                 output = model.generate(**inputs, **generate_options)
             stats: Stats = copy.deepcopy(handle.stats)
-            if len(stats.visual_tokens) != len(batch):
-                raise RuntimeError(
-                    f"{label}: expected visual-token counts for {len(batch)} images, got {len(stats.visual_tokens)}"
-                )
+            images = sum(len(f) for f in frames)
+            if len(stats.visual_tokens) != images:
+                raise RuntimeError(f"{label}: expected visual-token counts for {images} images, got {len(stats.visual_tokens)}")
+            ends = [sum(len(f) for f in frames[: i + 1]) for i in range(len(frames))]
+            per_sample = [sum(stats.visual_tokens[end - len(f) : end]) for f, end in zip(frames, ends)]
             result.stats.append(stats)
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             predictions = processor.batch_decode(new_tokens, skip_special_tokens=True)
-            for item, prediction, tokens in zip(batch, predictions, stats.visual_tokens):
-                result.jpeg_bytes.append(jpeg_bytes(item.image))
+            for item, item_frames, prediction, tokens in zip(batch, frames, predictions, per_sample):
+                result.jpeg_bytes.append(sum(jpeg_bytes(frame) for frame in item_frames))
                 prediction = prediction.strip()
                 result.records.append(
                     Record(

@@ -261,7 +261,8 @@ def format_markdown(rows: list[dict], settings: dict) -> str:
         "",
         "FLOPs %: prefill FLOPs (vision encoder + projector + LLM prefill, plus LLaVA-Mini's pre-fusion layers) "
         "relative to the untouched model, on this model and on the LLaVA-1.5-7B shape (one image, 64 text tokens). "
-        "KV: visual KV-cache bytes per image in bf16. Retention: accuracy / untouched accuracy.",
+        "KV: visual KV-cache bytes per image (frame) in bf16. Retention: accuracy / untouched accuracy. "
+        "Clip rows: tokens are per clip (all its frames), retention against the untouched model on the same clips.",
         "",
         f"Command: `{settings['command']}`",
         "",
@@ -305,6 +306,15 @@ def run(args) -> dict:
         rows.append(row(result, baseline, config, budget=int(round(budget))))
         timings[f"eval {spec}"] = round(time.perf_counter() - t, 2)
         print(f"{spec}: accuracy {result.accuracy:.3f}", flush=True)
+    clip_items, clip_baseline = [], None
+    if args.clip_samples:
+        from ..testbed.clips import make_clip_samples
+
+        clip_items = [from_sample(s) for s in make_clip_samples(args.clip_samples, seed=args.seed, split="test", frames=args.clip_frames)]
+        clip_baseline = evaluate(model, processor, clip_items, "none", batch_size=max(1, args.eval_batch_size // args.clip_frames),
+                                 progress=args.progress)
+        clip_baseline.method = f"none (clips of {args.clip_frames} frames)"
+        rows.append(row(clip_baseline, clip_baseline, config, budget=None, images_per_sample=args.clip_frames))
     del model
     for budget in budgets:
         folder = out / f"c{budget}"
@@ -317,6 +327,13 @@ def run(args) -> dict:
         rows.append(row(result, baseline, config, budget=budget, extra_flops=extra, prefusion_layers=args.layers, train=record))
         print(f"llava-mini C={budget}: {record['steps']} steps in {record['train_s']} s, loss {record['first_loss']} -> "
               f"{record['final_loss']}, accuracy {result.accuracy:.3f}", flush=True)
+        if clip_items:
+            result = evaluate(trained, processor, clip_items, f"llava-mini:weights={folder}",
+                              batch_size=max(1, args.eval_batch_size // args.clip_frames), progress=args.progress)
+            result.method = f"llava-mini:budget={budget},layers={args.layers} (clips of {args.clip_frames} frames)"
+            extra = sum(prefusion_flops(config, args.layers, [patches * args.clip_frames + n]) for n in text_lengths(processor, clip_items))
+            rows.append(row(result, clip_baseline, config, budget=budget, extra_flops=extra, prefusion_layers=args.layers,
+                            train=record, images_per_sample=args.clip_frames))
         del trained
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -352,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--baselines", default="divprune,visionzip", help="training-free methods at the same budgets ('' for none)")
+    p.add_argument("--clip-samples", type=int, default=0, help="also evaluate on this many held-out clips (0: none)")
+    p.add_argument("--clip-frames", type=int, default=8, help="frames per clip")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers drawing training scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -362,7 +381,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--eval-samples", args.eval_samples),
-                        ("--eval-batch-size", args.eval_batch_size)):
+                        ("--eval-batch-size", args.eval_batch_size), ("--clip-frames", args.clip_frames),
+                        ("--clip-samples", args.clip_samples + 1)):
         if value < 1:
             print(f"error: {flag}={value} must be at least 1", file=sys.stderr)
             return 2
