@@ -109,39 +109,43 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from transformers import TrainingArguments
-
     from .models.loading import load_model, resolve_device
     from .train import DualSpeed, dualspeed_trainer, llava_mini_trainer
     from .train.data import SceneCollator, training_scenes
+    from .train.dualspeed import VARIANTS, variant
+    from .train.experiment_dualspeed import freeze_vision, training_arguments
 
     device = resolve_device(args.device)
     model, processor = load_model(args.model, device, "float32")
     if processor is None:
         raise SlimVLMError(f"{args.model} has no processor; training on testbed scenes needs one")
+    if args.method not in (*VARIANTS, "llava-mini"):
+        raise SlimVLMError(f"slimvlm train knows {', '.join(VARIANTS)} and 'llava-mini', not {args.method!r}")
+    if args.freeze_vision:
+        freeze_vision(model)
     model.train()
     out = Path(args.out)
-    training = TrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, report_to=[], remove_unused_columns=False, save_strategy="no",
-        logging_steps=max(1, args.steps // 20), use_cpu=device.type == "cpu", bf16=device.type == "cuda",
-    )
+    training = training_arguments(out / "trainer", args.steps, args.batch_size, args.lr, args.seed, device)
     data, collator = training_scenes(args.samples, args.seed), SceneCollator(processor)
-    if args.method == "dualspeed":
-        dual = DualSpeed(model, pruner=args.pruner, r=args.r, isolator_length=args.isolator_length, lam=args.lam, tau=args.tau)
-        dualspeed_trainer(dual, training, data, collator).train()
-        dual.save(out)
+    if args.method in VARIANTS:  # dualspeed, and the paper's baseline and naive pruning as its settings
+        options = dict(pruner=args.pruner, r=args.r, isolator_length=args.isolator_length, lam=args.lam, tau=args.tau, seed=args.seed)
+        dual = DualSpeed(model, **variant(args.method, **options))
+        trainer = dualspeed_trainer(dual, training, data, collator)
+        trainer.train()
+        if dual.isolator is not None and trainer.is_world_process_zero():
+            dual.save(out)
     elif args.method == "llava-mini":
         from .methods.llava_mini import LlavaMini
 
         method = LlavaMini(budget=args.budget, layers=args.layers)
-        llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm).train()
-        method.save(out)
-    else:
-        raise SlimVLMError(f"slimvlm train knows 'dualspeed' and 'llava-mini', not {args.method!r}")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    print(f"wrote {out}")
+        trainer = llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm)
+        trainer.train()
+        if trainer.is_world_process_zero():
+            method.save(out)
+    if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one rank writes
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        print(f"wrote {out}")
 
 
 def _methods(_args: argparse.Namespace) -> None:
@@ -214,7 +218,9 @@ def parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(run=_calibrate)
 
     train = sub.add_parser("train", help="train with fewer tokens on testbed scenes: dualspeed or llava-mini")
-    train.add_argument("--method", required=True, help="'dualspeed' or 'llava-mini'")
+    train.add_argument("--method", required=True,
+                       help="'dualspeed', 'llava-mini', or DualSpeed's comparison runs: 'baseline' (all tokens, plain CE: "
+                            "r=1, lam=0, no isolator) and 'naive-pruning' (always the pruner's tokens: r=0, no isolator)")
     train.add_argument("--model", default="testbed")
     train.add_argument("--out", required=True, help="folder for the model, processor and the method's weights")
     train.add_argument("--samples", type=int, default=2000, help="training scenes (train split)")
@@ -224,13 +230,15 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto")
     train.add_argument("--pruner", default="divprune:ratio=0.1", help="dualspeed: the fast mode's pruner")
-    train.add_argument("--r", type=float, default=0.1, help="dualspeed: probability of a slow step")
-    train.add_argument("--isolator-length", type=int, default=4)
+    train.add_argument("--r", "--slow-prob", dest="r", type=float, default=0.1,
+                       help="dualspeed: probability of a slow step (spell it --slow-prob after torchrun, whose parser takes --r for its own)")
+    train.add_argument("--isolator-length", type=int, default=4, help="dualspeed: mode-isolator tokens (0: none)")
     train.add_argument("--lam", type=float, default=1.0)
     train.add_argument("--tau", type=float, default=1.0)
     train.add_argument("--budget", type=int, default=64, help="llava-mini: visual tokens per image")
     train.add_argument("--layers", type=int, default=4, help="llava-mini: pre-fusion layers")
     train.add_argument("--freeze-llm", action="store_true", help="llava-mini: train only its modules")
+    train.add_argument("--freeze-vision", action="store_true", help="freeze the vision encoder (as LLaVA instruction tuning)")
     train.set_defaults(run=_train)
 
     listing = sub.add_parser("methods", help="list methods, their stages and options")

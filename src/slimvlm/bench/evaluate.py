@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..api import apply
 from . import flops
 from ..runtime import Stats
+from ..stages import Method
 from ..testbed.build import format_prompt
 
 __all__ = [
@@ -309,10 +310,12 @@ def jpeg_bytes(image: PIL.Image.Image, quality: int = 75) -> int:
     return buffer.tell()
 
 
-def _label(method: str | Sequence[str]) -> str:
+def _label(method: str | Method | Sequence[str | Method]) -> str:
     if isinstance(method, str):
         return method
-    return "+".join(method)
+    if isinstance(method, Method):
+        return repr(method)
+    return "+".join(_label(m) for m in method)
 
 
 def _frames(item: VQAItem) -> list[PIL.Image.Image]:
@@ -348,8 +351,8 @@ def evaluate(
 ) -> MethodResult:
     """Answer every item greedily with `method` installed; the model is restored afterwards.
 
-    method: a spec ("divprune:budget=64") or a list of specs, one per stage; the result's
-    method label is the spec, or the specs joined with "+". prompt: question -> full prompt text
+    method: a spec ("divprune:budget=64"), a Method instance, or a list of these, one per stage;
+    the result's method label is the spec (a Method's repr), or the labels joined with "+". prompt: question -> full prompt text
     with the model's image placeholder (LLaVA-1.5 checkpoints want their chat template here).
     Only the newly generated tokens are decoded and scored.
     """

@@ -15,6 +15,10 @@ The isolator is the only new parameter: add `DualSpeed.parameters()` to the opti
 with `save(dir)` (safetensors) and, at inference, install `inference_method()` with
 `slimvlm.apply` (or `inference_method(isolator=False)` for the pruner alone).
 
+The paper's two comparison runs are settings of the same class (`VARIANTS`, `variant()`):
+baseline fine-tuning is r=1, lam=0, no pruner and no isolator (every step the plain CE on all
+tokens); naive pruning is r=0 with no isolator (every step the CE on the pruned tokens alone).
+
 The mode of a step is a pure function of (seed, step): every data-parallel rank that uses the
 same seed and counts steps the same way picks the same mode, with no communication, so all ranks
 run the same graph (fast or slow) in a step.
@@ -150,7 +154,8 @@ class DualSpeed:
     """DualSpeed training for a transformers LLaVA model (the model itself is never left modified).
 
     pruner: a slimvlm spec or Method acting at stage 2 only (DivPrune keeping 10% by default).
-    r: probability of a slow step. isolator_length: soft-prompt tokens. lam, tau: weight and
+    r: probability of a slow step. isolator_length: soft-prompt tokens (0: none, the fast mode runs
+    the pruner alone, as naive pruning does). lam, tau: weight and
     temperature of the slow mode's self-distillation. seed: picks the modes (see step_mode) and
     initialises the isolator.
 
@@ -175,8 +180,8 @@ class DualSpeed:
     ) -> None:
         if not 0.0 <= float(r) <= 1.0:
             raise SlimVLMError(f"r={r} must lie in [0, 1] (the probability of a slow step)")
-        if int(isolator_length) < 1:
-            raise SlimVLMError(f"isolator_length={isolator_length} must be at least 1")
+        if int(isolator_length) < 0:
+            raise SlimVLMError(f"isolator_length={isolator_length} must be at least 0 (0: no mode isolator)")
         if float(tau) <= 0:
             raise SlimVLMError(f"tau={tau} must be positive")
         if float(lam) < 0:
@@ -185,6 +190,9 @@ class DualSpeed:
         self.pruner = build(pruner)
         if not self.pruner.stages:  # "none": the isolator alone
             self.pruner = None
+        elif set(self.pruner.stages) - {Stage.PROJECT}:
+            stages = ", ".join(s.name.lower() for s in sorted(self.pruner.stages))
+            raise SlimVLMError(f"the DualSpeed pruner must act at stage 2 (project) only; {self.pruner.name!r} acts at {stages}")
         self.r = float(r)
         self.lam = float(lam)
         self.tau = float(tau)
@@ -192,11 +200,15 @@ class DualSpeed:
         config = model.config
         hidden = config.text_config.hidden_size
         weight = model.get_input_embeddings().weight
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        std = float(weight.detach().float().std())
-        init = torch.randn(int(isolator_length), hidden, generator=generator) * std
-        self.isolator = nn.Parameter(init.to(device=weight.device, dtype=torch.float32))
-        self._method = ModeIsolator(self.isolator, self.pruner)
+        self.isolator: nn.Parameter | None = None
+        if int(isolator_length) > 0:
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            std = float(weight.detach().float().std())
+            init = torch.randn(int(isolator_length), hidden, generator=generator) * std
+            self.isolator = nn.Parameter(init.to(device=weight.device, dtype=torch.float32))
+            self._method: Method = ModeIsolator(self.isolator, self.pruner)
+        else:
+            self._method = self.pruner if self.pruner is not None else build("none")
 
     # ---- modes ---------------------------------------------------------------------------------
     def step_mode(self, step: int) -> str:
@@ -206,12 +218,12 @@ class DualSpeed:
 
     # ---- parameters and files ------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        """The isolator: add it to the optimizer beside the model's parameters."""
-        return [self.isolator]
+        """The isolator: add it to the optimizer beside the model's parameters ([] without one)."""
+        return [] if self.isolator is None else [self.isolator]
 
     def inference_method(self, isolator: bool = True) -> Method:
         """What to install with slimvlm.apply at inference: pruner + isolator, or the pruner alone."""
-        if isolator:
+        if isolator and self.isolator is not None:
             return self._method
         if self.pruner is None:
             return build("none")
@@ -221,6 +233,8 @@ class DualSpeed:
         """Write the isolator to folder/dualspeed_isolator.safetensors (no pickle)."""
         from safetensors.torch import save_file
 
+        if self.isolator is None:
+            raise SlimVLMError("this DualSpeed run has no mode isolator (isolator_length=0): there is nothing to save")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / ISOLATOR_FILE
@@ -242,6 +256,8 @@ class DualSpeed:
         if not path.is_file():
             raise SlimVLMError(f"no DualSpeed isolator at {path}")
         tensor = load_file(str(path))["isolator"]
+        if self.isolator is None:
+            raise SlimVLMError("this DualSpeed instance has no mode isolator (isolator_length=0) to load into")
         if tensor.shape != self.isolator.shape:
             raise SlimVLMError(f"the saved isolator has shape {tuple(tensor.shape)}, this one {tuple(self.isolator.shape)}")
         with torch.no_grad():
@@ -275,13 +291,16 @@ class DualSpeed:
         output = self.model(**inputs)
         return self._loss_function(output.logits, labels), output.logits, labels
 
-    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The step's loss and {'mode', 'ce', 'kl', 'loss'} (floats; kl is None in fast mode)."""
+    def loss(self, batch: dict, step: int, details: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The step's loss and {'mode', 'ce', 'kl', 'loss'} (floats; kl is None in fast mode).
+        details=False returns {'mode'} only: reading the floats waits for the device every step."""
         if getattr(self.model, "_slimvlm_handle", None) is not None:
             raise SlimVLMError("slimvlm is applied to the model; remove it before DualSpeed training (each mode installs its own)")
         mode = self.step_mode(step)
         if mode == "fast":
             ce, _, _ = self.fast_forward(batch)
+            if not details:
+                return ce, {"mode": mode}
             return ce, {"mode": mode, "ce": float(ce.detach()), "kl": None, "loss": float(ce.detach())}
         ce, student_logits, labels = self.slow_forward(batch)
         if self.lam == 0:
@@ -294,6 +313,8 @@ class DualSpeed:
             student = _answer_logits(student_logits, labels)
             kl = distillation_kl(teacher, student, self.tau)
             total = ce + self.lam * self.tau**2 * kl
+        if not details:
+            return total, {"mode": mode}
         info = {"mode": mode, "ce": float(ce.detach()), "kl": float(kl.detach()), "loss": float(total.detach())}
         return total, info
 
@@ -312,8 +333,27 @@ class DualSpeedModule(nn.Module):
         self._dual = dual
 
     def forward(self, step: int, **batch: torch.Tensor) -> torch.Tensor:
-        loss, _ = self._dual.loss(batch, step)
+        loss, _ = self._dual.loss(batch, step, details=False)
         return loss
+
+
+# The DualSpeed paper's three training runs as DualSpeed settings (one code path). baseline: every
+# step is a slow step without distillation (plain CE on all tokens); naive pruning: every step is a
+# fast step with the pruner alone (CE on pruned tokens, no isolator); dualspeed: the method.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"pruner": "none", "r": 1.0, "lam": 0.0, "isolator_length": 0},
+    "naive-pruning": {"r": 0.0, "lam": 0.0, "isolator_length": 0},
+    "dualspeed": {},
+}
+
+
+def variant(name: str, **options: Any) -> dict[str, Any]:
+    """DualSpeed keyword arguments for a run named in VARIANTS: `options` (pruner, r, lam, tau,
+    isolator_length, seed) with the variant's fixed settings on top (baseline ignores the pruner,
+    naive pruning ignores r, lam and the isolator)."""
+    if name not in VARIANTS:
+        raise SlimVLMError(f"unknown DualSpeed run {name!r}; choose one of {', '.join(VARIANTS)}")
+    return {**options, **VARIANTS[name]}
 
 
 def dualspeed_trainer(dual: DualSpeed, args, train_dataset, data_collator=None, **kwargs):
