@@ -1,4 +1,4 @@
-"""The command line: slimvlm bench | eval | demo | calibrate | train | methods | make-tiny."""
+"""The command line: slimvlm bench | bench-vision | bench-layer | eval | demo | calibrate | train | methods | make-tiny."""
 
 from __future__ import annotations
 
@@ -38,6 +38,69 @@ def _bench(args: argparse.Namespace) -> None:
             "text_tokens": args.text_tokens,
             "command": "slimvlm " + shlex.join(sys.argv[1:]),
             "results": [r.as_dict() for r in results],
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SlimVLMError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 1,32") from None
+
+
+def _bench_vision(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench.run import parse_methods
+    from .bench.vision import bench_vision, calibrate_specs, format_table, scene_pixels
+    from .models.loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, processor = load_model(args.model, device, args.dtype)
+    batch_sizes = _int_list(args.batch_sizes)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SlimVLMError(f"--batch-sizes {args.batch_sizes!r}: give batch sizes >= 1, e.g. 1,32")
+    out_dir = (Path(args.json).parent if args.json else Path(".")) / "thresholds"
+    runs, calibrations = calibrate_specs(model, parse_methods(args.methods), args.calibration_images, out_dir, processor)
+    pixels = scene_pixels(model, max(batch_sizes), processor)
+    results = bench_vision(model, runs, pixels, batch_sizes, warmup=args.warmup, repeats=args.repeats)
+    print(format_table(results))
+    if args.json:
+        payload = {
+            "model": args.model, "device": _device_name(device), "dtype": args.dtype,
+            "timed": "vision tower (to its feature layer, stage-1 method included) + projector; test-split testbed scenes",
+            "warmup": args.warmup, "repeats": args.repeats, "calibration": calibrations,
+            "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _bench_layer(args: argparse.Namespace) -> None:
+    from .bench.layer import bench_layer, format_table
+    from .models.loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, device, args.dtype)
+    results = []
+    for batch_size in _int_list(args.batch_sizes):
+        results += bench_layer(model, args.merge, batch_size, args.text_tokens, args.layer, args.warmup, args.repeats)
+    print(format_table(results))
+    if args.json:
+        payload = {
+            "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
+            "timed": f"LLM decoder layer {args.layer} alone, prefill, no KV cache", "warmup": args.warmup,
+            "repeats": args.repeats, "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
@@ -182,6 +245,32 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--json", help="write the results here")
     bench.set_defaults(run=_bench)
+
+    vision = sub.add_parser("bench-vision", help="time the vision tower + projector alone per stage-1 method (tokens out, FLOPs)")
+    vision.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' (random weights)")
+    vision.add_argument("--methods", default="none,tome:r=16,dymu-mid:vtu=false",
+                        help="stage-1 specs as for bench; a dymu spec without thresholds= is calibrated here")
+    vision.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes of test-split testbed scenes")
+    vision.add_argument("--calibration-images", type=int, default=32, help="train-split scenes for a dymu calibration")
+    vision.add_argument("--warmup", type=int, default=3)
+    vision.add_argument("--repeats", type=int, default=10)
+    vision.add_argument("--device", default="auto")
+    vision.add_argument("--dtype", default="float32")
+    vision.add_argument("--json", help="write the results here (and calibrated thresholds beside it)")
+    vision.set_defaults(run=_bench_vision)
+
+    layer = sub.add_parser("bench-layer", help="time one LLM layer: full sequence, merged sequence, merged + VTU")
+    layer.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' (random weights)")
+    layer.add_argument("--merge", default="tome:r=16", help="the stage-1 spec that merges the sequence")
+    layer.add_argument("--layer", type=int, default=2, help="the decoder layer timed")
+    layer.add_argument("--batch-sizes", default="1,16")
+    layer.add_argument("--text-tokens", type=int, default=64)
+    layer.add_argument("--warmup", type=int, default=3)
+    layer.add_argument("--repeats", type=int, default=10)
+    layer.add_argument("--device", default="auto")
+    layer.add_argument("--dtype", default="float32")
+    layer.add_argument("--json", help="write the results here")
+    layer.set_defaults(run=_bench_layer)
 
     evaluation = sub.add_parser("eval", help="accuracy and retention per method on testbed scenes or your own VQA JSONL")
     evaluation.add_argument("--model", default="testbed", help="'testbed' or a local model folder with its processor")
