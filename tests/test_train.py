@@ -80,6 +80,33 @@ def test_records_are_train_scenes_with_matching_images_and_aux(processor):
     assert not {s for _, s in a} & {s for _, s in b}  # workers draw distinct scenes
 
 
+def test_question_patches_point_at_the_named_objects():
+    pair = lambda c, sh: 1 + T.AUX_LABELS.index(f"{c} {sh}")  # noqa: E731
+    word = 1 + T.AUX_LABELS.index("word:cat")
+    patches = np.array([0, pair("red", "circle"), pair("blue", "circle"), pair("red", "square"), word, 0])
+    ask = lambda q: T.question_patches(q, patches).nonzero()[0].tolist()  # noqa: E731
+    assert ask("what color is the square?") == [3]
+    assert ask("what shape is the blue object?") == [2]
+    assert ask("how many circles are there?") == [1, 2]
+    assert ask("how many objects are there?") == [1, 2, 3]
+    assert ask("is there a red circle?") == [1]
+    assert ask("is there a blue square?") == []  # absent: nothing to look at
+    assert ask("is the red square left or right of the blue circle?") == [2, 3]
+    assert ask("is the red circle bigger or smaller than the red square?") == [1, 3]
+    assert ask("which quadrant is the blue circle in?") == [2]
+    assert ask("what word is written?") == [4]
+
+
+def test_word_bag_names_what_covers_a_patch(processor):
+    bag = T.word_bag_matrix(processor.tokenizer)
+    vocab = processor.tokenizer.convert_ids_to_tokens
+    assert bag[0].sum() == 0  # background names nothing
+    red_circle = 1 + T.AUX_LABELS.index("red circle")
+    assert sorted(vocab(bag[red_circle].nonzero().flatten().tolist())) == ["circle", "red"]
+    cat = 1 + T.AUX_LABELS.index("word:cat")
+    assert vocab(bag[cat].nonzero().flatten().tolist()) == ["cat"]
+
+
 def test_question_types_stay_balanced(processor):
     ds = T.SceneQADataset(processor, batch_size=8, seed=3, questions_per_scene=3)
     seeds = ds.scene_seeds(0)
@@ -93,10 +120,10 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
     torch.manual_seed(0)
     config = B.llava_config(processor.tokenizer, B.TINY_VISION, B.TINY_TEXT)
     model = T.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    head = T.AuxHeads(config.vision_config.hidden_size)
+    head = T.AuxHeads(config.vision_config.hidden_size, T.word_bag_matrix(processor.tokenizer))
     pixels = T.normalize_pixels(batch["pixels"], processor)
     with torch.no_grad():
-        lm, aux = T.forward_losses(model, head, batch, pixels)
+        lm, aux, correct = T.forward_losses(model, head, batch, pixels)
         ref = model(
             input_ids=batch["input_ids"],
             pixel_values=pixels[batch["image_index"]],
@@ -106,8 +133,42 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
         ref_aux = torch.nn.functional.binary_cross_entropy_with_logits(head.cls(hidden[:, 0]), batch["aux_target"])
         ref_aux += torch.nn.functional.cross_entropy(head.patch(hidden[:, 1:]).flatten(0, 1), batch["patch_target"].flatten())
+        # grid head: patch k of the 24x24 raster sits in row k // 24, column k % 24
+        grid = head.grid(hidden[:, 1:])  # (S, 576, 48)
+        rows = torch.tensor([k // 24 for k in range(576)]).repeat(len(pixels))
+        cols = torch.tensor([k % 24 for k in range(576)]).repeat(len(pixels))
+        ref_aux += 0.5 * torch.nn.functional.cross_entropy(grid[..., :24].flatten(0, 1), rows)
+        ref_aux += 0.5 * torch.nn.functional.cross_entropy(grid[..., 24:].flatten(0, 1), cols)
+        # word bag: projected patches scored against the LM's input embeddings
+        projected = model.model.multi_modal_projector(hidden[:, 1:])
+        unit = projected / projected.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        bag_logits = unit @ model.get_input_embeddings().weight[: len(processor.tokenizer)].T
+        ref_aux += torch.nn.functional.binary_cross_entropy_with_logits(bag_logits, head.word_bag[batch["patch_target"]])
+        # guided attention, read off eager attention probabilities of the stock model
+        model.set_attn_implementation("eager")
+        eager = model(
+            input_ids=batch["input_ids"],
+            pixel_values=pixels[batch["image_index"]],
+            attention_mask=(batch["input_ids"] != processor.tokenizer.pad_token_id).long(),
+            output_attentions=True,
+        )
+        model.set_attn_implementation("sdpa")
+        probs = eager.attentions[T.GUIDED_LAYER].mean(1)  # (B, T, T)
+        losses = []
+        for i, row in enumerate(batch["labels"]):
+            query = int((row != -100).nonzero()[0]) - 1
+            image_positions = (batch["input_ids"][i] == model.config.image_token_id).nonzero().flatten()
+            asked = image_positions[batch["attention_target"][i]]
+            if len(asked):
+                losses.append(-torch.log(probs[i, query, asked].sum() + 1e-4))
+        assert losses  # the batch has questions with a target
+        ref_aux += torch.stack(losses).mean()
     assert torch.allclose(lm, ref.loss, atol=1e-5)
-    assert torch.allclose(aux, ref_aux, atol=1e-6)
+    assert torch.allclose(aux, ref_aux, atol=1e-5)
+    # teacher-forced accuracy of each row's first answer token, read off the stock logits
+    for i, row in enumerate(batch["labels"]):
+        first = int((row != -100).nonzero()[0])
+        assert correct[i] == float(ref.logits[i, first - 1].argmax() == row[first])
 
 
 def test_lr_schedule():
