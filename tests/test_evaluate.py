@@ -284,3 +284,19 @@ def test_spearman_hand_values():
     assert spearman([5, 5, 5], [1, 2, 3]) is None
     # ties share a rank: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3) -> r = 0.75 / sqrt(0.5 * 2) = 0.866...
     assert abs(spearman([1, 1, 2], [1, 2, 3]) - 0.8660254) < 1e-6
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_evaluate_hands_keep_positions_to_apply(tiny, items, monkeypatch, keep):
+    model, processor = tiny
+    seen = []
+    real_apply = E.apply
+
+    def recording_apply(model, method, **options):
+        seen.append(options)
+        return real_apply(model, method, **options)
+
+    monkeypatch.setattr(E, "apply", recording_apply)
+    E.evaluate(model, processor, items[:2], "uniform:budget=16", keep_positions=keep, progress=False)
+    assert seen == [{"keep_positions": keep}]
+    _assert_restored(model)

@@ -10,6 +10,11 @@ import sys
 from .errors import SlimVLMError
 
 
+KEEP_POSITIONS_HELP = (
+    "visual tokens keep the rotary positions of the patches they cover, instead of the shorter "
+    "sequence being renumbered (the papers' default)"
+)
+
 def _bench(args: argparse.Namespace) -> None:
     import torch
 
@@ -124,7 +129,10 @@ def _eval(args: argparse.Namespace) -> None:
     runs = parse_methods(args.methods)
     if ["none"] in runs:
         runs = [["none"]] + [r for r in runs if r != ["none"]]
-    results = [evaluate(model, processor, items, specs, batch_size=args.batch_size) for specs in runs]
+    results = [
+        evaluate(model, processor, items, specs, batch_size=args.batch_size, keep_positions=args.keep_positions)
+        for specs in runs
+    ]
     print(format_table(results))
     if args.json:
         write_json(args.json, results, {"model": args.model, "data": args.data or "testbed", "command": "slimvlm " + shlex.join(sys.argv[1:])})
@@ -138,7 +146,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .models.loading import load_model, resolve_device
 
     model, processor = load_model(args.model, resolve_device(args.device), "float32")
-    run_demo(model, processor, args.samples, Path(args.out), batch_size=args.batch_size)
+    run_demo(model, processor, args.samples, Path(args.out), batch_size=args.batch_size, keep_positions=args.keep_positions)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -282,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default="auto")
     evaluation.add_argument("--dtype", default="float32")
     evaluation.add_argument("--json", help="write the summary and one record per sample here")
+    evaluation.add_argument("--keep-positions", action="store_true", help=KEEP_POSITIONS_HELP)
     evaluation.set_defaults(run=_eval)
 
     demo = sub.add_parser("demo", help="the main job: every method at two budgets on the testbed, table and plots")
@@ -290,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--out", default="reports/demo")
     demo.add_argument("--device", default="auto")
+    demo.add_argument("--keep-positions", action="store_true", help=KEEP_POSITIONS_HELP)
     demo.set_defaults(run=_demo)
 
     calibrate = sub.add_parser("calibrate", help="find DyMU's per-layer merge thresholds for a target token count")

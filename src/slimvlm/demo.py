@@ -65,16 +65,22 @@ def source_maps(model, processor, item, path: Path) -> Path:
     return plot_source_maps(item.image, maps, adapter_for(model).grid, path)
 
 
-def run_demo(model, processor, samples: int, out: Path, batch_size: int = 16, seed: int = 0) -> list[MethodResult]:
+def run_demo(
+    model, processor, samples: int, out: Path, batch_size: int = 16, seed: int = 0, keep_positions: bool = False
+) -> list[MethodResult]:
     from .testbed.scenes import make_samples
 
     items = [from_sample(s) for s in make_samples(samples, seed=seed, split="test")]
     runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget).values() if spec is not None]
-    results = [evaluate(model, processor, items, spec, batch_size=batch_size) for spec in runs]
+    results = [evaluate(model, processor, items, spec, batch_size=batch_size, keep_positions=keep_positions) for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     print(table)
-    write_json(out / "summary.json", results, {"samples": samples, "seed": seed, "budgets": list(BUDGETS)})
+    write_json(
+        out / "summary.json",
+        results,
+        {"samples": samples, "seed": seed, "budgets": list(BUDGETS), "keep_positions": keep_positions},
+    )
     plots = [plot_accuracy_vs_tokens(results, out / "accuracy_vs_tokens.png")]
     varying = plot_tokens_vs_complexity(results, out / "tokens_vs_complexity.png")
     if varying:

@@ -348,13 +348,15 @@ def evaluate(
     max_new_tokens: int = 3,
     prompt: Callable[[str], str] = format_prompt,
     progress: bool = True,
+    keep_positions: bool = False,
 ) -> MethodResult:
     """Answer every item greedily with `method` installed; the model is restored afterwards.
 
     method: a spec ("divprune:budget=64"), a Method instance, or a list of these, one per stage;
     the result's method label is the spec (a Method's repr), or the labels joined with "+". prompt: question -> full prompt text
     with the model's image placeholder (LLaVA-1.5 checkpoints want their chat template here).
-    Only the newly generated tokens are decoded and scored.
+    Only the newly generated tokens are decoded and scored. keep_positions: passed to
+    :func:`slimvlm.apply` (visual tokens keep their patches' rotary positions).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -372,7 +374,7 @@ def evaluate(
 
     result = MethodResult(method=label, records=[], stats=[], config=model.config)
     image_token = getattr(processor, "image_token", None) or "<image>"
-    handle = apply(model, method)
+    handle = apply(model, method, keep_positions=keep_positions)
     bar = tqdm(total=len(items), desc=label, unit="item", disable=not progress)
     try:
         for batch in _batches(items, batch_size):

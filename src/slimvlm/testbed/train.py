@@ -935,10 +935,14 @@ Each rendered scene is used for {info['questions_per_scene']} different question
 ## Recipe
 
 - Losses: next-token cross-entropy on the answer word + eos only (prompt masked),
-  plus {AUX_WEIGHT} x (BCE of a training-only linear head on the vision CLS hidden state at
-  the feature layer, predicting which (colour, shape) pairs and words are present
-  ({len(AUX_LABELS)} labels) + cross-entropy of a per-patch head predicting what covers each
-  patch). The heads are not part of the model (`{AUX_HEADS_FILE}` keeps them for `--init` only).
+  plus {AUX_WEIGHT} x the sum of: BCE of a training-only linear head on the vision CLS hidden
+  state at the feature layer, predicting which (colour, shape) pairs and words are present
+  ({len(AUX_LABELS)} labels); cross-entropy of per-patch heads predicting what covers each
+  patch and the patch's grid row and column; the word bag (each projected patch, RMS-normalised,
+  scored against the LM's input embeddings, BCE towards the words naming what covers it); and
+  guided attention (-log of the head-averaged attention mass that decoder layer {GUIDED_LAYER} puts,
+  from the position predicting the answer, on the patches the question names).
+  The heads are not part of the model (`{AUX_HEADS_FILE}` keeps them for `--init` only).
 - AdamW (betas 0.9/0.98, weight decay {info['weight_decay']} on matrices), peak lr {info['lr']:g},
   linear warmup {info['warmup_steps']} steps then cosine to 10% of peak over the wall-clock budget,
   grad clip 1.0, batch {info['batch_size']}, bf16 autocast on CUDA (TF32 matmuls){compiled}, all weights trained.
