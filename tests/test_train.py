@@ -374,3 +374,43 @@ def test_patch_targets_mark_what_covers_each_patch():
     assert target[20, 20] == 1 + T.AUX_LABELS.index("blue circle")
     assert target[100 // 14, 200 // 14] == 1 + T.AUX_LABELS.index(f"word:{word}")
     assert (target > 0).sum() < 30
+
+
+def test_shorten_image_span_keeps_text_labels_and_targets_aligned(processor, batch_and_records):
+    batch, _ = batch_and_records
+    image_id = processor.tokenizer.convert_tokens_to_ids(B.SPECIAL_TOKENS["image"])
+    short = T.shorten_image_span(batch, 10, image_id, np.random.default_rng(0))
+    n = int((batch["input_ids"][0] == image_id).sum())
+    assert short["input_ids"].shape[1] == batch["input_ids"].shape[1] - (n - 10)
+    for i in range(len(batch["input_ids"])):
+        full, cut = batch["input_ids"][i], short["input_ids"][i]
+        assert int((cut == image_id).sum()) == 10
+        # text outside the span and every label are unchanged, in order
+        assert cut[cut != image_id].tolist() == full[full != image_id].tolist()
+        assert short["labels"][i][short["labels"][i] != -100].tolist() == batch["labels"][i][batch["labels"][i] != -100].tolist()
+        keep = short["visual_keep"][i]
+        assert keep.tolist() == sorted(set(keep.tolist())) and int(keep.max()) < n
+        assert short["attention_target"][i].tolist() == batch["attention_target"][i][keep].tolist()
+    with pytest.raises(ValueError, match="keep"):
+        T.shorten_image_span(batch, n + 1, image_id, np.random.default_rng(0))
+
+
+def test_forward_losses_on_a_shortened_span(processor, batch_and_records):
+    batch, _ = batch_and_records
+    image_id = processor.tokenizer.convert_tokens_to_ids(B.SPECIAL_TOKENS["image"])
+    short = T.shorten_image_span(batch, 12, image_id, np.random.default_rng(1))
+    torch.manual_seed(0)
+    config = B.llava_config(processor.tokenizer, B.TINY_VISION, B.TINY_TEXT)
+    model = T.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    head = T.AuxHeads(config.vision_config.hidden_size)
+    pixels = T.normalize_pixels(batch["pixels"], processor)
+    with torch.no_grad():
+        lm, _, _ = T.forward_losses(model, head, short, pixels)
+        # reference: the chosen projected patches written into the shortened span by hand
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        features = model.model.multi_modal_projector(hidden)[batch["image_index"]]
+        embeds = model.get_input_embeddings()(short["input_ids"]).clone()
+        for i, keep in enumerate(short["visual_keep"]):
+            embeds[i, short["input_ids"][i] == image_id] = features[i, keep]
+        ref = model(inputs_embeds=embeds, labels=short["labels"])
+    assert torch.allclose(lm, ref.loss, atol=1e-5)
