@@ -236,6 +236,15 @@ def _make_tiny(args: argparse.Namespace) -> None:
     print(f"saved a tiny random LLaVA model to {make_tiny(args.folder, seed=args.seed)}")
 
 
+def _timing_options(command: argparse.ArgumentParser, warmup: int, repeats: int, json_help: str) -> None:
+    """The options every timing command shares: warm-up and timed repeats, device, dtype, JSON output."""
+    command.add_argument("--warmup", type=int, default=warmup)
+    command.add_argument("--repeats", type=int, default=repeats)
+    command.add_argument("--device", default="auto")
+    command.add_argument("--dtype", default="float32")
+    command.add_argument("--json", help=json_help)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="slimvlm", description="Spend fewer visual tokens in VLMs, and measure it.")
     sub = root.add_subparsers(dest="command", required=True)
@@ -247,11 +256,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--text-tokens", type=int, default=64)
     bench.add_argument("--new-tokens", type=int, default=8, help="decoded tokens for the per-token decode time (0: skip)")
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="float32")
-    bench.add_argument("--json", help="write the results here")
+    _timing_options(bench, warmup=2, repeats=5, json_help="write the results here")
     bench.set_defaults(run=_bench)
 
     vision = sub.add_parser("bench-vision", help="time the vision tower + projector alone per stage-1 method (tokens out, FLOPs)")
@@ -260,11 +265,7 @@ def parser() -> argparse.ArgumentParser:
                         help="stage-1 specs as for bench; a dymu spec without thresholds= is calibrated here")
     vision.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes of test-split testbed scenes")
     vision.add_argument("--calibration-images", type=int, default=32, help="train-split scenes for a dymu calibration")
-    vision.add_argument("--warmup", type=int, default=3)
-    vision.add_argument("--repeats", type=int, default=10)
-    vision.add_argument("--device", default="auto")
-    vision.add_argument("--dtype", default="float32")
-    vision.add_argument("--json", help="write the results here (and calibrated thresholds beside it)")
+    _timing_options(vision, warmup=3, repeats=10, json_help="write the results here (and calibrated thresholds beside it)")
     vision.set_defaults(run=_bench_vision)
 
     layer = sub.add_parser("bench-layer", help="time one LLM layer: full sequence, merged sequence, merged + VTU")
@@ -273,11 +274,7 @@ def parser() -> argparse.ArgumentParser:
     layer.add_argument("--layer", type=int, default=2, help="the decoder layer timed")
     layer.add_argument("--batch-sizes", default="1,16")
     layer.add_argument("--text-tokens", type=int, default=64)
-    layer.add_argument("--warmup", type=int, default=3)
-    layer.add_argument("--repeats", type=int, default=10)
-    layer.add_argument("--device", default="auto")
-    layer.add_argument("--dtype", default="float32")
-    layer.add_argument("--json", help="write the results here")
+    _timing_options(layer, warmup=3, repeats=10, json_help="write the results here")
     layer.set_defaults(run=_bench_layer)
 
     evaluation = sub.add_parser("eval", help="accuracy and retention per method on testbed scenes or your own VQA JSONL")

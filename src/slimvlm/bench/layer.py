@@ -19,6 +19,7 @@ from ..api import apply
 from ..models import adapter_for
 from . import flops as flops_mod
 from .run import synthetic_inputs
+from .table import text_table
 from .timing import median_ms, peak_memory_bytes
 
 
@@ -95,7 +96,4 @@ def format_table(results: list[LayerResult]) -> str:
         "-" if r.extra_memory_bytes is None else f"{r.extra_memory_bytes / 2**20:.0f}",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
     ] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)

@@ -10,6 +10,7 @@ import torch
 from ..api import apply
 from ..registry import build, check_compatible
 from . import flops as flops_mod
+from .table import text_table
 from .timing import median_ms, peak_memory_bytes
 
 
@@ -163,7 +164,4 @@ def format_table(results: list[BenchResult]) -> str:
             "-" if r.decode_ms_per_token is None else f"{r.decode_ms_per_token:.2f}",
             "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
         ])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)

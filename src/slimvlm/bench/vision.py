@@ -23,6 +23,7 @@ from ..models import adapter_for
 from ..registry import build, check_compatible, parse_spec
 from ..stages import Stage
 from . import flops as flops_mod
+from .table import text_table
 from .timing import median_ms, peak_memory_bytes
 
 
@@ -172,7 +173,4 @@ def format_table(results: list[VisionResult]) -> str:
         f"{r.flops['total'] / 1e9:.1f}", f"{r.flops_ratio:.3f}",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
     ] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)
