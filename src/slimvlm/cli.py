@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 
-from .errors import SlimVLMError
+from .errors import SlimVLMError, exit_code
 
 
 KEEP_POSITIONS_HELP = (
@@ -349,12 +349,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except SlimVLMError as error:
-        print(f"slimvlm: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: args.run(args), "slimvlm")
 
 
 if __name__ == "__main__":

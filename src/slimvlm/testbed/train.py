@@ -127,7 +127,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import LlavaForConditionalGeneration
 
 from ..attention import apply_rope, attention_rows
-from ..errors import SlimVLMError
+from ..errors import SlimVLMError, exit_code
 from . import build, scenes
 
 __all__ = [
@@ -1484,12 +1484,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     args["progress"] = not args.pop("no_progress")
-    try:
-        train(TrainConfig(**args))
-    except SlimVLMError as error:
-        print(f"slimvlm.testbed.train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: train(TrainConfig(**args)), "slimvlm.testbed.train")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import torch
 from ..bench import flops as flops_mod
 from ..bench.evaluate import MethodResult, evaluate, from_sample
 from ..bench.shapes import shape_config
-from ..errors import SlimVLMError
+from ..errors import SlimVLMError, exit_code
 from ..testbed.build import format_prompt
 
 SHAPE_7B = "llava-1.5-7b"
@@ -389,12 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.lr > 0 and math.isfinite(args.lr) and args.llm_lr > 0 and math.isfinite(args.llm_lr)):
         print("error: --lr and --llm-lr must be positive", file=sys.stderr)
         return 2
-    try:
-        run(args)
-    except SlimVLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(args), "slimvlm.train.experiment_llava_mini")
 
 
 if __name__ == "__main__":
