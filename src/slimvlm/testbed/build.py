@@ -50,8 +50,8 @@ SPECIAL_TOKENS: dict[str, str] = {
     "image": "<image>",
 }
 
-#: Prompt template: one image placeholder, the question, then the cue "answer:".
-PROMPT = "<image>\n{question} answer:"
+#: Prompt template: the image placeholder(s), the question, then the cue "answer:".
+PROMPT = "{images}\n{question} answer:"
 
 #: Tiny sizes: big enough to exercise every code path, small enough for CPU tests.
 TINY_VISION: dict[str, int] = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
@@ -93,7 +93,7 @@ def _pieces(text: str) -> list[str]:
 
 def _template_words() -> list[str]:
     """Words and punctuation of the prompt template (minus placeholders), kept in every vocab."""
-    text = PROMPT.replace("{question}", " ")
+    text = PROMPT.replace("{question}", " ").replace("{images}", " ")
     for tok in SPECIAL_TOKENS.values():
         text = text.replace(tok, " ")
     return _pieces(text)
@@ -138,14 +138,17 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def format_prompt(question: str) -> str:
-    """The inference prompt: image placeholder, question, answer cue."""
-    return PROMPT.format(question=question.strip())
+def format_prompt(question: str, images: int = 1) -> str:
+    """The inference prompt: one image placeholder per image (a clip's frames, in order), the
+    question, the answer cue."""
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ValueError(f"images must be an int >= 1, got {images!r}")
+    return PROMPT.format(images=SPECIAL_TOKENS["image"] * images, question=question.strip())
 
 
-def format_training_text(question: str, answer: str) -> str:
+def format_training_text(question: str, answer: str, images: int = 1) -> str:
     """Prompt + answer + eos, so a model learns to answer and then stop."""
-    return f"{format_prompt(question)} {answer.strip()}{SPECIAL_TOKENS['eos']}"
+    return f"{format_prompt(question, images)} {answer.strip()}{SPECIAL_TOKENS['eos']}"
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from . import scenes
-from .build import SPECIAL_TOKENS
+from .build import format_prompt
 
 __all__ = [
     "CLIP_QUESTION_TYPES",
@@ -218,4 +218,4 @@ def make_clip_samples(
 def format_clip_prompt(question: str, frames: int) -> str:
     """The testbed prompt with one image placeholder per frame, in order."""
     _check_frames(frames)
-    return f"{SPECIAL_TOKENS['image'] * frames}\n{question.strip()} answer:"
+    return format_prompt(question, int(frames))

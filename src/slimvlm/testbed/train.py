@@ -503,25 +503,28 @@ class Collator:
         questions: Sequence[str],
         answers: Sequence[str],
         image_index: Sequence[int],
+        frames: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """frames: image placeholders per question (a clip's frames; default one each), each expanded
+        to the processor's number of image tokens, in order; ``image_index`` names each question's first
+        image."""
         tok = self.tokenizer
-        full = tok([build.format_training_text(q, a) for q, a in zip(questions, answers)])["input_ids"]
-        prompt = tok([build.format_prompt(q) for q in questions])["input_ids"]
+        frames = [1] * len(questions) if frames is None else list(frames)
+        full = tok([build.format_training_text(q, a, k) for q, a, k in zip(questions, answers, frames)])["input_ids"]
+        prompt = tok([build.format_prompt(q, k) for q, k in zip(questions, frames)])["input_ids"]
         n_img = self.n_image_tokens
-        lengths = [len(ids) + n_img - 1 for ids in full]
-        width = max(max(lengths), self.min_width or 0)
-        input_ids = np.full((len(full), width), self.pad_id, dtype=np.int64)
-        labels = np.full((len(full), width), -100, dtype=np.int64)
-        for i, (ids, p_ids) in enumerate(zip(full, prompt)):
-            if ids[: len(p_ids)] != p_ids or ids.count(self.image_token_id) != 1:
+        rows = []
+        for i, (ids, p_ids, k) in enumerate(zip(full, prompt, frames)):
+            if ids[: len(p_ids)] != p_ids or ids.count(self.image_token_id) != k:
                 raise RuntimeError(f"prompt is not a prefix of the training text: {questions[i]!r}")
-            j = ids.index(self.image_token_id)
-            row = input_ids[i]
-            row[:j] = ids[:j]
-            row[j : j + n_img] = self.image_token_id
-            row[j + n_img : lengths[i]] = ids[j + 1 :]
-            start = len(p_ids) + n_img - 1  # first answer token
-            labels[i, start : lengths[i]] = row[start : lengths[i]]
+            rows.append([t for token in ids for t in ([token] * n_img if token == self.image_token_id else [token])])
+        width = max(max(len(r) for r in rows), self.min_width or 0)
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), width), -100, dtype=np.int64)
+        for i, (row, p_ids, k) in enumerate(zip(rows, prompt, frames)):
+            input_ids[i, : len(row)] = row
+            start = len(p_ids) + k * (n_img - 1)  # first answer token
+            labels[i, start : len(row)] = row[start:]
         return {
             "pixels": torch.from_numpy(np.stack(images)),  # (S, H, W, 3) uint8
             "image_index": torch.tensor(image_index, dtype=torch.long),

@@ -8,23 +8,28 @@ import numpy as np
 import torch
 
 from ..testbed import scenes
+from ..testbed.clips import CLIP_QUESTION_TYPES, ClipSample, make_clip_samples
 from ..testbed.train import Collator, PixelNormalizer
 
 
 class SceneCollator:
-    """Samples (scenes.Sample) -> a Trainer batch; right padding, attention mask from the padding."""
+    """Samples -> a Trainer batch; right padding, attention mask from the padding. A sample's
+    ``image`` is one image (a scene) or a list of frames (a clip: one placeholder per frame, in order)."""
 
     def __init__(self, processor) -> None:
         self.collate = Collator(processor)
         self.normalize = PixelNormalizer(processor)
         self.pad_id = processor.tokenizer.pad_token_id
 
-    def __call__(self, samples: list[scenes.Sample]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list) -> dict[str, torch.Tensor]:
+        per_sample = [s.image if isinstance(s.image, list) else [s.image] for s in samples]
+        frames = [len(f) for f in per_sample]
         out = self.collate(
-            [np.asarray(s.image, dtype=np.uint8) for s in samples],
+            [np.asarray(frame, dtype=np.uint8) for f in per_sample for frame in f],
             [s.question for s in samples],
             [s.answer for s in samples],
-            list(range(len(samples))),
+            [sum(frames[:i]) for i in range(len(samples))],
+            frames,
         )
         return {
             "input_ids": out["input_ids"],
@@ -44,6 +49,8 @@ class SceneDataset(torch.utils.data.Dataset):
     parallel): item i is the first askable scene of seed `seed + i` for question type i mod 8, so
     the types stay balanced, every item is deterministic and none is a held-out scene."""
 
+    kinds: tuple[str, ...] = scenes.QUESTION_TYPES
+
     def __init__(self, length: int, seed: int = 0) -> None:
         if length < 1:
             raise ValueError(f"length must be at least 1, got {length}")
@@ -53,8 +60,25 @@ class SceneDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> scenes.Sample:
+    def __getitem__(self, index: int):
         if not 0 <= index < self.length:
             raise IndexError(index)
-        kind = scenes.QUESTION_TYPES[index % len(scenes.QUESTION_TYPES)]
-        return scenes.make_samples(1, seed=self.seed + index, split="train", question_types=(kind,))[0]
+        return self.sample(self.seed + index, self.kinds[index % len(self.kinds)])
+
+    def sample(self, seed: int, kind: str) -> scenes.Sample:
+        return scenes.make_samples(1, seed=seed, split="train", question_types=(kind,))[0]
+
+
+class ClipDataset(SceneDataset):
+    """The same for train-split clips of `frames` frames (clip question types, balanced). Mixed with
+    scenes (torch.utils.data.ConcatDataset), it teaches LLaVA-Mini's pre-fusion to gather a
+    question's answer across frames."""
+
+    kinds = CLIP_QUESTION_TYPES
+
+    def __init__(self, length: int, seed: int = 0, frames: int = 8) -> None:
+        super().__init__(length, seed)
+        self.frames = int(frames)
+
+    def sample(self, seed: int, kind: str) -> ClipSample:
+        return make_clip_samples(1, seed=seed, split="train", frames=self.frames, question_types=(kind,))[0]

@@ -174,7 +174,7 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
 
     from ..methods.llava_mini import LlavaMini
     from ..models.loading import load_model
-    from .data import SceneCollator, SceneDataset
+    from .data import ClipDataset, SceneCollator, SceneDataset
     from .llava_mini import llava_mini_trainer
 
     model, processor = load_model(args.model, device, "float32")
@@ -197,7 +197,12 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
         use_cpu=not cuda, bf16=cuda, dataloader_num_workers=args.workers, seed=args.seed,
         disable_tqdm=not args.progress,
     )
-    dataset = SceneDataset(args.steps * args.batch_size, seed=args.seed * 1_000_003 + budget)
+    total = args.steps * args.batch_size
+    n_clips = round(total * args.train_clip_fraction)
+    seed = args.seed * 1_000_003 + budget
+    dataset = SceneDataset(total - n_clips, seed=seed)
+    if n_clips:  # shuffled together by the Trainer: batches mix scenes and clips
+        dataset = torch.utils.data.ConcatDataset([dataset, ClipDataset(n_clips, seed=seed, frames=args.clip_frames)])
     trainer = llava_mini_trainer(method, model, training, dataset, SceneCollator(processor), train_llm=not args.freeze_llm,
                                  optimizers=(optimizer, None), callbacks=[TimeLimit(args.max_train_seconds)])
     if cuda:
@@ -371,6 +376,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="divprune,visionzip", help="training-free methods at the same budgets ('' for none)")
     p.add_argument("--clip-samples", type=int, default=0, help="also evaluate on this many held-out clips (0: none)")
     p.add_argument("--clip-frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--train-clip-fraction", type=float, default=0.0,
+                   help="share of the training samples that are train-split clips of --clip-frames frames (0: scenes only)")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers drawing training scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -388,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if not (args.lr > 0 and math.isfinite(args.lr) and args.llm_lr > 0 and math.isfinite(args.llm_lr)):
         print("error: --lr and --llm-lr must be positive", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.train_clip_fraction < 1.0:
+        print(f"error: --train-clip-fraction={args.train_clip_fraction} must be in [0, 1)", file=sys.stderr)
         return 2
     return exit_code(lambda: run(args), "slimvlm.train.experiment_llava_mini")
 
