@@ -995,6 +995,8 @@ Each rendered scene is used for {info['questions_per_scene']} different question
 - AdamW (betas 0.9/0.98, weight decay {info['weight_decay']} on matrices), peak lr {info['lr']:g},
   linear warmup {info['warmup_steps']} steps then cosine to 10% of peak over the wall-clock budget,
   grad clip 1.0, batch {info['batch_size']}, bf16 autocast on CUDA (TF32 matmuls){compiled}, all weights trained.
+- Token dropout: a share {info.get('token_dropout', 0.0):g} of the batches had every image span cut to a random
+  {' or '.join(map(str, DROPOUT_KEEPS))} of its patches, renumbered (0: none).
 - This run: {info['steps']:,} steps, {info['samples']:,} samples ({info['scenes_est']:,} scenes approx.),
   {info['train_s']:.0f} s of training, {info['total_s']:.0f} s in all, on {info['device_name']}
   ({info['workers']} data workers).
@@ -1351,6 +1353,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
         "warmup_steps": warmup_steps,
         "curriculum_steps": config.curriculum_steps,
         "complexity_cap_end": round(cap, 4),
+        "token_dropout": config.token_dropout,
         "compiled": config.compile and compile_error is None,
         "accuracy": final["accuracy"],
     }
@@ -1383,6 +1386,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
         "warmup_steps": warmup_steps,
         "batch_size": config.batch_size,
         "curriculum_steps": config.curriculum_steps,
+        "token_dropout": config.token_dropout,
         "init": None if init is None else str(init.folder),
         "aux_resumed": aux_resumed,
         "chain": chain,
