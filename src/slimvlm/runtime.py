@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SlimVLMError
+from .models.compat import cache_kwarg
 from .hooks import HookSet, capture_outputs
 from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, rebuild
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
@@ -123,6 +124,7 @@ class Runtime:
     def _install_forward(self) -> None:
         original = self.model.forward
         signature = inspect.signature(original)
+        self._cache_name = cache_kwarg(original)
         # without 'mm_encoder_outputs' in the signature, generate() hands us pixel_values
         params = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
 
@@ -163,8 +165,10 @@ class Runtime:
         for name in ("use_cache", "return_dict"):
             if name in kwargs:
                 arguments[name] = kwargs.pop(name)
+        if self._cache_name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated alias
+            arguments[self._cache_name] = kwargs.pop("past_key_values")
         pixel_values = arguments.get("pixel_values")
-        cache = arguments.get("past_key_values")
+        cache = arguments.get(self._cache_name)
         if kwargs.get("mm_encoder_outputs") is not None:
             raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
         if pixel_values is not None:
@@ -189,7 +193,7 @@ class Runtime:
             given = arguments.get(name)
             if given is not None and given != configured:
                 raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
-        cache = arguments.get("past_key_values")
+        cache = arguments.get(self._cache_name)
         if cache is not None and cache.get_seq_length() > 0:
             raise SlimVLMError("images after a non-empty KV cache are not supported; start a new cache for each prompt")
 
@@ -232,7 +236,7 @@ class Runtime:
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = adapter.text_config.use_cache
-        cache = arguments.get("past_key_values")
+        cache = arguments.get(self._cache_name)
         if use_cache and cache is None:
             from transformers import DynamicCache
 

@@ -17,6 +17,7 @@ import torch
 
 from ..api import apply
 from ..models import adapter_for
+from ..models.compat import cache_kwarg
 from . import flops as flops_mod
 from .run import synthetic_inputs
 from .table import text_table
@@ -68,7 +69,7 @@ def bench_layer(model, merge: str = "tome:r=16", batch_size: int = 1, text_token
                 model(**inputs, use_cache=True, logits_to_keep=1)  # the cache keeps VTU's session (copies) alive
                 hook.remove()
                 args, kwargs = captured["args"], captured["kwargs"]
-                kwargs.update(past_key_values=None, use_cache=False)
+                kwargs.update({cache_kwarg(decoder.forward): None}, use_cache=False)
                 run = lambda: decoder(*args, **kwargs)  # noqa: E731
                 latency = median_ms(run, device, warmup, repeats)
                 before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None

@@ -11,6 +11,7 @@ from torch import nn
 from ..attention import apply_rope, attention_rows
 from ..errors import SlimVLMError
 from ..hooks import capture_outputs
+from .compat import cache_kwarg
 from ..sequence import gather_rows
 from ..stages import EncoderAttention, Method
 from ..tokens import VisualTokens
@@ -155,13 +156,13 @@ class LlavaAdapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def run_llm(self, embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs):
+    def run_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         return self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{cache_kwarg(self.language_model.forward): cache},
             **kwargs,
         )
 
@@ -227,11 +228,13 @@ class LlavaAdapter:
         core returns None to let the layer run as usual. Returns the function that undoes it."""
         attn = self.llm_layers[layer].self_attn
         original = attn.forward
+        cache_name = cache_kwarg(original)
 
-        def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
             if not core.active():
                 return original(hidden_states, position_embeddings=position_embeddings,
-                                attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                                attention_mask=attention_mask, **kwargs)
+            cache = kwargs.get(cache_name)
             input_shape = hidden_states.shape[:-1]
             hidden_shape = (*input_shape, -1, attn.head_dim)
             queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -239,8 +242,8 @@ class LlavaAdapter:
             values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             queries = self.rotate(queries, position_embeddings)
             keys = self.rotate(keys, position_embeddings)
-            if past_key_values is not None:
-                keys, values = past_key_values.update(keys, values, attn.layer_idx)
+            if cache is not None:
+                keys, values = cache.update(keys, values, attn.layer_idx)
             output = core(attn, queries, keys, values)
             return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
