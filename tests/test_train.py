@@ -84,17 +84,19 @@ def test_question_patches_point_at_the_named_objects():
     pair = lambda c, sh: 1 + T.AUX_LABELS.index(f"{c} {sh}")  # noqa: E731
     word = 1 + T.AUX_LABELS.index("word:cat")
     patches = np.array([0, pair("red", "circle"), pair("blue", "circle"), pair("red", "square"), word, 0])
-    ask = lambda q: T.question_patches(q, patches).nonzero()[0].tolist()  # noqa: E731
-    assert ask("what color is the square?") == [3]
-    assert ask("what shape is the blue object?") == [2]
-    assert ask("how many circles are there?") == [1, 2]
-    assert ask("how many objects are there?") == [1, 2, 3]
-    assert ask("is there a red circle?") == [1]
-    assert ask("is there a blue square?") == []  # absent: nothing to look at
-    assert ask("is the red square left or right of the blue circle?") == [2, 3]
-    assert ask("is the red circle bigger or smaller than the red square?") == [1, 3]
-    assert ask("which quadrant is the blue circle in?") == [2]
-    assert ask("what word is written?") == [4]
+    ask = lambda q: [g.nonzero()[0].tolist() for g in T.question_patches(q, patches)]  # noqa: E731
+    assert T.GUIDED_GROUPS == 2
+    assert ask("what color is the square?") == [[3], [3]]  # one object: every head group reads it
+    assert ask("what shape is the blue object?") == [[2], [2]]
+    assert ask("how many circles are there?") == [[1, 2], [1, 2]]
+    assert ask("how many objects are there?") == [[1, 2, 3], [1, 2, 3]]
+    assert ask("is there a red circle?") == [[1], [1]]
+    assert ask("is there a blue square?") == [[], []]  # absent: nothing to look at
+    # two objects: the first named goes to group 0, the second to group 1
+    assert ask("is the red square left or right of the blue circle?") == [[3], [2]]
+    assert ask("is the red circle bigger or smaller than the red square?") == [[1], [3]]
+    assert ask("which quadrant is the blue circle in?") == [[2], [2]]
+    assert ask("what word is written?") == [[4], [4]]
 
 
 def test_word_bag_names_what_covers_a_patch(processor):
@@ -153,14 +155,20 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
             output_attentions=True,
         )
         model.set_attn_implementation("sdpa")
-        probs = eager.attentions[T.GUIDED_LAYER].mean(1)  # (B, T, T)
+        probs = eager.attentions[T.GUIDED_LAYER]  # (B, heads, T, T)
+        heads_per_group = probs.shape[1] // T.GUIDED_GROUPS
+        assert any(not torch.equal(t[0], t[1]) for t in batch["attention_target"])  # a two-object question
         losses = []
         for i, row in enumerate(batch["labels"]):
             query = int((row != -100).nonzero()[0]) - 1
             image_positions = (batch["input_ids"][i] == model.config.image_token_id).nonzero().flatten()
-            asked = image_positions[batch["attention_target"][i]]
-            if len(asked):
-                losses.append(-torch.log(probs[i, query, asked].sum() + 1e-4))
+            if not batch["attention_target"][i].any():
+                continue
+            group_losses = []
+            for g, patches in enumerate(batch["attention_target"][i]):
+                heads = probs[i, g * heads_per_group : (g + 1) * heads_per_group].mean(0)  # this group's heads
+                group_losses.append(-torch.log(heads[query, image_positions[patches]].sum() + 1e-4))
+            losses.append(torch.stack(group_losses).mean())
         assert losses  # the batch has questions with a target
         ref_aux += torch.stack(losses).mean()
     assert torch.allclose(lm, ref.loss, atol=1e-5)
@@ -390,7 +398,7 @@ def test_shorten_image_span_keeps_text_labels_and_targets_aligned(processor, bat
         assert short["labels"][i][short["labels"][i] != -100].tolist() == batch["labels"][i][batch["labels"][i] != -100].tolist()
         keep = short["visual_keep"][i]
         assert keep.tolist() == sorted(set(keep.tolist())) and int(keep.max()) < n
-        assert short["attention_target"][i].tolist() == batch["attention_target"][i][keep].tolist()
+        assert short["attention_target"][i].tolist() == batch["attention_target"][i][:, keep].tolist()
     with pytest.raises(ValueError, match="keep"):
         T.shorten_image_span(batch, n + 1, image_id, np.random.default_rng(0))
 

@@ -24,8 +24,8 @@ only), with two losses:
   covers each patch and the patch's grid row and column (cross-entropy); the *word bag*
   (:func:`word_bag_matrix`) asks each projected patch to name what covers it in the LM's own
   input-embedding space; and *guided attention* (:func:`guided_attention_loss`): decoder
-  layer ``GUIDED_LAYER``'s attention from the answer position, averaged over heads, should
-  fall on the patches the question names (:func:`question_patches`). The heads are
+  layer ``GUIDED_LAYER``'s attention from the answer position should fall on the patches the
+  question names (:func:`question_patches`), one head group per named object. The heads are
   training-only: they are not part of the saved model (``aux_heads.safetensors`` beside it
   keeps them for ``--init``).
 
@@ -167,6 +167,7 @@ SIZES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
 AUX_WEIGHT = 0.5
 DROPOUT_KEEPS = (64, 192)  # visual tokens a shortened training image span keeps (--token-dropout)
 GUIDED_LAYER = 2  # decoder layer whose attention from the answer position is guided to the asked patches
+GUIDED_GROUPS = 2  # its heads split into this many groups, one per object a question names
 MIN_LR_RATIO = 0.1
 MAX_FLOAT32_BYTES = 40 * 1024 * 1024  # save in float32 when the weights fit, else bfloat16
 MAX_STREAMS = 4096  # worker streams per --seed (distinct scene seeds for any worker count below this)
@@ -432,12 +433,16 @@ _REFERENT_STARTS = ("the", "a", "an", "many")
 
 
 def question_patches(question: str, patches: np.ndarray) -> np.ndarray:
-    """Bool (576,): the patches showing what ``question`` is about, from the scene's per-patch classes.
+    """Bool (GUIDED_GROUPS, 576): the patches showing what ``question`` is about, one row per head group
+    of the guided layer, from the scene's per-patch classes.
 
     Every "the/a/an/many" opens a referent; colour and shape words after it narrow it down (a
-    referent with neither, "how many objects", means every object). Questions about the written
-    word point at the word patches. Empty when nothing named is drawn ("is there a red star?" ->
-    no). This is the attention the answer needs, used to guide the LM's attention in training."""
+    referent with neither, "how many objects", means every object). A question with two referents
+    ("is the red circle left of the blue square?") gives the first to group 0 and the second to group
+    1, so the answer position receives each object through its own heads and can compare them; a
+    single referent goes to every group. Questions about the written word point at the word patches.
+    Empty when nothing named is drawn ("is there a red star?" -> no). This is the attention the
+    answer needs, used to guide the LM's attention in training."""
     referents: list[list[int | None]] = []
     for token in scenes.tokenize(question):
         if token in _REFERENT_STARTS:
@@ -447,12 +452,15 @@ def question_patches(question: str, patches: np.ndarray) -> np.ndarray:
         elif referents and (token in scenes.SHAPES or token.removesuffix("s") in scenes.SHAPES):
             referents[-1][1] = scenes.SHAPES.index(token.removesuffix("s") if token not in scenes.SHAPES else token)
     if not referents:  # "what word is written?"
-        return patches > len(_PAIR_INDEX)
+        return np.repeat((patches > len(_PAIR_INDEX))[None], GUIDED_GROUPS, axis=0)
+    if len(referents) > GUIDED_GROUPS:
+        raise ValueError(f"{question!r} names {len(referents)} objects; guided attention has {GUIDED_GROUPS} head groups")
     colour, shape = _PAIR_COLOR[patches], _PAIR_SHAPE[patches]
-    hit = np.zeros(patches.shape, dtype=bool)
-    for c, sh in referents:
-        hit |= (colour >= 0) & ((colour == c) if c is not None else True) & ((shape == sh) if sh is not None else True)
-    return hit
+    hits = [
+        (colour >= 0) & ((colour == c) if c is not None else True) & ((shape == sh) if sh is not None else True)
+        for c, sh in referents
+    ]
+    return np.stack([hits[g * len(hits) // GUIDED_GROUPS] for g in range(GUIDED_GROUPS)])
 
 
 def aux_target(objects: Sequence[scenes.SceneObject], words: Sequence[tuple[str, Any]]) -> np.ndarray:
@@ -594,7 +602,8 @@ def shorten_image_span(batch: dict[str, torch.Tensor], keep: int, image_token_id
 
     out = dict(batch, input_ids=cut(ids), labels=cut(batch["labels"]), visual_keep=index)
     if "attention_target" in batch:
-        out["attention_target"] = batch["attention_target"].gather(1, index)
+        target = batch["attention_target"]  # (B, G, n)
+        out["attention_target"] = target.gather(2, index[:, None].expand(-1, target.shape[1], -1))
     return out
 
 
@@ -771,22 +780,25 @@ def forward_losses(model, head: AuxHeads, batch: dict[str, torch.Tensor], pixel_
         bag_logits = unit @ words.float().T  # (S, 576, vocab)
         aux_loss = aux_loss + F.binary_cross_entropy_with_logits(bag_logits, head.word_bag[batch["patch_target"]])
     if guided:
-        target = torch.zeros_like(labels, dtype=torch.float32).masked_scatter(
-            placeholders[..., 0], batch["attention_target"].float()
-        )
+        span = placeholders[..., 0, None].expand(-1, -1, GUIDED_GROUPS)  # (B, T, G)
+        target = torch.zeros(span.shape, device=labels.device).masked_scatter(
+            span, batch["attention_target"].float().transpose(1, 2).contiguous()
+        ).transpose(1, 2)  # (B, G, T)
         aux_loss = aux_loss + guided_attention_loss(model, out.hidden_states[GUIDED_LAYER], first - 1, target)
     return out.loss, aux_loss, correct
 
 
 def guided_attention_loss(model, hidden: torch.Tensor, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log of the attention mass (mean over heads) that decoder layer ``GUIDED_LAYER`` puts, from
-    each row's ``query`` position (the one that predicts the answer), on the ``target`` positions
-    (the patches the question is about); rows with no target count 0.
+    """Mean over head groups of -log of the attention mass (mean over the group's heads) that decoder
+    layer ``GUIDED_LAYER`` puts, from each row's ``query`` position (the one that predicts the
+    answer), on that group's ``target`` positions (B, GUIDED_GROUPS, T: the patches of the object
+    the group reads, see :func:`question_patches`); rows with no target count 0.
 
     ``hidden`` is that layer's input (right-padded rows, positions 0..T-1, causal). The attention
     row is rebuilt from the layer's own q/k projections and rotary embedding, beside SDPA.
     Guiding one layer's attention to the named object teaches the binding that answer-only
-    training did not find in 1.6M samples."""
+    training did not find in 1.6M samples; one head group per object keeps two objects apart for
+    the comparisons (position, size) that one pooled read cannot answer."""
     layer = model.model.language_model.layers[GUIDED_LAYER]
     attn = layer.self_attn
     b, t, _ = hidden.shape
@@ -800,10 +812,12 @@ def guided_attention_loss(model, hidden: torch.Tensor, query: torch.Tensor, targ
     q = apply_rope(q, cos[rows, query][:, None], sin[rows, query][:, None])
     k = apply_rope(k, cos, sin)
     allowed = (positions <= query[:, None])[:, None, None, :]
-    weights = attention_rows(q, k, attn.scaling, allowed=allowed).mean(1)[:, 0]  # (B, T)
-    mass = (weights * target).sum(-1)
-    has_target = (target.sum(-1) > 0).float()
-    return (-(mass + 1e-4).log() * has_target).sum() / has_target.sum().clamp_min(1.0)
+    weights = attention_rows(q, k, attn.scaling, allowed=allowed)[:, :, 0]  # (B, H, T)
+    groups = weights.unflatten(1, (GUIDED_GROUPS, -1)).mean(2)  # (B, G, T): heads in order, one block per group
+    mass = (groups * target).sum(-1)  # (B, G)
+    has_target = (target.sum((1, 2)) > 0).float()
+    per_row = -(mass + 1e-4).log().mean(1)
+    return (per_row * has_target).sum() / has_target.sum().clamp_min(1.0)
 
 
 def lr_factor(step: int, frac: float, warmup_steps: int) -> float:
@@ -989,8 +1003,9 @@ Each rendered scene is used for {info['questions_per_scene']} different question
   ({len(AUX_LABELS)} labels); cross-entropy of per-patch heads predicting what covers each
   patch and the patch's grid row and column; the word bag (each projected patch, RMS-normalised,
   scored against the LM's input embeddings, BCE towards the words naming what covers it); and
-  guided attention (-log of the head-averaged attention mass that decoder layer {GUIDED_LAYER} puts,
-  from the position predicting the answer, on the patches the question names).
+  guided attention (-log of the attention mass that decoder layer {GUIDED_LAYER} puts, from the
+  position predicting the answer, on the patches the question names, averaged over {GUIDED_GROUPS} head
+  groups: with two named objects, each group reads one).
   The heads are not part of the model (`{AUX_HEADS_FILE}` keeps them for `--init` only).
 - AdamW (betas 0.9/0.98, weight decay {info['weight_decay']} on matrices), peak lr {info['lr']:g},
   linear warmup {info['warmup_steps']} steps then cosine to 10% of peak over the wall-clock budget,
