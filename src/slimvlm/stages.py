@@ -111,6 +111,9 @@ class Method:
     proportional_attention: ClassVar[bool] = False
     # stage 1: the class token goes on to the LLM even where the model's feature selection drops it
     feeds_cls: ClassVar[bool] = False
+    # stage 1: the encoder's sequence lengths follow each image (threshold merging), so they are new
+    # on most calls; the encoder then runs attention off cuDNN (see LlavaAdapter.encode)
+    varying_lengths: bool = False
     # stage 3: the LLM layers at whose input it drops tokens; it reads the attention rows
     # (`queries`) of the layer before each
     drop_layers: tuple[int, ...] = ()

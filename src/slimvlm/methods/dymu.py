@@ -92,6 +92,7 @@ class DyMU(Method):
     # the defaults (vtu=true) act at both stages; an instance sets its own from `vtu`
     stages = frozenset({Stage.ENCODE, Stage.PREFILL})
     proportional_attention = True
+    varying_lengths = True
     virtual_unmerge: ClassVar[bool] = False
 
     def __init__(self, thresholds: str | None = None, target: int | None = None, vtu: bool = True) -> None:

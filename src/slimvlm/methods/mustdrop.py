@@ -181,6 +181,7 @@ class MustDrop(Method):
         if cache_from_layer is not None and (isinstance(cache_from_layer, bool) or int(cache_from_layer) != cache_from_layer or cache_from_layer < 0):
             raise SlimVLMError(f"mustdrop: cache_from_layer={cache_from_layer} must be an LLM layer index >= 0")
         self.lsm = lsm
+        self.varying_lengths = lsm  # windows merge where their tokens agree, so counts follow the image
         self.window = int(window)
         self.threshold = float(threshold)
         self.important = important

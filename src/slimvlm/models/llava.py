@@ -3,10 +3,12 @@ Llama-family LM. The only module in slimvlm that knows this family's module name
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention import apply_rope, attention_rows
 from ..errors import SlimVLMError
@@ -30,6 +32,15 @@ class AttentionParts:
     num_kv_heads: int
     head_dim: int
     scaling: float
+
+
+def attention_off_cudnn(active: bool) -> contextlib.AbstractContextManager:
+    """SDPA without its cuDNN kernel while ``active``. cuDNN builds a graph for every sequence length
+    it has not seen (49-74 ms each on an H200, torch 2.11: results/README.md), which an encoder
+    whose lengths follow the image pays on most calls; the other SDPA kernels have no such cost."""
+    if not active:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class LlavaAdapter:
@@ -85,6 +96,10 @@ class LlavaAdapter:
 
         Returns the feature layer's tokens (CLS included) and, per layer run, the tokens each
         image had at its input (for the FLOPs count)."""
+        with attention_off_cudnn(method is not None and method.varying_lengths):
+            return self._encode(pixel_values, method)
+
+    def _encode(self, pixel_values: torch.Tensor, method: Method | None) -> tuple[VisualTokens, list[torch.Tensor]]:
         vision = self.vision
         hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
         tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=True)
