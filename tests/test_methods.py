@@ -54,21 +54,40 @@ def test_fastv_drops_the_least_attended_visual_tokens():
     assert method.prefill_keep(layer).tolist() == keep.tolist()  # the mean over heads ranks the same
 
 
+def diverse_indices(features: torch.Tensor, keep: int) -> list[int]:
+    """max_min_diverse on one image, as the indices kept."""
+    valid = torch.ones(1, features.shape[0], dtype=torch.bool)
+    return max_min_diverse(features[None], valid, torch.tensor([keep]))[0].nonzero().flatten().tolist()
+
+
 def test_divprune_greedy_max_min_hand_example():
     # unit vectors at angles 0, 10, 90, 180, 95 degrees
     angles = torch.tensor([0.0, 10, 90, 180, 95]) * torch.pi / 180
     features = torch.stack([angles.cos(), angles.sin()], dim=1)
     # first: farthest nearest neighbour -> 180 deg (nearest is 95 deg, distance 1 - cos 85)
     # then: farthest from {180} -> 0 deg; then: max of min distance -> 90 deg (vs 95 deg: 95 is closer to 180)
-    assert max_min_diverse(features, 1).tolist() == [3]
-    assert max_min_diverse(features, 2).tolist() == [0, 3]
-    assert max_min_diverse(features, 3).tolist() == [0, 2, 3]
-    assert max_min_diverse(features, 9).tolist() == [0, 1, 2, 3, 4]
+    assert diverse_indices(features, 1) == [3]
+    assert diverse_indices(features, 2) == [0, 3]
+    assert diverse_indices(features, 3) == [0, 2, 3]
+    assert diverse_indices(features, 9) == [0, 1, 2, 3, 4]
 
 
 def test_divprune_meets_its_budget_on_identical_tokens():
     features = torch.cat([torch.ones(6, 2), torch.tensor([[1.0, -1.0]])])  # a flat background + one object
-    assert max_min_diverse(features, 4).tolist() == [0, 1, 2, 6]
+    assert diverse_indices(features, 4) == [0, 1, 2, 6]
+
+
+def test_divprune_batch_with_padding_chooses_what_each_image_chooses_alone():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 12, 8, generator=generator)
+    counts, keeps = [12, 7, 1], [5, 3, 1]
+    valid = torch.arange(12)[None] < torch.tensor(counts)[:, None]
+    features[~valid] = 1e3  # padding must never be chosen nor change a distance
+    mask = max_min_diverse(features, valid, torch.tensor(keeps))
+    for image, (count, keep) in enumerate(zip(counts, keeps)):
+        alone = diverse_indices(features[image, :count], keep)
+        assert len(alone) == keep
+        assert mask[image].nonzero().flatten().tolist() == alone
 
 
 def test_visionzip_hand_example():
