@@ -312,7 +312,8 @@ class Runtime:
         loss = None
         if labels is not None:
             loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size)
-        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=output.past_key_values)
+        cache = {self._cache_name: getattr(output, self._cache_name)}  # the output field was renamed with the keyword
+        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **cache)
         return result if arguments.get("return_dict", True) is not False else result.to_tuple()
 
     # ---- stage 3: LLM layers during prefill ---------------------------------------------------
