@@ -28,6 +28,33 @@ def test_demo_covers_every_method_at_both_budgets(tiny, tmp_path):
     assert main(["demo", "--model", str(tmp_path / "missing"), "--device", "cpu"]) == 2
 
 
+def test_demo_takes_the_shipped_dymu_target_nearest_each_budget(tiny, tmp_path):
+    from slimvlm.demo import shipped_thresholds
+
+    (tmp_path / "dymu").mkdir()
+    for name in ("target_96.json", "target_195.json", "target_x.json", "notes.json"):
+        (tmp_path / "dymu" / name).write_text("{}")
+    thresholds = shipped_thresholds(tmp_path)
+    assert sorted(thresholds) == [96, 195]
+    assert budget_specs(tiny[0], 64, thresholds)["dymu"] == f"dymu:thresholds={tmp_path / 'dymu' / 'target_96.json'}"
+    assert budget_specs(tiny[0], 192, thresholds)["dymu"] == f"dymu:thresholds={tmp_path / 'dymu' / 'target_195.json'}"
+    assert budget_specs(tiny[0], 64)["dymu"] is None
+
+
+def test_testbed_ships_dymu_thresholds_calibrated_for_it():
+    from slimvlm import apply
+    from slimvlm.demo import shipped_thresholds
+    from slimvlm.models.loading import TESTBED
+    from slimvlm.testbed.build import load
+
+    model, _ = load(TESTBED)
+    thresholds = shipped_thresholds(TESTBED)
+    assert sorted(thresholds) == [96, 195, 394]
+    for target, path in thresholds.items():
+        handle = apply(model, f"dymu:thresholds={path},target={target}")  # refused if made for other weights
+        handle.remove()
+
+
 def test_demo_writes_report(tiny, tiny_dir, tmp_path):
     out = tmp_path / "report"
     assert main(["demo", "--model", str(tiny_dir), "--samples", "2", "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
@@ -51,3 +78,12 @@ def test_outline_marks_token_borders_and_dropped_patches():
     assert pixels[0, 1].tolist() == [100, 100, 100]  # no border inside the merged token
     assert pixels[1, 0].tolist() == [255, 0, 255]  # border between the top token and what lies below
     assert pixels[2, 0].tolist() == [25, 25, 25]  # dropped: darkened
+
+
+def test_plot_family_groups_presets_with_their_method():
+    from slimvlm.bench.report import family
+
+    assert family("tome:r=8") == "tome"
+    assert family("mustdrop-64") == family("mustdrop:layers=2") == "mustdrop"
+    assert family("tome:r=77+vtu") == "tome+vtu"
+    assert family("dymu-mid:vtu=false") == "dymu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from .bench.evaluate import MethodResult, evaluate, format_table, from_sample, write_json
@@ -16,9 +17,21 @@ BUDGETS = (64, 192)
 Spec = str | list[str] | None
 
 
-def budget_specs(model, budget: int) -> dict[str, Spec]:
+def shipped_thresholds(folder: str | Path) -> dict[int, Path]:
+    """DyMU thresholds a model folder ships for itself, by target: `dymu/target_<N>.json`, made by
+    `slimvlm calibrate --target N` (the testbed ships 96, 195 and 394)."""
+    found = {}
+    for path in sorted(Path(folder).glob("dymu/target_*.json")):
+        target = path.stem.removeprefix("target_")
+        if target.isdigit():
+            found[int(target)] = path
+    return found
+
+
+def budget_specs(model, budget: int, thresholds: dict[int, Path] | None = None) -> dict[str, Spec]:
     """For each registered method, the spec (or composition) that leaves about `budget` visual
-    tokens per image; None for a method that needs a calibration file the demo does not have."""
+    tokens per image; None for a method that needs a calibration file or weights the demo does
+    not have. `thresholds`: DyMU's calibrated files by target (`shipped_thresholds`)."""
     adapter = adapter_for(model)
     tokens = adapter.tokens_per_image
     layers = adapter.vision_layers_run
@@ -36,8 +49,8 @@ def budget_specs(model, budget: int) -> dict[str, Spec]:
         "divprune": f"divprune:budget={budget}",
         # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
         "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
-        # its thresholds come from `slimvlm calibrate`, a file the demo does not have: skipped
-        "dymu": None,
+        # calibrated per model (`slimvlm calibrate`): the shipped target nearest the budget, else skipped
+        "dymu": _nearest_thresholds(thresholds or {}, budget),
         # its queries and pre-fusion layers must be trained first; the demo has no weights: skipped
         "llava-mini": None,
     }
@@ -47,7 +60,16 @@ def budget_specs(model, budget: int) -> dict[str, Spec]:
     return specs
 
 
-def source_maps(model, processor, item, path: Path) -> Path:
+def _nearest_thresholds(thresholds: dict[int, Path], budget: int) -> str | None:
+    if not thresholds:
+        return None
+    path = thresholds[min(thresholds, key=lambda t: (abs(t - budget), t))]
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        path = path.relative_to(Path.cwd())  # a shorter label in the table, the same file
+    return f"dymu:thresholds={path}"
+
+
+def source_maps(model, processor, item, path: Path, thresholds: dict[int, Path] | None = None) -> Path:
     """The first held-out image under each method at the small budget: what each token covers."""
     import torch
 
@@ -56,12 +78,13 @@ def source_maps(model, processor, item, path: Path) -> Path:
 
     inputs = processor(images=[item.image], text=[format_prompt(item.question)], return_tensors="pt").to(model.device)
     maps = {}
-    for name, spec in budget_specs(model, BUDGETS[0]).items():
+    for name, spec in budget_specs(model, BUDGETS[0], thresholds).items():
         if spec is None or name in ("fastv", "vtu"):  # stage-3 methods leave the source map as it is
             continue
         with apply(model, spec) as handle, torch.no_grad():
             model(**inputs)
-            maps[spec if isinstance(spec, str) else "+".join(spec)] = handle.stats.sources[0]
+            label = spec if isinstance(spec, str) else "+".join(spec)
+            maps[re.sub(r"thresholds=[^,+]*[/\\]", "thresholds=", label)] = handle.stats.sources[0]  # the file name, not its path
     return plot_source_maps(item.image, maps, adapter_for(model).grid, path)
 
 
@@ -71,7 +94,8 @@ def run_demo(
     from .testbed.scenes import make_samples
 
     items = [from_sample(s) for s in make_samples(samples, seed=seed, split="test")]
-    runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget).values() if spec is not None]
+    thresholds = shipped_thresholds(model.name_or_path) if model.name_or_path else {}
+    runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget, thresholds).values() if spec is not None]
     results = [evaluate(model, processor, items, spec, batch_size=batch_size, keep_positions=keep_positions) for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
@@ -85,7 +109,7 @@ def run_demo(
     varying = plot_tokens_vs_complexity(results, out / "tokens_vs_complexity.png")
     if varying:
         plots.append(varying)
-    plots.append(source_maps(model, processor, items[0], out / "merges.png"))
+    plots.append(source_maps(model, processor, items[0], out / "merges.png", thresholds))
     (out / "README.md").write_text(
         f"# slimvlm demo\n\n{samples} held-out testbed scenes (seed {seed}), budgets {BUDGETS}.\n\n"
         f"```\n{table}\n```\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
