@@ -13,13 +13,17 @@ from .evaluate import MethodResult  # noqa: E402
 
 
 def family(method: str) -> str:
-    """'tome:r=8' -> 'tome'; compositions keep every part's name ('tome+fastv')."""
-    return "+".join(part.split(":")[0] for part in method.split("+"))
+    """'tome:r=8' -> 'tome', 'mustdrop-64' -> 'mustdrop' (a preset is its method's); compositions
+    keep every part's name ('tome+fastv')."""
+    from ..registry import PRESETS
+
+    names = (part.split(":")[0] for part in method.split("+"))
+    return "+".join(PRESETS[name].split(":")[0] if name in PRESETS else name for name in names)
 
 
 def plot_accuracy_vs_tokens(results: list[MethodResult], path: Path) -> Path:
     """One line per method family: accuracy against the visual tokens an LLM layer sees on average."""
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = _axes()
     lines: dict[str, list[tuple[float, float]]] = {}
     for result in results:
         if result.method == "none":
@@ -38,11 +42,24 @@ def plot_tokens_vs_complexity(results: list[MethodResult], path: Path) -> Path |
     varying = [r for r in results if r.visual_tokens_min != r.visual_tokens_max]
     if not varying:
         return None
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = _axes()
+    drawn = set()
     for result in varying:
+        label = f"{family(result.method)} (mean {result.visual_tokens_mean:.0f})"
+        if label in drawn:  # e.g. two MustDrop presets: the same encoder-side merge, the same counts
+            continue
+        drawn.add(label)
         points = [(r.complexity, r.visual_tokens) for r in result.records if r.complexity is not None]
-        axes.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.6, label=result.method)
+        axes.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.6, label=label)
     return _save(figure, axes, path, "scene complexity", "visual tokens reaching the LLM", "Token count against image complexity")
+
+
+def _axes():
+    """A figure whose colours do not repeat before 20 lines (the default cycle has 10)."""
+    figure, axes = plt.subplots(figsize=(8.5, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    axes.set_prop_cycle(color=colors[::2] + colors[1::2])  # the 10 strong colours, then their light pairs
+    return figure, axes
 
 
 def _save(figure, axes, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -50,7 +67,7 @@ def _save(figure, axes, path: Path, xlabel: str, ylabel: str, title: str) -> Pat
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
