@@ -22,3 +22,5 @@ M5="$M5,fastv:k=2,ratio=0.9,fastv:k=2,ratio=0.75,fastv:k=1,ratio=0.9"
 slimvlm eval --model testbed --methods "$M5" --samples 200 --json $D/mustdrop.json 2>/dev/null | tee $D/mustdrop.txt
 # the same MustDrop settings with visual tokens keeping their positions (LSM shortens the span)
 slimvlm eval --model testbed --methods "none,mustdrop-64,mustdrop-64,lsm=false,mustdrop-64,filter=false" --samples 200 --keep-positions --json $D/mustdrop_keep_positions.json 2>/dev/null | tee $D/mustdrop_keep_positions.txt
+# MustDrop's middle preset beside the other methods at 128 tokens (the demo covers 64 and 192)
+slimvlm eval --model testbed --methods "none,mustdrop-128,tome:r=90,tome:r=90+vtu,fastv:k=2,ratio=0.7778,visionzip:dominant=108,contextual=20,divprune:budget=128" --samples 200 --json $D/budget128.json 2>/dev/null | tee $D/budget128.txt
