@@ -95,3 +95,38 @@ def test_module_refuses_bad_input(tiny, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)  # remove_unused_columns left True
     with pytest.raises(SlimVLMError):
         llava_mini_trainer(LlavaMini(budget=4, layers=1), model, args, rows)
+
+
+def test_one_kind_batches_never_mix_parts_and_cover_every_whole_batch():
+    from slimvlm.train.data import OneKindBatches
+
+    sampler = OneKindBatches([12, 8], batch_size=4, seed=3)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 20 and sorted(order) == list(range(20))
+    batches = [order[i : i + 4] for i in range(0, 20, 4)]
+    assert all(max(b) < 12 or min(b) >= 12 for b in batches)  # scenes 0-11, clips 12-19
+    many = list(OneKindBatches([40, 40], batch_size=4, seed=3))
+    kinds = [many[i] >= 40 for i in range(0, 80, 4)]
+    assert kinds != sorted(kinds)  # clip batches are spread among the scene batches, not all last
+    assert order == list(OneKindBatches([12, 8], batch_size=4, seed=3))
+    assert order != list(OneKindBatches([12, 8], batch_size=4, seed=4))
+    partial = list(OneKindBatches([6, 5], batch_size=4, seed=0))  # each part's partial batch left out
+    assert len(partial) == 8 and sum(i < 6 for i in partial) == 4
+
+
+def test_module_trainer_draws_batches_in_the_given_sampler_order(tmp_path):
+    import torch
+    from transformers import TrainingArguments
+
+    from slimvlm.train.data import OneKindBatches
+    from slimvlm.train.trainer import module_trainer
+
+    data = [{"x": torch.tensor([float(i)])} for i in range(12)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                             remove_unused_columns=False)
+    sampler = OneKindBatches([8, 4], batch_size=4, seed=1)
+    trainer = module_trainer(torch.nn.Linear(1, 1), args, data, data_collator=lambda rows: {"x": torch.cat([r["x"] for r in rows])},
+                             train_sampler=sampler)
+    drawn = [batch["x"].long().tolist() for batch in trainer.get_train_dataloader()]
+    expected = list(sampler)
+    assert drawn == [expected[i : i + 4] for i in range(0, 12, 4)]

@@ -82,3 +82,33 @@ class ClipDataset(SceneDataset):
 
     def sample(self, seed: int, kind: str) -> ClipSample:
         return make_clip_samples(1, seed=seed, split="train", frames=self.frames, question_types=(kind,))[0]
+
+
+class OneKindBatches(torch.utils.data.Sampler[int]):
+    """Indices into a ConcatDataset of parts (scenes, then clips) in which every run of
+    `batch_size` consecutive indices - one DataLoader batch - comes from one part: the samples of
+    each part shuffled, cut into batches, and the batches of all parts shuffled together
+    (deterministic from `seed`). A batch mixing scenes with clips pads every scene's LLaVA-Mini
+    pre-fusion sequence to the clip's length (4 frames: 2,304 visual tokens against 576); batches
+    of one kind do not. A part's last partial batch is left out."""
+
+    def __init__(self, part_sizes: list[int], batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1 or any(size < 0 for size in part_sizes):
+            raise ValueError(f"batch_size must be >= 1 and part sizes >= 0, got {batch_size} and {part_sizes}")
+        self.part_sizes = [int(size) for size in part_sizes]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return sum(size // self.batch_size * self.batch_size for size in self.part_sizes)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        batches, offset = [], 0
+        for size in self.part_sizes:
+            order = (torch.randperm(size, generator=generator) + offset).tolist()
+            whole = size // self.batch_size * self.batch_size
+            batches += [order[i : i + self.batch_size] for i in range(0, whole, self.batch_size)]
+            offset += size
+        for position in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[position]

@@ -174,7 +174,7 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
 
     from ..methods.llava_mini import LlavaMini
     from ..models.loading import load_model
-    from .data import ClipDataset, SceneCollator, SceneDataset
+    from .data import ClipDataset, OneKindBatches, SceneCollator, SceneDataset
     from .llava_mini import llava_mini_trainer
 
     model, processor = load_model(args.model, device, "float32")
@@ -198,13 +198,15 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
         disable_tqdm=not args.progress,
     )
     total = args.steps * args.batch_size
-    n_clips = round(total * args.train_clip_fraction)
+    n_clips = round(args.steps * args.train_clip_fraction) * args.batch_size  # whole batches of clips
     seed = args.seed * 1_000_003 + budget
-    dataset = SceneDataset(total - n_clips, seed=seed)
-    if n_clips:  # shuffled together by the Trainer: batches mix scenes and clips
+    dataset, sampler = SceneDataset(total - n_clips, seed=seed), None
+    if n_clips:  # batches of scenes and batches of clips, shuffled together
         dataset = torch.utils.data.ConcatDataset([dataset, ClipDataset(n_clips, seed=seed, frames=args.clip_frames)])
+        sampler = OneKindBatches([total - n_clips, n_clips], args.batch_size, seed=seed)
     trainer = llava_mini_trainer(method, model, training, dataset, SceneCollator(processor), train_llm=not args.freeze_llm,
-                                 optimizers=(optimizer, None), callbacks=[TimeLimit(args.max_train_seconds)])
+                                 optimizers=(optimizer, None), callbacks=[TimeLimit(args.max_train_seconds)],
+                                 train_sampler=sampler)
     if cuda:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -377,7 +379,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-samples", type=int, default=0, help="also evaluate on this many held-out clips (0: none)")
     p.add_argument("--clip-frames", type=int, default=8, help="frames per clip")
     p.add_argument("--train-clip-fraction", type=float, default=0.0,
-                   help="share of the training samples that are train-split clips of --clip-frames frames (0: scenes only)")
+                   help="share of the training batches made of train-split clips of --clip-frames frames (0: scenes only); a batch holds one kind")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers drawing training scenes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -7,10 +7,12 @@ from torch import nn
 from ..errors import SlimVLMError
 
 
-def module_trainer(module: nn.Module, args, train_dataset, data_collator=None, pass_step: bool = False, **kwargs):
+def module_trainer(module: nn.Module, args, train_dataset, data_collator=None, pass_step: bool = False,
+                   train_sampler=None, **kwargs):
     """Trainer whose loss is `module(**batch)` (or `module(global_step, **batch)` with pass_step,
     for methods whose step decides the mode). The batches must hold input_ids, attention_mask,
-    pixel_values and labels, so `args.remove_unused_columns` must be False."""
+    pixel_values and labels, so `args.remove_unused_columns` must be False. `train_sampler`
+    replaces the Trainer's random order (e.g. data.OneKindBatches)."""
     from transformers import Trainer
 
     if getattr(args, "remove_unused_columns", False):
@@ -20,5 +22,8 @@ def module_trainer(module: nn.Module, args, train_dataset, data_collator=None, p
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = model(self.state.global_step, **inputs) if pass_step else model(**inputs)
             return (loss, None) if return_outputs else loss
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return train_sampler if train_sampler is not None else super()._get_train_sampler(*args, **kwargs)
 
     return ModuleTrainer(model=module, args=args, train_dataset=train_dataset, data_collator=data_collator, **kwargs)
