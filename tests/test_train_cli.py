@@ -1,5 +1,7 @@
 """`slimvlm train` on testbed scenes with the tiny model: both methods run and save what inference needs."""
 
+import torch
+
 from slimvlm.cli import main
 from slimvlm.testbed.build import load
 from slimvlm.train.data import SceneCollator, training_scenes
@@ -26,3 +28,20 @@ def test_train_dualspeed_and_llava_mini(tiny_dir, tmp_path):
     model, _ = load(tmp_path / "mini")
     assert (tmp_path / "mini" / "llava_mini.safetensors").exists()
     assert main(["train", "--method", "tome", "--out", str(tmp_path / "x"), *common]) == 2
+
+
+def test_train_resumes_from_a_checkpoint_to_the_same_weights(tiny_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["--method", "llava-mini", "--budget", "4", "--layers", "1", "--model", str(tiny_dir), "--samples", "8",
+              "--steps", "4", "--batch-size", "2", "--device", "cpu", "--save-steps", "2"]
+    assert main(["train", "--out", str(tmp_path / "straight"), *common]) == 0
+    (tmp_path / "resumed" / "trainer").mkdir(parents=True)  # as if the run had stopped after step 2
+    shutil.copytree(tmp_path / "straight" / "trainer" / "checkpoint-2", tmp_path / "resumed" / "trainer" / "checkpoint-2")
+    assert main(["train", "--out", str(tmp_path / "resumed"), "--resume", *common]) == 0
+    for name in ("model.safetensors", "llava_mini.safetensors"):
+        straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert all(torch.equal(straight[key], resumed[key]) for key in straight), name
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", *common]) == 2  # nothing to resume

@@ -196,13 +196,15 @@ def _train(args: argparse.Namespace) -> None:
         freeze_vision(model)
     model.train()
     out = Path(args.out)
-    training = training_arguments(out / "trainer", args.steps, args.batch_size, args.lr, args.seed, device)
+    saving = dict(save_strategy="steps", save_steps=args.save_steps, save_total_limit=2) if args.save_steps else {}
+    training = training_arguments(out / "trainer", args.steps, args.batch_size, args.lr, args.seed, device, **saving)
+    resume = last_checkpoint(out / "trainer") if args.resume else None
     data, collator = training_scenes(args.samples, args.seed), SceneCollator(processor)
     if args.method in VARIANTS:  # dualspeed, and the paper's baseline and naive pruning as its settings
         options = dict(pruner=args.pruner, r=args.r, isolator_length=args.isolator_length, lam=args.lam, tau=args.tau, seed=args.seed)
         dual = DualSpeed(model, **variant(args.method, **options))
         trainer = dualspeed_trainer(dual, training, data, collator)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         if dual.isolator is not None and trainer.is_world_process_zero():
             dual.save(out)
     elif args.method == "llava-mini":
@@ -210,13 +212,23 @@ def _train(args: argparse.Namespace) -> None:
 
         method = LlavaMini(budget=args.budget, layers=args.layers)
         trainer = llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             method.save(out)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one rank writes
         model.save_pretrained(out)
         processor.save_pretrained(out)
         print(f"wrote {out}")
+
+
+def last_checkpoint(folder) -> str:
+    """The newest `checkpoint-<step>` in a training run's folder, for --resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if found is None:
+        raise SlimVLMError(f"--resume: no checkpoint-<step> folder in {folder}; the first run needs --save-steps N")
+    return found
 
 
 def _methods(_args: argparse.Namespace) -> None:
@@ -335,6 +347,10 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=int, default=4, help="llava-mini: pre-fusion layers")
     train.add_argument("--freeze-llm", action="store_true", help="llava-mini: train only its modules")
     train.add_argument("--freeze-vision", action="store_true", help="freeze the vision encoder (as LLaVA instruction tuning)")
+    train.add_argument("--save-steps", type=int, default=0,
+                       help="write a checkpoint (safetensors + JSON) to OUT/trainer/checkpoint-<step> every N steps (0: none)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in OUT/trainer, with the same settings")
     train.set_defaults(run=_train)
 
     listing = sub.add_parser("methods", help="list methods, their stages and options")

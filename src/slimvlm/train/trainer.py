@@ -12,13 +12,16 @@ def module_trainer(module: nn.Module, args, train_dataset, data_collator=None, p
     """Trainer whose loss is `module(**batch)` (or `module(global_step, **batch)` with pass_step,
     for methods whose step decides the mode). The batches must hold input_ids, attention_mask,
     pixel_values and labels, so `args.remove_unused_columns` must be False. `train_sampler`
-    replaces the Trainer's random order (e.g. data.OneKindBatches)."""
+    replaces the Trainer's random order (e.g. data.OneKindBatches). Checkpoints (save_strategy
+    "steps") are safetensors + JSON and resume exactly (checkpoints.SafetensorsCheckpoints)."""
     from transformers import Trainer
+
+    from .checkpoints import SafetensorsCheckpoints
 
     if getattr(args, "remove_unused_columns", False):
         raise SlimVLMError("set remove_unused_columns=False in the TrainingArguments (the module's forward takes **batch)")
 
-    class ModuleTrainer(Trainer):
+    class ModuleTrainer(SafetensorsCheckpoints, Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = model(self.state.global_step, **inputs) if pass_step else model(**inputs)
             return (loss, None) if return_outputs else loss
