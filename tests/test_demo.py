@@ -29,30 +29,28 @@ def test_demo_covers_every_method_at_both_budgets(tiny, tmp_path):
 
 
 def test_demo_takes_the_shipped_dymu_target_nearest_each_budget(tiny, tmp_path):
-    from slimvlm.demo import shipped_thresholds
+    from slimvlm.calibrate import shipped_thresholds
 
     (tmp_path / "dymu").mkdir()
     for name in ("target_96.json", "target_195.json", "target_x.json", "notes.json"):
         (tmp_path / "dymu" / name).write_text("{}")
-    thresholds = shipped_thresholds(tmp_path)
-    assert sorted(thresholds) == [96, 195]
-    assert budget_specs(tiny[0], 64, thresholds)["dymu"] == f"dymu:thresholds={tmp_path / 'dymu' / 'target_96.json'}"
-    assert budget_specs(tiny[0], 192, thresholds)["dymu"] == f"dymu:thresholds={tmp_path / 'dymu' / 'target_195.json'}"
+    targets = sorted(shipped_thresholds(tmp_path))
+    assert targets == [96, 195]
+    assert budget_specs(tiny[0], 64, targets)["dymu"] == "dymu:target=96"
+    assert budget_specs(tiny[0], 192, targets)["dymu"] == "dymu:target=195"
     assert budget_specs(tiny[0], 64)["dymu"] is None
 
 
 def test_testbed_ships_dymu_thresholds_calibrated_for_it():
     from slimvlm import apply
-    from slimvlm.demo import shipped_thresholds
+    from slimvlm.calibrate import shipped_thresholds
     from slimvlm.models.loading import TESTBED
     from slimvlm.testbed.build import load
 
     model, _ = load(TESTBED)
-    thresholds = shipped_thresholds(TESTBED)
-    assert sorted(thresholds) == [96, 195, 394]
-    for target, path in thresholds.items():
-        handle = apply(model, f"dymu:thresholds={path},target={target}")  # refused if made for other weights
-        handle.remove()
+    assert sorted(shipped_thresholds(TESTBED)) == [96, 195, 394]
+    for preset in ("dymu-mid", "dymu-high", "dymu:target=96"):
+        apply(model, preset).remove()  # found in the model's folder; refused if made for other weights
 
 
 def test_demo_writes_report(tiny, tiny_dir, tmp_path):
@@ -87,3 +85,10 @@ def test_plot_family_groups_presets_with_their_method():
     assert family("mustdrop-64") == family("mustdrop:layers=2") == "mustdrop"
     assert family("tome:r=77+vtu") == "tome+vtu"
     assert family("dymu-mid:vtu=false") == "dymu"
+
+
+def test_eval_refuses_a_bad_spec_before_running_any(tiny_dir, capsys):
+    assert main(["eval", "--model", str(tiny_dir), "--methods", "none,tome:r=8,dymu-mid", "--samples", "2", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "ships none at dymu/target_195.json" in captured.err
+    assert "tome:r=8" not in captured.out  # no table: nothing ran

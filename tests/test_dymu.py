@@ -17,7 +17,7 @@ from slimvlm.cli import main
 from slimvlm.methods.dymu import DyMU, best_partners, threshold_merge
 from slimvlm.registry import PRESETS, build
 from slimvlm.stages import EncoderAttention
-from slimvlm.testbed.build import format_prompt
+from slimvlm.testbed.build import format_prompt, load
 from slimvlm.tokens import VisualTokens
 from conftest import QUESTIONS, images
 
@@ -189,14 +189,35 @@ def test_thresholds_round_trip_and_refuse_another_model(tiny, calibrated, thresh
         slimvlm.apply(other, f"dymu:thresholds={threshold_file},vtu=false")
 
 
-def test_bad_input(tmp_path, threshold_file):
+def test_a_target_without_a_file_takes_the_model_folders_own(tiny_dir, tmp_path, threshold_file, tiny):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "dymu").mkdir()
+    shutil.copy(threshold_file, folder / "dymu" / f"target_{TARGET}.json")
+    model, processor = load(folder)
+    inputs = processor(images=images(2), text=[format_prompt("what color is the circle ?")] * 2, return_tensors="pt")
+    counts = {}
+    for spec in (f"dymu:target={TARGET},vtu=false", f"dymu:thresholds={threshold_file},vtu=false"):
+        with slimvlm.apply(model, spec) as handle, torch.no_grad():
+            model(**inputs)
+            counts[spec] = handle.stats.visual_tokens
+    assert len(set(map(tuple, counts.values()))) == 1  # the same thresholds, the same merges
+    with pytest.raises(SlimVLMError, match="ships none at dymu/target_7.json"):
+        slimvlm.apply(model, "dymu:target=7")
+
+
+def test_bad_input(tmp_path, threshold_file, tiny):
     with pytest.raises(SlimVLMError, match=r"run `slimvlm calibrate --model PATH --method dymu --target N.*thresholds=FILE"):
         build("dymu")
     assert PRESETS["dymu-low"] == "dymu:target=89"
-    with pytest.raises(SlimVLMError, match=r"target of 89 tokens.*--target 89"):
-        build("dymu-low")
+    # a preset without thresholds= takes the model folder's own; the tiny model's folder has none
+    with pytest.raises(SlimVLMError, match=r"target of 89 tokens \(.* ships none at dymu/target_89.json\).*--target 89"):
+        slimvlm.apply(tiny[0], "dymu-low")
     with pytest.raises(SlimVLMError, match=r"--target 394"):
-        build("dymu-high:vtu=false")
+        slimvlm.apply(tiny[0], "dymu-high:vtu=false")
+    assert "forward" not in tiny[0].__dict__
     with pytest.raises(SlimVLMError, match=rf"calibrated for target={TARGET} tokens, but target=195"):
         build(f"dymu-mid:thresholds={threshold_file}")
     assert build(f"dymu:thresholds={threshold_file},target={TARGET}").target == TARGET

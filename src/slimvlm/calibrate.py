@@ -17,6 +17,8 @@ one each to the first layers (the authors' "constant" schedule); no layer may me
 ToMe's cap, half of its unprotected tokens ((t - 1) // 2 with the class token protected).
 
 Thresholds are saved as JSON (never pickle) with the identity of the model they were made for.
+A model folder may ship its own as `dymu/target_<N>.json` (`shipped_thresholds`): then `dymu:target=N`
+and the presets find them without `thresholds=`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ RUNTIME_KEYS = {
 # readable facts kept beside the hash, so a mismatch can say what differs
 FACTS = ("model_class", "vision_model_type", "hidden_size", "num_attention_heads", "image_size", "patch_size",
          "vision_feature_layer", "vision_feature_select_strategy", "vision_layers_run", "tokens_per_image")
+
+
+SHIPPED = "dymu/target_{target}.json"
+
+
+def shipped_thresholds(folder: str | Path) -> dict[int, Path]:
+    """DyMU thresholds a model folder ships for itself, by target (`dymu/target_<N>.json`, made by
+    `slimvlm calibrate --target N --out FOLDER/dymu/target_N.json`; the testbed ships 96, 195 and 394)."""
+    found = {}
+    for path in sorted(Path(folder).glob(SHIPPED.format(target="*"))):
+        target = path.stem.removeprefix("target_")
+        if target.isdigit():
+            found[int(target)] = path
+    return found
 
 
 def identity_of(model) -> dict:

@@ -116,6 +116,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .bench.evaluate import evaluate, format_table, from_sample, load_jsonl, write_json
     from .bench.run import parse_methods
     from .models.loading import load_model, resolve_device
+    from .registry import check_runs
 
     model, processor = load_model(args.model, resolve_device(args.device), args.dtype)
     if processor is None:
@@ -127,6 +128,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         items = [from_sample(s) for s in make_samples(args.samples, seed=args.seed, split="test")]
     runs = parse_methods(args.methods)
+    check_runs(model, runs)  # refuse a bad spec before spending time on the others
     if ["none"] in runs:
         runs = [["none"]] + [r for r in runs if r != ["none"]]
     results = [

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
+from typing import Sequence
 
 from .bench.evaluate import MethodResult, evaluate, format_table, from_sample, write_json
 from .bench.report import plot_accuracy_vs_tokens, plot_source_maps, plot_tokens_vs_complexity
+from .calibrate import shipped_thresholds
 from .models import adapter_for
 from .registry import methods
 
@@ -17,21 +18,10 @@ BUDGETS = (64, 192)
 Spec = str | list[str] | None
 
 
-def shipped_thresholds(folder: str | Path) -> dict[int, Path]:
-    """DyMU thresholds a model folder ships for itself, by target: `dymu/target_<N>.json`, made by
-    `slimvlm calibrate --target N` (the testbed ships 96, 195 and 394)."""
-    found = {}
-    for path in sorted(Path(folder).glob("dymu/target_*.json")):
-        target = path.stem.removeprefix("target_")
-        if target.isdigit():
-            found[int(target)] = path
-    return found
-
-
-def budget_specs(model, budget: int, thresholds: dict[int, Path] | None = None) -> dict[str, Spec]:
+def budget_specs(model, budget: int, targets: Sequence[int] = ()) -> dict[str, Spec]:
     """For each registered method, the spec (or composition) that leaves about `budget` visual
     tokens per image; None for a method that needs a calibration file or weights the demo does
-    not have. `thresholds`: DyMU's calibrated files by target (`shipped_thresholds`)."""
+    not have. `targets`: those of DyMU's thresholds the model folder ships (`shipped_thresholds`)."""
     adapter = adapter_for(model)
     tokens = adapter.tokens_per_image
     layers = adapter.vision_layers_run
@@ -50,7 +40,7 @@ def budget_specs(model, budget: int, thresholds: dict[int, Path] | None = None) 
         # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
         "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
         # calibrated per model (`slimvlm calibrate`): the shipped target nearest the budget, else skipped
-        "dymu": _nearest_thresholds(thresholds or {}, budget),
+        "dymu": f"dymu:target={min(targets, key=lambda t: (abs(t - budget), t))}" if targets else None,
         # its queries and pre-fusion layers must be trained first; the demo has no weights: skipped
         "llava-mini": None,
     }
@@ -60,16 +50,7 @@ def budget_specs(model, budget: int, thresholds: dict[int, Path] | None = None) 
     return specs
 
 
-def _nearest_thresholds(thresholds: dict[int, Path], budget: int) -> str | None:
-    if not thresholds:
-        return None
-    path = thresholds[min(thresholds, key=lambda t: (abs(t - budget), t))]
-    if path.is_absolute() and path.is_relative_to(Path.cwd()):
-        path = path.relative_to(Path.cwd())  # a shorter label in the table, the same file
-    return f"dymu:thresholds={path}"
-
-
-def source_maps(model, processor, item, path: Path, thresholds: dict[int, Path] | None = None) -> Path:
+def source_maps(model, processor, item, path: Path, targets: Sequence[int] = ()) -> Path:
     """The first held-out image under each method at the small budget: what each token covers."""
     import torch
 
@@ -78,13 +59,12 @@ def source_maps(model, processor, item, path: Path, thresholds: dict[int, Path] 
 
     inputs = processor(images=[item.image], text=[format_prompt(item.question)], return_tensors="pt").to(model.device)
     maps = {}
-    for name, spec in budget_specs(model, BUDGETS[0], thresholds).items():
+    for name, spec in budget_specs(model, BUDGETS[0], targets).items():
         if spec is None or name in ("fastv", "vtu"):  # stage-3 methods leave the source map as it is
             continue
         with apply(model, spec) as handle, torch.no_grad():
             model(**inputs)
-            label = spec if isinstance(spec, str) else "+".join(spec)
-            maps[re.sub(r"thresholds=[^,+]*[/\\]", "thresholds=", label)] = handle.stats.sources[0]  # the file name, not its path
+            maps[spec if isinstance(spec, str) else "+".join(spec)] = handle.stats.sources[0]
     return plot_source_maps(item.image, maps, adapter_for(model).grid, path)
 
 
@@ -94,8 +74,8 @@ def run_demo(
     from .testbed.scenes import make_samples
 
     items = [from_sample(s) for s in make_samples(samples, seed=seed, split="test")]
-    thresholds = shipped_thresholds(model.name_or_path) if model.name_or_path else {}
-    runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget, thresholds).values() if spec is not None]
+    targets = sorted(shipped_thresholds(model.name_or_path)) if model.name_or_path else []
+    runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget, targets).values() if spec is not None]
     results = [evaluate(model, processor, items, spec, batch_size=batch_size, keep_positions=keep_positions) for spec in runs]
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
@@ -109,7 +89,7 @@ def run_demo(
     varying = plot_tokens_vs_complexity(results, out / "tokens_vs_complexity.png")
     if varying:
         plots.append(varying)
-    plots.append(source_maps(model, processor, items[0], out / "merges.png", thresholds))
+    plots.append(source_maps(model, processor, items[0], out / "merges.png", targets))
     (out / "README.md").write_text(
         f"# slimvlm demo\n\n{samples} held-out testbed scenes (seed {seed}), budgets {BUDGETS}.\n\n"
         f"```\n{table}\n```\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"

@@ -130,3 +130,17 @@ def check_compatible(chosen: list[Method]) -> None:
                     f"({stage.name.lower()}); combine methods of different stages, e.g. ['tome:r=8', 'fastv']"
                 )
             owner[stage] = method
+
+
+def check_runs(model, runs: list[list[str]]) -> None:
+    """Refuse a bad run before any runs: every composition's specs built, compatible, and accepted
+    by this model (layers, budgets, and what each method was made for: thresholds, weights)."""
+    from .models import adapter_for
+
+    adapter = adapter_for(model)
+    for specs in runs:
+        chosen = [build(spec) for spec in specs]
+        check_compatible(chosen)
+        for method in chosen:
+            method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+            method.check_identity(model)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..api import apply
-from ..registry import build, check_compatible
+from ..registry import check_runs
 from . import flops as flops_mod
 from .table import text_table
 from .timing import median_ms, peak_memory_bytes
@@ -132,8 +132,7 @@ def run_bench(
     untouched model ('none') is always measured first, as the reference of flops_ratio."""
     from tqdm.auto import tqdm
 
-    for specs in methods:  # refuse a bad spec before spending time on the others
-        check_compatible([build(spec) for spec in specs])
+    check_runs(model, methods)  # refuse a bad spec before spending time on the others
     if ["none"] not in methods:
         methods = [["none"]] + methods
     else:

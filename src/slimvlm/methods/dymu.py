@@ -37,6 +37,7 @@ tokens go to the LLM as they are.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -82,6 +83,15 @@ def threshold_merge(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Te
     return merge_assign(best > threshold, partner, metric.shape[1])
 
 
+def _missing_thresholds(wanted: str, target, out, where: str = "") -> str:
+    found = f" ({where})" if where else ""
+    return (
+        f"dymu needs per-layer thresholds calibrated for {wanted}{found}: run "
+        f"`slimvlm calibrate --model PATH --method dymu --target {target} --images DIR --out {out}` first, "
+        "then pass thresholds=FILE (e.g. 'dymu:thresholds=FILE.json')"
+    )
+
+
 @register
 class DyMU(Method):
     name = "dymu"
@@ -98,9 +108,8 @@ class DyMU(Method):
     def __init__(self, thresholds: str | None = None, target: int | None = None, vtu: bool = True) -> None:
         """thresholds: a JSON file written by `slimvlm calibrate` (or a Thresholds object); target: the
         average patch tokens per image it must have been calibrated for (presets set it); vtu:
-        virtual token unmerging in the LLM at prefill."""
-        from ..calibrate import Thresholds  # calibrate imports this module
-
+        virtual token unmerging in the LLM at prefill. Without thresholds, the model folder's own
+        for `target` are taken when the method is applied (`dymu/target_<N>.json`)."""
         if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 1):
             raise SlimVLMError(f"dymu: target={target!r} must be a whole number of tokens >= 1 (the average kept per image)")
         if not isinstance(vtu, bool):
@@ -109,33 +118,48 @@ class DyMU(Method):
         self.vtu = vtu
         self.stages = frozenset({Stage.ENCODE, Stage.PREFILL}) if vtu else frozenset({Stage.ENCODE})
         self.virtual_unmerge = vtu
-        if thresholds is None or thresholds == "":
-            wanted = f"the target of {target} tokens" if target is not None else "a target N"
-            raise SlimVLMError(
-                f"dymu needs per-layer thresholds calibrated for {wanted}: run "
-                f"`slimvlm calibrate --model PATH --method dymu --target {target if target is not None else 'N'} "
-                "--images DIR --out FILE.json` first, then pass thresholds=FILE (e.g. 'dymu:thresholds=FILE.json')"
-            )
+        self.deferred = thresholds is None or thresholds == ""
+        if self.deferred:
+            if target is None:
+                raise SlimVLMError(_missing_thresholds("a target N", "N", "FILE.json"))
+            self.thresholds, self.calibration, self.taus = None, None, []  # the model's own, found at apply
+        else:
+            self._use(thresholds)
+
+    def _use(self, thresholds) -> None:
+        from ..calibrate import Thresholds  # calibrate imports this module
+
         if isinstance(thresholds, Thresholds):
             calibration = thresholds
             self.thresholds = calibration.source or "<in memory>"
         else:
             calibration = Thresholds.load(str(thresholds))  # a spec may hand a name like '123' over as a number
             self.thresholds = str(thresholds)
-        if target is not None and calibration.target != target:
+        if self.target is not None and calibration.target != self.target:
             raise SlimVLMError(
                 f"dymu: the thresholds in {self.thresholds} were calibrated for target={calibration.target} tokens, "
-                f"but target={target} was asked for; calibrate with --target {target} or give the matching file"
+                f"but target={self.target} was asked for; calibrate with --target {self.target} or give the matching file"
             )
         self.calibration = calibration
         self.taus = [float(t) for t in calibration.thresholds]
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
-        self.calibration.check_shape(num_vision_layers, tokens_per_image)
+        if self.calibration is not None:  # thresholds still to be found are checked in check_identity
+            self.calibration.check_shape(num_vision_layers, tokens_per_image)
 
     def check_identity(self, model) -> None:
         """The full check: the file was made for this model's vision tower (config hash, feature layer
-        and selection). check_model sees only the layer count and tokens per image."""
+        and selection). check_model sees only the layer count and tokens per image. Without
+        thresholds=, the model folder's own for the target are taken (calibrate.shipped_thresholds)."""
+        if self.deferred:
+            from ..calibrate import SHIPPED
+
+            folder = getattr(model, "name_or_path", "") or ""
+            path = Path(folder) / SHIPPED.format(target=self.target) if folder else None
+            if path is None or not path.is_file():
+                where = f"{folder!r} ships none at {SHIPPED.format(target=self.target)}" if folder else "the model has no folder"
+                raise SlimVLMError(_missing_thresholds(f"the target of {self.target} tokens", self.target, path or "FILE.json", where))
+            self._use(path)
         self.calibration.check(model)
 
     def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
