@@ -36,6 +36,10 @@ def test_runner_trains_each_budget_saves_weights_and_reports(tiny_dir, tmp_path)
         assert r["flops_ratio"] > rows[f"divprune:budget={budget}"]["flops_ratio"]
         assert (out / f"c{budget}" / "llava_mini.safetensors").is_file()
         assert (out / f"c{budget}" / "model" / "config.json").is_file()  # the fine-tuned LLM beside the modules
+        card = (out / f"c{budget}" / "README.md").read_text()  # the weights folder's model card
+        assert f"# LLaVA-Mini modules, C = {budget}," in card and "llava-mini:weights=THIS_FOLDER" in card
+        overall = f"| **overall** | {100 * rows['none']['accuracy']:.1f} | **{100 * r['accuracy']:.1f}** (retention"
+        assert overall in card and "2 steps x batch 2" in card and "Command: `python -m slimvlm.train.experiment_llava_mini --model" in card
         loaded = slimvlm.registry.build(f"llava-mini:weights={out / f'c{budget}'}")
         assert (loaded.budget, loaded.layers) == (budget, 1)
     none = rows["none"]

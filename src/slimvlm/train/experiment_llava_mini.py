@@ -277,6 +277,56 @@ def format_markdown(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
+def format_card(budget: int, rows: list[dict], settings: dict, args) -> str:
+    """The model card of one budget's weights folder: what it is, how it was trained, what it scores."""
+    mine = [r for r in rows if r["trained"] and r["budget"] == budget]
+    scenes, clips = mine[0], mine[1] if len(mine) > 1 else None
+    none = rows[0]
+    types = sorted(scenes["accuracy_by_type"])
+    model_dir = "the base model" if args.freeze_llm else "`model/` beside the modules (projector and LLM trained with them)"
+    lines = [
+        f"# LLaVA-Mini modules, C = {budget}, for `{settings['model']}`",
+        "",
+        f"A compressor of {budget} learnable queries (cross-attention over the projected visual tokens, 2D "
+        f"position encodings) and {settings['layers']} modality pre-fusion layers, trained with {model_dir}. Use:",
+        "",
+        "```",
+        f"slimvlm eval --model {'MODEL' if args.freeze_llm else 'THIS_FOLDER/model'} --methods none,llava-mini:weights=THIS_FOLDER",
+        "```",
+        "",
+        "## Training",
+        "",
+        f"- {scenes['steps']} steps x batch {settings['batch_size']} ({scenes['train_s']} s on {settings['device']}), "
+        f"of {settings['steps']} planned{' (stopped by --max-train-seconds)' if scenes['steps'] < settings['steps'] else ''}; "
+        "loss " + " -> ".join("-" if v is None else f"{v:.3f}" for v in (scenes["first_loss"], scenes["final_loss"])) + ".",
+        f"- AdamW, lr {settings['lr']:g} (modules) / {settings['llm_lr']:g} (projector and LLM), cosine with warm-up; "
+        "vision tower frozen; train-split testbed scenes"
+        + (f", a share {args.train_clip_fraction:g} of the batches clips of {args.clip_frames} frames." if args.train_clip_fraction else "."),
+        "",
+        f"## Held-out accuracy ({scenes['samples']} test-split scenes, seed {settings['seed']})",
+        "",
+        "| question type | untouched (576 tokens) % | C = " + str(budget) + " % |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {t} | {_pct(none['accuracy_by_type'].get(t))} | {_pct(scenes['accuracy_by_type'][t])} |" for t in types]
+    lines += [
+        f"| **overall** | {_pct(none['accuracy'])} | **{_pct(scenes['accuracy'])}** (retention {_pct(scenes['retention'])}) |",
+        "",
+    ]
+    if clips is not None:
+        lines += [f"Clips of {args.clip_frames} frames ({clips['samples']}): {_pct(clips['accuracy'])}%, retention "
+                  f"{_pct(clips['retention'])}% of the untouched model on the same clips, with {budget} tokens per frame.", ""]
+    lines += [
+        f"Cost: {_pct(scenes['flops_ratio'])}% of the untouched prefill FLOPs on this model and "
+        f"{_pct(scenes['flops_ratio_7b'])}% on the LLaVA-1.5-7B shape (pre-fusion included); visual KV cache "
+        f"{scenes['kv_bytes_per_image'] / 1024:.1f} KB per image (7B shape: {scenes['kv_bytes_per_image_7b'] / 2**20:.2f} MB).",
+        "",
+        f"Command: `{settings['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -349,10 +399,12 @@ def run(args) -> dict:
         "llm_lr": args.llm_lr, "layers": args.layers, "freeze_llm": args.freeze_llm, "eval_samples": args.eval_samples,
         "seed": args.seed, "max_train_seconds": args.max_train_seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": "python -m slimvlm.train.experiment_llava_mini " + shlex.join(sys.argv[1:]),
+        "command": "python -m slimvlm.train.experiment_llava_mini " + shlex.join(args.argv),
         "total_s": round(time.perf_counter() - started, 2),
         "timings": timings,
     }
+    for budget in budgets:
+        (out / f"c{budget}" / "README.md").write_text(format_card(budget, rows, settings, args))
     payload = {"settings": settings, "rows": rows}
     (out / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     (out / "results.md").write_text(format_markdown(rows, settings))
@@ -389,6 +441,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # for the command recorded in the results
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--eval-samples", args.eval_samples),
                         ("--eval-batch-size", args.eval_batch_size), ("--clip-frames", args.clip_frames),
                         ("--clip-samples", args.clip_samples + 1)):
