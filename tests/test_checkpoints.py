@@ -77,3 +77,13 @@ def test_resume_refuses_a_checkpoint_that_trains_other_parameters(tmp_path):
     other.model.frozen.requires_grad_(True)
     with pytest.raises(Exception, match="trains other parameters"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+
+
+def test_resume_refuses_a_checkpoint_saved_by_another_number_of_processes(tmp_path):
+    first = _trainer(tmp_path / "a", max_steps=3)
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    for suffix in (".safetensors", ".json"):  # as a 2-process run names them
+        (checkpoint / f"rng_state{suffix}").rename(checkpoint / f"rng_state_0{suffix}")
+    with pytest.raises(Exception, match="as many processes"):
+        _trainer(tmp_path / "b").train(resume_from_checkpoint=str(checkpoint))

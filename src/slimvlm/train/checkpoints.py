@@ -131,6 +131,10 @@ class SafetensorsCheckpoints:
         if checkpoint is None:
             return
         tensors_path, json_path = self._rng_files(Path(checkpoint))
+        if not tensors_path.is_file():
+            raise SlimVLMError(
+                f"no {tensors_path.name} in {checkpoint}: resume with as many processes as the run that saved it"
+            )
         tensors, rest = load_file(tensors_path), json.loads(json_path.read_text())
         version, internal, gauss = rest["python"]
         random.setstate((version, tuple(internal), gauss))
