@@ -47,7 +47,14 @@ def test_proportional_attention_bias_is_log_size():
     merged = make([9, 1, 2, 3, 4]).regroup(torch.tensor([[0, 1, 3, 3, 4]]), 5)
     bias = merged.attention_bias(proportional=True)
     torch.testing.assert_close(bias[0, 0, 0], torch.tensor([1, 1, 2.0, 1]).log())
-    assert make([9, 1, 2, 3, 4]).attention_bias(proportional=True) is None
+    fresh = make([9, 1, 2, 3, 4])
+    assert fresh.uniform and fresh.attention_bias(proportional=True) is None
+    assert fresh.attention_bias(proportional=False) is None
+    # after a regroup the bias is built without asking the device whether it is all zeros
+    unchanged = fresh.regroup(torch.arange(5)[None], 5)
+    assert not unchanged.uniform
+    assert unchanged.attention_bias(proportional=True)[0, 0, 0].tolist() == [0] * 5
+    assert unchanged.attention_bias(proportional=False)[0, 0, 0].tolist() == [0] * 5
 
 
 def test_drop_cls():

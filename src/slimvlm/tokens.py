@@ -25,6 +25,8 @@ class VisualTokens:
     origin: (B, N) first patch index a token covers (CLS_ORIGIN for the class token).
     patch_to_token: (B, P) the token each of the P patches now belongs to, -1 if dropped.
     grid: (rows, cols) of the patch grid. has_cls: whether token 0 is the class token.
+    uniform: known without reading the device that every size is 1 and nothing is padded (fresh
+    patches; a regroup clears it), so attention needs no bias and no host sync to find that out.
     """
 
     x: torch.Tensor
@@ -33,6 +35,7 @@ class VisualTokens:
     patch_to_token: torch.Tensor
     grid: tuple[int, int]
     has_cls: bool
+    uniform: bool = False
 
     @classmethod
     def from_patches(cls, x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> "VisualTokens":
@@ -51,6 +54,7 @@ class VisualTokens:
             patch_to_token=patch_to_token.expand(batch, patches).clone(),
             grid=grid,
             has_cls=has_cls,
+            uniform=True,
         )
 
     @property
@@ -84,15 +88,12 @@ class VisualTokens:
 
     def attention_bias(self, proportional: bool) -> torch.Tensor | None:
         """Additive (B, 1, 1, N) bias on attention logits: log(size) for ToMe's proportional
-        attention, which also masks padding (log 0 = -inf); None when there is nothing to add."""
-        if proportional:
-            if bool((self.size == 1).all()):
-                return None
-            bias = self.size.log()
-        else:
-            if bool(self.valid.all()):
-                return None
-            bias = torch.zeros_like(self.size).masked_fill(~self.valid, float("-inf"))
+        attention, which also masks padding (log 0 = -inf); None for uniform tokens (nothing to add).
+        After a regroup the bias is built even where it happens to be all zeros: asking the device
+        would cost a host sync per layer."""
+        if self.uniform:  # log 1 = 0 everywhere and no padding: the bias would add nothing
+            return None
+        bias = self.size.log() if proportional else torch.zeros_like(self.size).masked_fill(~self.valid, float("-inf"))
         return bias.to(self.x.dtype)[:, None, None, :]
 
     def regroup(self, assign: torch.Tensor, num_groups: int, order: torch.Tensor | None = None) -> "VisualTokens":
