@@ -40,6 +40,7 @@ def test_drop_and_padding_for_uneven_counts():
     assert kept.patch_to_token.tolist() == [[1, -1, -1, 2], [-1, 1, 2, 3]]
     bias = kept.attention_bias(proportional=False)
     assert bias[0, 0, 0].tolist() == [0, 0, 0, float("-inf")]
+    assert tokens.min_count() == 5 and kept.min_count() == 3 == kept.fewest  # read with the width, no extra sync
     assert kept.split()[0].shape == (3, 1)
 
 

@@ -27,6 +27,7 @@ class VisualTokens:
     grid: (rows, cols) of the patch grid. has_cls: whether token 0 is the class token.
     uniform: known without reading the device that every size is 1 and nothing is padded (fresh
     patches; a regroup clears it), so attention needs no bias and no host sync to find that out.
+    fewest: the smallest per-image count, when already read from the device (see min_count).
     """
 
     x: torch.Tensor
@@ -36,6 +37,7 @@ class VisualTokens:
     grid: tuple[int, int]
     has_cls: bool
     uniform: bool = False
+    fewest: int | None = None
 
     @classmethod
     def from_patches(cls, x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> "VisualTokens":
@@ -55,6 +57,7 @@ class VisualTokens:
             grid=grid,
             has_cls=has_cls,
             uniform=True,
+            fewest=n,
         )
 
     @property
@@ -74,6 +77,10 @@ class VisualTokens:
     def counts(self) -> torch.Tensor:
         """(B,) number of real tokens per image (the class token included if present)."""
         return self.valid.sum(dim=1)
+
+    def min_count(self) -> int:
+        """The smallest per-image count, read from the device only if no regroup has read it already."""
+        return self.fewest if self.fewest is not None else int(self.counts.min())
 
     @property
     def is_cls(self) -> torch.Tensor:
@@ -119,7 +126,8 @@ class VisualTokens:
         full_order = key.argsort(dim=1, stable=True)
         rank_of_group = torch.empty_like(full_order)
         rank_of_group.scatter_(1, full_order, torch.arange(num_groups, device=origin.device).expand(batch, -1))
-        width = int((size > 0).sum(dim=1).max().item()) if batch else 0
+        counts = (size > 0).sum(dim=1)
+        width, fewest = torch.stack([counts.max(), counts.min()]).tolist() if batch else (0, 0)  # one host sync for both
         order = full_order[:, :width]
 
         token_group = torch.where(kept, group, torch.full_like(group, -1))
@@ -138,6 +146,7 @@ class VisualTokens:
             patch_to_token=patch_to_token,
             grid=self.grid,
             has_cls=self.has_cls,
+            fewest=fewest,
         )
 
     def keep(self, mask: torch.Tensor) -> "VisualTokens":

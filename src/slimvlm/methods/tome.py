@@ -61,8 +61,7 @@ class ToMe(Method):
 
     def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
         n = tokens.x.shape[1]
-        counts = tokens.counts
-        r = merge_count(self.r, int(counts.min()), int(tokens.has_cls))
+        r = merge_count(self.r, tokens.min_count(), int(tokens.has_cls))
         if r == 0:
             return tokens
         metric = attention.keys.mean(dim=1)
