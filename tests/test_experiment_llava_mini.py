@@ -1,8 +1,10 @@
 """The LLaVA-Mini experiment runner (train at several budgets, evaluate, report) on a tiny model."""
 
 import json
+import math
 
 import pytest
+import torch
 
 import slimvlm
 from slimvlm.bench import flops
@@ -52,7 +54,8 @@ def test_time_limit_stops_training(tiny_dir, tmp_path):
     out = tmp_path / "exp"
     assert exp.main(["--model", str(tiny_dir), "--out", str(out), "--budgets", "1", "--steps", "50", "--batch-size", "1",
                      "--eval-samples", "2", "--workers", "0", "--device", "cpu", "--layers", "1", "--baselines", "",
-                     "--max-train-seconds", "0", "--freeze-llm", "--clip-samples", "2", "--clip-frames", "3"]) == 0
+                     "--max-train-seconds", "0", "--freeze-llm", "--clip-samples", "2", "--clip-frames", "3",
+                     "--save-dtype", "bfloat16"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "none (clips of 3 frames)", "llava-mini:budget=1,layers=1",
                                            "llava-mini:budget=1,layers=1 (clips of 3 frames)"]
@@ -60,6 +63,27 @@ def test_time_limit_stops_training(tiny_dir, tmp_path):
     assert rows[3]["kv_bytes_per_image"] == rows[2]["kv_bytes_per_image"]  # per frame, as per image
     assert rows[3]["flops_ratio"] < 1 and rows[2]["steps"] == 1
     assert not (out / "c1" / "model").exists()  # frozen LLM: only the modules are saved
+    from safetensors import safe_open
+
+    with safe_open(str(out / "c1" / "llava_mini.safetensors"), "pt") as saved:
+        assert {saved.get_tensor(name).dtype for name in saved.keys()} == {torch.bfloat16}
+    assert "weights saved in bfloat16" in (out / "c1" / "README.md").read_text()
+
+
+def test_wall_clock_cosine_ends_with_the_steps_or_the_clock_whichever_first():
+    now = [0.0]
+    schedule = exp.WallClockCosine(steps=100, seconds=None, warmup=10, clock=lambda: now[0])
+    assert [schedule(s) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
+    assert schedule(55) == pytest.approx(0.5)  # half of the 90 steps after the warm-up
+    assert schedule(100) == pytest.approx(0.0)
+    timed = exp.WallClockCosine(steps=1000, seconds=60.0, warmup=2, clock=lambda: now[0])
+    assert timed(1) == 0.5  # warm-up; the clock starts at the first step
+    now[0] = 15.0
+    assert timed(3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))  # a quarter of the time beats 3 of 1000 steps
+    now[0] = 90.0
+    assert timed(5) == pytest.approx(0.0)  # past the time: annealed, stays at zero
+    now[0] = 16.0
+    assert timed(750) == pytest.approx(0.5 * (1 + math.cos(math.pi * 748 / 998)))  # steps ahead of the clock
 
 
 def test_prefusion_and_7b_shape_measures():

@@ -8,7 +8,8 @@ import torch
 import slimvlm
 from conftest import batch, select
 from slimvlm.errors import SlimVLMError
-from slimvlm.methods.llava_mini import LlavaMini, sincos_2d
+from slimvlm.methods.llava_mini import LlavaMini, prefusion_sequence, sincos_2d
+from slimvlm.tokens import VisualTokens
 
 
 def _labels(model, inputs):
@@ -28,6 +29,22 @@ def test_sincos_2d_on_a_hand_example():
     assert torch.allclose(table[2], torch.tensor(want), atol=1e-6)
     with pytest.raises(SlimVLMError):
         sincos_2d(6, (2, 2))
+
+
+def test_prefusion_sequence_on_a_hand_example():
+    """Per sample: its images' real tokens in its own image order, then its text tokens, left-aligned."""
+    # three images with 2, 1 and 3 real tokens (feature = 10 * image + token + 1, padding 0)
+    x = torch.tensor([[11, 12, 0], [21, 0, 0], [31, 32, 33]], dtype=torch.float32)[..., None]
+    size = (x[..., 0] > 0).float()
+    visual = VisualTokens(x=x, size=size, origin=torch.zeros(3, 3, dtype=torch.long),
+                          patch_to_token=torch.zeros(3, 3, dtype=torch.long), grid=(1, 3), has_cls=False)
+    text_embeds = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.float32)[..., None]
+    text = torch.tensor([[False, True, False, True], [True, True, True, False]])
+    # sample 0 has image 2; sample 1 has images 1 then 0
+    sequence, valid, place = prefusion_sequence(text_embeds, text, visual, [[2], [1, 0]])
+    assert sequence[..., 0].tolist() == [[31, 32, 33, 2, 4, 0], [21, 11, 12, 5, 6, 7]]
+    assert valid.tolist() == [[True] * 5 + [False], [True] * 6]
+    assert place.tolist() == [[6, 3, 6, 4], [3, 4, 5, 6]]  # 6: not a text token here
 
 
 @pytest.mark.parametrize("budget", [1, 4, 16])

@@ -133,13 +133,16 @@ class LlavaMiniModules(nn.Module):
             "num_heads": self.num_heads,
         }
 
-    def save(self, folder: str | Path) -> Path:
-        """folder/llava_mini.safetensors (float32 weights) + folder/llava_mini.json (identity)."""
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """folder/llava_mini.safetensors (weights in `dtype`) + folder/llava_mini.json (identity);
+        load() reads any floating dtype back into the modules' own."""
         from safetensors.torch import save_file
 
+        if not dtype.is_floating_point:
+            raise SlimVLMError(f"LLaVA-Mini weights are saved in a floating-point dtype, not {dtype}")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().float().cpu().contiguous() for name, t in self.state_dict().items()}
+        tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in self.state_dict().items()}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
         (folder / CONFIG_FILE).write_text(json.dumps(self.identity(), indent=2) + "\n")
         return folder
@@ -215,6 +218,42 @@ class LlavaMiniModules(nn.Module):
         return x
 
 
+def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: VisualTokens,
+                       image_of_sample: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pre-fusion input of every sample: the real tokens of its images (in its order), then
+    its `text` tokens (B, L mask) in order, left-aligned and zero-padded to the longest.
+
+    Returns sequence (B, n, D), valid (B, n), and text_place (B, L): where each text token sits
+    in its row (n for the others). Built with one gather and one host read (n), not a loop over
+    samples: boolean indexing per sample would stop the host at every sample of every step.
+    """
+    batch, length, dim = text_embeds.shape
+    device = text_embeds.device
+    order = [(b, i) for b in range(batch) for i in image_of_sample[b]]
+    sample_of = torch.tensor([b for b, _ in order], dtype=torch.long, device=device)
+    image_ids = torch.tensor([i for _, i in order], dtype=torch.long, device=device)
+    counts = visual.counts[image_ids]  # images in sample order
+    visual_total = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, sample_of, counts)
+    sample_start = visual_total.cumsum(0) - visual_total
+    image_start = counts.cumsum(0) - counts - sample_start[sample_of]  # an image's first place in its row
+    lengths = visual_total + text.sum(dim=1)
+    width = int(lengths.max()) if batch else 0
+    rank = torch.arange(visual.x.shape[1], device=device)
+    visual_place = torch.where(rank < counts[:, None], image_start[:, None] + rank, width)  # (K, N)
+    text_place = torch.where(text, visual_total[:, None] + text.long().cumsum(dim=1) - 1, width)  # (B, L)
+    # a table of source rows per (sample, place); place `width` collects what is not placed
+    features = torch.cat([visual.x[image_ids].reshape(-1, dim).to(text_embeds.dtype), text_embeds.reshape(-1, dim),
+                          text_embeds.new_zeros(1, dim)])
+    source = torch.full((batch, width + 1), features.shape[0] - 1, dtype=torch.long, device=device)
+    flat = source.view(-1)
+    flat.scatter_(0, (sample_of[:, None] * (width + 1) + visual_place).reshape(-1), torch.arange(visual_place.numel(), device=device))
+    rows = torch.arange(batch, device=device)[:, None]
+    flat.scatter_(0, (rows * (width + 1) + text_place).reshape(-1), visual_place.numel() + torch.arange(batch * length, device=device))
+    sequence = features[source[:, :width]]
+    valid = torch.arange(width, device=device) < lengths[:, None]
+    return sequence, valid, text_place
+
+
 @register
 class LlavaMini(Method):
     """LLaVA-Mini at stage 2: `budget` query tokens per image, text pre-fused with the visual tokens.
@@ -282,10 +321,10 @@ class LlavaMini(Method):
             raise SlimVLMError("build(model) (or apply the method) before asking for its parameters")
         return list(self.modules.parameters())
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         if self.modules is None:
             raise SlimVLMError("nothing to save: build(model) (or apply the method) first")
-        return self.modules.save(folder)
+        return self.modules.save(folder, dtype)
 
     def load(self, folder: str | Path) -> None:
         if self.modules is None:
@@ -324,7 +363,6 @@ class LlavaMini(Method):
         self._full = None
         if full is None:
             raise SlimVLMError("LLaVA-Mini's fuse ran without its project step")
-        batch, length, dim = text_embeds.shape
         ids = context.input_ids
         text = ids != self._image_token_id
         if context.attention_mask is not None:
@@ -333,28 +371,11 @@ class LlavaMini(Method):
             if context.labels.shape != ids.shape:
                 raise SlimVLMError(f"labels {tuple(context.labels.shape)} do not match input_ids {tuple(ids.shape)}")
             text = text & (context.labels == IGNORE_INDEX)
-        visual = full.split()
-        rows, counts = [], []
-        for b in range(batch):
-            parts = [visual[i] for i in context.image_of_sample[b]] + [text_embeds[b, text[b]]]
-            row = torch.cat([p.to(text_embeds.dtype) for p in parts], dim=0)
-            rows.append(row)
-            counts.append(row.shape[0])
-        width = max(counts)
-        sequence = text_embeds.new_zeros(batch, width, dim)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=text_embeds.device)
-        for b, row in enumerate(rows):
-            sequence[b, : row.shape[0]] = row
-            valid[b, : row.shape[0]] = True
+        sequence, valid, text_place = prefusion_sequence(text_embeds, text, full, context.image_of_sample)
         fused = self.modules.prefuse(sequence, valid, self._rotary).to(text_embeds.dtype)
-        out = []
-        for b in range(batch):
-            n_text = int(text[b].sum())
-            start = counts[b] - n_text
-            row = text_embeds[b].clone()
-            row[text[b]] = fused[b, start : counts[b]]
-            out.append(row)
-        return torch.stack(out)
+        dim = text_embeds.shape[-1]
+        picked = fused.gather(1, text_place.clamp(max=fused.shape[1] - 1)[..., None].expand(-1, -1, dim))
+        return torch.where(text[..., None], picked, text_embeds)
 
     def __repr__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options().items() if v is not None)

@@ -167,6 +167,31 @@ class TimeLimit:
         return _TimeLimit()
 
 
+class WallClockCosine:
+    """LambdaLR factor: linear warm-up over `warmup` steps, then a cosine to zero over whichever
+    runs out first, `steps` or `seconds` of training (timed from the first step; None: steps
+    only). With --max-train-seconds a run stopped by the clock has still annealed its learning
+    rate, instead of stopping at the peak of a schedule laid out for more steps."""
+
+    def __init__(self, steps: int, seconds: float | None, warmup: int, clock=time.perf_counter) -> None:
+        self.steps, self.seconds, self.warmup, self.clock = steps, seconds, max(1, warmup), clock
+        self.start: float | None = None
+
+    def progress(self, step: int) -> float:
+        """How far the cosine is (1: done): steps after the warm-up, or the time since the first step."""
+        by_steps = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.seconds is None:
+            return by_steps
+        return max(by_steps, (self.clock() - self.start) / self.seconds)
+
+    def __call__(self, step: int) -> float:
+        if self.start is None and step > 0:
+            self.start = self.clock()
+        if step < self.warmup:
+            return step / self.warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, self.progress(step))))
+
+
 def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple[torch.nn.Module, dict]:
     """Train LLaVA-Mini at `budget` on a fresh copy of the model; save the modules (and the model
     when the LLM was trained) to `folder`; return the trained model and the training record."""
@@ -189,10 +214,12 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
         groups.append({"params": rest, "lr": args.llm_lr})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, min(args.steps // 20, 100))  # 5% of the steps, at most 100
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WallClockCosine(args.steps, args.max_train_seconds, warmup))
     cuda = device.type == "cuda"
     training = TrainingArguments(
         output_dir=str(folder / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20), max_grad_norm=1.0,
+        max_grad_norm=1.0,
         report_to=[], remove_unused_columns=False, save_strategy="no", logging_steps=max(1, args.steps // 10),
         use_cpu=not cuda, bf16=cuda, dataloader_num_workers=args.workers, seed=args.seed,
         disable_tqdm=not args.progress,
@@ -205,7 +232,7 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
         dataset = torch.utils.data.ConcatDataset([dataset, ClipDataset(n_clips, seed=seed, frames=args.clip_frames)])
         sampler = OneKindBatches([total - n_clips, n_clips], args.batch_size, seed=seed)
     trainer = llava_mini_trainer(method, model, training, dataset, SceneCollator(processor), train_llm=not args.freeze_llm,
-                                 optimizers=(optimizer, None), callbacks=[TimeLimit(args.max_train_seconds)],
+                                 optimizers=(optimizer, schedule), callbacks=[TimeLimit(args.max_train_seconds)],
                                  train_sampler=sampler)
     if cuda:
         torch.cuda.synchronize(device)
@@ -215,9 +242,11 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    method.save(folder)
-    if not args.freeze_llm:
-        model.save_pretrained(folder / "model")
+    save_dtype = getattr(torch, args.save_dtype)
+    method.save(folder, save_dtype)
+    if not args.freeze_llm:  # saved in save_dtype and read back, so that the evaluation sees what was saved
+        model.to(save_dtype).save_pretrained(folder / "model")
+        model.float()
         processor.save_pretrained(folder / "model")
     model.eval()
     for param in model.parameters():
@@ -299,7 +328,9 @@ def format_card(budget: int, rows: list[dict], settings: dict, args) -> str:
         f"- {scenes['steps']} steps x batch {settings['batch_size']} ({scenes['train_s']} s on {settings['device']}), "
         f"of {settings['steps']} planned{' (stopped by --max-train-seconds)' if scenes['steps'] < settings['steps'] else ''}; "
         "loss " + " -> ".join("-" if v is None else f"{v:.3f}" for v in (scenes["first_loss"], scenes["final_loss"])) + ".",
-        f"- AdamW, lr {settings['lr']:g} (modules) / {settings['llm_lr']:g} (projector and LLM), cosine with warm-up; "
+        f"- AdamW, lr {settings['lr']:g} (modules) / {settings['llm_lr']:g} (projector and LLM), cosine with warm-up"
+        + (f" over {settings['max_train_seconds']:g} s of training (or the steps, whichever ends first)" if settings["max_train_seconds"] else "")
+        + f"; weights saved in {settings['save_dtype']} (the accuracy below is theirs); "
         "vision tower frozen; train-split testbed scenes"
         + (f", a share {args.train_clip_fraction:g} of the batches clips of {args.clip_frames} frames." if args.train_clip_fraction else "."),
         "",
@@ -397,7 +428,7 @@ def run(args) -> dict:
     settings = {
         "model": args.model, "budgets": budgets, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "llm_lr": args.llm_lr, "layers": args.layers, "freeze_llm": args.freeze_llm, "eval_samples": args.eval_samples,
-        "seed": args.seed, "max_train_seconds": args.max_train_seconds,
+        "seed": args.seed, "max_train_seconds": args.max_train_seconds, "save_dtype": args.save_dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "command": "python -m slimvlm.train.experiment_llava_mini " + shlex.join(args.argv),
         "total_s": round(time.perf_counter() - started, 2),
@@ -424,7 +455,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-lr", type=float, default=1e-4, help="peak learning rate of the projector and LLM")
     p.add_argument("--layers", type=int, default=4, help="pre-fusion layers")
     p.add_argument("--freeze-llm", action="store_true", help="train the LLaVA-Mini modules only")
-    p.add_argument("--max-train-seconds", type=float, default=None, help="stop a budget's training after this long")
+    p.add_argument("--max-train-seconds", type=float, default=None,
+                   help="stop a budget's training after this long; the cosine learning-rate schedule then follows the clock")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the saved weights (modules and trained model); evaluation uses the saved values")
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--baselines", default="divprune,visionzip", help="training-free methods at the same budgets ('' for none)")
