@@ -41,9 +41,8 @@ def test_prefusion_sequence_on_a_hand_example():
     text_embeds = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.float32)[..., None]
     text = torch.tensor([[False, True, False, True], [True, True, True, False]])
     # sample 0 has image 2; sample 1 has images 1 then 0
-    sequence, valid, place = prefusion_sequence(text_embeds, text, visual, [[2], [1, 0]])
+    sequence, place = prefusion_sequence(text_embeds, text, visual, [[2], [1, 0]])
     assert sequence[..., 0].tolist() == [[31, 32, 33, 2, 4, 0], [21, 11, 12, 5, 6, 7]]
-    assert valid.tolist() == [[True] * 5 + [False], [True] * 6]
     assert place.tolist() == [[6, 3, 6, 4], [3, 4, 5, 6]]  # 6: not a text token here
 
 
@@ -147,6 +146,23 @@ def test_labelled_tokens_are_left_out_of_the_prefusion(fresh):
     with pytest.raises(SlimVLMError):
         with torch.no_grad(), slimvlm.apply(model, method):
             model(**one, labels=labels[:, 1:])
+
+
+def test_prefusion_without_a_mask_equals_eager_attention_with_one(fresh):
+    """SDPA runs the pre-fusion causal with no mask (padding comes last in every row); eager
+    attention gets an explicit causal mask: the two agree, padding and all."""
+    model, processor = fresh
+    inputs = batch(processor, 3, seed=2)
+    inputs["attention_mask"][0, :5] = 0  # more left padding in one row: rows of different lengths
+    method = LlavaMini(budget=2, layers=2, seed=4)
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        assert method.build(model).attention_implementation == implementation
+        with torch.no_grad(), slimvlm.apply(model, method):
+            logits[implementation] = model(**inputs).logits
+    model.set_attn_implementation("sdpa")
+    assert torch.allclose(logits["sdpa"][:, -3:], logits["eager"][:, -3:], atol=1e-5)  # (padded positions differ by kernel)
 
 
 def test_fusion_depends_on_the_image(fresh):

@@ -48,6 +48,7 @@ from ..tokens import VisualTokens
 WEIGHTS_FILE = "llava_mini.safetensors"
 CONFIG_FILE = "llava_mini.json"
 FORMAT = "slimvlm-llava-mini"
+CAUSAL_WITHOUT_MASK = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})  # is_causal when no mask is given
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,7 @@ class LlavaMiniModules(nn.Module):
         self.num_layers = int(layers)
         self.layer_class = layer_class.__name__
         self.num_heads = int(text.num_attention_heads)
+        self._text_config = text
         if self.budget < 1:
             raise SlimVLMError(f"budget={budget} must be at least 1 token")
         if self.num_layers < 0:
@@ -120,6 +122,11 @@ class LlavaMiniModules(nn.Module):
                 else:
                     param.normal_(0.0, std, generator=generator)  # the same numbers as randn(...) * std
         self.register_buffer("position", sincos_2d(self.hidden, self.grid).to(device), persistent=False)
+
+    @property
+    def attention_implementation(self) -> str:
+        """The LM's attention implementation now (the pre-fusion layers share its config)."""
+        return getattr(self._text_config, "_attn_implementation", None) or "eager"
 
     # ---- identity and files --------------------------------------------------------------------
     def identity(self) -> dict:
@@ -200,18 +207,20 @@ class LlavaMiniModules(nn.Module):
         out, _ = self.attention(queries, keys, x, key_padding_mask=~tokens.valid, need_weights=False)
         return out
 
-    def prefuse(self, sequence: torch.Tensor, valid: torch.Tensor, rotary) -> torch.Tensor:
-        """Run the pre-fusion layers over sequence (B, n, D) whose valid (B, n) tokens come first
-        in each row: causal attention among valid tokens, rotary positions 0..n-1."""
+    def prefuse(self, sequence: torch.Tensor, rotary) -> torch.Tensor:
+        """Run the pre-fusion layers over sequence (B, n, D), each row's real tokens first and its
+        padding after them, rotary positions 0..n-1. Causal attention alone keeps every real token
+        from the padding (it sees only earlier tokens), so SDPA and flash attention run their
+        causal kernels with no mask; only eager attention, which has no causality without a mask,
+        is given one."""
         batch, length, _ = sequence.shape
         device = sequence.device
         x = sequence.to(self.queries.dtype)
         positions = torch.arange(length, device=device).expand(batch, -1)
         embeddings = rotary(x, positions)
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
-        mask = torch.zeros(batch, 1, length, length, dtype=x.dtype, device=device)
-        mask = mask.masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
+        mask = None
+        if self.attention_implementation not in CAUSAL_WITHOUT_MASK:
+            mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=device).triu(1)[None, None]
         for layer in self.prefusion:
             out = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
             x = out[0] if isinstance(out, tuple) else out
@@ -219,12 +228,12 @@ class LlavaMiniModules(nn.Module):
 
 
 def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: VisualTokens,
-                       image_of_sample: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       image_of_sample: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-fusion input of every sample: the real tokens of its images (in its order), then
     its `text` tokens (B, L mask) in order, left-aligned and zero-padded to the longest.
 
-    Returns sequence (B, n, D), valid (B, n), and text_place (B, L): where each text token sits
-    in its row (n for the others). Built with one gather and one host read (n), not a loop over
+    Returns sequence (B, n, D) and text_place (B, L): where each text token sits in its row (n
+    for the others). Built with one gather and one host read (n), not a loop over
     samples: boolean indexing per sample would stop the host at every sample of every step.
     """
     batch, length, dim = text_embeds.shape
@@ -249,9 +258,7 @@ def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: Vi
     flat.scatter_(0, (sample_of[:, None] * (width + 1) + visual_place).reshape(-1), torch.arange(visual_place.numel(), device=device))
     rows = torch.arange(batch, device=device)[:, None]
     flat.scatter_(0, (rows * (width + 1) + text_place).reshape(-1), visual_place.numel() + torch.arange(batch * length, device=device))
-    sequence = features[source[:, :width]]
-    valid = torch.arange(width, device=device) < lengths[:, None]
-    return sequence, valid, text_place
+    return features[source[:, :width]], text_place
 
 
 @register
@@ -371,8 +378,8 @@ class LlavaMini(Method):
             if context.labels.shape != ids.shape:
                 raise SlimVLMError(f"labels {tuple(context.labels.shape)} do not match input_ids {tuple(ids.shape)}")
             text = text & (context.labels == IGNORE_INDEX)
-        sequence, valid, text_place = prefusion_sequence(text_embeds, text, full, context.image_of_sample)
-        fused = self.modules.prefuse(sequence, valid, self._rotary).to(text_embeds.dtype)
+        sequence, text_place = prefusion_sequence(text_embeds, text, full, context.image_of_sample)
+        fused = self.modules.prefuse(sequence, self._rotary).to(text_embeds.dtype)
         dim = text_embeds.shape[-1]
         picked = fused.gather(1, text_place.clamp(max=fused.shape[1] - 1)[..., None].expand(-1, -1, dim))
         return torch.where(text[..., None], picked, text_embeds)

@@ -220,7 +220,7 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
     training = TrainingArguments(
         output_dir=str(folder / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         max_grad_norm=1.0,
-        report_to=[], remove_unused_columns=False, save_strategy="no", logging_steps=max(1, args.steps // 10),
+        report_to=[], remove_unused_columns=False, save_strategy="no", logging_steps=max(1, min(args.steps // 10, 100)),
         use_cpu=not cuda, bf16=cuda, dataloader_num_workers=args.workers, seed=args.seed,
         disable_tqdm=not args.progress,
     )
