@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimvlm.testbed import build, clips, scenes
-from slimvlm.train.data import ClipDataset, SceneCollator
+from slimvlm.train.data import ClipDataset, SceneCollator, SceneDataset
 
 
 def test_a_mixed_batch_matches_the_processor_and_trains(tiny):
@@ -53,3 +53,16 @@ def test_llava_mini_trains_on_a_batch_of_a_clip_and_a_scene(tiny_dir):
     grads = [p.grad for p in module.mini.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     assert "forward" not in model.__dict__  # the method was installed for the call only
+
+
+def test_raw_pixels_normalised_on_the_device_equal_the_collators_own(tiny):
+    _, processor = tiny
+    samples = [*SceneDataset(2), *ClipDataset(1, frames=2)]
+    cpu = SceneCollator(processor)(samples)
+    raw = SceneCollator(processor, normalize_on_device=True)
+    batch = raw(samples)
+    assert "pixel_values" not in batch and batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape[0] == 4
+    done = raw.on_device(batch)
+    assert set(done) == set(cpu) and torch.equal(done["pixel_values"], cpu["pixel_values"])
+    assert all(torch.equal(done[k], cpu[k]) for k in ("input_ids", "attention_mask", "labels"))
+    assert raw.on_device(cpu) is cpu  # already normalised: left alone

@@ -14,12 +14,24 @@ from ..testbed.train import Collator, PixelNormalizer
 
 class SceneCollator:
     """Samples -> a Trainer batch; right padding, attention mask from the padding. A sample's
-    ``image`` is one image (a scene) or a list of frames (a clip: one placeholder per frame, in order)."""
+    ``image`` is one image (a scene) or a list of frames (a clip: one placeholder per frame, in order).
 
-    def __init__(self, processor) -> None:
+    normalize_on_device: the batch carries the raw uint8 ``pixels`` (S, H, W, 3), a quarter of the
+    float32 ``pixel_values`` through the DataLoader's shared memory and the host-to-device copy,
+    and ``on_device`` (given to the trainer as ``prepare_batch``) normalises them where the batch
+    is, exactly as the processor would. Otherwise the collator normalises on the CPU."""
+
+    def __init__(self, processor, normalize_on_device: bool = False) -> None:
         self.collate = Collator(processor)
-        self.normalize = PixelNormalizer(processor)
+        self.processor = processor
+        self.normalize_on_device = bool(normalize_on_device)
+        self.normalizers: dict[torch.device, PixelNormalizer] = {}
         self.pad_id = processor.tokenizer.pad_token_id
+
+    def normalizer(self, device: torch.device) -> PixelNormalizer:
+        if device not in self.normalizers:
+            self.normalizers[device] = PixelNormalizer(self.processor, device)
+        return self.normalizers[device]
 
     def __call__(self, samples: list) -> dict[str, torch.Tensor]:
         per_sample = [s.image if isinstance(s.image, list) else [s.image] for s in samples]
@@ -31,12 +43,22 @@ class SceneCollator:
             [sum(frames[:i]) for i in range(len(samples))],
             frames,
         )
+        pixels = {"pixels": out["pixels"]} if self.normalize_on_device else {"pixel_values": self.normalizer(torch.device("cpu"))(out["pixels"])}
         return {
             "input_ids": out["input_ids"],
             "attention_mask": (out["input_ids"] != self.pad_id).long(),
-            "pixel_values": self.normalize(out["pixels"]),
+            **pixels,
             "labels": out["labels"],
         }
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch of this collator, moved to its device, with its raw ``pixels`` normalised there."""
+        if "pixels" not in batch:
+            return batch
+        batch = dict(batch)
+        pixels = batch.pop("pixels")
+        batch["pixel_values"] = self.normalizer(pixels.device)(pixels)
+        return batch
 
 
 def training_scenes(count: int, seed: int = 0) -> list[scenes.Sample]:

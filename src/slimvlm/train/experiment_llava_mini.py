@@ -231,7 +231,8 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
     if n_clips:  # batches of scenes and batches of clips, shuffled together
         dataset = torch.utils.data.ConcatDataset([dataset, ClipDataset(n_clips, seed=seed, frames=args.clip_frames)])
         sampler = OneKindBatches([total - n_clips, n_clips], args.batch_size, seed=seed)
-    trainer = llava_mini_trainer(method, model, training, dataset, SceneCollator(processor), train_llm=not args.freeze_llm,
+    collator = SceneCollator(processor, normalize_on_device=True)
+    trainer = llava_mini_trainer(method, model, training, dataset, collator, train_llm=not args.freeze_llm, prepare_batch=collator.on_device,
                                  optimizers=(optimizer, schedule), callbacks=[TimeLimit(args.max_train_seconds)],
                                  train_sampler=sampler)
     if cuda:
