@@ -7,6 +7,7 @@ import torch
 
 import slimvlm
 from conftest import batch, select
+from slimvlm.bench import flops
 from slimvlm.errors import SlimVLMError
 from slimvlm.methods.llava_mini import LlavaMini, prefusion_sequence, sincos_2d
 from slimvlm.tokens import VisualTokens
@@ -41,7 +42,8 @@ def test_prefusion_sequence_on_a_hand_example():
     text_embeds = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.float32)[..., None]
     text = torch.tensor([[False, True, False, True], [True, True, True, False]])
     # sample 0 has image 2; sample 1 has images 1 then 0
-    sequence, place = prefusion_sequence(text_embeds, text, visual, [[2], [1, 0]])
+    sequence, place, lengths = prefusion_sequence(text_embeds, text, visual, [[2], [1, 0]])
+    assert lengths == [5, 6]
     assert sequence[..., 0].tolist() == [[31, 32, 33, 2, 4, 0], [21, 11, 12, 5, 6, 7]]
     assert place.tolist() == [[6, 3, 6, 4], [3, 4, 5, 6]]  # 6: not a text token here
 
@@ -56,6 +58,25 @@ def test_budget_gives_that_many_tokens_per_image(fresh, budget):
         assert all(all(p == -1 for p in row) for row in handle.stats.sources)
     assert output.logits.shape[1] == inputs["input_ids"].shape[1] - 576 + budget
     assert torch.isfinite(output.logits).all()
+
+
+def test_prefusion_layers_are_in_the_stats_and_the_flops(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    inputs["attention_mask"][1, 0] = 0  # sample 1 without its bos: one text token fewer than it has
+    text = ((inputs["input_ids"] != model.config.image_token_id) & inputs["attention_mask"].bool()).sum(dim=1).tolist()
+    assert text == [9, 11]
+    with torch.no_grad(), slimvlm.apply(model, "llava-mini:budget=2,layers=3") as handle:
+        model(**inputs)
+        stats = handle.stats
+    assert stats.fusion_tokens == [[576 + text[0], 576 + text[1]]] * 3  # every patch, then the text
+    _, llm = flops.shapes(model.config)
+    counted = flops.count(model.config, stats)
+    assert counted.fusion == 3 * sum(flops.llm_layer_prefill_flops(llm, 576 + n) for n in text)
+    assert counted.prefill == counted.vision + counted.projector + counted.fusion + counted.llm_prefill
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=2") as handle:
+        model(**inputs)
+        assert handle.stats.fusion_tokens == [] and flops.count(model.config, handle.stats).fusion == 0
 
 
 def test_batched_generate_equals_one_by_one(fresh):

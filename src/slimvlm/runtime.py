@@ -35,6 +35,8 @@ class Stats:
     LLM layer, per sample, tokens in prefill. attention_tokens: the same for the tokens each
     layer's attention runs over (more than llm_tokens under virtual unmerging). projector_tokens:
     per image, tokens through the projector. prompt_tokens: per sample, the untouched prompt's length.
+    fusion_tokens: per stage-2 fusion layer (LLaVA-Mini's pre-fusion: layers of the LM's shape run
+    before the LLM), per sample, the tokens it ran over.
     """
 
     visual_tokens: list[int] = field(default_factory=list)
@@ -46,6 +48,7 @@ class Stats:
     attention_tokens: list[list[int]] = field(default_factory=list)
     projector_tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
+    fusion_tokens: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -219,6 +222,7 @@ class Runtime:
         text_embeds = context.text_embeds
         for method in self._by_stage[Stage.PROJECT]:
             text_embeds = method.fuse(text_embeds, tokens, context)
+        fusion = [layer for method in self._by_stage[Stage.PROJECT] for layer in method.fusion_tokens()]
 
         rebuilt = rebuild(
             input_ids,
@@ -258,7 +262,7 @@ class Runtime:
         if use_cache:
             for method in self._decode_methods:
                 self._compress_cache(method)
-        self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1])
+        self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
         return self._logits(output, arguments, rebuilt.labels, kwargs)
@@ -422,14 +426,19 @@ class Runtime:
             session.set_view([index], View(sequence=sequence.gather(gather, valid), key_valid=valid))
 
     # ---- statistics --------------------------------------------------------------------------
-    def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: list[list[int]], prompt_length: int) -> None:
+    def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: list[list[int]], prompt_length: int,
+                fusion: list[list[int]]) -> None:
         views = self.session.layer_views
         batch = len(prefill_tokens[0])
+        # per distinct view (layers share views), all and visual entries per sample, read in one go
+        distinct = {id(v): v for v in views}
+        read = torch.stack([torch.stack([v.sequence.valid.sum(dim=1), v.sequence.visual_counts()]) for v in distinct.values()]).tolist()
+        entries = {key: counts for key, counts in zip(distinct, read)}
         self.stats = Stats(
             visual_tokens=tokens.counts.tolist(),
             sources=tokens.patch_to_token.tolist(),
-            kv_entries=[[int(v.sequence.valid[b].sum()) for v in views] for b in range(batch)],
-            kv_visual_entries=[[int(v.sequence.visual_counts()[b]) for v in views] for b in range(batch)],
+            kv_entries=[[entries[id(v)][0][b] for v in views] for b in range(batch)],
+            kv_visual_entries=[[entries[id(v)][1][b] for v in views] for b in range(batch)],
             vision_tokens=[counts.tolist() for counts in vision_trace],
             llm_tokens=prefill_tokens,
             attention_tokens=(
@@ -437,6 +446,7 @@ class Runtime:
             ),
             projector_tokens=projected,
             prompt_tokens=[prompt_length] * batch,
+            fusion_tokens=fusion,
         )
 
     # ---- virtual unmerging ---------------------------------------------------------------------

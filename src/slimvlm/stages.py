@@ -142,6 +142,11 @@ class Method:
         information fused into them before the visual tokens are compressed (LLaVA-Mini)."""
         return text_embeds
 
+    def fusion_tokens(self) -> list[list[int]]:
+        """Per layer of the LM's shape that the last `fuse` ran outside the LLM, per sample, the
+        tokens it ran over (counted in the prefill FLOPs); none by default."""
+        return []
+
     # stage 3 -----------------------------------------------------------------
     def prefill_keep(self, layer: PrefillLayer) -> torch.Tensor:
         """At each of `drop_layers` during prefill: a (B, L) bool mask of the tokens to keep from here on."""

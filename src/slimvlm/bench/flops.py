@@ -101,11 +101,12 @@ class StageFlops:
     projector: int
     llm_prefill: int
     decode_per_token: int
+    fusion: int = 0
 
     @property
     def prefill(self) -> int:
-        """Everything before the first token: encoder + projector + LLM prefill."""
-        return self.vision + self.projector + self.llm_prefill
+        """Everything before the first token: encoder + projector + stage-2 fusion + LLM prefill."""
+        return self.vision + self.projector + self.fusion + self.llm_prefill
 
 
 def count(config, stats) -> StageFlops:
@@ -114,7 +115,9 @@ def count(config, stats) -> StageFlops:
     stats.vision_tokens: per vision layer, per image, tokens at its input; stats.llm_tokens: per
     LLM layer, per sample, tokens in prefill; stats.kv_entries: per sample, per layer, cache entries
     after prefill; stats.projector_tokens: per image, tokens through the projector (stage-2
-    methods select after it, so they do not shrink this term)."""
+    methods select after it, so they do not shrink this term); stats.fusion_tokens: per stage-2
+    fusion layer (LLaVA-Mini's pre-fusion), per sample, its tokens, each costing an LLM layer's
+    prefill over them."""
     v, t = shapes(config)
     images = len(stats.vision_tokens[0]) if stats.vision_tokens else 0
     vision = images * patch_embedding_flops(v) + sum(
@@ -136,7 +139,8 @@ def count(config, stats) -> StageFlops:
         for layer, c in enumerate(entries)
     )
     decode += len(stats.kv_entries) * logits_flops(t)
-    return StageFlops(vision=vision, projector=projector, llm_prefill=llm, decode_per_token=decode)
+    fusion = sum(llm_layer_prefill_flops(t, n) for layer in stats.fusion_tokens for n in layer)
+    return StageFlops(vision=vision, projector=projector, llm_prefill=llm, decode_per_token=decode, fusion=fusion)
 
 
 def kv_bytes(config, entries: int, bytes_per_value: int) -> int:

@@ -111,6 +111,7 @@ def bench_method(model, specs: list[str], inputs: dict, new_tokens: int, warmup:
         flops={
             "vision": counted.vision,
             "projector": counted.projector,
+            "fusion": counted.fusion,
             "llm_prefill": counted.llm_prefill,
             "decode_per_token": counted.decode_per_token,
         },

@@ -32,7 +32,6 @@ projection and a query-grid position encoding). Training: see slimvlm.train.llav
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -228,12 +227,12 @@ class LlavaMiniModules(nn.Module):
 
 
 def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: VisualTokens,
-                       image_of_sample: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                       image_of_sample: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The pre-fusion input of every sample: the real tokens of its images (in its order), then
     its `text` tokens (B, L mask) in order, left-aligned and zero-padded to the longest.
 
-    Returns sequence (B, n, D) and text_place (B, L): where each text token sits in its row (n
-    for the others). Built with one gather and one host read (n), not a loop over
+    Returns sequence (B, n, D), text_place (B, L): where each text token sits in its row (n for
+    the others), and each row's length. Built with one gather and one host read (the lengths), not a loop over
     samples: boolean indexing per sample would stop the host at every sample of every step.
     """
     batch, length, dim = text_embeds.shape
@@ -245,8 +244,8 @@ def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: Vi
     visual_total = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, sample_of, counts)
     sample_start = visual_total.cumsum(0) - visual_total
     image_start = counts.cumsum(0) - counts - sample_start[sample_of]  # an image's first place in its row
-    lengths = visual_total + text.sum(dim=1)
-    width = int(lengths.max()) if batch else 0
+    lengths = (visual_total + text.sum(dim=1)).tolist()
+    width = max(lengths, default=0)
     rank = torch.arange(visual.x.shape[1], device=device)
     visual_place = torch.where(rank < counts[:, None], image_start[:, None] + rank, width)  # (K, N)
     text_place = torch.where(text, visual_total[:, None] + text.long().cumsum(dim=1) - 1, width)  # (B, L)
@@ -258,7 +257,7 @@ def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: Vi
     flat.scatter_(0, (sample_of[:, None] * (width + 1) + visual_place).reshape(-1), torch.arange(visual_place.numel(), device=device))
     rows = torch.arange(batch, device=device)[:, None]
     flat.scatter_(0, (rows * (width + 1) + text_place).reshape(-1), visual_place.numel() + torch.arange(batch * length, device=device))
-    return features[source[:, :width]], text_place
+    return features[source[:, :width]], text_place, lengths
 
 
 @register
@@ -296,6 +295,7 @@ class LlavaMini(Method):
         self._rotary: nn.Module | None = None
         self._image_token_id: int | None = None
         self._full: VisualTokens | None = None
+        self._fusion_lengths: list[int] = []
 
     # ---- building ------------------------------------------------------------------------------
     def build(self, model) -> LlavaMiniModules:
@@ -378,11 +378,14 @@ class LlavaMini(Method):
             if context.labels.shape != ids.shape:
                 raise SlimVLMError(f"labels {tuple(context.labels.shape)} do not match input_ids {tuple(ids.shape)}")
             text = text & (context.labels == IGNORE_INDEX)
-        sequence, text_place = prefusion_sequence(text_embeds, text, full, context.image_of_sample)
+        sequence, text_place, self._fusion_lengths = prefusion_sequence(text_embeds, text, full, context.image_of_sample)
         fused = self.modules.prefuse(sequence, self._rotary).to(text_embeds.dtype)
         dim = text_embeds.shape[-1]
         picked = fused.gather(1, text_place.clamp(max=fused.shape[1] - 1)[..., None].expand(-1, -1, dim))
         return torch.where(text[..., None], picked, text_embeds)
+
+    def fusion_tokens(self) -> list[list[int]]:
+        return [list(self._fusion_lengths) for _ in range(self.layers)]
 
     def __repr__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options().items() if v is not None)

@@ -19,10 +19,9 @@ Per row: budget, train wall seconds, accuracy and retention (accuracy / untouche
 visual tokens per image, prefill FLOPs ratio to the untouched model on this model, KV-cache bytes
 per image (bf16) on this model and on the LLaVA-1.5-7B shape.
 
-FLOPs: slimvlm.bench.flops counts the vision encoder, projector and LLM prefill from the run's
-stats; LLaVA-Mini's pre-fusion layers run outside the LLM, so they are added here:
-`layers` x llm_layer_prefill_flops(n) per sample, n = that sample's visual tokens (uncompressed)
-+ its text tokens (the pre-fusion sequence at inference). The compressor's cross-attention
+FLOPs: slimvlm.bench.flops counts the vision encoder, projector, LLaVA-Mini's pre-fusion layers
+(the run's stats: per layer, per sample, its visual tokens uncompressed + its text tokens, each an
+LLM layer's prefill) and the LLM prefill. The compressor's cross-attention
 (C queries over 576 keys: 2 C 576 D x 2 plus the 4 D^2 projections) is below 0.1% and not counted.
 """
 
@@ -42,7 +41,6 @@ from ..bench import flops as flops_mod
 from ..bench.evaluate import MethodResult, evaluate, from_sample
 from ..bench.shapes import shape_config
 from ..errors import SlimVLMError, exit_code
-from ..testbed.build import format_prompt
 
 SHAPE_7B = "llava-1.5-7b"
 KV_BYTES = 2  # bf16 cache, as served
@@ -80,18 +78,6 @@ def baseline_specs(budgets: list[int], names: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------- measures
 
 
-def text_lengths(processor, items) -> list[int]:
-    """Per item, its prompt's text tokens (bos and question, image placeholder excluded)."""
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    return [sum(1 for i in processor.tokenizer(format_prompt(item.question))["input_ids"] if i != image_id) for item in items]
-
-
-def prefusion_flops(config, layers: int, lengths: list[int]) -> int:
-    """FLOPs of `layers` pre-fusion layers (the LM's own layers) over sequences of `lengths` tokens."""
-    _, llm = flops_mod.shapes(config)
-    return layers * sum(flops_mod.llm_layer_prefill_flops(llm, n) for n in lengths)
-
-
 def kv_per_image(result: MethodResult, config, images_per_sample: int = 1) -> float:
     """Visual KV-cache bytes per image (bf16), from the run's per-layer cache entries."""
     entries = [sum(layers) for stats in result.stats for layers in stats.kv_visual_entries]
@@ -120,9 +106,9 @@ def shape_7b(tokens_per_image: float, prefusion_layers: int, text_tokens: int = 
     return ratio, kv
 
 
-def row(result: MethodResult, baseline: MethodResult | None, config, *, budget, extra_flops: int = 0,
+def row(result: MethodResult, baseline: MethodResult | None, config, *, budget,
         prefusion_layers: int = 0, train: dict | None = None, images_per_sample: int = 1) -> dict:
-    flops = (result.prefill_flops or 0) + extra_flops
+    flops = result.prefill_flops or 0
     base = baseline.prefill_flops if baseline is not None else None
     ratio_7b, kv_7b = shape_7b(result.visual_tokens_mean / images_per_sample, prefusion_layers)
     return {
@@ -317,7 +303,7 @@ def format_card(budget: int, rows: list[dict], settings: dict, args) -> str:
     lines = [
         f"# LLaVA-Mini modules, C = {budget}, for `{settings['model']}`",
         "",
-        f"A compressor of {budget} learnable queries (cross-attention over the projected visual tokens, 2D "
+        f"A compressor of {budget} learnable {'query' if budget == 1 else 'queries'} (cross-attention over the projected visual tokens, 2D "
         f"position encodings) and {settings['layers']} modality pre-fusion layers, trained with {model_dir}. Use:",
         "",
         "```",
@@ -347,7 +333,7 @@ def format_card(budget: int, rows: list[dict], settings: dict, args) -> str:
     ]
     if clips is not None:
         lines += [f"Clips of {args.clip_frames} frames ({clips['samples']}): {_pct(clips['accuracy'])}%, retention "
-                  f"{_pct(clips['retention'])}% of the untouched model on the same clips, with {budget} tokens per frame.", ""]
+                  f"{_pct(clips['retention'])}% of the untouched model on the same clips, with {budget} token{'' if budget == 1 else 's'} per frame.", ""]
     lines += [
         f"Cost: {_pct(scenes['flops_ratio'])}% of the untouched prefill FLOPs on this model and "
         f"{_pct(scenes['flops_ratio_7b'])}% on the LLaVA-1.5-7B shape (pre-fusion included); visual KV cache "
@@ -379,8 +365,6 @@ def run(args) -> dict:
     if processor is None:
         raise SlimVLMError(f"{args.model} has no processor; the experiment needs a model folder with its processor")
     config = model.config
-    lengths = text_lengths(processor, items)
-    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
 
     def evaluate_spec(m, spec) -> MethodResult:
         return evaluate(m, processor, items, spec, batch_size=args.eval_batch_size, progress=args.progress)
@@ -411,17 +395,15 @@ def run(args) -> dict:
         t = time.perf_counter()
         result = evaluate_spec(trained, f"llava-mini:weights={folder}")
         timings[f"eval llava-mini c{budget}"] = round(time.perf_counter() - t, 2)
-        extra = sum(prefusion_flops(config, args.layers, [patches + n]) for n in lengths)
         result.method = f"llava-mini:budget={budget},layers={args.layers}"
-        rows.append(row(result, baseline, config, budget=budget, extra_flops=extra, prefusion_layers=args.layers, train=record))
+        rows.append(row(result, baseline, config, budget=budget, prefusion_layers=args.layers, train=record))
         print(f"llava-mini C={budget}: {record['steps']} steps in {record['train_s']} s, loss {record['first_loss']} -> "
               f"{record['final_loss']}, accuracy {result.accuracy:.3f}", flush=True)
         if clip_items:
             result = evaluate(trained, processor, clip_items, f"llava-mini:weights={folder}",
                               batch_size=max(1, args.eval_batch_size // args.clip_frames), progress=args.progress)
             result.method = f"llava-mini:budget={budget},layers={args.layers} (clips of {args.clip_frames} frames)"
-            extra = sum(prefusion_flops(config, args.layers, [patches * args.clip_frames + n]) for n in text_lengths(processor, clip_items))
-            rows.append(row(result, clip_baseline, config, budget=budget, extra_flops=extra, prefusion_layers=args.layers,
+            rows.append(row(result, clip_baseline, config, budget=budget, prefusion_layers=args.layers,
                             train=record, images_per_sample=args.clip_frames))
         del trained
         if device.type == "cuda":
