@@ -9,7 +9,7 @@ import slimvlm
 from conftest import batch, select
 from slimvlm.bench import flops
 from slimvlm.errors import SlimVLMError
-from slimvlm.methods.llava_mini import LlavaMini, prefusion_sequence, sincos_2d
+from slimvlm.methods.llava_mini import LlavaMini, prefusion_sequence, projector_signature, sincos_2d
 from slimvlm.tokens import VisualTokens
 
 
@@ -217,6 +217,40 @@ def test_save_and_load_round_trip(fresh, tmp_path):
     other.load(tmp_path)
     with torch.no_grad(), slimvlm.apply(model, other):
         assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_projector_signature_on_a_hand_example():
+    layer = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.001, 2.0, 4.0]]))  # 1.001 is 1.0 in bfloat16
+    # sign of weight i under hash k: bit 15 of i * (2654435761 + 2k): i = 1 -> 81006 (even, +),
+    # i = 2 -> 162013 (odd, -), the same for k = 0..3: 1 + 2 - 4
+    assert projector_signature(layer) == {"sums": [-1.0] * 4, "norm": math.sqrt(21)}
+
+
+def test_modules_refuse_a_model_whose_projector_they_were_not_trained_with(fresh, tmp_path):
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    trained = LlavaMini(budget=2, layers=1)
+    trained.build(model)
+    trained.save(tmp_path)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad(), slimvlm.apply(model, f"llava-mini:weights={tmp_path}"):
+        model(**inputs)  # the model they were saved with
+    original = {name: p.detach().clone() for name, p in projector.named_parameters()}
+    try:
+        with torch.no_grad():
+            projector.to(torch.bfloat16).float()  # the same weights in another dtype: still accepted
+        slimvlm.apply(model, f"llava-mini:weights={tmp_path}").remove()
+        with torch.no_grad():
+            for p in projector.parameters():
+                p.add_(0.02 * p.std() * torch.randn_like(p))  # as after fine-tuning
+        with pytest.raises(SlimVLMError, match="trained with another model"):
+            slimvlm.apply(model, f"llava-mini:weights={tmp_path}")
+    finally:
+        with torch.no_grad():
+            for name, p in projector.named_parameters():
+                p.copy_(original[name])
 
 
 def test_load_refuses_weights_made_for_something_else(fresh, tmp_path):

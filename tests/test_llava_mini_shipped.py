@@ -24,3 +24,16 @@ def test_shipped_c1_answers_from_one_token_per_image():
     assert result.accuracy >= 0.4
     one_patch = evaluate(model, processor, items, "divprune:budget=1", batch_size=32, progress=False)
     assert result.accuracy >= one_patch.accuracy + 0.2  # 60.9% against 18.8% on these 64 scenes
+
+
+@pytest.mark.skipif(not (SHIPPED / "model" / "config.json").exists(), reason="the LLaVA-Mini weights are not in this install")
+def test_shipped_modules_refuse_the_model_they_were_not_trained_with():
+    from slimvlm import apply
+    from slimvlm.errors import SlimVLMError
+    from slimvlm.models.loading import load_model
+
+    base, _ = load(TESTBED)
+    with pytest.raises(SlimVLMError, match=r"trained with another model.*llava_mini/c1/model"):
+        apply(base, f"llava-mini:weights={SHIPPED}")
+    tuned, _ = load_model(str(SHIPPED / "model"), "cpu", "bfloat16")
+    apply(tuned, f"llava-mini:weights={SHIPPED}").remove()  # its own model, in another dtype

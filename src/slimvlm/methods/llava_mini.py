@@ -23,6 +23,10 @@ meaningless. The modules are built for a model when the method is applied (or by
 beforehand, e.g. to hand `parameters()` to an optimizer); autograd is left on so that the
 model's loss trains them.
 
+Saved weights carry a signature of the projector they were trained with (`projector_signature`):
+trained together with a fine-tuned projector and LLM, they are refused on any other model (the one
+they started from included) instead of answering wrongly there.
+
 Deviations from the authors' code, all for the stage-2 frame slimvlm gives: the compressor reads
 the *projected* tokens (the authors compress CLIP features, then project); it is one plain
 nn.MultiheadAttention (their Qwen-VL-style resampler adds kv projection, layer norms, an output
@@ -47,7 +51,42 @@ from ..tokens import VisualTokens
 WEIGHTS_FILE = "llava_mini.safetensors"
 CONFIG_FILE = "llava_mini.json"
 FORMAT = "slimvlm-llava-mini"
+# of the weights' norm: a float16 copy of float32 weights moves the sums by up to 0.2% (double rounding), a
+# bfloat16 copy not at all; fine-tuning moved the testbed projector's by 0.6-5.7% (one sum past this is enough)
+SIGNATURE_TOLERANCE = 0.01
 CAUSAL_WITHOUT_MASK = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})  # is_causal when no mask is given
+
+
+def projector_signature(projector: nn.Module, count: int = 4) -> dict:
+    """What ties trained modules to the projector they were trained with: `count` sums of all its
+    weights under fixed pseudo-random signs, and the weights' norm (computed where the weights are,
+    each weight rounded to bfloat16 first, summed in float64). Rounding first makes a float32 and a
+    bfloat16 copy of one projector give the same numbers; fine-tuning moves them by far more."""
+    sums = [0.0] * count
+    squares, offset = 0.0, 0
+    for _, weight in sorted(projector.named_parameters()):
+        w = weight.detach().reshape(-1).to(torch.bfloat16).to(torch.float64)
+        index = torch.arange(offset, offset + w.numel(), device=w.device)
+        offset += w.numel()
+        squares += float((w * w).sum())
+        for k in range(count):
+            sign = 1.0 - 2.0 * (((index * (2654435761 + 2 * k)) >> 15) & 1).to(torch.float64)
+            sums[k] += float((w * sign).sum())
+    return {"sums": sums, "norm": squares ** 0.5}
+
+
+def check_signature(saved: dict | None, projector: nn.Module, folder) -> None:
+    """Refuse a projector other than the one the modules in `folder` were trained with."""
+    if not saved:
+        return
+    mine = projector_signature(projector, len(saved["sums"]))
+    tolerance = SIGNATURE_TOLERANCE * max(saved["norm"], mine["norm"])
+    if abs(mine["norm"] - saved["norm"]) > tolerance or any(abs(a - b) > tolerance for a, b in zip(mine["sums"], saved["sums"])):
+        raise SlimVLMError(
+            f"the LLaVA-Mini modules in {folder} were trained with another model (this model's projector is not the one "
+            "they were saved with); load the model they were trained with (slimvlm's experiment and `slimvlm train` "
+            f"save it beside them, in {Path(folder) / 'model'})"
+        )
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -139,9 +178,10 @@ class LlavaMiniModules(nn.Module):
             "num_heads": self.num_heads,
         }
 
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-        """folder/llava_mini.safetensors (weights in `dtype`) + folder/llava_mini.json (identity);
-        load() reads any floating dtype back into the modules' own."""
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float32, trained_with: dict | None = None) -> Path:
+        """folder/llava_mini.safetensors (weights in `dtype`) + folder/llava_mini.json (identity, and
+        the projector_signature of the model they were trained with); load() reads any floating
+        dtype back into the modules' own."""
         from safetensors.torch import save_file
 
         if not dtype.is_floating_point:
@@ -150,7 +190,7 @@ class LlavaMiniModules(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in self.state_dict().items()}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (folder / CONFIG_FILE).write_text(json.dumps(self.identity(), indent=2) + "\n")
+        (folder / CONFIG_FILE).write_text(json.dumps({**self.identity(), "trained_with": trained_with}, indent=2) + "\n")
         return folder
 
     @staticmethod
@@ -296,6 +336,8 @@ class LlavaMini(Method):
         self._image_token_id: int | None = None
         self._full: VisualTokens | None = None
         self._fusion_lengths: list[int] = []
+        self._projector: nn.Module | None = None
+        self._checked: nn.Module | None = None
 
     # ---- building ------------------------------------------------------------------------------
     def build(self, model) -> LlavaMiniModules:
@@ -318,9 +360,18 @@ class LlavaMini(Method):
             want = (int(text.hidden_size), (side, side), layer_class.__name__)
             if have != want:
                 raise SlimVLMError(f"this LLaVA-Mini method was built for (hidden, grid, layer) {have}, the model has {want}")
+        if self.weights is not None:
+            self._check_projector(adapter.projector, self.weights)
         self._rotary = adapter.position_embeddings
         self._image_token_id = int(config.image_token_id)
+        self._projector = adapter.projector
         return self.modules
+
+    def _check_projector(self, projector: nn.Module, folder) -> None:
+        """Each model's projector is checked once against the modules' file (it costs a pass over its weights)."""
+        if self._checked is not projector:
+            check_signature(LlavaMiniModules.read_identity(folder).get("trained_with"), projector, folder)
+            self._checked = projector
 
     def parameters(self) -> list[nn.Parameter]:
         """The learnable parameters (queries, attention, pre-fusion layers); call build(model) first."""
@@ -331,12 +382,14 @@ class LlavaMini(Method):
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         if self.modules is None:
             raise SlimVLMError("nothing to save: build(model) (or apply the method) first")
-        return self.modules.save(folder, dtype)
+        return self.modules.save(folder, dtype, trained_with=projector_signature(self._projector))
 
     def load(self, folder: str | Path) -> None:
         if self.modules is None:
             raise SlimVLMError("build(model) (or apply the method) before loading weights into it")
         self.modules.load(folder)
+        self._checked = None
+        self._check_projector(self._projector, folder)
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         check_budget("budget", self.budget, tokens_per_image)
