@@ -201,11 +201,11 @@ def _train(args: argparse.Namespace) -> None:
     saving = dict(save_strategy="steps", save_steps=args.save_steps, save_total_limit=2) if args.save_steps else {}
     training = training_arguments(out / "trainer", args.steps, args.batch_size, args.lr, args.seed, device, **saving)
     resume = last_checkpoint(out / "trainer") if args.resume else None
-    data, collator = training_scenes(args.samples, args.seed), SceneCollator(processor)
+    data, collator = training_scenes(args.samples, args.seed), SceneCollator(processor, normalize_on_device=True)
     if args.method in VARIANTS:  # dualspeed, and the paper's baseline and naive pruning as its settings
         options = dict(pruner=args.pruner, r=args.r, isolator_length=args.isolator_length, lam=args.lam, tau=args.tau, seed=args.seed)
         dual = DualSpeed(model, **variant(args.method, **options))
-        trainer = dualspeed_trainer(dual, training, data, collator)
+        trainer = dualspeed_trainer(dual, training, data, collator, prepare_batch=collator.on_device)
         trainer.train(resume_from_checkpoint=resume)
         if dual.isolator is not None and trainer.is_world_process_zero():
             dual.save(out)
@@ -213,7 +213,8 @@ def _train(args: argparse.Namespace) -> None:
         from .methods.llava_mini import LlavaMini
 
         method = LlavaMini(budget=args.budget, layers=args.layers)
-        trainer = llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm)
+        trainer = llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm,
+                                     prepare_batch=collator.on_device)
         trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             method.save(out)

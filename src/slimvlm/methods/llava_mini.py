@@ -84,8 +84,8 @@ def check_signature(saved: dict | None, projector: nn.Module, folder) -> None:
     if abs(mine["norm"] - saved["norm"]) > tolerance or any(abs(a - b) > tolerance for a, b in zip(mine["sums"], saved["sums"])):
         raise SlimVLMError(
             f"the LLaVA-Mini modules in {folder} were trained with another model (this model's projector is not the one "
-            "they were saved with); load the model they were trained with (slimvlm's experiment and `slimvlm train` "
-            f"save it beside them, in {Path(folder) / 'model'})"
+            "they were saved with); load the model they were trained with (`slimvlm train` saves it in the same folder, "
+            f"the LLaVA-Mini experiment in {Path(folder) / 'model'})"
         )
 
 
