@@ -6,8 +6,9 @@ data? (results/README.md, LLaVA-Mini "Training speed": the GPU sat at 20-70% whi
     PYTHONPATH=src python3 scripts/profile_llava_mini_step.py --device cpu --batch-size 4 --steps 2 --workers 2
 
 Prints, for the experiment's setting (modules + projector + LLM trained, tower frozen, bf16
-autocast on CUDA): host syncs in one forward + backward (profiler events: item()/int()/bool()
-reads, nonzero, stream syncs) and the top ops by self CPU time; the median step time with the
+autocast on CUDA): the host reads of device values in one forward + backward (item, tolist, int,
+bool, float, nonzero: each a device sync on a GPU; the optimizer's step counters live on the CPU
+and are left out) by place in slimvlm, the top ops by self CPU time of a whole step; the median step time with the
 batch already on the device (model, method and optimizer only); and the DataLoader alone (workers
 drawing and collating batches as the experiment does) in batches per second. A step slower than
 the loader's batches is the host's doing, not the data's.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 from collections import Counter
 
 import torch
@@ -28,7 +30,29 @@ from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.train.data import ClipDataset, SceneCollator, SceneDataset
 from slimvlm.train.llava_mini import LlavaMiniModule
 
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+READS = ("item", "tolist", "__int__", "__bool__", "__float__", "nonzero")
+
+
+def count_host_reads(fn) -> Counter:
+    """Run fn, counting each read of a tensor's values to the host by the slimvlm line that asked."""
+    where: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def wrap(name, original):
+        def read(self, *args, **kwargs):
+            ours = [f for f in traceback.extract_stack()[:-1] if "slimvlm" in f.filename]
+            where[f"{name} at {ours[-1].filename.split('slimvlm/')[-1]}:{ours[-1].lineno}" if ours else f"{name} outside slimvlm"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(name, original))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return where
 
 
 def dataset(args, length: int):
@@ -56,10 +80,13 @@ def main() -> None:
     data = dataset(args, args.batch_size)
     batch = collator.on_device({k: v.to(device) for k, v in collator([data[i] for i in range(len(data))]).items()})
 
-    def step() -> None:
+    def forward_backward() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = module(**batch)
         loss.backward()
+
+    def step() -> None:
+        forward_backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -71,9 +98,12 @@ def main() -> None:
         step()
         if cuda:
             torch.cuda.synchronize(device)
-    events = Counter(e.name for e in prof.events())
-    print(f"host syncs per step: {sum(events[name] for name in SYNCS)} ({ {n: events[n] for n in SYNCS if events[n]} })")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    reads = count_host_reads(forward_backward)
+    optimizer.zero_grad(set_to_none=True)
+    print(f"host reads in one forward + backward: {sum(reads.values())}")
+    for place, count in reads.most_common():
+        print(f"  {count:4d}  {place}")
     times = []
     for _ in range(args.steps):
         if cuda:

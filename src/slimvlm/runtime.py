@@ -51,6 +51,14 @@ class Stats:
     fusion_tokens: list[list[int]] = field(default_factory=list)
 
 
+def per_view(views: list, count) -> list[list[int]]:
+    """Per layer, `count(view)` (a (B,) tensor) as numbers: computed once per distinct view (layers
+    share views) and read from the device in one go, not one host sync per layer."""
+    distinct = {id(view): view for view in views}
+    read = dict(zip(distinct, torch.stack([count(view) for view in distinct.values()]).tolist()))
+    return [read[id(view)] for view in views]
+
+
 @dataclass
 class View:
     """The sequence as some LLM layers see it: stage 3 shortens it for the layers after a drop,
@@ -258,7 +266,7 @@ class Runtime:
             self.session.copies = self._with_rotary(unmerged_copies(sequence, tokens), rebuilt.embeds)
             self.session.query_copies = self.session.copies
         output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
-        prefill_tokens = [view.sequence.valid.sum(dim=1).tolist() for view in self.session.layer_views]
+        prefill_tokens = per_view(self.session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
         if use_cache:
             for method in self._decode_methods:
                 self._compress_cache(method)
@@ -430,16 +438,14 @@ class Runtime:
                 fusion: list[list[int]]) -> None:
         views = self.session.layer_views
         batch = len(prefill_tokens[0])
-        # per distinct view (layers share views), all and visual entries per sample, read in one go
-        distinct = {id(v): v for v in views}
-        read = torch.stack([torch.stack([v.sequence.valid.sum(dim=1), v.sequence.visual_counts()]) for v in distinct.values()]).tolist()
-        entries = {key: counts for key, counts in zip(distinct, read)}
+        entries = per_view(views, lambda v: v.sequence.valid.sum(dim=1))
+        visual = per_view(views, lambda v: v.sequence.visual_counts())
         self.stats = Stats(
             visual_tokens=tokens.counts.tolist(),
             sources=tokens.patch_to_token.tolist(),
-            kv_entries=[[entries[id(v)][0][b] for v in views] for b in range(batch)],
-            kv_visual_entries=[[entries[id(v)][1][b] for v in views] for b in range(batch)],
-            vision_tokens=[counts.tolist() for counts in vision_trace],
+            kv_entries=[[layer[b] for layer in entries] for b in range(batch)],
+            kv_visual_entries=[[layer[b] for layer in visual] for b in range(batch)],
+            vision_tokens=torch.stack(vision_trace).tolist() if vision_trace else [],
             llm_tokens=prefill_tokens,
             attention_tokens=(
                 [self.session.copies.valid.sum(dim=1).tolist()] * len(views) if self._unmerge else prefill_tokens
