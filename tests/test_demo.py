@@ -65,6 +65,32 @@ def test_demo_writes_report(tiny, tiny_dir, tmp_path):
     assert "accuracy_vs_tokens.png" in (out / "README.md").read_text()
 
 
+def test_demo_runs_the_llava_mini_weights_the_model_folder_ships(tiny, tiny_dir, tmp_path):
+    import shutil
+
+    from slimvlm.methods.llava_mini import LlavaMini, shipped_weights
+    from slimvlm.models.loading import TESTBED
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    trained = LlavaMini(budget=4, layers=1)
+    trained.build(tiny[0])
+    trained.save(folder / "llava_mini" / "c4")
+    shutil.copytree(tiny_dir, folder / "llava_mini" / "c4" / "model")  # the model they were "trained" with
+    (folder / "llava_mini" / "c9").mkdir()  # no weights in it: not a shipped budget
+    assert shipped_weights(folder) == {4: folder / "llava_mini" / "c4"}
+    assert sorted(shipped_weights(TESTBED)) == [1]
+    out = tmp_path / "report"
+    assert main(["demo", "--model", str(folder), "--samples", "2", "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+    rows = {row["method"]: row for row in json.loads((out / "summary.json").read_text())["summary"]}
+    assert rows["llava-mini:budget=4 (own model)"]["visual_tokens_mean"] == 4
+    assert "llava-mini:budget=4 (own model)" in (out / "README.md").read_text()
+    kept = tmp_path / "kept"
+    assert main(["demo", "--model", str(folder), "--samples", "2", "--batch-size", "2", "--out", str(kept), "--device", "cpu",
+                 "--keep-positions"]) == 0
+    assert not any(row["method"].startswith("llava-mini") for row in json.loads((kept / "summary.json").read_text())["summary"])
+
+
 def test_outline_marks_token_borders_and_dropped_patches():
     from PIL import Image
 

@@ -41,13 +41,29 @@ def budget_specs(model, budget: int, targets: Sequence[int] = ()) -> dict[str, S
         "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
         # calibrated per model (`slimvlm calibrate`): the shipped target nearest the budget, else skipped
         "dymu": f"dymu:target={min(targets, key=lambda t: (abs(t - budget), t))}" if targets else None,
-        # its queries and pre-fusion layers must be trained first; the demo has no weights: skipped
+        # trained together with its own fine-tuned model: run apart, by llava_mini_runs
         "llava-mini": None,
     }
     missing = set(methods()) - set(specs) - {"none"}
     if missing:
         raise RuntimeError(f"the demo has no budget rule for {sorted(missing)}; add one in demo.budget_specs")
     return specs
+
+
+def llava_mini_runs(model, processor, items, batch_size: int) -> list[MethodResult]:
+    """LLaVA-Mini at each budget the model folder ships weights for (`llava_mini/c<C>/`), each on
+    the model it was trained with (the folder's `model/`), on the same items as the other methods,
+    so that its row compares with the untouched model's."""
+    from .methods.llava_mini import shipped_weights
+    from .models.loading import load_model
+
+    results = []
+    for budget, folder in shipped_weights(model.name_or_path).items():
+        own, _ = load_model(str(folder / "model"), model.device, str(model.dtype).removeprefix("torch."))
+        result = evaluate(own, processor, items, f"llava-mini:weights={folder}", batch_size=batch_size)
+        result.method = f"llava-mini:budget={budget} (own model)"
+        results.append(result)
+    return results
 
 
 def source_maps(model, processor, item, path: Path, targets: Sequence[int] = ()) -> Path:
@@ -77,6 +93,8 @@ def run_demo(
     targets = sorted(shipped_thresholds(model.name_or_path)) if model.name_or_path else []
     runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget, targets).values() if spec is not None]
     results = [evaluate(model, processor, items, spec, batch_size=batch_size, keep_positions=keep_positions) for spec in runs]
+    if not keep_positions:  # LLaVA-Mini's model was trained on renumbered positions
+        results += llava_mini_runs(model, processor, items, batch_size)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     print(table)

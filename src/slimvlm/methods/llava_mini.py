@@ -300,6 +300,23 @@ def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: Vi
     return features[source[:, :width]], text_place, lengths
 
 
+SHIPPED = "llava_mini"  # a model folder's trained LLaVA-Mini: <folder>/llava_mini/c<C>/ (modules + model/)
+
+
+def shipped_weights(folder: str | Path | None) -> dict[int, Path]:
+    """The LLaVA-Mini weights a model folder ships, by budget: `llava_mini/c<C>/` holding the
+    modules and, in `model/`, the model they were trained with (the testbed ships C = 1)."""
+    found: dict[int, Path] = {}
+    root = Path(folder) / SHIPPED if folder else None
+    if root is None or not root.is_dir():
+        return found
+    for path in sorted(root.glob("c*")):
+        budget = path.name.removeprefix("c")
+        if budget.isdigit() and (path / CONFIG_FILE).is_file() and (path / "model" / "config.json").is_file():
+            found[int(budget)] = path
+    return found
+
+
 @register
 class LlavaMini(Method):
     """LLaVA-Mini at stage 2: `budget` query tokens per image, text pre-fused with the visual tokens.
