@@ -117,3 +117,21 @@ def test_scene_dataset_is_deterministic_balanced_and_train_split():
     assert data[0].id.startswith("train-")
     with pytest.raises(IndexError):
         data[16]
+
+
+def test_init_continues_a_budget_from_the_weights_a_run_wrote(tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--steps", "1", "--batch-size", "2", "--eval-samples", "2", "--workers", "0",
+              "--device", "cpu", "--layers", "1", "--baselines", ""]
+    assert exp.main([*common, "--out", str(tmp_path / "first"), "--budgets", "4"]) == 0
+    first = tmp_path / "first" / "c4"
+    out = tmp_path / "second"
+    assert exp.main([*common, "--out", str(out), "--budgets", "4", "--init", str(first)]) == 0
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["init"] == str(first)
+    assert f"Continued from `{first}`" in (out / "c4" / "README.md").read_text()
+    args = exp.parser().parse_args([*common, "--out", str(out), "--init", str(first)])
+    assert exp.start_model(args) == first / "model"  # the model the modules were trained with, not --model
+    # refused before anything runs: another budget, or several
+    assert exp.main([*common, "--out", str(tmp_path / "x"), "--budgets", "16", "--init", str(first)]) == 2
+    assert exp.main([*common, "--out", str(tmp_path / "y"), "--budgets", "4,16", "--init", str(first)]) == 2
+    assert not (tmp_path / "x" / "results.json").exists() and not (tmp_path / "y" / "results.json").exists()

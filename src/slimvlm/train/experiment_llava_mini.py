@@ -178,6 +178,14 @@ class WallClockCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, self.progress(step))))
 
 
+def start_model(args) -> Path:
+    """The model training starts from: --model, or with --init the model the modules were trained
+    with (the init folder's model/, when the LLM was trained with them)."""
+    if args.init is not None and (Path(args.init) / "model" / "config.json").is_file():
+        return Path(args.init) / "model"
+    return Path(args.model)
+
+
 def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple[torch.nn.Module, dict]:
     """Train LLaVA-Mini at `budget` on a fresh copy of the model; save the modules (and the model
     when the LLM was trained) to `folder`; return the trained model and the training record."""
@@ -188,11 +196,11 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
     from .data import ClipDataset, OneKindBatches, SceneCollator, SceneDataset
     from .llava_mini import llava_mini_trainer
 
-    model, processor = load_model(args.model, device, "float32")
+    model, processor = load_model(str(start_model(args)), device, "float32")
     model.train()
     for param in model.model.vision_tower.parameters():  # the paper keeps the CLIP encoder frozen
         param.requires_grad_(False)
-    method = LlavaMini(budget=budget, layers=args.layers, seed=args.seed)
+    method = LlavaMini(budget=budget, layers=args.layers, seed=args.seed, weights=args.init)
     modules = method.build(model)
     mine = {id(p) for p in modules.parameters()}
     groups = [{"params": list(modules.parameters()), "lr": args.lr}]
@@ -314,7 +322,8 @@ def format_card(budget: int, rows: list[dict], settings: dict, args) -> str:
         "",
         f"- {scenes['steps']} steps x batch {settings['batch_size']} ({scenes['train_s']} s on {settings['device']}), "
         f"of {settings['steps']} planned{' (stopped by --max-train-seconds)' if scenes['steps'] < settings['steps'] else ''}; "
-        "loss " + " -> ".join("-" if v is None else f"{v:.3f}" for v in (scenes["first_loss"], scenes["final_loss"])) + ".",
+        "loss " + " -> ".join("-" if v is None else f"{v:.3f}" for v in (scenes["first_loss"], scenes["final_loss"])) + "."
+        + (f" Continued from `{settings['init']}` (its modules and model)." if settings.get("init") else ""),
         f"- AdamW, lr {settings['lr']:g} (modules) / {settings['llm_lr']:g} (projector and LLM), cosine with warm-up"
         + (f" over {settings['max_train_seconds']:g} s of training (or the steps, whichever ends first)" if settings["max_train_seconds"] else "")
         + f"; weights saved in {settings['save_dtype']} (the accuracy below is theirs); "
@@ -357,6 +366,12 @@ def run(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     budgets = parse_budgets(args.budgets)
+    if args.init is not None:  # refused before any run: several budgets, or weights of another budget / depth
+        if len(budgets) != 1:
+            raise SlimVLMError(f"--init continues one budget's weights; give that budget alone in --budgets, not {args.budgets!r}")
+        from ..methods.llava_mini import LlavaMini
+
+        LlavaMini(budget=budgets[0], layers=args.layers, weights=args.init)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -411,7 +426,7 @@ def run(args) -> dict:
     settings = {
         "model": args.model, "budgets": budgets, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "llm_lr": args.llm_lr, "layers": args.layers, "freeze_llm": args.freeze_llm, "eval_samples": args.eval_samples,
-        "seed": args.seed, "max_train_seconds": args.max_train_seconds, "save_dtype": args.save_dtype,
+        "seed": args.seed, "max_train_seconds": args.max_train_seconds, "save_dtype": args.save_dtype, "init": args.init,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "command": "python -m slimvlm.train.experiment_llava_mini " + shlex.join(args.argv),
         "total_s": round(time.perf_counter() - started, 2),
@@ -442,6 +457,9 @@ def parser() -> argparse.ArgumentParser:
                    help="stop a budget's training after this long; the cosine learning-rate schedule then follows the clock")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the saved weights (modules and trained model); evaluation uses the saved values")
+    p.add_argument("--init", default=None,
+                   help="continue training from a weights folder this experiment wrote (c<C>/: the modules and, in model/, "
+                        "the model trained with them); one budget, the folder's")
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--baselines", default="divprune,visionzip", help="training-free methods at the same budgets ('' for none)")
