@@ -272,8 +272,9 @@ def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: Vi
     its `text` tokens (B, L mask) in order, left-aligned and zero-padded to the longest.
 
     Returns sequence (B, n, D), text_place (B, L): where each text token sits in its row (n for
-    the others), and each row's length. Built with one gather and one host read (the lengths), not a loop over
-    samples: boolean indexing per sample would stop the host at every sample of every step.
+    the others), and each row's length. Built with one gather and one host read (the lengths),
+    not a loop over samples: boolean indexing per sample would stop the host at every sample of
+    every step.
     """
     batch, length, dim = text_embeds.shape
     device = text_embeds.device
