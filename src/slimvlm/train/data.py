@@ -43,7 +43,10 @@ class SceneCollator:
             [sum(frames[:i]) for i in range(len(samples))],
             frames,
         )
-        pixels = {"pixels": out["pixels"]} if self.normalize_on_device else {"pixel_values": self.normalizer(torch.device("cpu"))(out["pixels"])}
+        if self.normalize_on_device:
+            pixels = {"pixels": out["pixels"]}
+        else:
+            pixels = {"pixel_values": self.normalizer(torch.device("cpu"))(out["pixels"])}
         return {
             "input_ids": out["input_ids"],
             "attention_mask": (out["input_ids"] != self.pad_id).long(),

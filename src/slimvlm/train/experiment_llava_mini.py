@@ -226,9 +226,9 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
         dataset = torch.utils.data.ConcatDataset([dataset, ClipDataset(n_clips, seed=seed, frames=args.clip_frames)])
         sampler = OneKindBatches([total - n_clips, n_clips], args.batch_size, seed=seed)
     collator = SceneCollator(processor, normalize_on_device=True)
-    trainer = llava_mini_trainer(method, model, training, dataset, collator, train_llm=not args.freeze_llm, prepare_batch=collator.on_device,
-                                 optimizers=(optimizer, schedule), callbacks=[TimeLimit(args.max_train_seconds)],
-                                 train_sampler=sampler)
+    trainer = llava_mini_trainer(method, model, training, dataset, collator, train_llm=not args.freeze_llm,
+                                 prepare_batch=collator.on_device, optimizers=(optimizer, schedule),
+                                 callbacks=[TimeLimit(args.max_train_seconds)], train_sampler=sampler)
     if cuda:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
