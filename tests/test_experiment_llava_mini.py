@@ -129,6 +129,7 @@ def test_init_continues_a_budget_from_the_weights_a_run_wrote(tiny_dir, tmp_path
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["init"] == str(first)
     assert f"Continued from `{first}`" in (out / "c4" / "README.md").read_text()
+    assert f"Continued from `{first}`" in (out / "results.md").read_text()
     args = exp.parser().parse_args([*common, "--out", str(out), "--init", str(first)])
     assert exp.start_model(args) == first / "model"  # the model the modules were trained with, not --model
     # refused before anything runs: another budget, or several

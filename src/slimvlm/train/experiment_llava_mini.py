@@ -276,7 +276,8 @@ def format_markdown(rows: list[dict], settings: dict) -> str:
         f"training {settings['steps']} steps x batch {settings['batch_size']} per budget "
         f"({'modules only' if settings['freeze_llm'] else 'modules + projector + LLM, vision tower frozen'}), "
         f"lr {settings['lr']:g} (modules) / {settings['llm_lr']:g} (model), {settings['layers']} pre-fusion layers; "
-        f"device {settings['device']}.",
+        f"device {settings['device']}."
+        + (f" Continued from `{settings['init']}` (its modules and model)." if settings.get("init") else ""),
         "",
         "| method | C | train s | steps | acc % | retain % | tokens/img | FLOPs % | KV KB/img | 7B FLOPs % | 7B KV MB/img |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
