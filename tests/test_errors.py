@@ -76,7 +76,7 @@ def test_stage3_needs_an_attention_it_can_mask(fresh):
     model, _ = fresh
     model.config.text_config._attn_implementation = "flash_attention_2"
     try:
-        with pytest.raises(SlimVLMError, match="need attn_implementation 'sdpa' or 'eager'"):
+        with pytest.raises(SlimVLMError, match="needs attn_implementation 'sdpa' or 'eager'"):
             slimvlm.apply(model, "fastv")
     finally:
         model.config.text_config._attn_implementation = "sdpa"

@@ -107,8 +107,8 @@ def test_visionzip_hand_example():
     assert out.x[0, :, 0].tolist() == [0, 40, 60, 10 + 50, 30 + 20]
     assert out.size.tolist() == [[1, 1, 1, 2, 2]]
     assert out.origin.tolist() == [[-1, 3, 5, 0, 1]]
-    targets, group = contextual_groups(keys[0, 0, [1, 2, 3, 5]], 2)
-    assert targets.tolist() == [0, 2] and group.tolist() == [0, 1, 1, 0]
+    targets, group = contextual_groups(keys[:, 0, [1, 2, 3, 5]], 2)
+    assert targets.tolist() == [0, 2] and group.tolist() == [[0, 1, 1, 0]]
 
 
 def test_uniform_and_pool():

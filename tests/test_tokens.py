@@ -40,7 +40,9 @@ def test_drop_and_padding_for_uneven_counts():
     assert kept.patch_to_token.tolist() == [[1, -1, -1, 2], [-1, 1, 2, 3]]
     bias = kept.attention_bias(proportional=False)
     assert bias[0, 0, 0].tolist() == [0, 0, 0, float("-inf")]
-    assert tokens.min_count() == 5 and kept.min_count() == 3 == kept.fewest  # read with the width, no extra sync
+    assert tokens.min_count() == 5 and kept.known == [3, 4]  # read once, with the width
+    told = tokens.keep(torch.tensor([[True, True, False, False, True], [True, False, True, True, True]]), counts=[3, 4])
+    assert told.known == [3, 4] and torch.equal(told.x, kept.x)  # the caller knew: nothing read back
     assert kept.split()[0].shape == (3, 1)
 
 
@@ -62,3 +64,9 @@ def test_drop_cls():
     tokens = make([9, 1, 2, 3, 4]).drop_cls()
     assert not tokens.has_cls and tokens.x[0, :, 0].tolist() == [1, 2, 3, 4]
     assert tokens.patch_to_token.tolist() == [[0, 1, 2, 3]]
+    # fresh patches take a slice; it is what dropping by regroup gives
+    fresh = make([9, 1, 2, 3, 4])
+    by_regroup = fresh.keep(~fresh.is_cls)
+    for field in ("x", "size", "origin", "patch_to_token"):
+        assert torch.equal(getattr(tokens, field), getattr(by_regroup, field))
+    assert tokens.known == by_regroup.known == [4]

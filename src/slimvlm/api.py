@@ -53,6 +53,8 @@ def apply(
     model: nn.Module,
     method: str | Method | list[str | Method],
     keep_positions: bool = False,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
     **options: Any,
 ) -> Handle:
     """Install token-reduction method(s) on a transformers model, in place.
@@ -62,6 +64,11 @@ def apply(
     keep_positions: visual tokens keep the rotary positions of the patches they cover instead of
     being renumbered without gaps (virtual unmerging always keeps them: it rebuilds the full
     sequence's positions).
+    compile: on transformers' static cache (`generate(cache_implementation="static")`), whether the
+    decode step is torch.compile'd with the model's generation_config.compile_config; None (default)
+    does as generate() does: compile on a GPU unless generation_config.disable_compile is set.
+    cuda_graphs: replay the parts whose shapes are static from CUDA graphs (the vision tower's layers
+    before the first one a method acts at; on a static cache, the LLM prefill); None (default): on a GPU.
     """
     if getattr(model, _ATTRIBUTE, None) is not None:
         raise SlimVLMError("slimvlm is already applied to this model; call handle.remove() first")
@@ -73,6 +80,6 @@ def apply(
     built = [build(spec, **options) for spec in specs]
     check_compatible(built)
     adapter = adapter_for(model)
-    handle = Handle(model, Runtime(model, adapter, built, keep_positions))
+    handle = Handle(model, Runtime(model, adapter, built, keep_positions, compile, cuda_graphs))
     setattr(model, _ATTRIBUTE, handle)
     return handle

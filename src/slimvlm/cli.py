@@ -1,4 +1,4 @@
-"""The command line: slimvlm bench | bench-vision | bench-layer | eval | demo | calibrate | train | methods | make-tiny."""
+"""The command line: slimvlm bench | bench-generate | bench-vision | bench-layer | eval | demo | calibrate | train | methods | make-tiny."""
 
 from __future__ import annotations
 
@@ -47,6 +47,47 @@ def _bench(args: argparse.Namespace) -> None:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {args.json}")
+
+
+def _bench_generate(args: argparse.Namespace) -> None:
+    from .bench.generate import PATHS, bench_generate, format_table
+    from .bench.run import parse_methods, synthetic_inputs
+    from .models.loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, device, args.dtype)
+    batch_sizes = _int_list(args.batch_sizes)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SlimVLMError(f"--batch-sizes {args.batch_sizes!r}: give batch sizes >= 1, e.g. 1,16,64")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not paths or set(paths) - set(PATHS):
+        raise SlimVLMError(f"--paths {args.paths!r}: give a comma-separated subset of {', '.join(PATHS)}")
+    results = bench_generate(
+        model, parse_methods(args.methods), lambda b: synthetic_inputs(model, b, args.text_tokens), batch_sizes,
+        paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats,
+    )
+    print(format_table(results))
+    if args.json:
+        _write_json(args.json, {
+            "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
+            "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats, "versions": _versions(),
+            "timed": "model.generate, greedy, exactly new_tokens new tokens; TTFT = generate(max_new_tokens=1); "
+                     "medians; paths: eager = dynamic cache, static = cache_implementation='static' (compiled decode)",
+            "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
+        })
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
 
 
 def _device_name(device) -> str:
@@ -273,6 +314,19 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=8, help="decoded tokens for the per-token decode time (0: skip)")
     _timing_options(bench, warmup=2, repeats=5, json_help="write the results here")
     bench.set_defaults(run=_bench)
+
+    generate = sub.add_parser("bench-generate", help="whole generate() time, TTFT, decode ms/token, tokens/s, peak memory "
+                              "per method beside the untouched model, eager and static cache + compiled decode")
+    generate.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' (random weights)")
+    generate.add_argument("--methods", default="none,visionzip-64,divprune-64,tome:r=16,llava-mini:budget=1",
+                          help="comma-separated specs; '+' composes methods of different stages")
+    generate.add_argument("--batch-sizes", default="1,16,64")
+    generate.add_argument("--paths", default="eager,static", help="eager (dynamic cache) and/or static "
+                          "(cache_implementation='static', decode compiled on a GPU)")
+    generate.add_argument("--new-tokens", type=int, default=128)
+    generate.add_argument("--text-tokens", type=int, default=64)
+    _timing_options(generate, 1, 3, "write the results here")
+    generate.set_defaults(run=_bench_generate)
 
     vision = sub.add_parser("bench-vision", help="time the vision tower + projector alone per stage-1 method (tokens out, FLOPs)")
     vision.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' (random weights)")

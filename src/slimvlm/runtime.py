@@ -18,9 +18,11 @@ from torch import nn
 from .errors import SlimVLMError
 from .models.compat import cache_kwarg
 from .hooks import HookSet, capture_outputs
-from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, rebuild
+from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
+from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
+from .graphs import graphs_wanted
 from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
 
 
@@ -80,6 +82,10 @@ class Session:
     next_position: torch.Tensor
     layer_views: list[View]
     tokens: object = None  # the VisualTokens that entered the LLM
+    given_cache: object = None  # the cache the caller passed in, where slimvlm swapped in one of its own
+    static: StaticSteps | None = None  # decoding on slimvlm's static cache
+    padded: bool = True  # whether the reduced prompt has padding (then every step needs a mask)
+    decoded: int = 0  # tokens decoded so far
     copies: Copies | None = None  # virtual unmerging: the full sequence's keys as copies
     query_copies: Copies | None = None
     decoding: bool = False
@@ -103,8 +109,10 @@ class Session:
 class Runtime:
     """Installed on one model by slimvlm.apply; `remove()` restores the model exactly."""
 
-    def __init__(self, model: nn.Module, adapter, methods: list[Method], keep_positions: bool) -> None:
+    def __init__(self, model: nn.Module, adapter, methods: list[Method], keep_positions: bool,
+                 compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
         self.model = model
+        self.cuda_graphs = cuda_graphs
         self.adapter = adapter
         self.methods = methods
         self.keep_positions = keep_positions
@@ -114,6 +122,7 @@ class Runtime:
         self._by_stage = {stage: [m for m in methods if stage in m.stages] for stage in Stage}
         self._prefill_methods = self._by_stage[Stage.PREFILL]
         self._hooks = HookSet()
+        self._static = StaticDecoder(model, adapter, compile)
         for method in methods:
             method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
             method.check_identity(model)
@@ -138,13 +147,23 @@ class Runtime:
         self._cache_name = cache_kwarg(original)
         # without 'mm_encoder_outputs' in the signature, generate() hands us pixel_values
         params = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
+        ours = inspect.Signature(params, return_annotation=signature.return_annotation)
+        named = {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
-        @functools.wraps(original)
+        # torch.compile (generate() compiles the model's call for a static cache) must not trace the
+        # bookkeeping: it runs eagerly, and the decode step it calls is compiled on its own (decoding.py)
+        @torch.compiler.disable
         def forward(*args, **kwargs):
-            bound = inspect.Signature(params).bind(*args, **kwargs)
-            return self._forward(original, bound.arguments)
+            if args:
+                arguments = ours.bind(*args, **kwargs).arguments
+                extra = arguments.pop("kwargs", {})
+            else:  # generate() passes keywords only: no binding needed
+                arguments = {k: v for k, v in kwargs.items() if k in named}
+                extra = {k: v for k, v in kwargs.items() if k not in named}
+            return self._forward(original, arguments, dict(extra))
 
-        forward.__signature__ = inspect.Signature(params, return_annotation=signature.return_annotation)
+        functools.update_wrapper(forward, original)
+        forward.__signature__ = ours
         del forward.__wrapped__
         self.model.forward = forward
 
@@ -171,8 +190,7 @@ class Runtime:
         self.session = None
 
     # ---- forward -----------------------------------------------------------------------------
-    def _forward(self, original, arguments: dict):
-        kwargs = dict(arguments.pop("kwargs", {}))
+    def _forward(self, original, arguments: dict, kwargs: dict):
         for name in ("use_cache", "return_dict"):
             if name in kwargs:
                 arguments[name] = kwargs.pop(name)
@@ -184,7 +202,8 @@ class Runtime:
             raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
         if pixel_values is not None:
             return self._prefill(arguments, kwargs)
-        if self.session is not None and cache is not None and cache is self.session.cache:
+        session = self.session
+        if session is not None and cache is not None and (cache is session.cache or cache is session.given_cache):
             return self._decode(arguments, kwargs)
         self.session = None
         return original(**arguments, **kwargs)
@@ -212,10 +231,21 @@ class Runtime:
         self._check_unsupported(arguments)
         adapter = self.adapter
         input_ids = arguments["input_ids"]
+        mask = arguments.get("attention_mask")
+        if mask is not None and mask.dim() == 4:  # generate()'s mask for a static cache, in the untouched frame
+            arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1])
+        use_cache = arguments.get("use_cache")
+        if use_cache is None:
+            use_cache = adapter.text_config.use_cache
+        given = arguments.get(self._cache_name)
+        on_static = bool(use_cache) and is_static(given)
+        if on_static:
+            self._check_static()
+        graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
         stage1 = self._by_stage[Stage.ENCODE]
-        tokens, vision_trace = adapter.encode(arguments["pixel_values"], stage1[0] if stage1 else None)
+        tokens, vision_trace = adapter.encode(arguments["pixel_values"], stage1[0] if stage1 else None, graphs)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
-        projected = tokens.counts.tolist()
+        projected = tokens.host_counts()
         images_per_sample = ((input_ids == adapter.image_token_id).sum(dim=1) // adapter.tokens_per_image).tolist()
         starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
         context = PromptContext(
@@ -242,38 +272,60 @@ class Runtime:
             adapter.image_token_id,
             adapter.tokens_per_image,
             self.keep_positions,
+            width_step=CAPACITY_STEP if on_static else 1,  # on a static cache: a few widths, a graph or compile each
         )
         sequence = rebuilt.sequence
         self.labels = rebuilt.labels
-        use_cache = arguments.get("use_cache")
-        if use_cache is None:
-            use_cache = adapter.text_config.use_cache
-        cache = arguments.get(self._cache_name)
-        if use_cache and cache is None:
+        valid = sequence.valid
+        cache, static = (given, None) if use_cache else (None, None)
+        if on_static:
+            cache, static = self._static.start(given, valid, input_ids.shape[1], rebuilt.embeds)
+        elif use_cache and cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=adapter.text_config)
-        valid = sequence.valid
         base = View(sequence=sequence, key_valid=valid)
         self.session = Session(
-            cache=cache if use_cache else None,
+            cache=cache,
             prompt_length=input_ids.shape[1],
             next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
             layer_views=[base] * len(adapter.llm_layers),
             tokens=tokens,
+            given_cache=given,
+            static=static,
         )
         if self._unmerge:
             self.session.copies = self._with_rotary(unmerged_copies(sequence, tokens), rebuilt.embeds)
             self.session.query_copies = self.session.copies
-        output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
+        if static is not None and not kwargs:
+            hidden = self._static.prefill(rebuilt.embeds, sequence.positions, static,
+                                          adapter.mask_dtype(rebuilt.embeds.dtype), graphs)
+        else:
+            hidden = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs).last_hidden_state
         prefill_tokens = per_view(self.session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
+        self.session.padded = min(prefill_tokens[0]) < valid.shape[1]
         if use_cache:
             for method in self._decode_methods:
                 self._compress_cache(method)
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
-        return self._logits(output, arguments, rebuilt.labels, kwargs)
+        return self._logits(hidden, cache, arguments, rebuilt.labels)
+
+    def _check_static(self) -> None:
+        """Refuse, before any work, what transformers' static cache cannot hold."""
+        if self._unmerge:
+            raise SlimVLMError(
+                "virtual unmerging (vtu, and dymu by default) attends over every merged token's copies in each step, "
+                "which a static cache does not hold; generate without cache_implementation='static', or use dymu:vtu=false"
+            )
+        inside = [m.name for m in self._prefill_methods + self._decode_methods]
+        if inside:
+            raise SlimVLMError(
+                f"{', '.join(sorted(set(inside)))} drops tokens inside the LLM, so its layers hold caches of different "
+                "lengths, which transformers' static cache cannot; generate without cache_implementation='static' "
+                "(stage-1/2 methods such as tome, dymu:vtu=false, visionzip, divprune and llava-mini run on it)"
+            )
 
     def _decode(self, arguments: dict, kwargs: dict):
         session = self.session
@@ -281,22 +333,22 @@ class Runtime:
         if input_ids is None:
             raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
         steps = input_ids.shape[1]
-        mask = arguments.get("attention_mask")
-        decoded = session.layer_views[0].key_valid.shape[1] - session.layer_views[0].sequence.valid.shape[1]
-        if mask is not None:
-            expected = session.prompt_length + decoded + steps
-            if mask.shape[1] != expected:
-                raise SlimVLMError(
-                    f"attention_mask has {mask.shape[1]} columns, expected {expected} (prompt + generated tokens); "
-                    "pass the mask generate() maintains, or none"
-                )
-            new_valid = mask[:, -steps:].bool()
-        else:
-            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        new_valid = self._new_tokens_valid(arguments.get("attention_mask"), steps)
         session.decoding = True
+        session.decoded += steps
+        positions = session.next_position[:, None]
+        if steps > 1:
+            positions = positions + torch.arange(steps, device=input_ids.device)
+        session.next_position = session.next_position + steps
+        if session.static is not None:
+            mask = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
+            logits = self._static.step(input_ids, mask, positions, session.cache)
+            return self._output(logits, None, session.cache, arguments)
+        mask_needed = new_valid is not None or session.padded or self._unmerge or len(session.distinct_views()) > 1
+        if new_valid is None:
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool)
         embeds = self.adapter.embed(input_ids)
         base = session.layer_views[0]
-        positions = session.next_position[:, None] + torch.arange(steps, device=input_ids.device)
         if self._unmerge:
             first = base.key_valid.shape[1]
             session.copies = self._with_rotary(append_tokens(session.copies, first, steps, positions, new_valid), embeds)
@@ -307,14 +359,26 @@ class Runtime:
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
             if view is not base:
                 view.decode_mask = attention_mask_4d(view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
-        session.next_position = session.next_position + steps
-        output = self.adapter.run_llm(embeds, base.key_valid.long(), positions, session.cache, True, **kwargs)
-        return self._logits(output, arguments, None, kwargs)
+        mask = base.key_valid.long() if mask_needed else None
+        output = self.adapter.run_llm(embeds, mask, positions, session.cache, True, **kwargs)
+        return self._logits(output.last_hidden_state, session.cache, arguments, None)
 
-    def _logits(self, output, arguments: dict, labels, kwargs: dict):
-        from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+    def _new_tokens_valid(self, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+        """Which of a decode step's tokens are real, from the caller's 2D mask in the untouched prompt's
+        frame; None when all are (no mask, or the 4D mask generate() builds for a static cache, whose
+        frame slimvlm rebuilds from its own bookkeeping)."""
+        if mask is None or mask.dim() == 4:
+            return None
+        session = self.session
+        expected = session.prompt_length + session.decoded + steps
+        if mask.shape[1] != expected:
+            raise SlimVLMError(
+                f"attention_mask has {mask.shape[1]} columns, expected {expected} (prompt + generated tokens); "
+                "pass the mask generate() maintains, or none"
+            )
+        return mask[:, -steps:].bool()
 
-        hidden = output.last_hidden_state
+    def _logits(self, hidden: torch.Tensor, cache, arguments: dict, labels):
         keep = arguments.get("logits_to_keep") or 0
         if isinstance(keep, int):
             hidden = hidden[:, -keep:] if keep > 0 else hidden
@@ -324,8 +388,12 @@ class Runtime:
         loss = None
         if labels is not None:
             loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size)
-        cache = {self._cache_name: getattr(output, self._cache_name)}  # the output field was renamed with the keyword
-        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **cache)
+        return self._output(logits, loss, cache, arguments)
+
+    def _output(self, logits: torch.Tensor, loss, cache, arguments: dict):
+        from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **{self._cache_name: cache})
         return result if arguments.get("return_dict", True) is not False else result.to_tuple()
 
     # ---- stage 3: LLM layers during prefill ---------------------------------------------------
@@ -441,7 +509,7 @@ class Runtime:
         entries = per_view(views, lambda v: v.sequence.valid.sum(dim=1))
         visual = per_view(views, lambda v: v.sequence.visual_counts())
         self.stats = Stats(
-            visual_tokens=tokens.counts.tolist(),
+            visual_tokens=tokens.host_counts(),
             sources=tokens.patch_to_token.tolist(),
             kv_entries=[[layer[b] for layer in entries] for b in range(batch)],
             kv_visual_entries=[[layer[b] for layer in visual] for b in range(batch)],

@@ -16,12 +16,14 @@ from .tokens import VisualTokens
 IGNORE_INDEX = -100
 
 
-def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compaction(keep: torch.Tensor, width_step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """keep (B, L) bool -> (index (B, W), valid (B, W)): gathering with index packs each row's kept
-    positions to the right end of a row of width W = most kept in a row (left padding), in order."""
+    positions to the right end of a row of width W = most kept in a row (left padding), in order,
+    rounded up to a multiple of width_step (so that shapes repeat: CUDA graphs, compiled code)."""
     batch, _ = keep.shape
     kept = keep.sum(dim=1)
     width = int(kept.max().item()) if batch else 0
+    width = -(-width // width_step) * width_step
     pad = width - kept
     slot = pad[:, None] + keep.long().cumsum(dim=1) - 1
     rows, cols = keep.nonzero(as_tuple=True)
@@ -29,6 +31,29 @@ def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index[rows, slot[rows, cols]] = cols
     valid = torch.arange(width, device=keep.device)[None, :] >= pad[:, None]
     return index, valid
+
+
+def padding_of_causal_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The 2D padding mask (B, length) behind a 4D causal mask (B, 1, length, K >= length), bool
+    (True = attend) or additive (0 = attend), such as generate() builds for a static cache: the last
+    query sees every real key before it. Any other 4D mask is refused: slimvlm rebuilds the mask of
+    the reduced sequence from padding alone, and would drop what else the mask says."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != length or mask.shape[3] < length:
+        raise SlimVLMError(
+            f"a 4D attention_mask of shape {tuple(mask.shape)} is not the causal mask of a {length}-token prompt; "
+            "pass the 2D padding mask (batch, sequence) the processor returns"
+        )
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    padding = allowed[:, -1, :length]
+    at = torch.arange(length, device=mask.device)
+    expected = padding[:, None, :] & (at[None, :] <= at[:, None])[None]
+    real_rows = padding[:, :, None]
+    if not bool(((allowed[:, :, :length] == expected) | ~real_rows).all()) or bool(allowed[:, :, length:].any()):
+        raise SlimVLMError(
+            "the 4D attention_mask is not a causal mask over padding (slimvlm rebuilds the mask of the reduced "
+            "sequence and cannot keep a custom pattern); pass the 2D padding mask the processor returns"
+        )
+    return padding.long()
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -107,11 +132,13 @@ def rebuild(
     image_token_id: int,
     tokens_per_image: int,
     keep_positions: bool,
+    width_step: int = 1,
 ) -> Rebuilt:
     """Replace each image's placeholder span with its (possibly fewer) visual tokens.
 
     keep_positions: each visual token keeps the position of the first patch it covers, text keeps
     its own; otherwise positions are renumbered without gaps from the first token's position.
+    width_step: the rebuilt rows' width is a multiple of it (more left padding).
     """
     batch, length = input_ids.shape
     device = input_ids.device
@@ -136,7 +163,7 @@ def rebuild(
         first = keep.long().argmax(dim=1, keepdim=True)
         positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1
 
-    index, valid = compaction(keep)
+    index, valid = compaction(keep, width_step)
     full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image, token=torch.where(use_visual, slot, -1))
     sequence = full.gather(index, valid)
     new_labels = None
@@ -145,12 +172,16 @@ def rebuild(
     return Rebuilt(embeds=gather_rows(embeds, index), sequence=sequence, labels=new_labels)
 
 
-def attention_mask_4d(key_valid: torch.Tensor, query_length: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """(B, 1, Q, K) mask for the last Q of K keys: causal, padding masked, each query sees itself
-    (so padding rows never attend to nothing). dtype None gives a bool mask (True = attend, for
-    SDPA); a float dtype gives an additive mask (for eager attention)."""
+def attention_mask_4d(
+    key_valid: torch.Tensor, query_length: int, dtype: torch.dtype | None, first_query: int | None = None
+) -> torch.Tensor:
+    """(B, 1, Q, K) mask for Q queries at key slots first_query.. (default: the last Q of K keys):
+    causal, padding masked, each query sees itself (so padding rows never attend to nothing). dtype
+    None gives a bool mask (True = attend, for SDPA); a float dtype gives an additive mask (for eager
+    attention)."""
     keys = key_valid.shape[1]
-    query_at = torch.arange(keys - query_length, keys, device=key_valid.device)[:, None]
+    first = keys - query_length if first_query is None else first_query
+    query_at = torch.arange(first, first + query_length, device=key_valid.device)[:, None]
     key_at = torch.arange(keys, device=key_valid.device)[None, :]
     allowed = (key_at <= query_at)[None] & key_valid[:, None, :]
     allowed |= (key_at == query_at)[None]

@@ -111,6 +111,9 @@ class Method:
     proportional_attention: ClassVar[bool] = False
     # stage 1: the class token goes on to the LLM even where the model's feature selection drops it
     feeds_cls: ClassVar[bool] = False
+    # stage 1: encode_layer acts after every encoder layer; False for methods that read only the feature
+    # layer (encode_output), so that the layers before it run untouched (and can replay as a CUDA graph)
+    acts_in_encoder_layers: ClassVar[bool] = True
     # stage 1: the encoder's sequence lengths follow each image (threshold merging), so they are new
     # on most calls; the encoder then runs attention off cuDNN (see LlavaAdapter.encode)
     varying_lengths: bool = False

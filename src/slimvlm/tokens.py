@@ -27,7 +27,9 @@ class VisualTokens:
     grid: (rows, cols) of the patch grid. has_cls: whether token 0 is the class token.
     uniform: known without reading the device that every size is 1 and nothing is padded (fresh
     patches; a regroup clears it), so attention needs no bias and no host sync to find that out.
-    fewest: the smallest per-image count, when already read from the device (see min_count).
+    known: per image, its token count where the host knows it without reading the device (fresh
+    patches; a regroup whose caller knew the counts, or that read them): see host_counts. Reading
+    counts back stalls the host on the GPU and stops a CUDA graph from covering the work.
     """
 
     x: torch.Tensor
@@ -37,7 +39,7 @@ class VisualTokens:
     grid: tuple[int, int]
     has_cls: bool
     uniform: bool = False
-    fewest: int | None = None
+    known: list[int] | None = None
 
     @classmethod
     def from_patches(cls, x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> "VisualTokens":
@@ -57,7 +59,7 @@ class VisualTokens:
             grid=grid,
             has_cls=has_cls,
             uniform=True,
-            fewest=n,
+            known=[n] * batch,
         )
 
     @property
@@ -78,9 +80,15 @@ class VisualTokens:
         """(B,) number of real tokens per image (the class token included if present)."""
         return self.valid.sum(dim=1)
 
+    def host_counts(self) -> list[int]:
+        """Per image, its number of real tokens, read from the device only when not already known."""
+        if self.known is None:
+            self.known = self.counts.tolist()
+        return self.known
+
     def min_count(self) -> int:
-        """The smallest per-image count, read from the device only if no regroup has read it already."""
-        return self.fewest if self.fewest is not None else int(self.counts.min())
+        """The smallest per-image count (see host_counts)."""
+        return min(self.host_counts(), default=0)
 
     @property
     def is_cls(self) -> torch.Tensor:
@@ -103,11 +111,13 @@ class VisualTokens:
         bias = self.size.log() if proportional else torch.zeros_like(self.size).masked_fill(~self.valid, float("-inf"))
         return bias.to(self.x.dtype)[:, None, None, :]
 
-    def regroup(self, assign: torch.Tensor, num_groups: int, order: torch.Tensor | None = None) -> "VisualTokens":
+    def regroup(self, assign: torch.Tensor, num_groups: int, order: torch.Tensor | None = None,
+                counts: list[int] | None = None) -> "VisualTokens":
         """Tokens -> groups: assign (B, N) gives each token a group in [0, num_groups) or -1 to
         drop it. Each group becomes the size-weighted mean of its members, its size their sum and
         its origin their first patch. Output is in spatial order (or by `order`, a (B, num_groups)
-        sort key, for methods whose paper fixes another order), padded at the end."""
+        sort key, for methods whose paper fixes another order), padded at the end. counts: the
+        number of non-empty groups per image, where the caller knows it (else it is read back)."""
         batch, n, dim = self.x.shape
         if assign.shape != (batch, n):
             raise ValueError(f"assign has shape {tuple(assign.shape)}, expected {(batch, n)}")
@@ -126,9 +136,9 @@ class VisualTokens:
         full_order = key.argsort(dim=1, stable=True)
         rank_of_group = torch.empty_like(full_order)
         rank_of_group.scatter_(1, full_order, torch.arange(num_groups, device=origin.device).expand(batch, -1))
-        counts = (size > 0).sum(dim=1)
-        width, fewest = torch.stack([counts.max(), counts.min()]).tolist() if batch else (0, 0)  # one host sync for both
-        order = full_order[:, :width]
+        if counts is None:
+            counts = (size > 0).sum(dim=1).tolist()  # one host sync
+        order = full_order[:, : max(counts, default=0)]
 
         token_group = torch.where(kept, group, torch.full_like(group, -1))
         patch_group = torch.where(
@@ -146,28 +156,32 @@ class VisualTokens:
             patch_to_token=patch_to_token,
             grid=self.grid,
             has_cls=self.has_cls,
-            fewest=fewest,
+            known=list(counts),
         )
 
-    def keep(self, mask: torch.Tensor) -> "VisualTokens":
-        """Keep the tokens where mask (B, N) is True, drop the rest."""
+    def keep(self, mask: torch.Tensor, counts: list[int] | None = None) -> "VisualTokens":
+        """Keep the tokens where mask (B, N) is True, drop the rest (counts: kept per image, if known)."""
         n = self.x.shape[1]
         identity = torch.arange(n, device=mask.device).expand_as(mask)
-        return self.regroup(torch.where(mask, identity, torch.full_like(identity, -1)), n)
+        return self.regroup(torch.where(mask, identity, torch.full_like(identity, -1)), n, counts=counts)
 
     def keep_indices(self, index: torch.Tensor) -> "VisualTokens":
-        """Keep the tokens at index (B, K); output stays in spatial order."""
+        """Keep the tokens at index (B, K), distinct real tokens of each image; output stays in spatial order."""
         mask = torch.zeros_like(self.valid)
         mask.scatter_(1, index, True)
-        return self.keep(mask)
+        return self.keep(mask, counts=[index.shape[1]] * index.shape[0])
 
     def drop_cls(self) -> "VisualTokens":
         """The patch tokens alone (LLaVA's 'default' feature selection)."""
         if not self.has_cls:
             return self
+        if self.uniform:  # fresh patches: the class token is token 0, the rest in order (what keep() gives)
+            n = self.x.shape[1]
+            return replace(self, x=self.x[:, 1:], size=self.size[:, 1:], origin=self.origin[:, 1:],
+                           patch_to_token=self.patch_to_token - 1, has_cls=False, known=[n - 1] * self.batch_size)
         dropped = self.keep(~self.is_cls)
         return replace(dropped, has_cls=False)
 
     def split(self) -> list[torch.Tensor]:
         """Per image, its real tokens' features (N_i, D), in spatial order."""
-        return [self.x[i, : int(c)] for i, c in enumerate(self.counts.tolist())]
+        return [self.x[i, :c] for i, c in enumerate(self.host_counts())]

@@ -53,10 +53,10 @@ class RandomKeep(BudgetMethod):
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         keep = torch.zeros_like(tokens.valid)
-        for image, count in enumerate(tokens.counts.tolist()):
-            chosen = torch.randperm(count, generator=generator)[: self.target(count)]
-            keep[image, chosen.to(keep.device)] = True
-        return tokens.keep(keep)
+        counts = [self.target(count) for count in tokens.host_counts()]
+        for image, (count, kept) in enumerate(zip(tokens.host_counts(), counts)):
+            keep[image, torch.randperm(count, generator=generator)[:kept].to(keep.device)] = True
+        return tokens.keep(keep, counts=counts)
 
 
 def uniform_indices(count: int, keep: int) -> torch.Tensor:
@@ -72,8 +72,10 @@ class UniformKeep(BudgetMethod):
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
         rows, cols = tokens.grid
         keep = torch.zeros_like(tokens.valid)
-        for image, count in enumerate(tokens.counts.tolist()):
+        kept = []
+        for image, count in enumerate(tokens.host_counts()):
             target = self.target(count)
+            kept.append(target)
             side = math.isqrt(target)
             if count == rows * cols and side * side == target:
                 r = uniform_indices(rows, side)
@@ -82,7 +84,7 @@ class UniformKeep(BudgetMethod):
             else:
                 chosen = uniform_indices(count, target)
             keep[image, chosen.to(keep.device)] = True
-        return tokens.keep(keep)
+        return tokens.keep(keep, counts=kept)
 
 
 @register
@@ -99,7 +101,7 @@ class Pool(BudgetMethod):
 
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
         rows, cols = tokens.grid
-        if tokens.has_cls or bool((tokens.counts != rows * cols).any()):
+        if tokens.has_cls or any(count != rows * cols for count in tokens.host_counts()):
             raise SlimVLMError("pool needs the full token grid; do not combine it with a stage-1 method that merges tokens")
         side = math.isqrt(self.target(rows * cols))
         if side * side != self.target(rows * cols):
@@ -109,4 +111,4 @@ class Pool(BudgetMethod):
         cell = (r[:, None] * side + c[None, :]).flatten()
         # adaptive average pooling with bins of (nearly) equal size: each patch joins its cell
         assign = cell.expand(tokens.batch_size, -1).clone()
-        return tokens.regroup(assign, side * side)
+        return tokens.regroup(assign, side * side, counts=[side * side] * tokens.batch_size)

@@ -419,9 +419,8 @@ class LlavaMini(Method):
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
         if self.modules is None:
             raise SlimVLMError("the LLaVA-Mini modules are not built; install the method with slimvlm.apply")
-        counts = tokens.counts
-        if int(counts.min()) < self.budget:
-            raise SlimVLMError(f"budget={self.budget} is more than the {int(counts.min())} tokens an image has here")
+        if tokens.min_count() < self.budget:
+            raise SlimVLMError(f"budget={self.budget} is more than the {tokens.min_count()} tokens an image has here")
         self._full = tokens
         compressed = self.modules.compress(tokens).to(tokens.x.dtype)
         images, budget = compressed.shape[0], self.budget
@@ -434,6 +433,7 @@ class LlavaMini(Method):
             patch_to_token=torch.full((images, patches), -1, device=device, dtype=torch.long),
             grid=tokens.grid,
             has_cls=False,
+            known=[budget] * images,
         )
 
     def fuse(self, text_embeds: torch.Tensor, tokens: VisualTokens, context: PromptContext) -> torch.Tensor:

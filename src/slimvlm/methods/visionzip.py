@@ -15,19 +15,21 @@ import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
+from ..sequence import gather_rows
 from ..stages import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 
 
 def contextual_groups(metric: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """metric (R, C) of the R remaining tokens in spatial order -> (target positions (T,), group of
-    each remaining token (R,) in [0, T)), targets at a uniform stride, others to the most similar."""
-    remaining = metric.shape[0]
+    """metric (B, R, C) of each image's R remaining tokens in spatial order -> (target positions (T,),
+    group of each remaining token (B, R) in [0, T)): targets at a uniform stride, others to the most
+    similar target."""
+    remaining = metric.shape[1]
     step = max(1, remaining // count)
     targets = torch.arange(0, remaining, step, device=metric.device)[:count]
     normed = metric / metric.norm(dim=-1, keepdim=True)
-    group = (normed @ normed[targets].T).argmax(dim=-1)
-    group[targets] = torch.arange(len(targets), device=metric.device)
+    group = (normed @ normed[:, targets].transpose(1, 2)).argmax(dim=-1)
+    group[:, targets] = torch.arange(len(targets), device=metric.device)
     return targets, group
 
 
@@ -37,6 +39,7 @@ class VisionZip(Method):
     description = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity (Yang et al. CVPR'25)"
     stages = frozenset({Stage.ENCODE})
     feeds_cls = True
+    acts_in_encoder_layers = False
 
     def __init__(self, dominant: int = 54, contextual: int = 10) -> None:
         if dominant < 1:
@@ -54,37 +57,33 @@ class VisionZip(Method):
             )
 
     def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
-        if not tokens.has_cls or bool((tokens.counts != tokens.x.shape[1]).any()):
+        n = tokens.x.shape[1]
+        if not tokens.has_cls or any(count != n for count in tokens.host_counts()):
             raise SlimVLMError("visionzip needs the encoder's full token set with its class token")
-        batch, n, _ = tokens.x.shape
+        batch, _, dim = tokens.x.shape
         device = tokens.x.device
         cls_attention = attention.rows(torch.zeros(batch, 1, dtype=torch.long, device=device)).sum(dim=1)[:, 0]
         cls_attention[:, 0] = float("inf")  # the class token is always dominant
         dominant = torch.zeros(batch, n, dtype=torch.bool, device=device)
         dominant.scatter_(1, cls_attention.topk(self.dominant, dim=1).indices, True)
-        metric = attention.keys.mean(dim=1)
-
+        # every image has the same counts, so each part is one (B, count) gather, in spatial order
+        by_kind = dominant.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+        kept, rest = by_kind[:, : self.dominant], by_kind[:, self.dominant :]
         assign = torch.arange(n, device=device).expand(batch, n).clone()
-        order = tokens.origin.clone()
-        order = torch.cat([order, torch.empty(batch, self.contextual, dtype=torch.long, device=device)], dim=1)
-        features = []
-        for image in range(batch):
-            kept = tokens.x[image, dominant[image]]
-            rest = (~dominant[image]).nonzero().squeeze(1)
-            contextual = kept[:0]
-            if self.contextual and len(rest):
-                targets, group = contextual_groups(metric[image, rest], self.contextual)
-                assign[image, rest] = n + group
-                order[image, n : n + len(targets)] = tokens.num_patches + torch.arange(len(targets), device=device)
-                members = tokens.x[image, rest]
-                is_target = torch.zeros(len(rest), dtype=torch.bool, device=device)
-                is_target[targets] = True
-                joined = torch.zeros(len(targets), members.shape[1], dtype=members.dtype, device=device)
-                joined.index_add_(0, group[~is_target], members[~is_target])
-                joined_count = torch.bincount(group[~is_target], minlength=len(targets)).clamp_min(1)
-                contextual = members[targets] + joined / joined_count[:, None].to(members.dtype)
-            else:
-                assign[image, rest] = -1
-            features.append(torch.cat([kept, contextual]))
-        regrouped = tokens.regroup(assign, n + self.contextual, order=order)
-        return regrouped.with_features(torch.nn.utils.rnn.pad_sequence(features, batch_first=True))
+        features = gather_rows(tokens.x, kept)
+        contextual = min(self.contextual, rest.shape[1])
+        order = torch.cat([tokens.origin, tokens.num_patches + torch.arange(contextual, device=device).expand(batch, -1)], 1)
+        if contextual:
+            targets, group = contextual_groups(gather_rows(attention.keys.mean(dim=1), rest), contextual)
+            assign.scatter_(1, rest, n + group)
+            members = gather_rows(tokens.x, rest)
+            joins = torch.ones(rest.shape[1], dtype=members.dtype, device=device)
+            joins[targets] = 0  # a target is the contextual token's base, not one of the tokens joining it
+            joined = members.new_zeros(batch, contextual, dim).scatter_add_(
+                1, group[..., None].expand(-1, -1, dim), members * joins[None, :, None])
+            count = joins.expand(batch, -1).new_zeros(batch, contextual).scatter_add_(1, group, joins.expand(batch, -1))
+            features = torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
+        else:
+            assign.scatter_(1, rest, -1)
+        regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[self.dominant + contextual] * batch)
+        return regrouped.with_features(features)

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention import apply_rope, attention_rows
 from ..errors import SlimVLMError
+from ..graphs import GraphCache
 from ..hooks import capture_outputs
 from .compat import cache_kwarg
 from ..sequence import gather_rows
@@ -82,6 +83,8 @@ class LlavaAdapter:
         self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
         self.image_token_id = config.image_token_id
         self.llm_layers = list(self.language_model.layers)
+        self._prefix_graphs: dict[int, GraphCache] = {}  # by the number of untouched encoder layers
+        self.cache_kwarg = cache_kwarg(self.language_model.forward)
         first = self.llm_layers[0].self_attn
         for name in ("q_proj", "k_proj", "scaling", "head_dim"):
             if not hasattr(first, name):
@@ -91,43 +94,53 @@ class LlavaAdapter:
                 )
 
     # ---- stage 1: the vision encoder -------------------------------------------------------
-    def encode(self, pixel_values: torch.Tensor, method: Method | None) -> tuple[VisualTokens, list[torch.Tensor]]:
+    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
         """Run the vision tower up to its feature layer, giving a stage-1 method each layer.
 
         Returns the feature layer's tokens (CLS included) and, per layer run, the tokens each
-        image had at its input (for the FLOPs count)."""
+        image had at its input (for the FLOPs count). graphs: replay the layers that run untouched
+        (before the first one the method acts at) from a CUDA graph."""
         with attention_off_cudnn(method is not None and method.varying_lengths):
-            return self._encode(pixel_values, method)
+            return self._encode(pixel_values, method, graphs)
 
-    def _encode(self, pixel_values: torch.Tensor, method: Method | None) -> tuple[VisualTokens, list[torch.Tensor]]:
-        vision = self.vision
-        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    def _encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool) -> tuple[VisualTokens, list[torch.Tensor]]:
+        layers = self.vision.encoder.layers[: self.vision_layers_run]
+        untouched = len(layers) if method is None else (0 if method.acts_in_encoder_layers else len(layers) - 1)
+        if graphs:
+            if untouched not in self._prefix_graphs:
+                self._prefix_graphs[untouched] = GraphCache(lambda pixels: self._untouched_layers(pixels, untouched))
+            hidden = self._prefix_graphs[untouched](pixel_values)
+        else:
+            hidden = self._untouched_layers(pixel_values, untouched)
         tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=True)
+        trace = [tokens.counts] * untouched
         proportional = method is not None and method.proportional_attention
-        trace = []
         attention = None
-        layers = vision.encoder.layers[: self.vision_layers_run]
-        for index, layer in enumerate(layers):
+        for index in range(untouched, len(layers)):
+            layer = layers[index]
             trace.append(tokens.counts)
             bias = tokens.attention_bias(proportional)
             residual = tokens.x
-            normed = layer.layer_norm1(residual)
-            if method is None:
-                attended = layer.self_attn(hidden_states=normed, attention_mask=bias)[0]
-            else:
-                attn = layer.self_attn
-                with capture_outputs(attn.q_proj, attn.k_proj) as captured:
-                    attended = attn(hidden_states=normed, attention_mask=bias)[0]
-                attention = self._encoder_attention(index, len(layers), attn, *captured, bias)
-            tokens = tokens.with_features(residual + attended)
-            if method is not None:
-                tokens = method.encode_layer(attention, tokens)
+            attn = layer.self_attn
+            with capture_outputs(attn.q_proj, attn.k_proj) as captured:
+                attended = attn(hidden_states=layer.layer_norm1(residual), attention_mask=bias)[0]
+            attention = self._encoder_attention(index, len(layers), attn, *captured, bias)
+            tokens = method.encode_layer(attention, tokens.with_features(residual + attended))
             hidden = tokens.x
             tokens = tokens.with_features(hidden + layer.mlp(layer.layer_norm2(hidden)))
         if method is not None:
             attention.next_rows = self._next_layer_rows(tokens, proportional)
             tokens = method.encode_output(attention, tokens)
         return tokens, trace
+
+    def _untouched_layers(self, pixel_values: torch.Tensor, count: int) -> torch.Tensor:
+        """The patch embedding and the first `count` encoder layers, as the model runs them."""
+        vision = self.vision
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+        for layer in vision.encoder.layers[:count]:
+            hidden = hidden + layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None)[0]
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        return hidden
 
     def _next_layer_rows(self, tokens: VisualTokens, proportional: bool):
         """Attention rows of the encoder layer after the feature layer, on the feature tokens."""
@@ -171,13 +184,17 @@ class LlavaAdapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
+    def decode_modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(token embedding, LM body, lm_head): what one decode step runs (decoding.decode_step)."""
+        return self.model.get_input_embeddings(), self.language_model, self.lm_head
+
     def run_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         return self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            **{cache_kwarg(self.language_model.forward): cache},
+            **{self.cache_kwarg: cache},
             **kwargs,
         )
 
@@ -216,8 +233,9 @@ class LlavaAdapter:
         if implementation == "eager":
             return hidden_dtype
         raise SlimVLMError(
-            f"stage-3/4 methods need attn_implementation 'sdpa' or 'eager', the model uses {implementation!r}; "
-            "load it with attn_implementation='sdpa'"
+            f"slimvlm builds this LM's attention masks itself (for stage-3/4 methods and on a static cache), which "
+            f"needs attn_implementation 'sdpa' or 'eager'; the model uses {implementation!r}: load it with "
+            "attn_implementation='sdpa'"
         )
 
     @staticmethod

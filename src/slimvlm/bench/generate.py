@@ -1,0 +1,121 @@
+"""End-to-end generate() timing, as users see it: time to first token, whole-call time, decode time
+per token, tokens per second and peak memory, per method, on transformers' two paths (the eager
+dynamic cache, and the static cache with its compiled decode step), each beside the untouched model
+(slimvlm not applied) on the same path, batch and prompt."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..api import apply
+from ..errors import SlimVLMError
+from ..registry import check_runs
+from .table import text_table
+from .timing import median_ms, peak_memory_bytes
+
+UNTOUCHED = "untouched"
+PATHS = {"eager": {}, "static": {"cache_implementation": "static"}}
+
+
+@dataclass
+class GenerateResult:
+    method: str
+    path: str
+    batch_size: int
+    new_tokens: int
+    visual_tokens_mean: float
+    ttft_ms: float  # generate(max_new_tokens=1): prefill and the first token
+    total_ms: float  # generate(max_new_tokens=new_tokens)
+    decode_ms_per_token: float  # (total - ttft) / (new_tokens - 1)
+    tokens_per_s: float  # batch_size * new_tokens / total
+    peak_memory_bytes: int | None
+    ttft_ratio: float = 1.0  # against the untouched model on the same path and batch
+    total_ratio: float = 1.0
+    tokens_per_s_ratio: float = 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_generate(model, inputs: dict, new_tokens: int, path: str, warmup: int, repeats: int) -> dict:
+    """Median TTFT and whole-call milliseconds of model.generate on `path`, greedy, exactly
+    `new_tokens` new tokens (EOS cannot end it early), and the whole call's peak memory."""
+    extra = PATHS[path]
+
+    def generate(count: int):
+        return model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, **extra)
+
+    # the long call first: a static cache keeps the longest length asked for, so both calls then share it
+    total = median_ms(lambda: generate(new_tokens), model.device, warmup, repeats)
+    ttft = median_ms(lambda: generate(1), model.device, warmup, repeats)
+    peak = peak_memory_bytes(lambda: generate(new_tokens), model.device)
+    return {"ttft_ms": ttft, "total_ms": total, "peak_memory_bytes": peak}
+
+
+def bench_generate(
+    model,
+    methods: list[list[str]],
+    inputs_for,
+    batch_sizes: list[int],
+    paths: list[str],
+    new_tokens: int,
+    warmup: int = 1,
+    repeats: int = 3,
+    progress: bool = True,
+) -> list[GenerateResult]:
+    """Per batch size and path: the untouched model, then each method run (specs composed).
+    inputs_for(batch_size) gives the batch; the ratios compare with the untouched row of the same
+    batch size and path."""
+    from tqdm.auto import tqdm
+
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise SlimVLMError(f"unknown path {', '.join(unknown)}; use {' or '.join(PATHS)}")
+    if new_tokens < 2:
+        raise SlimVLMError(f"new_tokens={new_tokens}: decode time per token needs at least 2 new tokens")
+    check_runs(model, methods)
+    runs = [None] + methods  # None: the untouched model
+    results = []
+    todo = [(b, p, r) for b in batch_sizes for p in paths for r in runs]
+    for batch_size, path, specs in tqdm(todo, desc="bench-generate", disable=not progress):
+        inputs = inputs_for(batch_size)
+        with torch.inference_mode():
+            if specs is None:
+                timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
+                tokens = float(inputs["input_ids"].eq(model.config.image_token_id).sum(dim=1).float().mean())
+                name = UNTOUCHED
+            else:
+                with apply(model, specs) as handle:
+                    timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
+                    tokens = statistics.mean(handle.stats.visual_tokens)
+                name = "+".join(specs)
+        results.append(GenerateResult(
+            method=name, path=path, batch_size=batch_size, new_tokens=new_tokens, visual_tokens_mean=tokens,
+            decode_ms_per_token=(timed["total_ms"] - timed["ttft_ms"]) / (new_tokens - 1),
+            tokens_per_s=batch_size * new_tokens / timed["total_ms"] * 1000, **timed,
+        ))
+    _add_ratios(results)
+    return results
+
+
+def _add_ratios(results: list[GenerateResult]) -> None:
+    reference = {(r.batch_size, r.path): r for r in results if r.method == UNTOUCHED}
+    for r in results:
+        base = reference[r.batch_size, r.path]
+        r.ttft_ratio = r.ttft_ms / base.ttft_ms
+        r.total_ratio = r.total_ms / base.total_ms
+        r.tokens_per_s_ratio = r.tokens_per_s / base.tokens_per_s
+
+
+def format_table(results: list[GenerateResult]) -> str:
+    header = ["batch", "path", "method", "vis tok", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB"]
+    rows = [[
+        str(r.batch_size), r.path, r.method, f"{r.visual_tokens_mean:.0f}",
+        f"{r.ttft_ms:.1f}", f"{r.ttft_ratio:.2f}", f"{r.total_ms:.0f}", f"{r.total_ratio:.2f}",
+        f"{r.decode_ms_per_token:.2f}", f"{r.tokens_per_s:.0f}", f"{r.tokens_per_s_ratio:.2f}",
+        "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
+    ] for r in results]
+    return text_table(header, rows)

@@ -1,0 +1,62 @@
+"""CUDA graphs for the parts of a forward whose shapes are static.
+
+At batch 1 a 7B VLM's prefill is bound by kernel launches, not by arithmetic: the GPU is busy for
+a third of it (results/generate/), so a method that halves the tokens saves nothing until the launches
+go. A CUDA graph replays a captured sequence of kernels with one launch and the same kernels as eager
+(identical results). slimvlm replays the vision tower's untouched layers and, on a static cache, the
+LLM prefill over the reduced sequence (its width rounded up so that few graphs cover all prompts).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def graphs_wanted(setting: bool | None, device: torch.device) -> bool:
+    """None (the default) means on wherever CUDA graphs exist: on a GPU."""
+    return device.type == "cuda" if setting is None else setting and device.type == "cuda"
+
+
+class GraphCache:
+    """Replays fn(*tensors) from CUDA graphs, one per distinct input shape (and `key`).
+
+    fn must not read values back to the host nor let shapes depend on values. Its output lives in the
+    graph's buffers, which the next replay overwrites: use it before calling again. `after_warmup`
+    undoes the side effects of the eager warm-up run that capture needs (e.g. a cache it wrote)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self._graphs: dict = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, *inputs: torch.Tensor, key: tuple = (), after_warmup: Callable[[], None] | None = None):
+        signature = tuple((t.shape, t.dtype, t.device) for t in inputs) + key
+        entry = self._graphs.get(signature)
+        if entry is None:
+            entry = self._graphs[signature] = self._capture(inputs, after_warmup)
+        graph, static_inputs, output = entry
+        for static, given in zip(static_inputs, inputs):
+            static.copy_(given)
+        graph.replay()
+        return output
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...], after_warmup):
+        static_inputs = [t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, allocations) happens here
+            self.fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if after_warmup is not None:
+            after_warmup()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self.fn(*static_inputs)
+        return graph, static_inputs, output

@@ -1,0 +1,117 @@
+"""generate(cache_implementation="static"): slimvlm's own static cache sized for the reduced prompt,
+the same text as the dynamic cache, a decode step that compiles as one graph, and clear refusals."""
+
+import pytest
+import torch
+from transformers import CompileConfig, StaticCache
+
+import slimvlm
+from conftest import batch
+from slimvlm.decoding import CAPACITY_STEP
+from slimvlm.models.compat import cache_kwarg
+from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
+
+STAGE_1_2 = ["none", "tome:r=8", "divprune:budget=40", "visionzip:dominant=20,contextual=5", "uniform:budget=49",
+             "pool:budget=36", "llava-mini:budget=2"]
+
+
+def generate(model, inputs, static: bool, new_tokens: int = 5, **extra):
+    if static:
+        extra["cache_implementation"] = "static"
+    return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, **extra)
+
+
+def assert_same_generation(first, second) -> None:
+    assert torch.equal(first.sequences, second.sequences)
+    for a, b in zip(first.scores, second.scores):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", STAGE_1_2)
+def test_static_cache_generates_what_the_dynamic_cache_does(fresh, spec):
+    model, processor = fresh
+    inputs = batch(processor, 3, seed=1)  # left-padded prompts of different lengths
+    with torch.no_grad(), slimvlm.apply(model, spec):
+        assert_same_generation(generate(model, inputs, static=True), generate(model, inputs, static=False))
+
+
+def test_none_on_a_static_cache_is_the_untouched_model(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    with torch.no_grad():
+        untouched = generate(model, inputs, static=True)
+        with slimvlm.apply(model, "none"):
+            assert_same_generation(generate(model, inputs, static=True), untouched)
+
+
+def test_the_static_cache_holds_the_reduced_prompt_and_the_new_tokens(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    name = cache_kwarg(model.forward)
+    with torch.no_grad():
+        untouched = getattr(generate(model, inputs, static=True, new_tokens=6), name)
+        with slimvlm.apply(model, "divprune:budget=40") as handle:
+            first = getattr(generate(model, inputs, static=True, new_tokens=6), name)
+            second = getattr(generate(model, inputs, static=True, new_tokens=6), name)
+    width = max(handle.stats.kv_entries[b][0] for b in range(2))  # the reduced prompt's longest row
+    padded = -(-width // CAPACITY_STEP) * CAPACITY_STEP
+    room = untouched.layers[0].max_cache_len - inputs["input_ids"].shape[1]  # what generate() left for new tokens
+    assert first.layers[0].max_cache_len == -(-(padded + room) // CAPACITY_STEP) * CAPACITY_STEP
+    assert first.layers[0].max_cache_len < untouched.layers[0].max_cache_len
+    assert second is first  # reused: a compiled step keeps its shapes
+
+
+def test_the_decode_step_compiles_as_one_graph(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    saved = model.generation_config.compile_config
+    model.generation_config.compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    try:
+        with torch.no_grad():
+            with slimvlm.apply(model, "divprune:budget=40"):
+                eager = generate(model, inputs, static=True)
+            with slimvlm.apply(model, "divprune:budget=40", compile=True):  # fullgraph: a graph break raises
+                assert_same_generation(generate(model, inputs, static=True), eager)
+    finally:
+        model.generation_config.compile_config = saved
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("fastv", "drops tokens inside the LLM"),
+    ("mustdrop-64", "drops tokens inside the LLM"),
+    (["tome:r=8", "vtu"], "virtual unmerging"),
+])
+def test_methods_a_static_cache_cannot_hold_are_refused(fresh, spec, says):
+    model, processor = fresh
+    with torch.no_grad(), slimvlm.apply(model, spec), pytest.raises(slimvlm.SlimVLMError, match=says):
+        generate(model, batch(processor, 1), static=True)
+
+
+def test_a_static_cache_without_room_is_refused(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=40"):
+        short = StaticCache(config=model.config.text_config, max_cache_len=length)
+        with pytest.raises(slimvlm.SlimVLMError, match="no more than the prompt"):
+            model(**inputs, **{cache_kwarg(model.forward): short})
+        cache = StaticCache(config=model.config.text_config, max_cache_len=length + 1)
+        output = model(**inputs, **{cache_kwarg(model.forward): cache})
+        next_token = output.logits[:, -1:].argmax(-1)
+        with pytest.raises(slimvlm.SlimVLMError, match="static cache is full"):
+            for _ in range(CAPACITY_STEP + 1):  # rounded up, the cache has at most CAPACITY_STEP slots of room
+                output = model(input_ids=next_token, **{cache_kwarg(model.forward): cache})
+
+
+def test_padding_of_a_causal_mask():
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    keys = torch.cat([padding, torch.zeros(2, 3, dtype=torch.bool)], dim=1)  # 3 empty cache slots after the prompt
+    for dtype in (None, torch.float32):
+        mask = attention_mask_4d(keys, 5, dtype, first_query=0)
+        assert torch.equal(padding_of_causal_mask(mask, 5), padding.long())
+    bidirectional = torch.ones(2, 1, 5, 8, dtype=torch.bool)
+    with pytest.raises(slimvlm.SlimVLMError, match="not a causal mask"):
+        padding_of_causal_mask(bidirectional, 5)
+    with pytest.raises(slimvlm.SlimVLMError, match="not the causal mask of a 5-token prompt"):
+        padding_of_causal_mask(torch.ones(2, 1, 1, 8, dtype=torch.bool), 5)
