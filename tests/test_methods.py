@@ -57,7 +57,7 @@ def test_fastv_drops_the_least_attended_visual_tokens():
 def diverse_indices(features: torch.Tensor, keep: int) -> list[int]:
     """max_min_diverse on one image, as the indices kept."""
     valid = torch.ones(1, features.shape[0], dtype=torch.bool)
-    return max_min_diverse(features[None], valid, torch.tensor([keep]))[0].nonzero().flatten().tolist()
+    return max_min_diverse(features[None], valid, [keep], [features.shape[0]])[0].nonzero().flatten().tolist()
 
 
 def test_divprune_greedy_max_min_hand_example():
@@ -83,7 +83,7 @@ def test_divprune_batch_with_padding_chooses_what_each_image_chooses_alone():
     counts, keeps = [12, 7, 1], [5, 3, 1]
     valid = torch.arange(12)[None] < torch.tensor(counts)[:, None]
     features[~valid] = 1e3  # padding must never be chosen nor change a distance
-    mask = max_min_diverse(features, valid, torch.tensor(keeps))
+    mask = max_min_diverse(features, valid, keeps, counts)
     for image, (count, keep) in enumerate(zip(counts, keeps)):
         alone = diverse_indices(features[image, :count], keep)
         assert len(alone) == keep

@@ -15,12 +15,15 @@ import torch
 
 
 def graphs_wanted(setting: bool | None, device: torch.device) -> bool:
-    """None (the default) means on wherever CUDA graphs exist: on a GPU."""
-    return device.type == "cuda" if setting is None else setting and device.type == "cuda"
+    """None (the default) means on wherever CUDA graphs exist: on a GPU, at inference (no autograd)."""
+    if device.type != "cuda" or torch.is_grad_enabled():
+        return False
+    return True if setting is None else setting
 
 
 class GraphCache:
-    """Replays fn(*tensors) from CUDA graphs, one per distinct input shape (and `key`).
+    """Replays fn(*tensors, *key) from CUDA graphs, one per distinct input shape and `key` (plain
+    values the function depends on).
 
     fn must not read values back to the host nor let shapes depend on values. Its output lives in the
     graph's buffers, which the next replay overwrites: use it before calling again. `after_warmup`
@@ -38,19 +41,19 @@ class GraphCache:
         signature = tuple((t.shape, t.dtype, t.device) for t in inputs) + key
         entry = self._graphs.get(signature)
         if entry is None:
-            entry = self._graphs[signature] = self._capture(inputs, after_warmup)
+            entry = self._graphs[signature] = self._capture(inputs, key, after_warmup)
         graph, static_inputs, output = entry
         for static, given in zip(static_inputs, inputs):
             static.copy_(given)
         graph.replay()
         return output
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...], after_warmup):
+    def _capture(self, inputs: tuple[torch.Tensor, ...], key: tuple, after_warmup):
         static_inputs = [t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, allocations) happens here
-            self.fn(*static_inputs)
+            self.fn(*static_inputs, *key)
         torch.cuda.current_stream().wait_stream(side)
         if after_warmup is not None:
             after_warmup()
@@ -58,5 +61,5 @@ class GraphCache:
             self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = self.fn(*static_inputs)
+            output = self.fn(*static_inputs, *key)
         return graph, static_inputs, output

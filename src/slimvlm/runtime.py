@@ -22,7 +22,7 @@ from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, padd
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
-from .graphs import graphs_wanted
+from .graphs import GraphCache, graphs_wanted
 from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
 
 
@@ -123,6 +123,7 @@ class Runtime:
         self._prefill_methods = self._by_stage[Stage.PREFILL]
         self._hooks = HookSet()
         self._static = StaticDecoder(model, adapter, compile)
+        self._vision_graphs = GraphCache(self._vision)  # stages 1-2 in one graph, when every method is capturable
         for method in methods:
             method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
             method.check_identity(model)
@@ -242,21 +243,17 @@ class Runtime:
         if on_static:
             self._check_static()
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
-        stage1 = self._by_stage[Stage.ENCODE]
-        tokens, vision_trace = adapter.encode(arguments["pixel_values"], stage1[0] if stage1 else None, graphs)
-        tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
-        projected = tokens.host_counts()
         images_per_sample = ((input_ids == adapter.image_token_id).sum(dim=1) // adapter.tokens_per_image).tolist()
-        starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
-        context = PromptContext(
-            input_ids=input_ids,
-            attention_mask=arguments.get("attention_mask"),
-            text_embeds=adapter.embed(input_ids),
-            image_of_sample=[list(range(start, start + n)) for start, n in zip(starts, images_per_sample)],
-            labels=arguments.get("labels"),
-        )
-        for method in self._by_stage[Stage.PROJECT]:
-            tokens = method.project(tokens, context)
+        stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
+        vision = (arguments["pixel_values"], input_ids, arguments.get("attention_mask"))
+        if graphs and all(method.capturable for method in stages_1_2):
+            if vision[2] is None:
+                vision = vision[:2] + (torch.ones_like(input_ids),)
+            tokens, vision_trace, context = self._vision_graphs(*vision, key=(tuple(images_per_sample),))
+        else:
+            tokens, vision_trace, context = self._vision(*vision, tuple(images_per_sample), graphs)
+        context.labels = arguments.get("labels")
+        projected = tokens.host_counts()
         text_embeds = context.text_embeds
         for method in self._by_stage[Stage.PROJECT]:
             text_embeds = method.fuse(text_embeds, tokens, context)
@@ -311,6 +308,24 @@ class Runtime:
         if not use_cache:
             self.session = None
         return self._logits(hidden, cache, arguments, rebuilt.labels)
+
+    def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False):
+        """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
+        projector, the stage-2 methods' project(). Returns (tokens, vision trace, prompt context)."""
+        adapter = self.adapter
+        stage1 = self._by_stage[Stage.ENCODE]
+        tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs)
+        tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
+        starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
+        context = PromptContext(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            text_embeds=adapter.embed(input_ids),
+            image_of_sample=[list(range(start, start + n)) for start, n in zip(starts, images_per_sample)],
+        )
+        for method in self._by_stage[Stage.PROJECT]:
+            tokens = method.project(tokens, context)
+        return tokens, trace, context
 
     def _check_static(self) -> None:
         """Refuse, before any work, what transformers' static cache cannot hold."""

@@ -111,6 +111,10 @@ class Method:
     proportional_attention: ClassVar[bool] = False
     # stage 1: the class token goes on to the LLM even where the model's feature selection drops it
     feeds_cls: ClassVar[bool] = False
+    # stages 1-2: the hooks are pure functions of their inputs that read nothing back to the host and
+    # whose shapes follow from host-known counts (VisualTokens.known), so the vision tower, the method and
+    # the projector can replay together from one CUDA graph (graphs.py)
+    capturable: ClassVar[bool] = False
     # stage 1: encode_layer acts after every encoder layer; False for methods that read only the feature
     # layer (encode_output), so that the layers before it run untouched (and can replay as a CUDA graph)
     acts_in_encoder_layers: ClassVar[bool] = True

@@ -91,6 +91,7 @@ class UniformKeep(BudgetMethod):
 class Pool(BudgetMethod):
     name = "pool"
     description = "2D average pooling of the visual-token grid down to a budget (a square number of tokens)"
+    capturable = True
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         super().check_model(num_vision_layers, num_llm_layers, tokens_per_image)

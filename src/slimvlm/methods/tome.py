@@ -52,6 +52,7 @@ class ToMe(Method):
     description = "Token Merging: bipartite soft matching of keys, r merges per encoder layer (Bolya et al. ICLR'23)"
     stages = frozenset({Stage.ENCODE})
     proportional_attention = True
+    capturable = True
 
     def __init__(self, r: int = 8, proportional_attention: bool = True) -> None:
         if r < 0:

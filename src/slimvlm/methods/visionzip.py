@@ -40,6 +40,7 @@ class VisionZip(Method):
     stages = frozenset({Stage.ENCODE})
     feeds_cls = True
     acts_in_encoder_layers = False
+    capturable = True
 
     def __init__(self, dominant: int = 54, contextual: int = 10) -> None:
         if dominant < 1:
