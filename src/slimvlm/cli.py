@@ -62,19 +62,22 @@ def _bench_generate(args: argparse.Namespace) -> None:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - set(PATHS):
         raise SlimVLMError(f"--paths {args.paths!r}: give a comma-separated subset of {', '.join(PATHS)}")
-    results = bench_generate(
-        model, parse_methods(args.methods), lambda b: synthetic_inputs(model, b, args.text_tokens), batch_sizes,
-        paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats,
-    )
-    print(format_table(results))
-    if args.json:
+    def save(results, quiet: bool = True) -> None:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats, "versions": _versions(),
             "timed": "model.generate, greedy, exactly new_tokens new tokens; TTFT = generate(max_new_tokens=1); "
                      "medians; paths: eager = dynamic cache, static = cache_implementation='static' (compiled decode)",
             "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
-        })
+        }, quiet)
+
+    results = bench_generate(
+        model, parse_methods(args.methods), lambda b: synthetic_inputs(model, b, args.text_tokens), batch_sizes,
+        paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats, on_result=save if args.json else None,
+    )
+    print(format_table(results))
+    if args.json:
+        save(results, quiet=False)
 
 
 def _versions() -> dict:
@@ -84,10 +87,11 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _write_json(path: str, payload: dict) -> None:
+def _write_json(path: str, payload: dict, quiet: bool = False) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def _device_name(device) -> str:

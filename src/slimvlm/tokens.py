@@ -179,7 +179,7 @@ class VisualTokens:
             n = self.x.shape[1]
             return replace(self, x=self.x[:, 1:], size=self.size[:, 1:], origin=self.origin[:, 1:],
                            patch_to_token=self.patch_to_token - 1, has_cls=False, known=[n - 1] * self.batch_size)
-        dropped = self.keep(~self.is_cls)
+        dropped = self.keep(~self.is_cls, counts=None if self.known is None else [c - 1 for c in self.known])
         return replace(dropped, has_cls=False)
 
     def split(self) -> list[torch.Tensor]:

@@ -65,10 +65,11 @@ def bench_generate(
     warmup: int = 1,
     repeats: int = 3,
     progress: bool = True,
+    on_result=None,
 ) -> list[GenerateResult]:
     """Per batch size and path: the untouched model, then each method run (specs composed).
     inputs_for(batch_size) gives the batch; the ratios compare with the untouched row of the same
-    batch size and path."""
+    batch size and path. on_result(results so far) after each row (to save partial runs)."""
     from tqdm.auto import tqdm
 
     unknown = sorted(set(paths) - set(PATHS))
@@ -97,7 +98,9 @@ def bench_generate(
             decode_ms_per_token=(timed["total_ms"] - timed["ttft_ms"]) / (new_tokens - 1),
             tokens_per_s=batch_size * new_tokens / timed["total_ms"] * 1000, **timed,
         ))
-    _add_ratios(results)
+        _add_ratios(results)
+        if on_result is not None:
+            on_result(results)
     return results
 
 

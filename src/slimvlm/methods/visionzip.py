@@ -79,7 +79,7 @@ class VisionZip(Method):
             assign.scatter_(1, rest, n + group)
             members = gather_rows(tokens.x, rest)
             joins = torch.ones(rest.shape[1], dtype=members.dtype, device=device)
-            joins[targets] = 0  # a target is the contextual token's base, not one of the tokens joining it
+            joins.index_fill_(0, targets, 0)  # a target is the contextual token's base, not one of the tokens joining it
             joined = members.new_zeros(batch, contextual, dim).scatter_add_(
                 1, group[..., None].expand(-1, -1, dim), members * joins[None, :, None])
             count = joins.expand(batch, -1).new_zeros(batch, contextual).scatter_add_(1, group, joins.expand(batch, -1))

@@ -1,0 +1,52 @@
+"""Methods that declare themselves capturable run stages 1-2 without reading the device back or copying
+host values to it: what a CUDA graph needs (tests/test_cuda_graphs.py replays them on a GPU)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import slimvlm
+from conftest import batch
+from slimvlm.registry import build
+
+CAPTURABLE = ["none", "tome:r=8", "visionzip:dominant=20,contextual=5", "divprune:budget=40", "pool:budget=36",
+              ["tome:r=8", "divprune:budget=40"]]
+
+
+class NoHostTraffic(TorchDispatchMode):
+    """Refuses an index assignment of a host scalar (a host-to-device copy on a GPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index_put_.default and args[2].dim() == 0:
+            raise AssertionError("index assignment of a host scalar: use index_fill_ or masked_fill_")
+        return func(*args, **(kwargs or {}))
+
+
+def refuse(*_args, **_kwargs):
+    raise AssertionError("a value read back from the device")
+
+
+@pytest.mark.parametrize("spec", CAPTURABLE, ids=str)
+def test_capturable_stages_read_nothing_back(fresh, spec, monkeypatch):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
+        runtime = handle.runtime
+        assert all(method.capturable for method in runtime.methods if method.stages)
+        images = ((inputs["input_ids"] == model.config.image_token_id).sum(1) // 576).tolist()
+        for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        with NoHostTraffic():
+            tokens, _, _ = runtime._vision(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], tuple(images))
+        monkeypatch.undo()
+        assert tokens.known is not None
+
+
+def test_a_method_that_reads_back_is_caught(fresh, monkeypatch):
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    with torch.no_grad(), slimvlm.apply(model, "mustdrop-64") as handle:  # its merge count follows the image
+        monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+        with pytest.raises(AssertionError, match="read back"):
+            handle.runtime._vision(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], (1,))
+    assert not build("mustdrop-64").capturable
