@@ -1,4 +1,5 @@
-"""CUDA graphs (GPU only): replayed stages give what the same stages give eagerly, on fresh inputs too."""
+"""CUDA graphs (GPU only): replayed stages give what the same stages give eagerly, on fresh inputs too,
+and stay valid after torch.compile's CUDA graphs record (they free cuBLAS's workspace)."""
 
 import pytest
 import torch
@@ -49,6 +50,6 @@ def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
     with torch.inference_mode():
         with slimvlm.apply(model, spec, cuda_graphs=False, compile=False):
             eager = model.generate(**inputs, **settings)
-        with slimvlm.apply(model, spec):  # on a GPU: graphs and the compiled decode step
+        with slimvlm.apply(model, spec, cuda_graphs=True):  # graphs, then the compiled decode step records
             for _ in range(2):
                 assert torch.equal(model.generate(**inputs, **settings), eager)

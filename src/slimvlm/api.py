@@ -67,8 +67,9 @@ def apply(
     compile: on transformers' static cache (`generate(cache_implementation="static")`), whether the
     decode step is torch.compile'd with the model's generation_config.compile_config; None (default)
     does as generate() does: compile on a GPU unless generation_config.disable_compile is set.
-    cuda_graphs: replay the parts whose shapes are static from CUDA graphs (the vision tower's layers
-    before the first one a method acts at; on a static cache, the LLM prefill); None (default): on a GPU.
+    cuda_graphs: on a GPU, replay the parts whose shapes are static from CUDA graphs: stages 1-2 (the
+    vision tower, the projector and capturable methods; else the encoder layers before the first one a
+    method acts at) and, on a static cache, the LLM prefill. Off by default (README: CUDA graphs).
     """
     if getattr(model, _ATTRIBUTE, None) is not None:
         raise SlimVLMError("slimvlm is already applied to this model; call handle.remove() first")

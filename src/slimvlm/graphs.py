@@ -1,24 +1,38 @@
 """CUDA graphs for the parts of a forward whose shapes are static.
 
-At batch 1 a 7B VLM's prefill is bound by kernel launches, not by arithmetic: the GPU is busy for
-a third of it (results/generate/), so a method that halves the tokens saves nothing until the launches
-go. A CUDA graph replays a captured sequence of kernels with one launch and the same kernels as eager
-(identical results). slimvlm replays the vision tower's untouched layers and, on a static cache, the
-LLM prefill over the reduced sequence (its width rounded up so that few graphs cover all prompts).
+At batch 1 a 7B VLM's prefill is bound by kernel launches, not by arithmetic: with VisionZip's 64
+visual tokens the GPU was busy for 10.5 of the prefill's 39.3 ms (H200, scripts/profile_generate.py,
+results/generate/), so fewer tokens save little until the launches go. A CUDA graph replays a captured
+sequence of kernels with one launch and the same kernels as eager. slimvlm can replay stages 1-2 (the
+vision tower, projector and capturable methods as one graph; else the encoder layers before the first
+one a method acts at) and, on a static cache, the LLM prefill over the reduced sequence (its width
+rounded up so that few graphs cover all prompts).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
 
 def graphs_wanted(setting: bool | None, device: torch.device) -> bool:
-    """None (the default) means on wherever CUDA graphs exist: on a GPU, at inference (no autograd)."""
-    if device.type != "cuda" or torch.is_grad_enabled():
-        return False
-    return True if setting is None else setting
+    """Graphs only where asked for (None is off), on a GPU, at inference (no autograd)."""
+    return bool(setting) and device.type == "cuda" and not torch.is_grad_enabled()
+
+
+@contextlib.contextmanager
+def own_cublas_workspace() -> Iterator[None]:
+    """cuBLAS keeps one workspace per stream, outside any graph's memory pool, and torch.compile's CUDA
+    graphs free it whenever they record (torch/_inductor/cudagraph_trees.py, clear_cublass_cache): a
+    graph captured over that workspace then replays into freed memory. Cleared before and after the
+    capture, the workspace the graph uses is allocated in its own pool and lives as long as it does."""
+    torch._C._cuda_clearCublasWorkspaces()
+    try:
+        yield
+    finally:
+        torch._C._cuda_clearCublasWorkspaces()
 
 
 class GraphCache:
@@ -60,6 +74,6 @@ class GraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with own_cublas_workspace(), torch.cuda.graph(graph, pool=self._pool):
             output = self.fn(*static_inputs, *key)
         return graph, static_inputs, output
