@@ -233,7 +233,7 @@ def test_bad_input(tmp_path, threshold_file, tiny):
         build(f"dymu:thresholds={tmp_path / 'short.json'}")
     with pytest.raises(SlimVLMError, match="target=0"):
         build(f"dymu:thresholds={threshold_file},target=0")
-    with pytest.raises(SlimVLMError, match="vtu='maybe'"):
+    with pytest.raises(SlimVLMError, match="vtu=maybe must be true or false"):
         build(f"dymu:thresholds={threshold_file},vtu=maybe")
 
 

@@ -34,10 +34,18 @@ class Handle:
         return self.runtime.labels
 
     def remove(self) -> None:
-        """Restore the untouched model exactly."""
+        """Restore the untouched model exactly. A handle already removed does nothing (it never touches
+        what a later apply() installed)."""
+        if getattr(self.model, _ATTRIBUTE, None) is not self:
+            return
         self.runtime.remove()
-        if getattr(self.model, _ATTRIBUTE, None) is self:
-            delattr(self.model, _ATTRIBUTE)
+        delattr(self.model, _ATTRIBUTE)
+
+    def __deepcopy__(self, memo=None):
+        raise SlimVLMError(
+            "a model with slimvlm applied cannot be copied (its hooks and patched forward belong to the original); "
+            "copy it before slimvlm.apply, or call handle.remove() first and apply to the copy"
+        )
 
     def __enter__(self) -> "Handle":
         return self

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from typing import Any
 
 from .errors import SlimVLMError
@@ -82,18 +84,83 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'fastv:k=2,ratio=0.5' -> ('fastv', {'k': 2, 'ratio': 0.5}); presets expand first."""
+def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'fastv:k=2,ratio=0.5' -> ('fastv', {'k': '2', 'ratio': '0.5'}): the option texts, presets expanded."""
     name, _, rest = spec.strip().partition(":")
-    options: dict[str, Any] = {}
+    options: dict[str, str] = {}
     if name in PRESETS:
-        name, options = parse_spec(PRESETS[name])
+        name, options = _split_spec(PRESETS[name])
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise SlimVLMError(f"cannot read option {item!r} in {spec!r}; write options as key=value, e.g. 'tome:r=8'")
-        options[key.strip()] = _parse_value(value.strip())
+        options[key.strip()] = value.strip()
     return name, options
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'fastv:k=2,ratio=0.5' -> ('fastv', {'k': 2, 'ratio': 0.5}); presets expand first."""
+    name, texts = _split_spec(spec)
+    return name, {key: _parse_value(text) for key, text in texts.items()}
+
+
+def _option_types(cls: type[Method]) -> dict[str, tuple[type, ...]]:
+    """Per option, the plain types its annotation admits (None left out); options without one are absent."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        return {}
+    out = {}
+    for name, hint in hints.items():
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+        kinds = tuple(k for k in kinds if isinstance(k, type) and k is not type(None))
+        if kinds:
+            out[name] = kinds
+    return out
+
+
+def _option_from_text(method: str, key: str, text: str, kinds: tuple[type, ...] | None) -> Any:
+    """An option written in a spec, read as the type its method declares."""
+    if kinds is None:
+        return _parse_value(text)
+    if text.lower() == "none":
+        return None
+    for kind in (bool, int, float):
+        if kind in kinds:
+            if kind is bool and text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            if kind is not bool:
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+    if str in kinds:
+        return text
+    raise SlimVLMError(_type_message(method, key, text, kinds))
+
+
+def _check_option(method: str, key: str, value: Any, kinds: tuple[type, ...] | None) -> Any:
+    """An option given from Python: bool, int and float are not taken for one another (2.5 is no r)."""
+    if kinds is None or value is None or (str in kinds and not isinstance(value, (bool, int, float))):
+        return value
+    if isinstance(value, bool):
+        ok = bool in kinds
+    elif isinstance(value, int):
+        ok = int in kinds or float in kinds
+    elif isinstance(value, float):
+        ok = float in kinds
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        raise SlimVLMError(_type_message(method, key, repr(value), kinds))
+    return value
+
+
+def _type_message(method: str, key: str, given: str, kinds: tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
+    examples = {bool: "true", int: "8", float: "0.5", str: "..."}
+    wanted = " or ".join(names.get(k, k.__name__) for k in kinds)
+    return f"{method}: option {key}={given} must be {wanted}, e.g. '{method}:{key}={examples.get(kinds[0], '...')}'"
 
 
 def build(spec: str | Method, **overrides: Any) -> Method:
@@ -103,17 +170,19 @@ def build(spec: str | Method, **overrides: Any) -> Method:
             raise SlimVLMError("options cannot be given with a method instance; set them when building it")
         return spec
     _ensure_loaded()
-    name, options = parse_spec(spec)
-    options.update(overrides)
+    name, texts = _split_spec(spec)
     if name not in _METHODS:
         known = ", ".join(sorted(_METHODS) + sorted(PRESETS))
         raise SlimVLMError(f"unknown method {name!r}; known methods and presets: {known}")
     cls = _METHODS[name]
     params = _option_parameters(cls)
-    unknown = sorted(set(options) - set(params))
+    unknown = sorted((set(texts) | set(overrides)) - set(params))
     if unknown:
         valid = ", ".join(params) or "none"
         raise SlimVLMError(f"method {name!r} has no option {', '.join(unknown)}; its options: {valid}")
+    kinds = _option_types(cls)
+    options = {key: _option_from_text(name, key, text, kinds.get(key)) for key, text in texts.items()}
+    options.update({key: _check_option(name, key, value, kinds.get(key)) for key, value in overrides.items()})
     method = cls(**options)
     method._options = {p: getattr(method, p, param.default) for p, param in params.items()}
     return method

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .errors import SlimVLMError
-from .models.compat import cache_kwarg
+from .models.compat import cache_kwarg, image_output
 from .hooks import HookSet, capture_outputs
-from .sequence import Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
+from .sequence import IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
@@ -86,6 +86,8 @@ class Session:
     static: StaticSteps | None = None  # decoding on slimvlm's static cache
     padded: bool = True  # whether the reduced prompt has padding (then every step needs a mask)
     decoded: int = 0  # tokens decoded so far
+    labels: torch.Tensor | None = None  # the prefill's labels in the frame of its current sequence
+    right_padded: bool = False  # the caller pads on the right: rows stay packed to the left
     copies: Copies | None = None  # virtual unmerging: the full sequence's keys as copies
     query_copies: Copies | None = None
     decoding: bool = False
@@ -130,6 +132,13 @@ class Runtime:
         self._decode_methods = self._by_stage[Stage.DECODE]
         self._unmerge = any(getattr(m, "virtual_unmerge", False) for m in methods)
         self._undo: list = []
+        window = getattr(adapter.text_config, "sliding_window", None)
+        if window is not None and (self._unmerge or self._prefill_methods or self._decode_methods):
+            names = sorted({m.name for m in self._prefill_methods + self._decode_methods} | ({"vtu"} if self._unmerge else set()))
+            raise SlimVLMError(
+                f"{', '.join(names)} attend(s) with masks slimvlm builds, which do not apply this LM's sliding window "
+                f"(sliding_window={window}); use stage-1/2 methods on it (tome, dymu:vtu=false, visionzip, divprune, ...)"
+            )
         if self._unmerge:
             if self._decode_methods:
                 raise SlimVLMError("virtual unmerging cannot be combined with a stage-4 method that edits the KV cache")
@@ -210,6 +219,18 @@ class Runtime:
         return original(**arguments, **kwargs)
 
 
+    def _check_image_size(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
+        """Images of the size the vision tower was trained at (where interpolating its position
+        embeddings changes nothing): another size gives another grid than the prompt's placeholders
+        and the methods' budgets are laid out for."""
+        size = self.adapter.vision_config.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            raise SlimVLMError(
+                f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels: slimvlm's LLaVA adapter takes {size}x{size} "
+                f"images (the model's image_size{', also with interpolate_pos_encoding' if interpolate else ''}); "
+                "let the processor resize them"
+            )
+
     def _check_unsupported(self, arguments: dict) -> None:
         if arguments.get("inputs_embeds") is not None:
             raise SlimVLMError("pass input_ids (with the image placeholders), not inputs_embeds, when slimvlm is applied")
@@ -230,6 +251,7 @@ class Runtime:
 
     def _prefill(self, arguments: dict, kwargs: dict):
         self._check_unsupported(arguments)
+        self._check_image_size(arguments["pixel_values"], kwargs.pop("interpolate_pos_encoding", False))
         adapter = self.adapter
         input_ids = arguments["input_ids"]
         mask = arguments.get("attention_mask")
@@ -243,7 +265,7 @@ class Runtime:
         if on_static:
             self._check_static()
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
-        images_per_sample = ((input_ids == adapter.image_token_id).sum(dim=1) // adapter.tokens_per_image).tolist()
+        images_per_sample, right_padded = self._prompt_shape(input_ids, arguments.get("attention_mask"))
         stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
         vision = (arguments["pixel_values"], input_ids, arguments.get("attention_mask"))
         if graphs and all(method.capturable for method in stages_1_2):
@@ -270,9 +292,9 @@ class Runtime:
             adapter.tokens_per_image,
             self.keep_positions,
             width_step=CAPACITY_STEP if on_static else 1,  # on a static cache: a few widths, a graph or compile each
+            right_padded=right_padded,
         )
         sequence = rebuilt.sequence
-        self.labels = rebuilt.labels
         valid = sequence.valid
         cache, static = (given, None) if use_cache else (None, None)
         if on_static:
@@ -290,15 +312,21 @@ class Runtime:
             tokens=tokens,
             given_cache=given,
             static=static,
+            labels=rebuilt.labels,
+            right_padded=right_padded,
         )
         if self._unmerge:
             self.session.copies = self._with_rotary(unmerged_copies(sequence, tokens), rebuilt.embeds)
             self.session.query_copies = self.session.copies
+        session = self.session
         if static is not None and not kwargs:
+            output = None
             hidden = self._static.prefill(rebuilt.embeds, sequence.positions, static,
                                           adapter.mask_dtype(rebuilt.embeds.dtype), graphs)
         else:
-            hidden = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs).last_hidden_state
+            output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
+            hidden = output.last_hidden_state
+        self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
         prefill_tokens = per_view(self.session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
         self.session.padded = min(prefill_tokens[0]) < valid.shape[1]
         if use_cache:
@@ -307,7 +335,7 @@ class Runtime:
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
-        return self._logits(hidden, cache, arguments, rebuilt.labels)
+        return self._logits(hidden, cache, arguments, self.labels, output, image_output(tokens))
 
     def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False):
         """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
@@ -348,6 +376,12 @@ class Runtime:
         if input_ids is None:
             raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
         steps = input_ids.shape[1]
+        if steps > 1 and bool((input_ids == self.adapter.image_token_id).any()):  # one-token steps need no look
+            raise SlimVLMError(
+                "continuing from a KV cache that slimvlm reduced is not supported: the cache holds the reduced "
+                "sequence, the new input the image's placeholders; call generate() again with the whole "
+                "conversation and pixel_values, and no cache"
+            )
         new_valid = self._new_tokens_valid(arguments.get("attention_mask"), steps)
         session.decoding = True
         session.decoded += steps
@@ -376,7 +410,7 @@ class Runtime:
                 view.decode_mask = attention_mask_4d(view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
         mask = base.key_valid.long() if mask_needed else None
         output = self.adapter.run_llm(embeds, mask, positions, session.cache, True, **kwargs)
-        return self._logits(output.last_hidden_state, session.cache, arguments, None)
+        return self._logits(output.last_hidden_state, session.cache, arguments, None, output)
 
     def _new_tokens_valid(self, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
         """Which of a decode step's tokens are real, from the caller's 2D mask in the untouched prompt's
@@ -393,7 +427,7 @@ class Runtime:
             )
         return mask[:, -steps:].bool()
 
-    def _logits(self, hidden: torch.Tensor, cache, arguments: dict, labels):
+    def _logits(self, hidden: torch.Tensor, cache, arguments: dict, labels, output=None, image: dict | None = None):
         keep = arguments.get("logits_to_keep") or 0
         if isinstance(keep, int):
             hidden = hidden[:, -keep:] if keep > 0 else hidden
@@ -403,13 +437,29 @@ class Runtime:
         loss = None
         if labels is not None:
             loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size)
-        return self._output(logits, loss, cache, arguments)
+        extra = dict(image or {})
+        if output is not None:
+            extra.update(hidden_states=output.hidden_states, attentions=output.attentions)
+        return self._output(logits, loss, cache, arguments, **extra)
 
-    def _output(self, logits: torch.Tensor, loss, cache, arguments: dict):
+    def _output(self, logits: torch.Tensor, loss, cache, arguments: dict, **extra):
+        """What the untouched model returns: its output class (a tuple when return_dict=False), with the
+        LM's hidden states and attentions (of the reduced sequence) and the visual tokens the LLM got."""
         from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **{self._cache_name: cache})
+        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **{self._cache_name: cache}, **extra)
         return result if arguments.get("return_dict", True) is not False else result.to_tuple()
+
+    def _prompt_shape(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], bool]:
+        """Per sample, its images; and whether the caller pads on the right (the rebuilt rows keep that
+        side, so that `none` returns logits where the untouched model does). One read from the device."""
+        columns = [(input_ids == self.adapter.image_token_id).sum(dim=1)]
+        if mask is not None:
+            columns += [mask[:, 0].long(), mask[:, -1].long()]
+        read = torch.stack(columns).tolist()
+        images = [n // self.adapter.tokens_per_image for n in read[0]]
+        right_padded = mask is not None and all(read[1]) and not all(read[2])
+        return images, right_padded
 
     # ---- stage 3: LLM layers during prefill ---------------------------------------------------
     def _install_row_probe(self, method: Method, drop_layer: int) -> None:
@@ -478,8 +528,10 @@ class Runtime:
         sequence = current.sequence
         keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid, session.tokens))
         keep = (keep | ~sequence.visual) & sequence.valid
-        gather, new_valid = compaction(keep)
+        gather, new_valid = compaction(keep, right=session.right_padded)
         new_sequence = sequence.gather(gather, new_valid)
+        if session.labels is not None:
+            session.labels = torch.where(new_valid, session.labels.gather(1, gather), IGNORE_INDEX)
         embeddings = current.position_embeddings or kwargs["position_embeddings"]
         dtype = self.adapter.mask_dtype(hidden.dtype)
         view = View(

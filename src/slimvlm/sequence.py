@@ -16,20 +16,22 @@ from .tokens import VisualTokens
 IGNORE_INDEX = -100
 
 
-def compaction(keep: torch.Tensor, width_step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def compaction(keep: torch.Tensor, width_step: int = 1, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """keep (B, L) bool -> (index (B, W), valid (B, W)): gathering with index packs each row's kept
-    positions to the right end of a row of width W = most kept in a row (left padding), in order,
-    rounded up to a multiple of width_step (so that shapes repeat: CUDA graphs, compiled code)."""
+    positions to the right end of a row of width W = most kept in a row (left padding; to the left
+    end with `right` padding), in order, rounded up to a multiple of width_step (so that shapes
+    repeat: CUDA graphs, compiled code)."""
     batch, _ = keep.shape
     kept = keep.sum(dim=1)
     width = int(kept.max().item()) if batch else 0
     width = -(-width // width_step) * width_step
-    pad = width - kept
+    pad = torch.zeros_like(kept) if right else width - kept
     slot = pad[:, None] + keep.long().cumsum(dim=1) - 1
     rows, cols = keep.nonzero(as_tuple=True)
     index = torch.zeros(batch, width, dtype=torch.long, device=keep.device)
     index[rows, slot[rows, cols]] = cols
-    valid = torch.arange(width, device=keep.device)[None, :] >= pad[:, None]
+    at = torch.arange(width, device=keep.device)[None, :]
+    valid = at < kept[:, None] if right else at >= pad[:, None]
     return index, valid
 
 
@@ -133,12 +135,14 @@ def rebuild(
     tokens_per_image: int,
     keep_positions: bool,
     width_step: int = 1,
+    right_padded: bool = False,
 ) -> Rebuilt:
     """Replace each image's placeholder span with its (possibly fewer) visual tokens.
 
     keep_positions: each visual token keeps the position of the first patch it covers, text keeps
     its own; otherwise positions are renumbered without gaps from the first token's position.
-    width_step: the rebuilt rows' width is a multiple of it (more left padding).
+    width_step: the rebuilt rows' width is a multiple of it (more padding). right_padded: pad the
+    rebuilt rows on the right, as the caller did (else on the left).
     """
     batch, length = input_ids.shape
     device = input_ids.device
@@ -163,7 +167,7 @@ def rebuild(
         first = keep.long().argmax(dim=1, keepdim=True)
         positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1
 
-    index, valid = compaction(keep, width_step)
+    index, valid = compaction(keep, width_step, right=right_padded)
     full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image, token=torch.where(use_visual, slot, -1))
     sequence = full.gather(index, valid)
     new_labels = None

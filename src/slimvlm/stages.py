@@ -89,8 +89,10 @@ def query_index(sequence: Sequence, which: str) -> tuple[torch.Tensor, torch.Ten
     batch, length = sequence.valid.shape
     device = sequence.valid.device
     text = sequence.valid & ~sequence.visual
-    if which == "last":
-        return torch.full((batch, 1), length - 1, device=device), torch.ones(batch, 1, dtype=torch.bool, device=device)
+    if which == "last":  # the last real token: the last column when rows are padded on the left
+        at = torch.arange(length, device=device)
+        last = torch.where(sequence.valid, at, -1).max(dim=1, keepdim=True).values
+        return last, torch.ones(batch, 1, dtype=torch.bool, device=device)
     if which == "text":
         return compaction(text)
     if which == "text_after_image":

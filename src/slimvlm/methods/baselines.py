@@ -44,17 +44,18 @@ class BudgetMethod(Method):
 @register
 class RandomKeep(BudgetMethod):
     name = "random"
-    description = "keep a random subset of the visual tokens (seeded)"
+    description = "keep a random subset of the visual tokens (seeded: the same subset for every image of a count)"
 
     def __init__(self, budget: int | None = None, ratio: float | None = None, seed: int = 0) -> None:
         super().__init__(budget, ratio)
         self.seed = seed
 
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
         keep = torch.zeros_like(tokens.valid)
         counts = [self.target(count) for count in tokens.host_counts()]
         for image, (count, kept) in enumerate(zip(tokens.host_counts(), counts)):
+            # a generator per image: what an image keeps does not depend on the images before it in the batch
+            generator = torch.Generator(device="cpu").manual_seed(self.seed)
             keep[image, torch.randperm(count, generator=generator)[:kept].to(keep.device)] = True
         return tokens.keep(keep, counts=counts)
 
@@ -94,6 +95,12 @@ class Pool(BudgetMethod):
     capturable = True
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        if math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
+            raise SlimVLMError(
+                f"pool averages the square grid of patch tokens, but this model gives {tokens_per_image} tokens per "
+                "image (vision_feature_select_strategy='full' keeps the class token); use random, uniform or "
+                "divprune, or a model with the 'default' strategy"
+            )
         super().check_model(num_vision_layers, num_llm_layers, tokens_per_image)
         target = self.target(tokens_per_image)
         side = math.isqrt(target)

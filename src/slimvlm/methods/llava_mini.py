@@ -36,6 +36,7 @@ projection and a query-grid position encoding). Training: see slimvlm.train.llav
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +56,10 @@ FORMAT = "slimvlm-llava-mini"
 # bfloat16 copy not at all; fine-tuning moved the testbed projector's by 0.6-5.7% (one sum past this is enough)
 SIGNATURE_TOLERANCE = 0.01
 CAUSAL_WITHOUT_MASK = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})  # is_causal when no mask is given
+
+
+class UntrainedModulesWarning(UserWarning):
+    """LLaVA-Mini applied with modules nobody trained."""
 
 
 def projector_signature(projector: nn.Module, count: int = 4) -> dict:
@@ -356,6 +361,7 @@ class LlavaMini(Method):
         self._fusion_lengths: list[int] = []
         self._projector: nn.Module | None = None
         self._checked: nn.Module | None = None
+        self.trained_here = False  # set by the training wrapper: untrained modules there are expected
 
     # ---- building ------------------------------------------------------------------------------
     def build(self, model) -> LlavaMiniModules:
@@ -406,6 +412,7 @@ class LlavaMini(Method):
         if self.modules is None:
             raise SlimVLMError("build(model) (or apply the method) before loading weights into it")
         self.modules.load(folder)
+        self.weights = str(folder)
         self._checked = None
         self._check_projector(self._projector, folder)
 
@@ -414,6 +421,12 @@ class LlavaMini(Method):
 
     def check_identity(self, model) -> None:
         self.build(model)
+        if self.weights is None and not self.trained_here:
+            warnings.warn(
+                f"llava-mini without weights=: its modules are freshly initialised (seed={self.seed}) and untrained, "
+                "so its answers mean nothing; pass weights=FOLDER (`slimvlm train --method llava-mini` writes one)",
+                UntrainedModulesWarning, stacklevel=4,
+            )
 
     # ---- stage 2 -------------------------------------------------------------------------------
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:

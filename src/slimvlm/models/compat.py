@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Callable
 
@@ -11,3 +12,17 @@ def cache_kwarg(forward: Callable) -> str:
     ``past_key_values`` to ``cache`` (the old name stays a deprecated alias until 5.40), and code
     that reads or passes the cache must use the name the installed release binds."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def image_output(tokens) -> dict:
+    """The output field carrying the visual tokens the LLM got, as the installed release names it:
+    `image_outputs` (5.2x: a vision output whose pooler_output lists each image's tokens) or
+    `image_hidden_states` (earlier: one tensor, here padded to the longest image)."""
+    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+    fields = {field.name for field in dataclasses.fields(LlavaCausalLMOutputWithPast)}
+    if "image_outputs" in fields:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image_outputs": BaseModelOutputWithPooling(pooler_output=tokens.split())}
+    return {"image_hidden_states": tokens.x}

@@ -56,6 +56,7 @@ class LlavaMiniModule(nn.Module):
             raise SlimVLMError(f"LlavaMiniModule trains a llava-mini method, not {method!r}")
         self.model = model
         self.mini = method.build(model)
+        method.trained_here = True
         self.train_llm = bool(train_llm)
         self._method = method
         if not self.train_llm:

@@ -1,0 +1,224 @@
+"""Every input a user passes works or is refused clearly; nothing goes silently wrong (issue 15)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import slimvlm
+from conftest import batch, select
+from slimvlm.methods.llava_mini import UntrainedModulesWarning
+from slimvlm.registry import build
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("tome:r=abc", "r=abc must be a whole number"),
+    ("tome:r=2.5", "r=2.5 must be a whole number"),
+    ("tome:r=true", "r=true must be a whole number"),
+    ("divprune:budget=32.5", "budget=32.5 must be a whole number"),
+    ("fastv:ratio=half", "ratio=half must be a number"),
+    ("dymu:vtu=1", "vtu=1 must be true or false"),
+])
+def test_option_values_of_the_wrong_type_are_refused(spec, says):
+    with pytest.raises(slimvlm.SlimVLMError, match=says):
+        build(spec)
+
+
+def test_options_from_python_are_checked_too():
+    with pytest.raises(slimvlm.SlimVLMError, match="r=2.5 must be a whole number"):
+        build("tome", r=2.5)
+    with pytest.raises(slimvlm.SlimVLMError, match="r=True must be a whole number"):
+        build("tome", r=True)
+    assert build("fastv", ratio=1).ratio == 1.0  # a whole number is a number
+    assert build("tome:r=8").r == 8 and build("divprune:ratio=0.1").ratio == 0.1
+
+
+def test_an_old_handle_never_removes_a_new_one(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    old = slimvlm.apply(model, "divprune:budget=32")
+    old.remove()
+    new = slimvlm.apply(model, "divprune:budget=32")
+    old.remove()  # already removed: does nothing
+    with torch.no_grad():
+        model(**inputs)
+    assert new.stats.visual_tokens == [32]
+    new.remove()
+    new.remove()
+    assert "forward" not in model.__dict__
+
+
+def test_an_applied_model_is_not_deep_copied(fresh):
+    model, _ = fresh  # a deep copy would run the original's weights, and its remove() would undo the original's
+    with slimvlm.apply(model, ["tome:r=8", "vtu"]):
+        with pytest.raises(slimvlm.SlimVLMError, match="cannot be copied"):
+            copy.deepcopy(model)
+
+
+def test_pool_is_refused_on_a_model_that_keeps_the_class_token(tiny_dir):
+    from slimvlm.testbed.build import load
+
+    model, _ = load(tiny_dir)
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(slimvlm.SlimVLMError, match="577 tokens per image"):
+        slimvlm.apply(model, "pool:budget=64")
+
+
+def test_random_keeps_what_each_image_keeps_alone(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 3, seed=4)
+    with torch.no_grad(), slimvlm.apply(model, "random:budget=30") as handle:
+        model(**inputs)
+        batched = handle.stats.sources
+        for index in range(3):
+            model(**select(inputs, index))
+            assert handle.stats.sources == [batched[index]]
+
+
+def test_untrained_llava_mini_warns(fresh):
+    model, _ = fresh
+    with pytest.warns(UntrainedModulesWarning, match="untrained"):
+        slimvlm.apply(model, "llava-mini:budget=2").remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimvlm.apply(model, "divprune:budget=2").remove()
+
+
+def text_labels(inputs: dict, image_token_id: int) -> torch.Tensor:
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token_id, -100)
+    return labels.masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+@pytest.mark.parametrize("spec", ["fastv", "mustdrop-64", "divprune:budget=32", ["tome:r=8", "fastv:k=1,ratio=0.75"]], ids=str)
+def test_labels_follow_the_sequence_whatever_stage_shortens_it(fresh, spec):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    labels = text_labels(inputs, model.config.image_token_id)
+    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
+        output = model(**inputs, labels=labels)
+    assert handle.labels.shape == output.logits.shape[:2]
+    assert torch.isfinite(output.loss)
+    for row in range(2):  # text is never dropped: every text label survives, in order
+        assert torch.equal(handle.labels[row][handle.labels[row] != -100], labels[row][labels[row] != -100])
+
+
+@pytest.fixture
+def right_padded(fresh):
+    model, processor = fresh
+    processor.tokenizer.padding_side = "right"
+    try:
+        yield model, batch(processor, 3, seed=5)
+    finally:
+        processor.tokenizer.padding_side = "left"
+
+
+def test_none_is_the_no_op_with_right_padding(right_padded):
+    model, inputs = right_padded
+    real = inputs["attention_mask"].bool()
+    assert not real[:, -1].all()  # the batch is padded on the right
+    with torch.no_grad():
+        untouched = model(**inputs).logits
+        with slimvlm.apply(model, "none"):
+            applied = model(**inputs).logits
+    assert applied.shape == untouched.shape
+    torch.testing.assert_close(applied[real], untouched[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["fastv", "divprune:budget=40", "tome:r=8", ["tome:r=8", "vtu"]], ids=str)
+def test_right_padded_samples_give_what_they_give_alone(right_padded, spec):
+    model, inputs = right_padded
+    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
+        logits = model(**inputs).logits
+        final_lengths = [entries[-1] for entries in handle.stats.kv_entries]  # real tokens at the last layer
+        for index in range(3):
+            alone = model(**select(inputs, index)).logits[0, -1]
+            # rows stay padded on the right: a sample's last real token ends its real tokens
+            torch.testing.assert_close(logits[index, final_lengths[index] - 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_outputs_carry_what_the_untouched_model_returns(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    with torch.no_grad():
+        untouched = model(**inputs, output_hidden_states=True)
+        untouched_tuple = model(**inputs, return_dict=False)
+        with slimvlm.apply(model, "divprune:budget=32"):
+            applied = model(**inputs, output_hidden_states=True)
+            applied_tuple = model(**inputs, return_dict=False)
+    assert list(applied.keys()) == list(untouched.keys())
+    assert len(applied_tuple) == len(untouched_tuple)
+    assert len(applied.hidden_states) == len(untouched.hidden_states)
+    assert applied.hidden_states[-1].shape[:2] == applied.logits.shape[:2]  # of the reduced sequence
+    if "image_outputs" in applied.keys():  # transformers >= 5.2x: each image's tokens
+        assert [t.shape[0] for t in applied.image_outputs.pooler_output] == [32, 32]
+    else:
+        assert applied.image_hidden_states.shape[:2] == (2, 32)
+
+
+def test_images_of_another_size_are_refused(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    with torch.no_grad(), slimvlm.apply(model, "none"):
+        assert model(**inputs, interpolate_pos_encoding=True).logits.shape[1] == inputs["input_ids"].shape[1]
+        small = dict(inputs, pixel_values=inputs["pixel_values"][..., :224, :224])
+        with pytest.raises(slimvlm.SlimVLMError, match="takes 336x336 images"):
+            model(**small, interpolate_pos_encoding=True)
+
+
+def test_continuing_from_a_reduced_cache_is_refused(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 1)
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=32"):
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = getattr(first, slimvlm.models.compat.cache_kwarg(model.forward))
+        follow = torch.cat([first.sequences, inputs["input_ids"][:, -4:]], dim=1)  # the conversation goes on
+        with pytest.raises(slimvlm.SlimVLMError, match="continuing from a KV cache"):
+            model.generate(input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2,
+                           **{slimvlm.models.compat.cache_kwarg(model.forward): cache})
+    name = slimvlm.models.compat.cache_kwarg(model.forward)
+
+    def two_turns():
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        follow = torch.cat([first.sequences, inputs["input_ids"][:, -4:]], dim=1)
+        return model.generate(input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2,
+                              do_sample=False, **{name: getattr(first, name)})
+
+    with torch.no_grad():
+        untouched = two_turns()
+        with slimvlm.apply(model, "none"):  # nothing reduced: the cache is in the prompt's frame and continues
+            assert torch.equal(two_turns(), untouched)
+
+
+def sliding_window_model(tiny_dir, window: int):
+    from transformers import LlavaForConditionalGeneration, MistralConfig
+
+    from slimvlm.testbed.build import load
+
+    base, _ = load(tiny_dir)
+    text = base.config.text_config
+    config = copy.deepcopy(base.config)
+    config.text_config = MistralConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, sliding_window=window, pad_token_id=text.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def test_sliding_window_language_models(tiny_dir):
+    model = sliding_window_model(tiny_dir, window=64)  # far shorter than the 576-token image span
+    from slimvlm.testbed.build import load
+
+    _, processor = load(tiny_dir)
+    inputs = batch(processor, 2)
+    for spec in ("fastv", "mustdrop-64", ["tome:r=8", "vtu"]):
+        with pytest.raises(slimvlm.SlimVLMError, match="sliding window"):
+            slimvlm.apply(model, spec)
+    with torch.no_grad():
+        untouched = model(**inputs).logits
+        with slimvlm.apply(model, "none"):  # the LM builds its own sliding masks from slimvlm's 2D mask
+            torch.testing.assert_close(model(**inputs).logits, untouched, atol=1e-5, rtol=1e-5)
+        with slimvlm.apply(model, "divprune:budget=32"):
+            assert torch.isfinite(model(**inputs).logits).all()
