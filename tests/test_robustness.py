@@ -222,3 +222,53 @@ def test_sliding_window_language_models(tiny_dir):
             torch.testing.assert_close(model(**inputs).logits, untouched, atol=1e-5, rtol=1e-5)
         with slimvlm.apply(model, "divprune:budget=32"):
             assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("mode", [
+    dict(num_beams=2), dict(do_sample=True, top_k=5), dict(num_return_sequences=2, do_sample=True), dict(use_cache=False),
+    dict(num_beams=2, cache_implementation="static"),
+], ids=lambda mode: ",".join(f"{k}={v}" for k, v in mode.items()))
+def test_generate_modes_under_none_are_the_untouched_model(fresh, mode):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+
+    def generate():
+        torch.manual_seed(0)
+        return model.generate(**inputs, max_new_tokens=4, **mode)
+
+    with torch.no_grad():
+        untouched = generate()
+        with slimvlm.apply(model, "none"):
+            assert torch.equal(generate(), untouched)
+
+
+@pytest.mark.parametrize("spec", ["divprune:budget=32", "fastv"])
+def test_beam_search_batched_equals_one_by_one(fresh, spec):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    with torch.no_grad(), slimvlm.apply(model, spec):
+        batched = model.generate(**inputs, max_new_tokens=4, num_beams=2)
+        for index in range(2):
+            one = select(inputs, index)
+            alone = model.generate(**one, max_new_tokens=4, num_beams=2)
+            assert torch.equal(batched[index, inputs["input_ids"].shape[1]:], alone[0, one["input_ids"].shape[1]:])
+
+
+def test_prompts_with_no_image_or_two_images(fresh):
+    from conftest import images
+    from slimvlm.testbed.build import format_prompt
+
+    model, processor = fresh
+    question = format_prompt("what colour is the circle ?")
+    mixed = processor(images=images(1), text=[question, "USER: hello ASSISTANT:"], return_tensors="pt", padding=True)
+    two = processor(images=images(2), text=[question.replace("<image>", "<image> <image>")], return_tensors="pt")
+    with torch.no_grad():
+        for inputs in (mixed, two):
+            untouched = model(**inputs).logits
+            with slimvlm.apply(model, "none"):
+                assert torch.equal(model(**inputs).logits, untouched)
+        with slimvlm.apply(model, "divprune:budget=32") as handle:
+            model(**mixed)
+            assert [row[0] for row in handle.stats.kv_visual_entries] == [32, 0]  # the text-only row has none
+            model(**two)
+            assert handle.stats.visual_tokens == [32, 32] and handle.stats.kv_visual_entries[0][0] == 64
