@@ -101,3 +101,17 @@ def test_cli_reports_bad_input(capsys):
     if not (Path(slimvlm.models.loading.TESTBED) / "config.json").exists():
         assert main(["demo", "--device", "cpu"]) == 2
         assert "slimvlm make-tiny DIR" in capsys.readouterr().err
+
+
+def test_projector_tokens_are_counted_before_stage_2(fresh):
+    import torch
+
+    import slimvlm
+    from conftest import batch
+
+    model, processor = fresh
+    with torch.no_grad():
+        for spec, through in (("divprune:budget=32", 576), ("visionzip:dominant=20,contextual=5", 25), ("none", 576)):
+            with slimvlm.apply(model, spec) as handle:
+                model(**batch(processor, 2))
+            assert handle.stats.projector_tokens == [through, through], spec

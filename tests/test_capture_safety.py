@@ -37,7 +37,7 @@ def test_capturable_stages_read_nothing_back(fresh, spec, monkeypatch):
         for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
             monkeypatch.setattr(torch.Tensor, name, refuse)
         with NoHostTraffic():
-            tokens, _, _ = runtime._vision(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], tuple(images))
+            tokens, _, _, _ = runtime._vision(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], tuple(images))
         monkeypatch.undo()
         assert tokens.known is not None
 

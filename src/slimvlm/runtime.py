@@ -271,11 +271,10 @@ class Runtime:
         if graphs and all(method.capturable for method in stages_1_2):
             if vision[2] is None:
                 vision = vision[:2] + (torch.ones_like(input_ids),)
-            tokens, vision_trace, context = self._vision_graphs(*vision, key=(tuple(images_per_sample),))
+            tokens, vision_trace, projected, context = self._vision_graphs(*vision, key=(tuple(images_per_sample),))
         else:
-            tokens, vision_trace, context = self._vision(*vision, tuple(images_per_sample), graphs)
+            tokens, vision_trace, projected, context = self._vision(*vision, tuple(images_per_sample), graphs)
         context.labels = arguments.get("labels")
-        projected = tokens.host_counts()
         text_embeds = context.text_embeds
         for method in self._by_stage[Stage.PROJECT]:
             text_embeds = method.fuse(text_embeds, tokens, context)
@@ -339,11 +338,13 @@ class Runtime:
 
     def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False):
         """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
-        projector, the stage-2 methods' project(). Returns (tokens, vision trace, prompt context)."""
+        projector, the stage-2 methods' project(). Returns (tokens, vision trace, tokens per image through the
+        projector, prompt context)."""
         adapter = self.adapter
         stage1 = self._by_stage[Stage.ENCODE]
         tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
+        projected = list(tokens.host_counts())
         starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
         context = PromptContext(
             input_ids=input_ids,
@@ -353,7 +354,7 @@ class Runtime:
         )
         for method in self._by_stage[Stage.PROJECT]:
             tokens = method.project(tokens, context)
-        return tokens, trace, context
+        return tokens, trace, projected, context
 
     def _check_static(self) -> None:
         """Refuse, before any work, what transformers' static cache cannot hold."""
