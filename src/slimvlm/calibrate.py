@@ -34,6 +34,7 @@ import torch
 
 from .errors import SlimVLMError
 from .methods.dymu import best_partners, merge_assign
+from .methods.tome import merge_published
 from .models import adapter_for
 from .stages import EncoderAttention, Method, Stage
 from .tokens import VisualTokens
@@ -252,7 +253,7 @@ class BatchLevelMerge(Method):
         self.taus[attention.layer] = max(tau, 0.0)
         merge = torch.zeros_like(flat, dtype=torch.bool)
         merge[order[: min(count, candidates)]] = True
-        return tokens.regroup(merge_assign(merge.view_as(best), partner, n), n)
+        return merge_published(tokens, merge_assign(merge.view_as(best), partner, n))
 
 
 # ---- images -------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ the MLP, the tokens are split alternately into A (even) and B (odd), each A toke
 similar B token by the cosine similarity of the layer's keys averaged over heads, and EVERY A token
 whose best similarity is strictly greater than the layer's threshold tau_l merges into its B
 partner (size-weighted mean, proportional attention on). The class token never merges; padding
-never takes part. Simple images have many near-duplicate patches and keep few tokens, busy images
+never takes part. Tokens follow the published order between layers (unmerged A, then B: see
+methods/tome.py), also after a layer that merged nothing, and return to spatial order at the output. Simple images have many near-duplicate patches and keep few tokens, busy images
 keep many: the count varies per image (VisualTokens pads the batch).
 
 The thresholds come from a calibration pass (`slimvlm calibrate`, see slimvlm.calibrate): for a
@@ -46,6 +47,7 @@ from ..errors import SlimVLMError
 from ..registry import register
 from ..stages import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
+from .tome import merge_published, spatial_order
 
 
 def best_partners(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +165,12 @@ class DyMU(Method):
         self.calibration.check(model)
 
     def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
-        metric = attention.keys.mean(dim=1)
-        assign = threshold_merge(metric, tokens.valid, tokens.is_cls, self.taus[attention.layer])
-        if bool((assign == torch.arange(assign.shape[1], device=assign.device)).all()):
+        if self.calibration.schedule[attention.layer] == 0:  # the authors' code skips such a layer
             return tokens
-        return tokens.regroup(assign, tokens.x.shape[1])
+        metric = attention.keys.mean(dim=1)
+        # a layer that merges nothing still reorders, as the authors' batch-level merge does
+        return merge_published(tokens, threshold_merge(metric, tokens.valid, tokens.is_cls, self.taus[attention.layer]))
+
+    def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        return spatial_order(tokens)
 

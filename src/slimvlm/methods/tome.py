@@ -4,7 +4,11 @@ In every encoder layer, after attention and before the MLP: split the tokens alt
 A (even) and B (odd), match each A token to its most similar B token by the cosine similarity of
 the layer's keys averaged over heads, and merge the r most similar pairs (size-weighted mean).
 The class token is never merged. Proportional attention adds log(size) to the attention logits,
-so a merged token counts as the patches it stands for.
+so a merged token counts as the patches it stands for. After each merge the tokens stand in the
+published code's order (facebookresearch/ToMe merge.py: unmerged A tokens, then the B tokens),
+which the next layer's split runs over; at the encoder's output they return to spatial order.
+Ties between equal similarities go to the first A token (a stable sort; the published code's
+sort leaves them to the device).
 """
 
 from __future__ import annotations
@@ -41,6 +45,28 @@ def bipartite_matching(metric: torch.Tensor, valid: torch.Tensor, protect: torch
     return assign
 
 
+def published_order(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """(B, n) sort key of the order ToMe's and DyMU's published code leave tokens in after a merge,
+    `cat([unm, dst])`: the A tokens (even slots) that did not merge, in order (the class token
+    first), then every B token (odd slots), in order. The next layer's alternating split runs over
+    that order, so the groups it forms depend on it."""
+    at = torch.arange(n, device=device)
+    return torch.where(at % 2 == 0, at // 2, (n + 1) // 2 + at // 2).expand(batch, n)
+
+
+def merge_published(tokens: VisualTokens, assign: torch.Tensor, counts: list[int] | None = None) -> VisualTokens:
+    """A bipartite merge's regroup, its tokens left in the published order (see published_order)."""
+    n = tokens.x.shape[1]
+    return tokens.regroup(assign, n, order=published_order(tokens.batch_size, n, tokens.x.device), counts=counts)
+
+
+def spatial_order(tokens: VisualTokens) -> VisualTokens:
+    """The same tokens sorted by the first patch each covers, as slimvlm hands tokens to the LLM."""
+    n = tokens.x.shape[1]
+    identity = torch.arange(n, device=tokens.x.device).expand(tokens.batch_size, n)
+    return tokens.regroup(identity, n, counts=tokens.known)
+
+
 def merge_count(r: int, tokens: int, protected: int) -> int:
     """ToMe never merges more than half of the unprotected tokens in one layer."""
     return max(0, min(r, (tokens - protected) // 2))
@@ -68,4 +94,7 @@ class ToMe(Method):
         metric = attention.keys.mean(dim=1)
         assign = bipartite_matching(metric, tokens.valid, tokens.is_cls, r)
         # every image has at least 2r + 1 real tokens, so each merges exactly r: no count to read back
-        return tokens.regroup(assign, n, counts=[count - r for count in tokens.host_counts()])
+        return merge_published(tokens, assign, counts=[count - r for count in tokens.host_counts()])
+
+    def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        return spatial_order(tokens)
