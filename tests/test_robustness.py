@@ -272,3 +272,19 @@ def test_prompts_with_no_image_or_two_images(fresh):
             assert [row[0] for row in handle.stats.kv_visual_entries] == [32, 0]  # the text-only row has none
             model(**two)
             assert handle.stats.visual_tokens == [32, 32] and handle.stats.kv_visual_entries[0][0] == 64
+
+
+def test_a_llava_next_checkpoint_loaded_as_llava_is_refused(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from slimvlm.testbed.build import load
+
+    folder = tmp_path / "next-as-llava"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="llava_next", image_grid_pinpoints=[[336, 672], [672, 336]])
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load(folder)  # transformers loads it, warning only
+    with pytest.raises(slimvlm.SlimVLMError, match="LLaVA-NeXT checkpoint"):
+        slimvlm.apply(model, "none")

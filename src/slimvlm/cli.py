@@ -16,8 +16,6 @@ KEEP_POSITIONS_HELP = (
 )
 
 def _bench(args: argparse.Namespace) -> None:
-    import torch
-
     from .bench.run import format_table, parse_methods, run_bench
     from .models.loading import load_model, resolve_device
 
@@ -34,19 +32,11 @@ def _bench(args: argparse.Namespace) -> None:
     )
     print(format_table(results))
     if args.json:
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        payload = {
-            "model": args.model,
-            "device": device_name,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
-            "text_tokens": args.text_tokens,
-            "command": "slimvlm " + shlex.join(sys.argv[1:]),
+        _write_json(args.json, {
+            "model": args.model, "device": _device_name(device), "dtype": args.dtype, "batch_size": args.batch_size,
+            "text_tokens": args.text_tokens, "command": "slimvlm " + shlex.join(sys.argv[1:]),
             "results": [r.as_dict() for r in results],
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.json}")
+        })
 
 
 def _bench_generate(args: argparse.Namespace) -> None:
@@ -56,9 +46,7 @@ def _bench_generate(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device, args.dtype)
-    batch_sizes = _int_list(args.batch_sizes)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise SlimVLMError(f"--batch-sizes {args.batch_sizes!r}: give batch sizes >= 1, e.g. 1,16,64")
+    batch_sizes = _batch_sizes(args.batch_sizes)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - set(PATHS):
         raise SlimVLMError(f"--paths {args.paths!r}: give a comma-separated subset of {', '.join(PATHS)}")
@@ -107,6 +95,13 @@ def _int_list(text: str) -> list[int]:
         raise SlimVLMError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 1,32") from None
 
 
+def _batch_sizes(text: str) -> list[int]:
+    sizes = _int_list(text)
+    if not sizes or min(sizes) < 1:
+        raise SlimVLMError(f"--batch-sizes {text!r}: give batch sizes >= 1, e.g. 1,16,64")
+    return sizes
+
+
 def _bench_vision(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -116,24 +111,19 @@ def _bench_vision(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, processor = load_model(args.model, device, args.dtype)
-    batch_sizes = _int_list(args.batch_sizes)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise SlimVLMError(f"--batch-sizes {args.batch_sizes!r}: give batch sizes >= 1, e.g. 1,32")
+    batch_sizes = _batch_sizes(args.batch_sizes)
     out_dir = (Path(args.json).parent if args.json else Path(".")) / "thresholds"
     runs, calibrations = calibrate_specs(model, parse_methods(args.methods), args.calibration_images, out_dir, processor)
     pixels = scene_pixels(model, max(batch_sizes), processor)
     results = bench_vision(model, runs, pixels, batch_sizes, warmup=args.warmup, repeats=args.repeats)
     print(format_table(results))
     if args.json:
-        payload = {
+        _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype,
             "timed": "vision tower (to its feature layer, stage-1 method included) + projector; test-split testbed scenes",
             "warmup": args.warmup, "repeats": args.repeats, "calibration": calibrations,
             "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.json}")
+        })
 
 
 def _bench_layer(args: argparse.Namespace) -> None:
@@ -143,18 +133,15 @@ def _bench_layer(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device, args.dtype)
     results = []
-    for batch_size in _int_list(args.batch_sizes):
+    for batch_size in _batch_sizes(args.batch_sizes):
         results += bench_layer(model, args.merge, batch_size, args.text_tokens, args.layer, args.warmup, args.repeats)
     print(format_table(results))
     if args.json:
-        payload = {
+        _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
             "timed": f"LLM decoder layer {args.layer} alone, prefill, no KV cache", "warmup": args.warmup,
             "repeats": args.repeats, "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.json}")
+        })
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -49,6 +49,12 @@ class LlavaAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
+        if getattr(config, "image_grid_pinpoints", None) is not None:
+            raise SlimVLMError(
+                "this LlavaForConditionalGeneration holds a LLaVA-NeXT checkpoint (its config has image_grid_pinpoints): "
+                "loaded as LLaVA-1.5 it drops the AnyRes tiles and image_newline and answers wrongly; load it with "
+                "LlavaNextForConditionalGeneration (slimvlm has no LLaVA-NeXT adapter yet)"
+            )
         inner = model.model
         vision = inner.vision_tower
         self.model = model
