@@ -266,14 +266,8 @@ class Runtime:
             self._check_static()
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
         images_per_sample, right_padded = self._prompt_shape(input_ids, arguments.get("attention_mask"))
-        stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
-        vision = (arguments["pixel_values"], input_ids, arguments.get("attention_mask"))
-        if graphs and all(method.capturable for method in stages_1_2):
-            if vision[2] is None:
-                vision = vision[:2] + (torch.ones_like(input_ids),)
-            tokens, vision_trace, projected, context = self._vision_graphs(*vision, key=(tuple(images_per_sample),))
-        else:
-            tokens, vision_trace, projected, context = self._vision(*vision, tuple(images_per_sample), graphs)
+        tokens, vision_trace, projected, context = self._run_vision(
+            arguments["pixel_values"], input_ids, arguments.get("attention_mask"), tuple(images_per_sample), graphs)
         context.labels = arguments.get("labels")
         text_embeds = context.text_embeds
         for method in self._by_stage[Stage.PROJECT]:
@@ -293,21 +287,38 @@ class Runtime:
             width_step=CAPACITY_STEP if on_static else 1,  # on a static cache: a few widths, a graph or compile each
             right_padded=right_padded,
         )
+        session = self._start_session(rebuilt, tokens, given, use_cache, on_static, input_ids.shape[1], right_padded)
+        output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
+        valid = rebuilt.sequence.valid
+        self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
+        prefill_tokens = per_view(session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
+        session.padded = min(prefill_tokens[0]) < valid.shape[1]
+        if use_cache:
+            for method in self._decode_methods:
+                self._compress_cache(method)
+        self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
+        if not use_cache:
+            self.session = None
+        return self._logits(hidden, session.cache, arguments, self.labels, output, image_output(tokens))
+
+    def _start_session(self, rebuilt, tokens, given, use_cache: bool, on_static: bool, prompt_length: int,
+                       right_padded: bool) -> Session:
+        """The prompt's state for prefill and decoding: its cache (the caller's, slimvlm's own static
+        one, or a new dynamic one), its views of the sequence, where positions continue."""
         sequence = rebuilt.sequence
         valid = sequence.valid
         cache, static = (given, None) if use_cache else (None, None)
         if on_static:
-            cache, static = self._static.start(given, valid, input_ids.shape[1], rebuilt.embeds)
+            cache, static = self._static.start(given, valid, prompt_length, rebuilt.embeds)
         elif use_cache and cache is None:
             from transformers import DynamicCache
 
-            cache = DynamicCache(config=adapter.text_config)
-        base = View(sequence=sequence, key_valid=valid)
+            cache = DynamicCache(config=self.adapter.text_config)
         self.session = Session(
             cache=cache,
-            prompt_length=input_ids.shape[1],
+            prompt_length=prompt_length,
             next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
-            layer_views=[base] * len(adapter.llm_layers),
+            layer_views=[View(sequence=sequence, key_valid=valid)] * len(self.adapter.llm_layers),
             tokens=tokens,
             given_cache=given,
             static=static,
@@ -317,24 +328,27 @@ class Runtime:
         if self._unmerge:
             self.session.copies = self._with_rotary(unmerged_copies(sequence, tokens), rebuilt.embeds)
             self.session.query_copies = self.session.copies
-        session = self.session
-        if static is not None and not kwargs:
-            output = None
-            hidden = self._static.prefill(rebuilt.embeds, sequence.positions, static,
-                                          adapter.mask_dtype(rebuilt.embeds.dtype), graphs)
-        else:
-            output = adapter.run_llm(rebuilt.embeds, valid.long(), sequence.positions, cache, use_cache, **kwargs)
-            hidden = output.last_hidden_state
-        self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
-        prefill_tokens = per_view(self.session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
-        self.session.padded = min(prefill_tokens[0]) < valid.shape[1]
-        if use_cache:
-            for method in self._decode_methods:
-                self._compress_cache(method)
-        self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
-        if not use_cache:
-            self.session = None
-        return self._logits(hidden, cache, arguments, self.labels, output, image_output(tokens))
+        return self.session
+
+    def _prefill_llm(self, rebuilt, session: Session, graphs: bool, kwargs: dict):
+        """(the LM's output or None, its last hidden states) over the rebuilt prompt: on slimvlm's
+        static cache through its own mask (replayed from a CUDA graph when asked), else the LM as is."""
+        sequence = rebuilt.sequence
+        if session.static is not None and not kwargs:
+            mask_dtype = self.adapter.mask_dtype(rebuilt.embeds.dtype)
+            return None, self._static.prefill(rebuilt.embeds, sequence.positions, session.static, mask_dtype, graphs)
+        use_cache = session.cache is not None
+        output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
+                                      use_cache, **kwargs)
+        return output, output.last_hidden_state
+
+    def _run_vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool):
+        """Stages 1-2 (see _vision), replayed as one CUDA graph when graphs are on and every method is capturable."""
+        stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
+        if graphs and all(method.capturable for method in stages_1_2):
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            return self._vision_graphs(pixel_values, input_ids, mask, key=(images_per_sample,))
+        return self._vision(pixel_values, input_ids, attention_mask, images_per_sample, graphs)
 
     def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False):
         """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
