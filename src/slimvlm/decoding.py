@@ -78,6 +78,7 @@ class StaticDecoder:
         self._cache = None
         self._cache_key: tuple | None = None
         self._prefill_graphs: GraphCache | None = None  # of the LLM prefill, writing self._cache
+        self._compiled = None
 
     def start(self, given, valid: torch.Tensor, prompt_length: int, like: torch.Tensor) -> tuple[object, StaticSteps]:
         """A reset static cache for the reduced prompt `valid` (B, L), with the decode room that the
@@ -128,8 +129,10 @@ class StaticDecoder:
         args = (embed, body, head, self.adapter.cache_kwarg, input_ids, attention_mask, position_ids, cache)
         if not self._compiling(input_ids.device):
             return decode_step(*args)
+        if self._compiled is None:  # looked up once per apply: a step's host time is what it must save
+            self._compiled = compiled_decode_step(self.model)
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled_decode_step(self.model)(*args)
+        return self._compiled(*args)
 
     def _compiling(self, device: torch.device) -> bool:
         if self.compile is not None:

@@ -48,9 +48,6 @@ class GraphCache:
         self._graphs: dict = {}
         self._pool = None
 
-    def __len__(self) -> int:
-        return len(self._graphs)
-
     def __call__(self, *inputs: torch.Tensor, key: tuple = (), after_warmup: Callable[[], None] | None = None):
         signature = tuple((t.shape, t.dtype, t.device) for t in inputs) + key
         entry = self._graphs.get(signature)
