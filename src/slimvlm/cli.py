@@ -34,7 +34,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.json:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "batch_size": args.batch_size,
-            "text_tokens": args.text_tokens, "command": "slimvlm " + shlex.join(sys.argv[1:]),
+            "text_tokens": args.text_tokens, "command": _command(args),
             "results": [r.as_dict() for r in results],
         })
 
@@ -56,7 +56,7 @@ def _bench_generate(args: argparse.Namespace) -> None:
             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats, "versions": _versions(),
             "timed": "model.generate, greedy, exactly new_tokens new tokens; TTFT = generate(max_new_tokens=1); "
                      "medians; paths: eager = dynamic cache, static = cache_implementation='static' (compiled decode)",
-            "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
+            "command": _command(args), "results": [r.as_dict() for r in results],
         }, quiet)
 
     results = bench_generate(
@@ -66,6 +66,11 @@ def _bench_generate(args: argparse.Namespace) -> None:
     print(format_table(results))
     if args.json:
         save(results, quiet=False)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as it was run, also when main() was called from Python with its own argv."""
+    return "slimvlm " + shlex.join(args.argv)
 
 
 def _versions() -> dict:
@@ -122,7 +127,7 @@ def _bench_vision(args: argparse.Namespace) -> None:
             "model": args.model, "device": _device_name(device), "dtype": args.dtype,
             "timed": "vision tower (to its feature layer, stage-1 method included) + projector; test-split testbed scenes",
             "warmup": args.warmup, "repeats": args.repeats, "calibration": calibrations,
-            "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
+            "command": _command(args), "results": [r.as_dict() for r in results],
         })
 
 
@@ -140,7 +145,7 @@ def _bench_layer(args: argparse.Namespace) -> None:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
             "timed": f"LLM decoder layer {args.layer} alone, prefill, no KV cache", "warmup": args.warmup,
-            "repeats": args.repeats, "command": "slimvlm " + shlex.join(sys.argv[1:]), "results": [r.as_dict() for r in results],
+            "repeats": args.repeats, "command": _command(args), "results": [r.as_dict() for r in results],
         })
 
 
@@ -169,7 +174,7 @@ def _eval(args: argparse.Namespace) -> None:
     ]
     print(format_table(results))
     if args.json:
-        write_json(args.json, results, {"model": args.model, "data": args.data or "testbed", "command": "slimvlm " + shlex.join(sys.argv[1:])})
+        write_json(args.json, results, {"model": args.model, "data": args.data or "testbed", "command": _command(args)})
         print(f"wrote {args.json}")
 
 
@@ -413,6 +418,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return exit_code(lambda: args.run(args), "slimvlm")
 
 
