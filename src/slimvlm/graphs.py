@@ -18,8 +18,8 @@ import torch
 
 
 def graphs_wanted(setting: bool | None, device: torch.device) -> bool:
-    """Graphs only where asked for (None is off), on a GPU, at inference (no autograd)."""
-    return bool(setting) and device.type == "cuda" and not torch.is_grad_enabled()
+    """Graphs on a GPU at inference (no autograd) unless turned off; None is on."""
+    return setting is not False and device.type == "cuda" and not torch.is_grad_enabled()
 
 
 @contextlib.contextmanager
