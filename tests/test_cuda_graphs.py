@@ -42,7 +42,8 @@ def test_replayed_prefill_equals_eager(tiny_cuda, spec):
         assert handle.stats.visual_tokens
 
 
-@pytest.mark.parametrize("spec", ["none", "visionzip:dominant=20,contextual=5", "divprune:budget=40", "llava-mini:budget=2"])
+@pytest.mark.parametrize("spec", ["none", "visionzip:dominant=20,contextual=5", "divprune:budget=40", "llava-mini:budget=2",
+                                  "fastv", "mustdrop-64"])
 def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
     model, processor = tiny_cuda
     inputs = on_cuda(batch(processor, 2, seed=3))

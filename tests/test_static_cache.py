@@ -1,5 +1,6 @@
-"""generate(cache_implementation="static"): slimvlm's own static cache sized for the reduced prompt,
-the same text as the dynamic cache, a decode step that compiles as one graph, and clear refusals."""
+"""generate(cache_implementation="static"): slimvlm's own static cache sized for the reduced prompt (a
+length per group of layers after stage 3-4 methods), the same text as the dynamic cache, a decode step that
+compiles as one graph, and clear refusals."""
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
 
 STAGE_1_2 = ["none", "tome:r=8", "divprune:budget=40", "visionzip:dominant=20,contextual=5", "uniform:budget=49",
              "pool:budget=36", "llava-mini:budget=2"]
+STAGE_3_4 = ["fastv", "fastv:k=1,ratio=0.75", "mustdrop-64", ["tome:r=8", "fastv"]]
 
 
 def generate(model, inputs, static: bool, new_tokens: int = 5, **extra):
@@ -28,7 +30,7 @@ def assert_same_generation(first, second) -> None:
         assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", STAGE_1_2)
+@pytest.mark.parametrize("spec", STAGE_1_2 + STAGE_3_4, ids=str)
 def test_static_cache_generates_what_the_dynamic_cache_does(fresh, spec):
     model, processor = fresh
     inputs = batch(processor, 3, seed=1)  # left-padded prompts of different lengths
@@ -77,15 +79,56 @@ def test_the_decode_step_compiles_as_one_graph(fresh):
         model.generation_config.compile_config = saved
 
 
-@pytest.mark.parametrize("spec, says", [
-    ("fastv", "drops tokens inside the LLM"),
-    ("mustdrop-64", "drops tokens inside the LLM"),
-    (["tome:r=8", "vtu"], "virtual unmerging"),
-])
-def test_methods_a_static_cache_cannot_hold_are_refused(fresh, spec, says):
+def test_layers_after_a_drop_hold_fewer_entries_and_decode_reads_only_those(fresh):
     model, processor = fresh
-    with torch.no_grad(), slimvlm.apply(model, spec), pytest.raises(slimvlm.SlimVLMError, match=says):
-        generate(model, batch(processor, 1), static=True)
+    inputs = batch(processor, 2)
+    name = cache_kwarg(model.forward)
+    with torch.no_grad():
+        untouched = getattr(generate(model, inputs, static=True, new_tokens=6), name)
+        with slimvlm.apply(model, "fastv:k=1,ratio=0.75") as handle:
+            cache = getattr(generate(model, inputs, static=True, new_tokens=6), name)
+    lengths = [layer.max_cache_len for layer in cache.layers]
+    entries = handle.stats.kv_entries  # per sample, per layer, after prefill
+    room = untouched.layers[0].max_cache_len - inputs["input_ids"].shape[1]  # what generate() left for new tokens
+    for layer, length in enumerate(lengths):
+        width = max(entries[b][layer] for b in range(2))
+        assert length == -(-(width + room) // CAPACITY_STEP) * CAPACITY_STEP
+    assert lengths[0] > lengths[1] == lengths[-1]  # FastV at k=1 drops 3/4 of the 576 visual tokens
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [max(entries[b][i] for b in range(2)) + 5
+                                                                        for i in range(len(lengths))]
+
+
+def test_after_a_static_generate_the_dynamic_path_still_drops(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2, seed=2)
+    with torch.no_grad(), slimvlm.apply(model, "mustdrop-64") as handle:
+        dynamic = generate(model, inputs, static=False)
+        generate(model, inputs, static=True)  # takes the layer hooks off for its decode steps
+        again = generate(model, inputs, static=False)
+        assert_same_generation(again, dynamic)
+        assert min(handle.stats.kv_visual_entries[0]) < 64
+
+
+def test_a_stage_3_decode_step_compiles_as_one_graph(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    saved = model.generation_config.compile_config
+    model.generation_config.compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    try:
+        with torch.no_grad():
+            with slimvlm.apply(model, "mustdrop-64"):
+                eager = generate(model, inputs, static=True)
+            with slimvlm.apply(model, "mustdrop-64", compile=True):  # fullgraph: a graph break raises
+                assert_same_generation(generate(model, inputs, static=True), eager)
+    finally:
+        model.generation_config.compile_config = saved
+
+
+def test_virtual_unmerging_on_a_static_cache_is_refused(fresh):
+    model, processor = fresh
+    with torch.no_grad(), slimvlm.apply(model, ["tome:r=8", "vtu"]):
+        with pytest.raises(slimvlm.SlimVLMError, match="virtual unmerging"):
+            generate(model, batch(processor, 1), static=True)
 
 
 def test_a_static_cache_without_room_is_refused(fresh):

@@ -3,13 +3,15 @@
 `generate(cache_implementation="static")` hands the prefill a StaticCache sized for the untouched
 prompt. slimvlm swaps in a cache of its own, sized for the reduced sequence plus the room generate
 left for new tokens, so that each decode step's attention reads only the entries that were kept
-(a static cache attends over its whole length). The cache is reused while the batch size and the
-size stay, so the compiled step is not rebuilt, and the size is rounded up to CAPACITY_STEP so that
-image-dependent counts (DyMU) share a few sizes.
+(a static cache attends over its whole length). Where stage 3 or 4 left layers with different
+entries (FastV drops tokens from layer K on, MustDrop's output-aware cache keeps fewer), each group
+of layers gets its own length: the prefill runs on a dynamic cache and hands its entries over. The
+cache is reused while the batch size and the lengths stay, so the compiled step is not rebuilt, and
+lengths are rounded up to CAPACITY_STEP so that image-dependent counts (DyMU) share a few sizes.
 
-A decode step is one function of tensors (embed, the LM with a (B, 1, Q, C) mask and position ids,
-lm_head): that function is what torch.compile sees, with transformers' own CompileConfig
-(inductor, CUDA graphs). The bookkeeping around it is a slice assignment and an add.
+A decode step is one function of tensors (embed, the LM's layers each with its group's (B, 1, Q, C)
+mask, lm_head): that function is what torch.compile sees, with transformers' own CompileConfig
+(inductor, CUDA graphs). The bookkeeping around it is a slice assignment per group and an add.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.output_capturing import capture_outputs
 
 from .errors import SlimVLMError
 from .graphs import GraphCache
@@ -39,30 +43,34 @@ def cache_length(cache) -> int:
 
 @dataclass
 class StaticSteps:
-    """Where decoding stands in slimvlm's static cache: key_valid (B, C) marks the slots that hold a
-    real entry (the reduced prompt's valid tokens, then each decoded token); `length` slots are used."""
+    """Where decoding stands in slimvlm's static cache. LLM layers that hold the same entries form a
+    group (one group, unless stage 3/4 shortened some layers' caches): per group, key_valid (B, C) marks
+    the slots that hold a real entry (the reduced prompt's, then each decoded token) and `lengths` slots
+    are used; `group_of_layer` names each LLM layer's group."""
 
-    key_valid: torch.Tensor
-    length: int
+    key_valid: list[torch.Tensor]
+    lengths: list[int]
+    group_of_layer: tuple[int, ...]
 
-    @property
-    def capacity(self) -> int:
-        return self.key_valid.shape[1]
-
-    def advance(self, steps: int, new_valid: torch.Tensor | None, mask_dtype: torch.dtype | None) -> torch.Tensor:
-        """Take `steps` new tokens into the next slots, valid where `new_valid` (B, Q) says (None: all);
-        the (B, 1, Q, C) mask of their queries."""
-        start = self.length
-        if start + steps > self.capacity:
-            raise SlimVLMError(
-                f"the static cache is full ({self.capacity} entries after the reduced prompt's); give generate() "
-                "the max_new_tokens it will decode, or pass a larger StaticCache"
-            )
-        self.key_valid[:, start : start + steps] = True if new_valid is None else new_valid
-        self.length = start + steps
-        if steps == 1 and mask_dtype is None:  # later slots are still False: the padding mask is the causal one
-            return self.key_valid[:, None, None, :]
-        return attention_mask_4d(self.key_valid, steps, mask_dtype, first_query=start)
+    def advance(self, steps: int, new_valid: torch.Tensor | None, mask_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+        """Take `steps` new tokens into each group's next slots, valid where `new_valid` (B, Q) says (None:
+        all); per group, the (B, 1, Q, C) mask of their queries."""
+        for key_valid, start in zip(self.key_valid, self.lengths):
+            if start + steps > key_valid.shape[1]:
+                raise SlimVLMError(
+                    f"the static cache is full ({key_valid.shape[1]} slots, the reduced prompt's and the new tokens'); give "
+                    "generate() the max_new_tokens it will decode, or pass a larger StaticCache"
+                )
+        masks = []
+        for group, key_valid in enumerate(self.key_valid):
+            start = self.lengths[group]
+            key_valid[:, start : start + steps] = True if new_valid is None else new_valid
+            self.lengths[group] = start + steps
+            if steps == 1 and mask_dtype is None:  # later slots are still False: the padding mask is the causal one
+                masks.append(key_valid[:, None, None, :])
+            else:
+                masks.append(attention_mask_4d(key_valid, steps, mask_dtype, first_query=start))
+        return tuple(masks)
 
 
 class StaticDecoder:
@@ -80,42 +88,56 @@ class StaticDecoder:
         self._prefill_graphs: GraphCache | None = None  # of the LLM prefill, writing self._cache
         self._compiled = None
 
-    def start(self, given, valid: torch.Tensor, prompt_length: int, like: torch.Tensor) -> tuple[object, StaticSteps]:
-        """A reset static cache for the reduced prompt `valid` (B, L), with the decode room that the
-        given cache (sized by generate for the untouched prompt) left after `prompt_length`."""
+    def start(self, given, key_valid: list[torch.Tensor], group_of_layer: tuple[int, ...], prompt_length: int,
+              like: torch.Tensor) -> tuple[object, StaticSteps]:
+        """A reset static cache for the reduced prompt, with the decode room that the given cache (sized by
+        generate for the untouched prompt) left after `prompt_length`. key_valid: per group of layers, the
+        (B, W) entries the prompt leaves in those layers; group_of_layer: each LLM layer's group."""
         room = cache_length(given) - prompt_length
         if room < 1:
             raise SlimVLMError(
                 f"the static cache holds {cache_length(given)} entries, no more than the prompt's {prompt_length}; "
                 "make it longer than the prompt plus the tokens to generate"
             )
-        batch, width = valid.shape
-        capacity = -(-(width + room) // CAPACITY_STEP) * CAPACITY_STEP
+        batch = key_valid[0].shape[0]
+        capacities = [-(-(valid.shape[1] + room) // CAPACITY_STEP) * CAPACITY_STEP for valid in key_valid]
         window = getattr(self.adapter.text_config, "sliding_window", None)
-        if window is not None and capacity > window:
+        if window is not None and max(capacities) > window:
             raise SlimVLMError(
                 f"the language model attends within a sliding window of {window} tokens, shorter than the "
-                f"{capacity} this static cache holds; generate without cache_implementation='static'"
+                f"{max(capacities)} this static cache holds; generate without cache_implementation='static'"
             )
-        key = (batch, capacity, like.dtype, like.device)
+        per_layer = tuple(capacities[group] for group in group_of_layer)
+        key = (batch, per_layer, like.dtype, like.device)
         if key != self._cache_key:
-            from transformers import StaticCache
-
             self._cache = None  # free the old one (and the graphs that write it) before allocating
             self._prefill_graphs = GraphCache(self._prefill)
-            self._cache = StaticCache(config=self.adapter.text_config, max_cache_len=capacity)
+            self._cache = static_cache(self.adapter.text_config, per_layer)
             self._cache_key = key
         else:
             self._cache.reset()
-        key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
-        key_valid[:, :width] = valid
-        return self._cache, StaticSteps(key_valid=key_valid, length=width)
+        slots = []
+        for valid, capacity in zip(key_valid, capacities):
+            slot = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
+            slot[:, : valid.shape[1]] = valid
+            slots.append(slot)
+        return self._cache, StaticSteps(slots, [valid.shape[1] for valid in key_valid], group_of_layer)
+
+    def hand_off(self, given, key_valid: list[torch.Tensor], group_of_layer: tuple[int, ...], layers: list,
+                 prompt_length: int, like: torch.Tensor) -> tuple[object, StaticSteps]:
+        """A static cache holding what a prefill left in a dynamic one (`layers`: per LLM layer, its keys and
+        values), for methods after which layers hold different entries (stages 3-4): each group of layers
+        gets its own length, so decode steps read only the entries kept."""
+        cache, steps = self.start(given, key_valid, group_of_layer, prompt_length, like)
+        for target, source in zip(cache.layers, layers):
+            target.update(source.keys, source.values)
+        return cache, steps
 
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, steps: StaticSteps, mask_dtype, graphs: bool) -> torch.Tensor:
         """The LM's last hidden states (B, L, D) over the reduced prompt, its entries written to the
         cache start() gave; replayed from a CUDA graph per width when `graphs` (its output buffer is
         the graph's: use it before the next prefill)."""
-        mask = attention_mask_4d(steps.key_valid, embeds.shape[1], mask_dtype, first_query=0)
+        mask = attention_mask_4d(steps.key_valid[0], embeds.shape[1], mask_dtype, first_query=0)
         if not graphs:
             return self._prefill(embeds, mask, positions)
         return self._prefill_graphs(embeds, mask, positions, after_warmup=self._cache.reset)
@@ -123,10 +145,10 @@ class StaticDecoder:
     def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.adapter.run_llm(embeds, mask, positions, self._cache, True).last_hidden_state
 
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (B, Q, V) of one decode step."""
-        embed, body, head = self.adapter.decode_modules()
-        args = (embed, body, head, self.adapter.cache_kwarg, input_ids, attention_mask, position_ids, cache)
+    def step(self, input_ids: torch.Tensor, masks: tuple[torch.Tensor, ...], group_of_layer: tuple[int, ...],
+             position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, Q, V) of one decode step; masks: per group of layers, its (B, 1, Q, C) mask."""
+        args = (self.adapter.decode_parts(), self.adapter.cache_kwarg, input_ids, masks, group_of_layer, position_ids, cache)
         if not self._compiling(input_ids.device):
             return decode_step(*args)
         if self._compiled is None:  # looked up once per apply: a step's host time is what it must save
@@ -140,15 +162,49 @@ class StaticDecoder:
         return device.type == "cuda" and not getattr(self.model.generation_config, "disable_compile", False)
 
 
-def decode_step(embed, body, head, cache_kwarg: str, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    """One decode step of the LM, as a function of modules and tensors alone: what torch.compile sees.
-    Module-level (not a method of a per-apply object) so that compiled code is found again when
-    slimvlm is applied anew to the same model."""
-    hidden = body(
-        inputs_embeds=embed(input_ids), attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-        **{cache_kwarg: cache},
-    ).last_hidden_state
-    return head(hidden)
+def static_cache(text_config, capacities: tuple[int, ...]):
+    """transformers' StaticCache with each LLM layer's own length."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=text_config, max_cache_len=max(capacities))
+    if len(set(capacities)) > 1:  # sliding-window layers never get here: stages 3-4 are refused on such LMs
+        cache.layers = [StaticLayer(max_cache_len=capacity) for capacity in capacities]
+    return cache
+
+
+@dataclass(frozen=True)
+class DecodeParts:
+    """What one decode step runs of an LM: token embedding, the LM body (the module whose outputs
+    transformers captures), its decoder layers, final norm and rotary embedding, and the head."""
+
+    embed: torch.nn.Module
+    body: torch.nn.Module
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    rotary: torch.nn.Module
+    head: torch.nn.Module
+
+
+def decode_step(parts: DecodeParts, cache_kwarg: str, input_ids, masks, group_of_layer, position_ids, cache) -> torch.Tensor:
+    """One decode step of the LM, layer by layer so that each layer gets its group's mask, as a function of
+    modules and tensors alone: what torch.compile sees. Module-level (not a method of a per-apply object)
+    so that compiled code is found again when slimvlm is applied anew to the same model."""
+    hidden = parts.embed(input_ids)
+    position_embeddings = parts.rotary(hidden, position_ids=position_ids)
+    hidden = _decoder_layers(parts.body, parts, hidden, masks, group_of_layer, position_ids, position_embeddings,
+                             cache_kwarg, cache).last_hidden_state
+    return parts.head(hidden)
+
+
+@capture_outputs  # as transformers runs an LM body: its output-capture hooks (installed on the layers once
+# output_hidden_states was asked for) read a collector this sets, in a way torch.compile can trace
+def _decoder_layers(body, parts: DecodeParts, hidden, masks, group_of_layer, position_ids, position_embeddings,
+                    cache_kwarg: str, cache) -> BaseModelOutputWithPast:
+    for layer, group in zip(parts.layers, group_of_layer):
+        hidden = layer(hidden, attention_mask=masks[group], position_ids=position_ids,
+                       position_embeddings=position_embeddings, use_cache=True, **{cache_kwarg: cache})
+    return BaseModelOutputWithPast(last_hidden_state=parts.norm(hidden))
 
 
 _COMPILED: dict[str, object] = {}

@@ -36,6 +36,9 @@ class HookSet:
     def add(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._handles.append(handle)
 
+    def __bool__(self) -> bool:
+        return bool(self._handles)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -123,13 +123,15 @@ class Runtime:
         self.session: Session | None = None
         self._by_stage = {stage: [m for m in methods if stage in m.stages] for stage in Stage}
         self._prefill_methods = self._by_stage[Stage.PREFILL]
-        self._hooks = HookSet()
+        self._llm_hooks = HookSet()  # stage 3-4 hooks on the LLM layers
         self._static = StaticDecoder(model, adapter, compile)
         self._vision_graphs = GraphCache(self._vision)  # stages 1-2 in one graph, when every method is capturable
         for method in methods:
             method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
             method.check_identity(model)
         self._decode_methods = self._by_stage[Stage.DECODE]
+        # stages 3-4 act inside the LLM through layer hooks; their layers end prefill holding different entries
+        self._in_llm = bool(self._prefill_methods or self._decode_methods)
         self._unmerge = any(getattr(m, "virtual_unmerge", False) for m in methods)
         self._undo: list = []
         window = getattr(adapter.text_config, "sliding_window", None)
@@ -145,7 +147,7 @@ class Runtime:
             self.keep_positions = True  # the copies sit at the patches' own positions
             for layer in range(len(adapter.llm_layers)):
                 self._undo.append(adapter.override_attention(layer, _UnmergeCore(self)))
-        elif self._prefill_methods or self._decode_methods:
+        elif self._in_llm:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
             self._install_layer_hooks()
         self._install_forward()
@@ -184,14 +186,14 @@ class Runtime:
         for index in range(first, len(self.adapter.llm_layers)):
             layer = self.adapter.llm_layers[index]
             hook = functools.partial(self._layer_pre_hook, index)
-            self._hooks.add(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            self._llm_hooks.add(layer.register_forward_pre_hook(hook, with_kwargs=True))
         for method in self._prefill_methods:
             if method.queries is not None:
                 for layer in method.drop_layers:
                     self._install_row_probe(method, layer)
 
     def remove(self) -> None:
-        self._hooks.remove()
+        self._llm_hooks.remove()
         for undo in self._undo:
             undo()
         self._undo.clear()
@@ -264,6 +266,10 @@ class Runtime:
         on_static = bool(use_cache) and is_static(given)
         if on_static:
             self._check_static()
+        if self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()
+            self._install_layer_hooks()
+        # stages 3-4 prefill on a dynamic cache, then hand its entries over to a static one (decoding.py)
+        hand_off = on_static and self._in_llm
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
         images_per_sample, right_padded = self._prompt_shape(input_ids, arguments.get("attention_mask"))
         tokens, vision_trace, projected, context = self._run_vision(
@@ -284,10 +290,11 @@ class Runtime:
             adapter.image_token_id,
             adapter.tokens_per_image,
             self.keep_positions,
-            width_step=CAPACITY_STEP if on_static else 1,  # on a static cache: a few widths, a graph or compile each
+            width_step=CAPACITY_STEP if on_static and not hand_off else 1,  # a few widths, a graph or compile each
             right_padded=right_padded,
         )
-        session = self._start_session(rebuilt, tokens, given, use_cache, on_static, input_ids.shape[1], right_padded)
+        session = self._start_session(rebuilt, tokens, given, use_cache, on_static and not hand_off, input_ids.shape[1],
+                                      right_padded)
         output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
         valid = rebuilt.sequence.valid
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
@@ -296,6 +303,8 @@ class Runtime:
         if use_cache:
             for method in self._decode_methods:
                 self._compress_cache(method)
+        if hand_off:
+            self._hand_off_to_static(session, given, rebuilt.embeds)
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
@@ -307,9 +316,10 @@ class Runtime:
         one, or a new dynamic one), its views of the sequence, where positions continue."""
         sequence = rebuilt.sequence
         valid = sequence.valid
-        cache, static = (given, None) if use_cache else (None, None)
+        cache, static = (given, None) if use_cache and not is_static(given) else (None, None)
         if on_static:
-            cache, static = self._static.start(given, valid, prompt_length, rebuilt.embeds)
+            layers = len(self.adapter.llm_layers)
+            cache, static = self._static.start(given, [valid], (0,) * layers, prompt_length, rebuilt.embeds)
         elif use_cache and cache is None:
             from transformers import DynamicCache
 
@@ -341,6 +351,17 @@ class Runtime:
         output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
                                       use_cache, **kwargs)
         return output, output.last_hidden_state
+
+    def _hand_off_to_static(self, session: Session, given, like: torch.Tensor) -> None:
+        """Move the prefill's dynamic cache into slimvlm's static one, a length per group of layers that
+        hold the same entries, and take the layer hooks off: the static decode step gives each layer its
+        group's mask itself, and hooks would be traced into the compiled step."""
+        groups = session.distinct_views()
+        group_index = {id(view): group for group, view in enumerate(groups)}
+        session.cache, session.static = self._static.hand_off(
+            given, [view.key_valid for view in groups], tuple(group_index[id(view)] for view in session.layer_views),
+            self.adapter.cache_layers(session.cache), session.prompt_length, like)
+        self._llm_hooks.remove()
 
     def _run_vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool):
         """Stages 1-2 (see _vision), replayed as one CUDA graph when graphs are on and every method is capturable."""
@@ -377,13 +398,6 @@ class Runtime:
                 "virtual unmerging (vtu, and dymu by default) attends over every merged token's copies in each step, "
                 "which a static cache does not hold; generate without cache_implementation='static', or use dymu:vtu=false"
             )
-        inside = [m.name for m in self._prefill_methods + self._decode_methods]
-        if inside:
-            raise SlimVLMError(
-                f"{', '.join(sorted(set(inside)))} drops tokens inside the LLM, so its layers hold caches of different "
-                "lengths, which transformers' static cache cannot; generate without cache_implementation='static' "
-                "(stage-1/2 methods such as tome, dymu:vtu=false, visionzip, divprune and llava-mini run on it)"
-            )
 
     def _decode(self, arguments: dict, kwargs: dict):
         session = self.session
@@ -405,8 +419,8 @@ class Runtime:
             positions = positions + torch.arange(steps, device=input_ids.device)
         session.next_position = session.next_position + steps
         if session.static is not None:
-            mask = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
-            logits = self._static.step(input_ids, mask, positions, session.cache)
+            masks = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
+            logits = self._static.step(input_ids, masks, session.static.group_of_layer, positions, session.cache)
             return self._output(logits, None, session.cache, arguments)
         mask_needed = new_valid is not None or session.padded or self._unmerge or len(session.distinct_views()) > 1
         if new_valid is None:
@@ -498,8 +512,8 @@ class Runtime:
             view = self.session.view_of(score_layer)
             self.session.rows[method.name, drop_layer] = self._rows(parts, view.sequence, queries, keys, captured.pop("position_embeddings"), method.queries)
 
-        self._hooks.add(parts.module.register_forward_pre_hook(before, with_kwargs=True))
-        self._hooks.add(parts.module.register_forward_hook(after, with_kwargs=True))
+        self._llm_hooks.add(parts.module.register_forward_pre_hook(before, with_kwargs=True))
+        self._llm_hooks.add(parts.module.register_forward_hook(after, with_kwargs=True))
 
     def _rows(self, parts, sequence: Sequence, queries, keys, position_embeddings, which: str):
         batch, length, _ = keys.shape
@@ -569,6 +583,7 @@ class Runtime:
         and positions of later tokens stay as they are)."""
         session = self.session
         layers = self.adapter.cache_layers(session.cache)
+        compressed: dict[int, tuple] = {}  # by the view a layer had: (keep, gather, the view after), shared
         for index, cache_layer in enumerate(layers):
             current = session.view_of(index)
             sequence = current.sequence
@@ -576,12 +591,16 @@ class Runtime:
             if keep is None:
                 continue
             keep = (keep | ~sequence.visual) & sequence.valid
-            if bool((keep == sequence.valid).all()):
-                continue
-            gather, valid = compaction(keep)
+            known = compressed.get(id(current))
+            if known is None or not torch.equal(known[0], keep):
+                if bool((keep == sequence.valid).all()):
+                    continue
+                gather, valid = compaction(keep)
+                known = compressed[id(current)] = (keep, gather, View(sequence=sequence.gather(gather, valid), key_valid=valid))
+            _, gather, view = known
             cache_layer.keys = cache_layer.keys.gather(2, gather[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
             cache_layer.values = cache_layer.values.gather(2, gather[:, None, :, None].expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
-            session.set_view([index], View(sequence=sequence.gather(gather, valid), key_valid=valid))
+            session.set_view([index], view)
 
     # ---- statistics --------------------------------------------------------------------------
     def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: list[list[int]], prompt_length: int,

@@ -9,6 +9,12 @@ from typing import Callable
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU), before and after a host-clock reading."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
     """Median milliseconds of fn() over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):

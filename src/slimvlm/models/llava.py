@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..attention import apply_rope, attention_rows
+from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..graphs import GraphCache
 from ..hooks import capture_outputs
@@ -190,9 +191,10 @@ class LlavaAdapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def decode_modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        """(token embedding, LM body, lm_head): what one decode step runs (decoding.decode_step)."""
-        return self.model.get_input_embeddings(), self.language_model, self.lm_head
+    def decode_parts(self) -> DecodeParts:
+        """What one decode step runs (decoding.decode_step), layer by layer."""
+        lm = self.language_model
+        return DecodeParts(self.model.get_input_embeddings(), lm, lm.layers, lm.norm, lm.rotary_emb, self.lm_head)
 
     def run_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
         return self.language_model(
