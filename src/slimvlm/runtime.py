@@ -580,27 +580,41 @@ class Runtime:
     # ---- stage 4: the KV cache after prefill --------------------------------------------------
     def _compress_cache(self, method: Method) -> None:
         """Keep, per layer, only the cache entries the method chooses (visual entries only; text
-        and positions of later tokens stay as they are)."""
+        and positions of later tokens stay as they are). Layers that saw the same sequence and keep the
+        same entries share one view; which they are is read from the device once per view."""
         session = self.session
         layers = self.adapter.cache_layers(session.cache)
-        compressed: dict[int, tuple] = {}  # by the view a layer had: (keep, gather, the view after), shared
-        for index, cache_layer in enumerate(layers):
-            current = session.view_of(index)
-            sequence = current.sequence
+        keeps: dict[int, torch.Tensor] = {}
+        by_view: dict[int, list[int]] = {}
+        for index in range(len(layers)):
+            sequence = session.view_of(index).sequence
             keep = method.decode_keep(index, sequence, session.tokens)
-            if keep is None:
-                continue
-            keep = (keep | ~sequence.visual) & sequence.valid
-            known = compressed.get(id(current))
-            if known is None or not torch.equal(known[0], keep):
-                if bool((keep == sequence.valid).all()):
+            if keep is not None:
+                keeps[index] = (keep | ~sequence.visual) & sequence.valid
+                by_view.setdefault(id(session.view_of(index)), []).append(index)
+        for indices in by_view.values():
+            sequence = session.view_of(indices[0]).sequence
+            stacked = torch.stack([keeps[index] for index in indices])  # (layers, B, L)
+            like_first = (stacked == stacked[0]).flatten(1).all(dim=1)
+            drops = (stacked != sequence.valid).flatten(1).any(dim=1)
+            shared = None
+            for index, (same, dropping) in zip(indices, torch.stack([like_first, drops], dim=1).tolist()):
+                if not dropping:
                     continue
-                gather, valid = compaction(keep)
-                known = compressed[id(current)] = (keep, gather, View(sequence=sequence.gather(gather, valid), key_valid=valid))
-            _, gather, view = known
-            cache_layer.keys = cache_layer.keys.gather(2, gather[:, None, :, None].expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
-            cache_layer.values = cache_layer.values.gather(2, gather[:, None, :, None].expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
-            session.set_view([index], view)
+                if same:
+                    shared = shared or self._compressed(sequence, keeps[index])
+                gather, view = shared if same else self._compressed(sequence, keeps[index])
+                cache_layer = layers[index]
+                at = gather[:, None, :, None]
+                cache_layer.keys = cache_layer.keys.gather(2, at.expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
+                cache_layer.values = cache_layer.values.gather(2, at.expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
+                session.set_view([index], view)
+
+    @staticmethod
+    def _compressed(sequence: Sequence, keep: torch.Tensor) -> tuple[torch.Tensor, View]:
+        """(the gather index, the view after it) of a sequence cut to `keep`."""
+        gather, valid = compaction(keep)
+        return gather, View(sequence=sequence.gather(gather, valid), key_valid=valid)
 
     # ---- statistics --------------------------------------------------------------------------
     def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: list[list[int]], prompt_length: int,

@@ -135,9 +135,9 @@ def dual_attention_drop(rows: torch.Tensor, query_valid: torch.Tensor, visual: t
     valid = query_valid[..., None]
     global_score = attention.masked_fill(~valid, 0).sum(dim=1)
     individual = attention.masked_fill(~valid, float("-inf")).max(dim=1).values if attention.shape[1] else torch.full_like(global_score, float("-inf"))
-    images = int(image.max().item()) + 1 if bool(visual.any()) else 0
     safe_image = torch.where(visual, image, 0)
-    total = global_score.new_zeros(max(images, 1)).scatter_add_(0, safe_image[visual], global_score[visual])
+    # per image, its tokens' total; an image index is below the token count, so no read-back sizes the sums
+    total = global_score.new_zeros(visual.numel()).scatter_add_(0, safe_image.flatten(), global_score.masked_fill(~visual, 0).flatten())
     image_total = total[safe_image]
     return visual & ~protected & (global_score < global_thr * image_total) & (individual < individual_thr)
 
@@ -233,7 +233,7 @@ class MustDrop(Method):
         rows, cols = tokens.grid
         if self.window > min(rows, cols):
             raise SlimVLMError(f"mustdrop: window={self.window} is larger than the {rows}x{cols} patch grid; use a smaller window")
-        if bool((tokens.patch_to_token < 0).any()) or bool((tokens.size != 1).any()):
+        if not tokens.uniform:  # known on the host: fresh patches, one token each
             raise SlimVLMError("mustdrop: local spatial merging needs the encoder's full, unmerged patch tokens at layer 0")
         patch_token = tokens.patch_to_token  # (B, P)
         features = tokens.x.gather(1, patch_token[..., None].expand(-1, -1, tokens.x.shape[-1]))
@@ -253,10 +253,9 @@ class MustDrop(Method):
         rows = attention.next_rows if attention.next_rows is not None else attention.rows
         cls_attention = rows(cls_index).float().mean(dim=1)[:, 0]  # (B, N): mean over heads
         chosen = important_tokens(cls_attention, tokens.valid & ~tokens.is_cls, self.important_ratio)
-        important = torch.zeros(batch, tokens.num_patches, dtype=torch.bool, device=chosen.device)
-        image, index = chosen.nonzero(as_tuple=True)
-        important[image, tokens.origin[image, index]] = True
-        self._important = important
+        patch = tokens.origin.clamp(0, tokens.num_patches - 1)  # CLS and padding are never chosen
+        important = torch.zeros(batch, tokens.num_patches, dtype=torch.int32, device=chosen.device)
+        self._important = important.scatter_add_(1, patch, chosen.int()) > 0
         return tokens
 
     def important_mask(self, sequence: Sequence, tokens: VisualTokens | None) -> torch.Tensor:
@@ -279,11 +278,11 @@ class MustDrop(Method):
         protected = self.important_mask(sequence, layer.tokens)
         drop = dual_attention_drop(layer.rows, layer.query_valid, visual, sequence.image, protected, self.global_thr, self.individual_thr)
         keep = ~drop
-        if layer.tokens is not None:
-            survivors = torch.zeros(layer.tokens.x.shape[:2], dtype=torch.bool, device=keep.device)
-            kept = visual & keep
-            survivors[sequence.image[kept], sequence.token[kept]] = True
-            self._survivors = survivors
+        if layer.tokens is not None:  # per image, its tokens still in the sequence (scattered: no read-back)
+            images, width = layer.tokens.x.shape[:2]
+            at = torch.where(visual, sequence.image * width + sequence.token, 0)
+            survivors = torch.zeros(images * width, dtype=torch.int32, device=keep.device)
+            self._survivors = (survivors.scatter_add_(0, at.flatten(), (visual & keep).int().flatten()) > 0).view(images, width)
         return keep
 
     # stage 4 -----------------------------------------------------------------
