@@ -386,7 +386,7 @@ def token_counts(model, thresholds: Thresholds, images: Iterable, batch_size: in
     thresholds.check(model)
     adapter = adapter_for(model)
     method = DyMU(thresholds=thresholds, vtu=False)
-    method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+    adapter.check_method(method)
     weight = adapter.vision.embeddings.patch_embedding.weight
     out: list[int] = []
     for batch in _batches(images, batch_size):
