@@ -145,6 +145,13 @@ class LlavaAdapter:
         """Each image's projected views joined into its LLM tokens: one view per image, as it is."""
         return tokens
 
+    def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
+        """Random pixels for `count` images, as the processor would hand them over, and the placeholders
+        each image takes: what a benchmark needs (its numbers do not depend on content)."""
+        vision = self.vision_config
+        pixels = torch.randn(count, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+        return {"pixel_values": pixels}, self.tokens_per_image
+
     # ---- stage 1: the vision encoder -------------------------------------------------------
     def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
         """Run the vision tower up to its feature layer, giving a stage-1 method each layer.

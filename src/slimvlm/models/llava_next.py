@@ -99,17 +99,32 @@ class LlavaNextAdapter(LlavaAdapter):
         return [layout.slots for layout in self.layouts]
 
     def images_per_sample(self, placeholders: list[int]) -> list[int]:
-        """Images are taken in order, each sample those whose placeholders it holds (a mismatch is named
-        later, by the rebuild of the LLM input)."""
+        """Images are taken in order, each sample those whose placeholders it holds; a sample whose
+        placeholders are not whole images' is refused (images left over are named by the rebuild)."""
         counts = self.image_tokens()
         out, at = [], 0
-        for found in placeholders:
-            taken = 0
+        for sample, found in enumerate(placeholders):
+            first, taken = at, 0
             while at < len(counts) and taken + counts[at] <= found:
                 taken += counts[at]
                 at += 1
-            out.append(at - sum(out))
+            if taken != found:
+                raise SlimVLMError(
+                    f"prompt {sample} has {found} image placeholder tokens, not those of whole images: by image_sizes "
+                    f"the images take {', '.join(map(str, counts))} in turn; pass the image_sizes the processor returned "
+                    "with these prompts (images in prompt order)"
+                )
+            out.append(at - first)
         return out
 
     def pack(self, tokens: VisualTokens) -> VisualTokens:
         return pack(tokens, self.layouts, self.newline)
+
+    def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
+        """Images of the largest pinpoint's shape: the most tiles and nothing cut, the most tokens."""
+        height, width = max(self.pinpoints, key=lambda size: size[0] * size[1])
+        layout = self._layout(height, width)
+        vision = self.vision_config
+        pixels = torch.randn(count, layout.views, vision.num_channels, vision.image_size, vision.image_size,
+                             generator=generator)
+        return {"pixel_values": pixels, "image_sizes": torch.tensor([[height, width]] * count)}, layout.slots
