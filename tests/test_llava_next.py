@@ -196,3 +196,25 @@ def test_full_feature_selection_is_refused(tiny_next):
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(slimvlm.SlimVLMError, match="use 'default'"):
         slimvlm.apply(model, "none")
+
+
+def test_an_image_given_more_tokens_than_its_placeholders_is_refused(fresh_next):
+    from slimvlm.train import DualSpeed
+
+    model, processor = fresh_next
+    dual = DualSpeed(model, pruner="divprune:ratio=1", isolator_length=4)  # within the largest image's 336 tokens
+    with torch.no_grad(), slimvlm.apply(model, dual.inference_method()):
+        with pytest.raises(slimvlm.SlimVLMError, match="image 0 has 170 visual tokens after the methods but 166 placeholders"):
+            model(**next_batch(processor, sizes=[(100, 230)]))
+
+
+def test_dymu_calibrates_on_the_crops_of_processed_images(fresh_next, tmp_path):
+    from conftest import next_images
+
+    model, processor = fresh_next
+    thresholds = calibrate_dymu(model, next_images(), target=30, batch_size=2, processor=processor, progress=False)
+    assert thresholds.images == sum(VIEWS)  # the encoder's views: each image's base view and tiles
+    thresholds.save(tmp_path / "dymu.json")
+    with torch.no_grad(), slimvlm.apply(model, f"dymu:thresholds={tmp_path / 'dymu.json'}") as handle:
+        model(**next_batch(processor))
+    assert len(handle.stats.vision_tokens[0]) == sum(VIEWS)

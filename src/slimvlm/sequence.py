@@ -155,6 +155,13 @@ def rebuild(
     batch, length = input_ids.shape
     device = input_ids.device
     is_image, image, slot = image_slots(input_ids, image_token_id, tokens.batch_size, tokens_per_image)
+    places = tokens_per_image if isinstance(tokens_per_image, list) else [tokens_per_image] * tokens.batch_size
+    for index, (count, room) in enumerate(zip(tokens.host_counts(), places)):
+        if count > room:  # the span has no place for the rest: never drop them silently
+            raise SlimVLMError(
+                f"image {index} has {count} visual tokens after the methods but {room} placeholders in its prompt; "
+                "a method may not give an image more tokens than it had: prune more (or shorten a DualSpeed isolator)"
+            )
     counts = tokens.counts
     safe_image, safe_slot = image.clamp_min(0), slot.clamp_min(0)
     in_budget = slot < counts[safe_image]

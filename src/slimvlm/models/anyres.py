@@ -62,69 +62,69 @@ class ImageLayout:
         return self.side * self.side + torch.arange(self.rows) * (self.cols + 1) + self.cols
 
 
-def pack(views: VisualTokens, layouts: list[ImageLayout], newline: torch.Tensor) -> VisualTokens:
-    """Each image's views (consecutive rows of `views`, as `layouts` count them) joined into its
-    LLM tokens in slot order, with `newline` (D,) at every newline slot. Reads the counts back once."""
+def landing(views: VisualTokens, patch_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per view token (V, N): the first slot its patches land on and how many land (patch_slot (V, P):
+    each view patch's slot or -1); class tokens keep CLS_ORIGIN and their size; a token with no slot
+    gets size 0 (it goes)."""
+    num_views, per_view = views.size.shape
     device = views.x.device
-    num_views, per_view, dim = views.x.shape
-    if num_views != sum(layout.views for layout in layouts):
-        raise ValueError(f"{num_views} views, the layouts need {sum(layout.views for layout in layouts)}")
-    patch_slot = torch.cat([layout.view_slots() for layout in layouts]).to(device)  # (V, P)
-    view_image = torch.cat([torch.full((layout.views,), i) for i, layout in enumerate(layouts)]).to(device)
-    # each view token: the first slot it lands on and how many; class tokens stay (origin CLS_ORIGIN)
-    token = views.patch_to_token
-    lands = (token >= 0) & (patch_slot >= 0)
-    flat = (torch.arange(num_views, device=device)[:, None] * per_view + token.clamp_min(0))[lands]
+    lands = (views.patch_to_token >= 0) & (patch_slot >= 0)
+    flat = (torch.arange(num_views, device=device)[:, None] * per_view + views.patch_to_token.clamp_min(0))[lands]
     origin = torch.full((num_views * per_view,), PADDING_ORIGIN, dtype=torch.long, device=device)
     origin.scatter_reduce_(0, flat, patch_slot[lands], reduce="amin")
-    size = torch.zeros(num_views * per_view, dtype=torch.float32, device=device).index_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.float32))
-    cls = (views.is_cls & views.valid).flatten()
-    origin = torch.where(cls, CLS_ORIGIN, origin)
-    size = torch.where(cls, views.size.flatten(), size)
+    size = torch.zeros(num_views * per_view, dtype=torch.float32, device=device)
+    size.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    cls = views.is_cls & views.valid
+    origin = torch.where(cls, CLS_ORIGIN, origin.view(num_views, per_view))
+    return origin, torch.where(cls, views.size, size.view(num_views, per_view))
 
-    # candidates per image: its views' tokens, then its newlines; sorted by origin (ties: class tokens, in view order)
-    first_view = [0]
-    for layout in layouts[:-1]:
-        first_view.append(first_view[-1] + layout.views)
-    width = max(layout.views for layout in layouts) * per_view + max(layout.rows for layout in layouts)
-    images = len(layouts)
-    table = torch.full((images, width), -1, dtype=torch.long, device=device)  # candidate -> row of `features`
-    key = torch.full((images, width), PADDING_ORIGIN, dtype=torch.long, device=device)
-    cand_size = torch.zeros(images, width, dtype=torch.float32, device=device)
-    newlines = num_views * per_view  # the row of `features` that holds the newline
-    for i, (layout, start) in enumerate(zip(layouts, first_view)):
-        rows = torch.arange(start * per_view, (start + layout.views) * per_view, device=device)
-        table[i, : rows.numel()] = rows
-        key[i, : rows.numel()] = origin[rows]
-        cand_size[i, : rows.numel()] = size[rows]
-        at = layout.views * per_view + torch.arange(layout.rows, device=device)
-        table[i, at] = newlines
-        key[i, at] = layout.newline_slots().to(device)
-        cand_size[i, at] = 1.0
-    key = torch.where(cand_size > 0, key, PADDING_ORIGIN)
-    sorted_all = key.argsort(dim=1, stable=True)
-    counts = (key != PADDING_ORIGIN).sum(dim=1).tolist()  # the one read back
-    order = sorted_all[:, : max(counts)]
+
+def pack(views: VisualTokens, layouts: list[ImageLayout], newline: torch.Tensor) -> VisualTokens:
+    """Each image's views (consecutive rows of `views`, as `layouts` count them) joined into its LLM
+    tokens in slot order, with `newline` (D,) on every newline slot. Reads the counts back once."""
+    device = views.x.device
+    num_views, per_view, dim = views.x.shape
+    per_image = torch.tensor([layout.views for layout in layouts])
+    if num_views != int(per_image.sum()):
+        raise ValueError(f"{num_views} views, the layouts need {int(per_image.sum())}")
+    patch_slot = torch.cat([layout.view_slots() for layout in layouts]).to(device)  # (V, P)
+    origin, size = landing(views, patch_slot)
+    # candidates: a row per image holding its views' tokens (view after view), then its newlines
+    view_image = torch.repeat_interleave(torch.arange(len(layouts)), per_image).to(device)
+    first_view = (per_image.cumsum(0) - per_image).to(device)
+    column = (torch.arange(num_views, device=device) - first_view[view_image])[:, None] * per_view
+    column = column + torch.arange(per_view, device=device)  # (V, N)
+    line_image = torch.cat([torch.full((layout.rows,), i) for i, layout in enumerate(layouts)]).to(device)
+    line_column = torch.cat([layout.views * per_view + torch.arange(layout.rows) for layout in layouts]).to(device)
+    line_slot = torch.cat([layout.newline_slots() for layout in layouts]).to(device)
+    shape = (len(layouts), max(layout.views for layout in layouts) * per_view + max(layout.rows for layout in layouts))
+    key = torch.full(shape, PADDING_ORIGIN, dtype=torch.long, device=device)
+    weight = torch.zeros(shape, dtype=torch.float32, device=device)
+    source = torch.zeros(shape, dtype=torch.long, device=device)  # the row of `features` a candidate takes
+    rows = view_image[:, None].expand(-1, per_view)
+    key[rows, column] = torch.where(size > 0, origin, PADDING_ORIGIN)
+    weight[rows, column] = size
+    source[rows, column] = torch.arange(num_views * per_view, device=device).view(num_views, per_view)
+    key[line_image, line_column] = line_slot
+    weight[line_image, line_column] = 1.0
+    source[line_image, line_column] = num_views * per_view
     features = torch.cat([views.x.reshape(-1, dim), newline.to(views.x.dtype)[None]])
-    picked = table.gather(1, order)
-    kept = torch.arange(order.shape[1], device=device)[None] < torch.tensor(counts, device=device)[:, None]
-    x = torch.where(kept[..., None], features[picked.clamp_min(0)], 0)
 
+    ordered = key.argsort(dim=1, stable=True)  # by slot; class tokens first, in view order
+    counts = (key != PADDING_ORIGIN).sum(dim=1).tolist()  # the one read back
+    order = ordered[:, : max(counts)]
+    kept = torch.arange(order.shape[1], device=device)[None] < torch.tensor(counts, device=device)[:, None]
+    rank = torch.empty_like(ordered).scatter_(1, ordered, torch.arange(shape[1], device=device).expand(shape[0], -1))
     # the source map: each slot -> the rank of the token on it
-    rank = torch.empty(images, width, dtype=torch.long, device=device)
-    rank.scatter_(1, sorted_all, torch.arange(width, device=device).expand(images, -1))
     slots = max(layout.slots for layout in layouts)
-    patch_to_token = torch.full((images, slots), -1, dtype=torch.long, device=device)
-    column = (torch.arange(num_views, device=device) - torch.tensor(first_view, device=device)[view_image])[:, None] * per_view + token
-    image_of_patch = view_image[:, None].expand_as(token)
-    patch_to_token[image_of_patch[lands], patch_slot[lands]] = rank[image_of_patch[lands], column[lands]]
-    for i, layout in enumerate(layouts):
-        at = layout.views * per_view + torch.arange(layout.rows, device=device)
-        patch_to_token[i, layout.newline_slots().to(device)] = rank[i, at]
+    patch_to_token = torch.full((len(layouts), slots), -1, dtype=torch.long, device=device)
+    lands = (views.patch_to_token >= 0) & (patch_slot >= 0)
+    on = view_image[:, None].expand_as(patch_slot)[lands]
+    patch_to_token[on, patch_slot[lands]] = rank[on, column.gather(1, views.patch_to_token.clamp_min(0))[lands]]
+    patch_to_token[line_image, line_slot] = rank[line_image, line_column]
     return VisualTokens(
-        x=x,
-        size=torch.where(kept, cand_size.gather(1, order), 0.0),
+        x=torch.where(kept[..., None], features[source.gather(1, order)], 0),
+        size=torch.where(kept, weight.gather(1, order), 0.0),
         origin=torch.where(kept, key.gather(1, order), PADDING_ORIGIN),
         patch_to_token=patch_to_token,
         grid=None,
