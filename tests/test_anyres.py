@@ -16,7 +16,7 @@ def test_layout_gives_the_processors_placeholders_and_the_models_crops(tiny_next
     model, processor = tiny_next
     adapter = adapter_for(model)
     inputs = next_batch(processor, sizes=[size])
-    layout = adapter._layout(*size)
+    layout = adapter.layout_of(*size)
     assert layout.slots == int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert layout.views == image_size_to_num_patches(list(size), model.config.image_grid_pinpoints, 112)
 

@@ -30,8 +30,9 @@ from .llava import LlavaAdapter
 
 
 class LlavaNextAdapter(LlavaAdapter):
-    """tokens_per_image stays one crop's patch tokens (the vision tower's unit); an image's placeholder
-    count follows its size (image_tokens(), after views())."""
+    """LLaVA's adapter with AnyRes images (see the module's docstring). tokens_per_image stays one crop's
+    patch tokens (the vision tower's unit); an image's placeholder count follows its size (image_tokens(),
+    after views())."""
 
     family = "llava-next"
     output_class = LlavaNextCausalLMOutputWithPast
@@ -43,7 +44,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self.pinpoints = [list(p) for p in self.config.image_grid_pinpoints]
         self.layouts: list[ImageLayout] = []  # of the images last given to views(); pack() lays them out
         # the most placeholders an image can have: the largest tile grid, nothing cut
-        self.max_image_tokens = max(self._layout(h, w).slots for h, w in self.pinpoints)
+        self.max_image_tokens = max(self.layout_of(h, w).slots for h, w in self.pinpoints)
 
     def _check_config(self, config) -> None:
         if config.vision_feature_select_strategy != "default":
@@ -63,7 +64,7 @@ class LlavaNextAdapter(LlavaAdapter):
         tokens = self.tokens_per_image if Stage.ENCODE in method.stages else self.max_image_tokens
         method.check_model(self.vision_layers_run, len(self.llm_layers), tokens)
 
-    def _layout(self, height: int, width: int) -> ImageLayout:
+    def layout_of(self, height: int, width: int) -> ImageLayout:
         """The layout the model gives an image of height x width pixels (its own functions decide)."""
         side = self.grid[0]
         tiles = get_anyres_image_grid_shape([height, width], self.pinpoints, self.vision_config.image_size)
@@ -80,7 +81,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 "LLaVA-NeXT lays each image out by its size: pass image_sizes (the processor returns them with pixel_values)"
             )
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
-        layouts = [self._layout(int(h), int(w)) for h, w in sizes]
+        layouts = [self.layout_of(int(h), int(w)) for h, w in sizes]
         needed = [layout.views for layout in layouts]
         if pixel_values.dim() == 5 and pixel_values.shape[0] == len(layouts) and pixel_values.shape[1] >= max(needed):
             crops = torch.cat([image[:count] for image, count in zip(pixel_values, needed)])
@@ -123,7 +124,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
         """Images of the largest pinpoint's shape: the most tiles and nothing cut, the most tokens."""
         height, width = max(self.pinpoints, key=lambda size: size[0] * size[1])
-        layout = self._layout(height, width)
+        layout = self.layout_of(height, width)
         vision = self.vision_config
         pixels = torch.randn(count, layout.views, vision.num_channels, vision.image_size, vision.image_size,
                              generator=generator)
