@@ -50,3 +50,51 @@ def fresh(tiny):
     if handle is not None:
         handle.remove()
     torch.manual_seed(0)
+
+
+# ---- LLaVA-NeXT (AnyRes) -------------------------------------------------------------------------
+NEXT_SIZES = [(100, 230), (200, 190)]  # (height, width): 1 x 2 tiles cut to 6 of 8 rows; 2 x 2 tiles, uncut
+
+
+def next_model(folder):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return load(folder, model_class=LlavaNextForConditionalGeneration)
+
+
+@pytest.fixture(scope="session")
+def tiny_next_dir(tmp_path_factory):
+    from slimvlm.testbed.build import make_tiny_next
+
+    return make_tiny_next(tmp_path_factory.mktemp("tiny_next"), seed=0, image_size=112)
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tiny_next_dir):
+    """(model, processor): a tiny random LLaVA-NeXT, crops of 112 px / patch 14 (8 x 8 patches), 2 or 4 tiles."""
+    return next_model(tiny_next_dir)
+
+
+def next_images(sizes=NEXT_SIZES, seed: int = 0, scale: int = 1) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h * scale, w * scale, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def next_batch(processor, sizes=NEXT_SIZES, scale: int = 1) -> dict:
+    """A left-padded batch of prompts of different lengths, one image each, of different sizes (tile counts)."""
+    prompts = [format_prompt(QUESTIONS[i % len(QUESTIONS)]) for i in range(len(sizes))]
+    return processor(images=next_images(sizes, scale=scale), text=prompts, return_tensors="pt", padding=True)
+
+
+def next_select(inputs: dict, index: int) -> dict:
+    """One sample of a LLaVA-NeXT batch, alone, without padding."""
+    return {**select(inputs, index), "image_sizes": inputs["image_sizes"][index : index + 1]}
+
+
+@pytest.fixture
+def fresh_next(tiny_next):
+    model, processor = tiny_next
+    yield model, processor
+    handle = getattr(model, "_slimvlm_handle", None)
+    if handle is not None:
+        handle.remove()

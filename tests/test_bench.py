@@ -138,3 +138,26 @@ def test_bench_generate_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
     assert {r["visual_tokens_mean"] for r in payload["results"] if r["method"] == "divprune:budget=64"} == {64}
     assert main(["bench-generate", "--model", str(tiny_dir), "--paths", "fast", "--device", "cpu"]) == 2
     assert "--paths 'fast'" in capsys.readouterr().err
+
+
+def test_bench_cli_on_tiny_llava_next(tiny_next_dir, tmp_path):
+    """Synthetic images of the largest pinpoint (2 x 2 tiles, nothing cut): 64 + 16 x 17 tokens each."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(tiny_next_dir), "--methods", "tome:r=4,divprune:budget=64", "--json", str(out),
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--device", "cpu"])
+    assert code == 0
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["none"]["visual_tokens_mean"] == 64 + 16 * 17
+    assert results["tome:r=4"]["visual_tokens_mean"] == 64 + 16 * 17 - 5 * 2 * 4  # 5 crops, 2 layers, r = 4
+    assert results["divprune:budget=64"]["visual_tokens_max"] == 64
+    assert results["divprune:budget=64"]["flops_ratio"] < results["tome:r=4"]["flops_ratio"] < 1
+
+
+def test_llava_next_7b_shape():
+    from transformers import LlavaNextConfig
+
+    from slimvlm.bench.shapes import shape_config
+
+    config = shape_config("llava-next-7b")
+    assert isinstance(config, LlavaNextConfig) and config.image_grid_pinpoints[2] == [672, 672]
+    assert config.text_config.to_dict() == shape_config("llava-1.5-7b").text_config.to_dict()

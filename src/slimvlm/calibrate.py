@@ -298,7 +298,8 @@ def calibration_scenes(count: int, seed: int = 0) -> list:
 
 
 def _pixels(items: list, processor, device, dtype) -> torch.Tensor:
-    """PIL images (through the processor) and (3, H, W) or (B, 3, H, W) tensors -> (B, 3, H, W)."""
+    """PIL images (through the processor) and (3, H, W) or (B, 3, H, W) tensors -> (B, 3, H, W): the
+    encoder's views (LLaVA-NeXT: each image's crops, which DyMU merges one by one)."""
     out = []
     for item in items:
         if isinstance(item, torch.Tensor):
@@ -311,7 +312,8 @@ def _pixels(items: list, processor, device, dtype) -> torch.Tensor:
             if processor is None:
                 raise SlimVLMError("PIL images need the model's processor: pass processor=... (or pixel tensors)")
             image_processor = getattr(processor, "image_processor", processor)
-            out.append(image_processor(images=[item], return_tensors="pt")["pixel_values"])
+            pixels = image_processor(images=[item], return_tensors="pt")["pixel_values"]
+            out.append(pixels[0] if pixels.dim() == 5 else pixels)  # AnyRes (LLaVA-NeXT): the image's crops
     return torch.cat(out).to(device=device, dtype=dtype)
 
 
@@ -386,7 +388,7 @@ def token_counts(model, thresholds: Thresholds, images: Iterable, batch_size: in
     thresholds.check(model)
     adapter = adapter_for(model)
     method = DyMU(thresholds=thresholds, vtu=False)
-    method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+    adapter.check_method(method)
     weight = adapter.vision.embeddings.patch_embedding.weight
     out: list[int] = []
     for batch in _batches(images, batch_size):

@@ -211,5 +211,5 @@ def check_runs(model, runs: list[list[str]]) -> None:
         chosen = [build(spec) for spec in specs]
         check_compatible(chosen)
         for method in chosen:
-            method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+            adapter.check_method(method)
             method.check_identity(model)

@@ -31,12 +31,14 @@ class Stats:
     """What the last forward/generate did.
 
     visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
-    (raster order) the visual token it ended in, -1 if dropped (the source map).
+    (raster order) the visual token it ended in, -1 if dropped (the source map; LLaVA-NeXT: for each
+    slot of the image's layout, models/anyres.py, -1 past an image's own slots).
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
-    visual). vision_tokens: per vision layer run, per image, tokens at its input. llm_tokens: per
-    LLM layer, per sample, tokens in prefill. attention_tokens: the same for the tokens each
-    layer's attention runs over (more than llm_tokens under virtual unmerging). projector_tokens:
-    per image, tokens through the projector. prompt_tokens: per sample, the untouched prompt's length.
+    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop),
+    tokens at its input. llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens:
+    the same for the tokens each layer's attention runs over (more than llm_tokens under virtual
+    unmerging). projector_tokens: per encoder view, tokens through the projector. prompt_tokens: per
+    sample, the untouched prompt's length.
     fusion_tokens: per stage-2 fusion layer (LLaVA-Mini's pre-fusion: layers of the LM's shape run
     before the LLM), per sample, the tokens it ran over.
     """
@@ -127,7 +129,7 @@ class Runtime:
         self._static = StaticDecoder(model, adapter, compile)
         self._vision_graphs = GraphCache(self._vision)  # stages 1-2 in one graph, when every method is capturable
         for method in methods:
-            method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+            adapter.check_method(method)
             method.check_identity(model)
         self._decode_methods = self._by_stage[Stage.DECODE]
         # stages 3-4 act inside the LLM through layer hooks; their layers end prefill holding different entries
@@ -221,25 +223,11 @@ class Runtime:
         return original(**arguments, **kwargs)
 
 
-    def _check_image_size(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
-        """Images of the size the vision tower was trained at (where interpolating its position
-        embeddings changes nothing): another size gives another grid than the prompt's placeholders
-        and the methods' budgets are laid out for."""
-        size = self.adapter.vision_config.image_size
-        if tuple(pixel_values.shape[-2:]) != (size, size):
-            raise SlimVLMError(
-                f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels: slimvlm's LLaVA adapter takes {size}x{size} "
-                f"images (the model's image_size{', also with interpolate_pos_encoding' if interpolate else ''}); "
-                "let the processor resize them"
-            )
-
     def _check_unsupported(self, arguments: dict) -> None:
         if arguments.get("inputs_embeds") is not None:
             raise SlimVLMError("pass input_ids (with the image placeholders), not inputs_embeds, when slimvlm is applied")
         if arguments.get("input_ids") is None:
             raise SlimVLMError("input_ids are required with pixel_values")
-        if arguments.get("image_sizes") is not None:
-            raise SlimVLMError("image_sizes is not supported by the LLaVA adapter (LLaVA-1.5 takes fixed-size images)")
         for name, configured in (
             ("vision_feature_layer", self.adapter.config.vision_feature_layer),
             ("vision_feature_select_strategy", self.adapter.config.vision_feature_select_strategy),
@@ -253,7 +241,8 @@ class Runtime:
 
     def _prefill(self, arguments: dict, kwargs: dict):
         self._check_unsupported(arguments)
-        self._check_image_size(arguments["pixel_values"], kwargs.pop("interpolate_pos_encoding", False))
+        arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
+            arguments["pixel_values"], arguments.get("image_sizes"), kwargs.pop("interpolate_pos_encoding", False))
         adapter = self.adapter
         input_ids = arguments["input_ids"]
         mask = arguments.get("attention_mask")
@@ -288,7 +277,7 @@ class Runtime:
             arguments.get("labels"),
             tokens,
             adapter.image_token_id,
-            adapter.tokens_per_image,
+            adapter.image_tokens(),
             self.keep_positions,
             width_step=CAPACITY_STEP if on_static and not hand_off else 1,  # a few widths, a graph or compile each
             right_padded=right_padded,
@@ -308,7 +297,7 @@ class Runtime:
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
-        return self._logits(hidden, session.cache, arguments, self.labels, output, image_output(tokens))
+        return self._logits(hidden, session.cache, arguments, self.labels, output, image_output(tokens, adapter.output_class))
 
     def _start_session(self, rebuilt, tokens, given, use_cache: bool, on_static: bool, prompt_length: int,
                        right_padded: bool) -> Session:
@@ -366,7 +355,7 @@ class Runtime:
     def _run_vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool):
         """Stages 1-2 (see _vision), replayed as one CUDA graph when graphs are on and every method is capturable."""
         stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
-        if graphs and all(method.capturable for method in stages_1_2):
+        if graphs and self.adapter.vision_capturable and all(method.capturable for method in stages_1_2):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             return self._vision_graphs(pixel_values, input_ids, mask, key=(images_per_sample,))
         return self._vision(pixel_values, input_ids, attention_mask, images_per_sample, graphs)
@@ -380,6 +369,7 @@ class Runtime:
         tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
         projected = list(tokens.host_counts())
+        tokens = adapter.pack(tokens)
         starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
         context = PromptContext(
             input_ids=input_ids,
@@ -474,9 +464,7 @@ class Runtime:
     def _output(self, logits: torch.Tensor, loss, cache, arguments: dict, **extra):
         """What the untouched model returns: its output class (a tuple when return_dict=False), with the
         LM's hidden states and attentions (of the reduced sequence) and the visual tokens the LLM got."""
-        from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-
-        result = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, **{self._cache_name: cache}, **extra)
+        result = self.adapter.output_class(loss=loss, logits=logits, **{self._cache_name: cache}, **extra)
         return result if arguments.get("return_dict", True) is not False else result.to_tuple()
 
     def _prompt_shape(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], bool]:
@@ -486,7 +474,7 @@ class Runtime:
         if mask is not None:
             columns += [mask[:, 0].long(), mask[:, -1].long()]
         read = torch.stack(columns).tolist()
-        images = [n // self.adapter.tokens_per_image for n in read[0]]
+        images = self.adapter.images_per_sample(read[0])
         right_padded = mask is not None and all(read[1]) and not all(read[2])
         return images, right_padded
 

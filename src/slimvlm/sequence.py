@@ -103,22 +103,30 @@ class Rebuilt:
     labels: torch.Tensor | None
 
 
-def image_slots(input_ids: torch.Tensor, image_token_id: int, num_images: int, tokens_per_image: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which image and which slot of it each placeholder token is, in the order the processor wrote them."""
+def image_slots(input_ids: torch.Tensor, image_token_id: int, num_images: int, tokens_per_image: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which image and which slot of it each placeholder token is, in the order the processor wrote them.
+    tokens_per_image: the placeholders of every image, or a list of each one's (LLaVA-NeXT: by image_sizes)."""
     is_image = input_ids == image_token_id
     found = int(is_image.sum().item())
-    expected = num_images * tokens_per_image
+    varying = isinstance(tokens_per_image, list)
+    expected = sum(tokens_per_image) if varying else num_images * tokens_per_image
     if found == 0:
         raise SlimVLMError(
             f"the prompt has no image placeholder (token id {image_token_id}) but {num_images} image(s) were given; "
             "put '<image>' in the text where the image goes and build the inputs with the model's processor"
         )
     if found != expected:
+        each = f"{', '.join(map(str, tokens_per_image))} by their image_sizes" if varying else f"{tokens_per_image} each"
         raise SlimVLMError(
             f"the prompt has {found} image placeholder tokens but {num_images} image(s) need {expected} "
-            f"({tokens_per_image} each); put one '<image>' per image in the text and let the processor expand it"
+            f"({each}); put one '<image>' per image in the text and let the processor expand it"
         )
     order = is_image.flatten().long().cumsum(0).view_as(input_ids) - 1
+    if varying:
+        counts = torch.tensor(tokens_per_image, device=input_ids.device)
+        ends = counts.cumsum(0)
+        which = torch.searchsorted(ends, order, right=True).clamp_max(len(tokens_per_image) - 1)
+        return is_image, torch.where(is_image, which, -1), torch.where(is_image, order - (ends - counts)[which], -1)
     image = torch.where(is_image, order // tokens_per_image, -1)
     slot = torch.where(is_image, order % tokens_per_image, -1)
     return is_image, image, slot
@@ -132,7 +140,7 @@ def rebuild(
     labels: torch.Tensor | None,
     tokens: VisualTokens,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | list[int],
     keep_positions: bool,
     width_step: int = 1,
     right_padded: bool = False,
@@ -147,6 +155,13 @@ def rebuild(
     batch, length = input_ids.shape
     device = input_ids.device
     is_image, image, slot = image_slots(input_ids, image_token_id, tokens.batch_size, tokens_per_image)
+    places = tokens_per_image if isinstance(tokens_per_image, list) else [tokens_per_image] * tokens.batch_size
+    for index, (count, room) in enumerate(zip(tokens.host_counts(), places)):
+        if count > room:  # the span has no place for the rest: never drop them silently
+            raise SlimVLMError(
+                f"image {index} has {count} visual tokens after the methods but {room} placeholders in its prompt; "
+                "a method may not give an image more tokens than it had: prune more (or shorten a DualSpeed isolator)"
+            )
     counts = tokens.counts
     safe_image, safe_slot = image.clamp_min(0), slot.clamp_min(0)
     in_budget = slot < counts[safe_image]

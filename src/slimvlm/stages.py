@@ -123,6 +123,9 @@ class Method:
     # stage 1: the encoder's sequence lengths follow each image (threshold merging), so they are new
     # on most calls; the encoder then runs attention off cuDNN (see LlavaAdapter.encode)
     varying_lengths: bool = False
+    # stage 2: works on each image's tokens as one patch grid (2D pooling, 2D positions), which models whose
+    # images are several views (LLaVA-NeXT's base view and tiles, with newlines) do not have
+    needs_patch_grid: ClassVar[bool] = False
     # stage 3: the LLM layers at whose input it drops tokens; it reads the attention rows
     # (`queries`) of the layer before each
     drop_layers: tuple[int, ...] = ()

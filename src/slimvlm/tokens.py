@@ -24,22 +24,27 @@ class VisualTokens:
     x: (B, N, D) features. size: (B, N) patches each token stands for, 0 for padding.
     origin: (B, N) first patch index a token covers (CLS_ORIGIN for the class token).
     patch_to_token: (B, P) the token each of the P patches now belongs to, -1 if dropped.
-    grid: (rows, cols) of the patch grid. has_cls: whether token 0 is the class token.
+    grid: (rows, cols) of the patch grid; None where an image's tokens lie on no one grid (views packed
+    into a layout: models/anyres.py, where the P "patches" are the layout's slots and an image with
+    fewer slots than P has -1 past its own). has_cls: whether token 0 is the class token.
     uniform: known without reading the device that every size is 1 and nothing is padded (fresh
     patches; a regroup clears it), so attention needs no bias and no host sync to find that out.
     known: per image, its token count where the host knows it without reading the device (fresh
     patches; a regroup whose caller knew the counts, or that read them): see host_counts. Reading
     counts back stalls the host on the GPU and stops a CUDA graph from covering the work.
+    view_slots: for images packed from several encoder views (LLaVA-NeXT), (V, P_view): where each
+    view's patch went, image * P + slot, -1 where the packing cut it; None when each image is one view.
     """
 
     x: torch.Tensor
     size: torch.Tensor
     origin: torch.Tensor
     patch_to_token: torch.Tensor
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     has_cls: bool
     uniform: bool = False
     known: list[int] | None = None
+    view_slots: torch.Tensor | None = None
 
     @classmethod
     def from_patches(cls, x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> "VisualTokens":
@@ -68,7 +73,7 @@ class VisualTokens:
 
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.patch_to_token.shape[1]
 
     @property
     def valid(self) -> torch.Tensor:
@@ -157,6 +162,7 @@ class VisualTokens:
             grid=self.grid,
             has_cls=self.has_cls,
             known=list(counts),
+            view_slots=self.view_slots,
         )
 
     def keep(self, mask: torch.Tensor, counts: list[int] | None = None) -> "VisualTokens":
@@ -181,6 +187,16 @@ class VisualTokens:
                            patch_to_token=self.patch_to_token - 1, has_cls=False, known=[n - 1] * self.batch_size)
         dropped = self.keep(~self.is_cls, counts=None if self.known is None else [c - 1 for c in self.known])
         return replace(dropped, has_cls=False)
+
+    def patches_from_views(self, mask: torch.Tensor) -> torch.Tensor:
+        """A per-view patch mask (V, P_view), e.g. a set a stage-1 method chose in each view, moved to
+        the images' patches (B, P) (see view_slots); as it is when each image is one view."""
+        if self.view_slots is None:
+            return mask
+        moved = torch.zeros(self.batch_size * self.num_patches, dtype=mask.dtype, device=mask.device)
+        lands = self.view_slots >= 0
+        moved[self.view_slots[lands]] = mask[lands]
+        return moved.view(self.batch_size, self.num_patches)
 
     def split(self) -> list[torch.Tensor]:
         """Per image, its real tokens' features (N_i, D), in spatial order."""

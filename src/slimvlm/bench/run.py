@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..api import apply
+from ..models import adapter_for
 from ..registry import check_runs
 from . import flops as flops_mod
 from .table import text_table
@@ -51,21 +52,18 @@ def synthetic_inputs(model, batch_size: int, text_tokens: int, seed: int = 0) ->
     random pixels: enough for FLOPs, memory and latency, which do not depend on content."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    span = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
     low = 5 if config.text_config.vocab_size > 10 else 0
     text = torch.randint(low, config.text_config.vocab_size, (batch_size, text_tokens), generator=generator)
     text[text == config.image_token_id] = low
+    images, span = adapter_for(model).synthetic_images(batch_size, generator)
     before = min(5, text_tokens)
     image = torch.full((batch_size, span), config.image_token_id)
     input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
-    pixel_values = torch.randn(batch_size, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
     device, dtype = model.device, model.dtype
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device, dtype),
+        **{name: value.to(device, dtype) if value.is_floating_point() else value.to(device) for name, value in images.items()},
     }
 
 

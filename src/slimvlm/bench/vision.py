@@ -115,7 +115,7 @@ def vision_stage(model, specs: list[str]):
                 f"vision-only timing runs the encoder and projector; {method.name!r} also acts at {', '.join(later)}, "
                 f"which it would leave out: give stage-1 methods only{hint}"
             )
-        method.check_model(adapter.vision_layers_run, len(adapter.llm_layers), adapter.tokens_per_image)
+        adapter.check_method(method)
         method.check_identity(model)
     return adapter, next((m for m in methods if m.stages), None)
 

@@ -71,7 +71,7 @@ class UniformKeep(BudgetMethod):
     description = "keep a spatially uniform subsample of the visual tokens (a regular sub-grid when it fits)"
 
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
-        rows, cols = tokens.grid
+        rows, cols = tokens.grid or (0, 0)  # no grid (views packed into a layout): evenly along the tokens
         keep = torch.zeros_like(tokens.valid)
         kept = []
         for image, count in enumerate(tokens.host_counts()):
@@ -93,6 +93,7 @@ class Pool(BudgetMethod):
     name = "pool"
     description = "2D average pooling of the visual-token grid down to a budget (a square number of tokens)"
     capturable = True
+    needs_patch_grid = True
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if math.isqrt(tokens_per_image) ** 2 != tokens_per_image:

@@ -335,6 +335,7 @@ class LlavaMini(Method):
     name = "llava-mini"
     description = "LLaVA-Mini: C learnable queries compress each image; pre-fusion layers fuse vision into the text (Zhang et al. '25)"
     stages = frozenset({Stage.PROJECT})
+    needs_patch_grid = True  # its keys carry the 2D positions of one patch grid
 
     def __init__(self, budget: int | None = None, layers: int | None = None, weights: str | None = None, seed: int = 0) -> None:
         saved = LlavaMiniModules.read_identity(weights) if weights is not None else None

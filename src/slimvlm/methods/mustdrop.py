@@ -265,11 +265,12 @@ class MustDrop(Method):
             return torch.zeros_like(visual)
         if tokens is None:
             raise SlimVLMError("mustdrop: the stage-3/4 hooks need the visual tokens that entered the LLM to find the important set")
+        important = tokens.patches_from_views(self._important)  # chosen per encoder view (LLaVA-NeXT: per crop)
         image = sequence.image.clamp_min(0)
         origin = tokens.origin[image, sequence.token.clamp(0, tokens.x.shape[1] - 1)]
-        patch = origin.clamp(0, self._important.shape[1] - 1)
-        is_patch = (origin >= 0) & (origin < self._important.shape[1])
-        return visual & is_patch & self._important[image, patch]
+        patch = origin.clamp(0, important.shape[1] - 1)
+        is_patch = (origin >= 0) & (origin < important.shape[1])
+        return visual & is_patch & important[image, patch]
 
     # stage 3 -----------------------------------------------------------------
     def prefill_keep(self, layer: PrefillLayer) -> torch.Tensor:

@@ -6,8 +6,9 @@ from torch import nn
 
 from ..errors import SlimVLMError
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-ADAPTERS = {"LlavaForConditionalGeneration": LlavaAdapter}
+ADAPTERS = {"LlavaForConditionalGeneration": LlavaAdapter, "LlavaNextForConditionalGeneration": LlavaNextAdapter}
 
 
 def adapter_for(model: nn.Module) -> LlavaAdapter:

@@ -14,13 +14,11 @@ def cache_kwarg(forward: Callable) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def image_output(tokens) -> dict:
-    """The output field carrying the visual tokens the LLM got, as the installed release names it:
-    `image_outputs` (5.2x: a vision output whose pooler_output lists each image's tokens) or
-    `image_hidden_states` (earlier: one tensor, here padded to the longest image)."""
-    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-
-    fields = {field.name for field in dataclasses.fields(LlavaCausalLMOutputWithPast)}
+def image_output(tokens, output_class: type) -> dict:
+    """The field of `output_class` (the model's output) carrying the visual tokens the LLM got, as the
+    installed release names it: `image_outputs` (5.2x: a vision output whose pooler_output lists each
+    image's tokens) or `image_hidden_states` (earlier: one tensor, here padded to the longest image)."""
+    fields = {field.name for field in dataclasses.fields(output_class)}
     if "image_outputs" in fields:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ..attention import apply_rope, attention_rows
 from ..decoding import DecodeParts
@@ -46,16 +47,17 @@ def attention_off_cudnn(active: bool) -> contextlib.AbstractContextManager:
 
 
 class LlavaAdapter:
+    """LLaVA-1.5: one fixed-size view per image, whose side x side patch tokens (the class token too with
+    'full' feature selection) are the image's placeholders. Families built the same way (LLaVA-NeXT)
+    subclass it and override how images become views and views become the LLM's tokens."""
+
     family = "llava"
+    output_class = LlavaCausalLMOutputWithPast  # what the untouched model's forward returns
+    vision_capturable = True  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
-        if getattr(config, "image_grid_pinpoints", None) is not None:
-            raise SlimVLMError(
-                "this LlavaForConditionalGeneration holds a LLaVA-NeXT checkpoint (its config has image_grid_pinpoints): "
-                "loaded as LLaVA-1.5 it drops the AnyRes tiles and image_newline and answers wrongly; load it with "
-                "LlavaNextForConditionalGeneration (slimvlm has no LLaVA-NeXT adapter yet)"
-            )
+        self._check_config(config)
         inner = model.model
         vision = inner.vision_tower
         self.model = model
@@ -99,6 +101,57 @@ class LlavaAdapter:
                     f"the language model {type(self.language_model).__name__} has no attention.{name}; "
                     "the LLaVA adapter supports Llama-family language models"
                 )
+
+    def _check_config(self, config) -> None:
+        """Refuse a checkpoint of another family loaded into this class."""
+        if getattr(config, "image_grid_pinpoints", None) is not None:
+            raise SlimVLMError(
+                "this LlavaForConditionalGeneration holds a LLaVA-NeXT checkpoint (its config has image_grid_pinpoints): "
+                "loaded as LLaVA-1.5 it drops the AnyRes tiles and image_newline and answers wrongly; load it with "
+                "LlavaNextForConditionalGeneration"
+            )
+
+    def check_method(self, method: Method) -> None:
+        """Refuse, before any work, a method this model cannot honour (a layer it lacks, a budget over its tokens)."""
+        method.check_model(self.vision_layers_run, len(self.llm_layers), self.tokens_per_image)
+
+    # ---- images: views in, the LLM's tokens out ---------------------------------------------
+    def views(self, pixel_values: torch.Tensor, image_sizes, interpolate: bool) -> torch.Tensor:
+        """The encoder's input, one view per image: pixel_values as given, of the size the vision tower was
+        trained at (where interpolating its position embeddings changes nothing): another size gives
+        another grid than the prompt's placeholders and the methods' budgets are laid out for."""
+        if image_sizes is not None:
+            raise SlimVLMError("image_sizes is not supported by the LLaVA adapter (LLaVA-1.5 takes fixed-size images)")
+        self._check_view_size(pixel_values, interpolate)
+        return pixel_values
+
+    def _check_view_size(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
+        size = self.vision_config.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            raise SlimVLMError(
+                f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels: slimvlm's LLaVA adapter takes {size}x{size} "
+                f"images (the model's image_size{', also with interpolate_pos_encoding' if interpolate else ''}); "
+                "let the processor resize them"
+            )
+
+    def image_tokens(self) -> int | list[int]:
+        """The placeholder tokens of every image of the last views() (here one number for all)."""
+        return self.tokens_per_image
+
+    def images_per_sample(self, placeholders: list[int]) -> list[int]:
+        """Per sample, its images, from its placeholder tokens."""
+        return [n // self.tokens_per_image for n in placeholders]
+
+    def pack(self, tokens: VisualTokens) -> VisualTokens:
+        """Each image's projected views joined into its LLM tokens: one view per image, as it is."""
+        return tokens
+
+    def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
+        """Random pixels for `count` images, as the processor would hand them over, and the placeholders
+        each image takes: what a benchmark needs (its numbers do not depend on content)."""
+        vision = self.vision_config
+        pixels = torch.randn(count, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+        return {"pixel_values": pixels}, self.tokens_per_image
 
     # ---- stage 1: the vision encoder -------------------------------------------------------
     def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:

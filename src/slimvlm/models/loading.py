@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,9 +39,11 @@ def load_model(spec: str, device: torch.device, dtype: str = "float32"):
                 "local LLaVA folder, e.g. one made by `slimvlm make-tiny DIR`"
             )
         raise SlimVLMError(f"no model at {folder} (no config.json); give a local model folder, 'testbed' or 'shape:llava-1.5-7b'")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    model_class = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(
         folder, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
     ).to(device).eval()
     processor = None

@@ -21,11 +21,15 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -39,6 +43,7 @@ __all__ = [
     "build_processor",
     "llava_config",
     "make_tiny",
+    "make_tiny_next",
     "load",
 ]
 
@@ -242,14 +247,58 @@ def make_tiny(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_tiny_next(folder: str | Path, seed: int = 0, image_size: int = 336) -> Path:
+    """Build and save a tiny random LLaVA-NeXT (AnyRes): the tiny LLaVA's tokenizer and sizes, crops of
+    image_size px, image_grid_pinpoints of 1 x 2, 2 x 1 and 2 x 2 crops, so that images of different
+    shapes get 2 or 4 tiles (and a base view). Same ``seed`` -> bit-identical weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(TINY_WORDS)
+    llava = llava_config(tokenizer, {**TINY_VISION, "image_size": image_size}, TINY_TEXT)
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    config = LlavaNextConfig(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_id=llava.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=llava.image_seq_length,
+        vision_feature_layer=llava.vision_feature_layer,
+        vision_feature_select_strategy=llava.vision_feature_select_strategy,
+        projector_hidden_act=llava.projector_hidden_act,
+        tie_word_embeddings=False,
+    )
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=llava.vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        image_token=SPECIAL_TOKENS["image"],
+        num_additional_image_tokens=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = generation_config(tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def load(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    model_class: type = LlavaForConditionalGeneration,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load a saved model + processor from disk only (never touches the network)."""
-    model = LlavaForConditionalGeneration.from_pretrained(
+    """Load a saved model + processor from disk only (never touches the network); model_class:
+    LlavaNextForConditionalGeneration for a folder make_tiny_next wrote."""
+    model = model_class.from_pretrained(
         folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
     model = model.to(device).eval()
