@@ -18,7 +18,8 @@ from torch import nn
 from .errors import SlimVLMError
 from .models.compat import cache_kwarg, image_output
 from .hooks import HookSet, capture_outputs
-from .sequence import IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
+from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, is_prepared_mask,
+                       padding_of_causal_mask, rebuild)
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
@@ -32,10 +33,11 @@ class Stats:
 
     visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
     (raster order) the visual token it ended in, -1 if dropped (the source map; LLaVA-NeXT: for each
-    slot of the image's layout, models/anyres.py, -1 past an image's own slots).
+    slot of the image's layout, models/anyres.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own).
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
-    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop),
-    tokens at its input. llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens:
+    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop;
+    Qwen2-VL: each attention segment, an image frame or in 2.5's windowed blocks a window, 0 past a
+    layer's last), tokens at its input. llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens:
     the same for the tokens each layer's attention runs over (more than llm_tokens under virtual
     unmerging). projector_tokens: per encoder view, tokens through the projector. prompt_tokens: per
     sample, the untouched prompt's length.
@@ -119,7 +121,7 @@ class Runtime:
         self.cuda_graphs = cuda_graphs
         self.adapter = adapter
         self.methods = methods
-        self.keep_positions = keep_positions
+        self.keep_positions = adapter.positions_kept(keep_positions)
         self.stats = Stats()
         self.labels: torch.Tensor | None = None  # the last prefill's labels, remapped to its sequence
         self.session: Session | None = None
@@ -210,6 +212,7 @@ class Runtime:
                 arguments[name] = kwargs.pop(name)
         if self._cache_name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated alias
             arguments[self._cache_name] = kwargs.pop("past_key_values")
+        self.adapter.check_arguments(arguments)
         pixel_values = arguments.get("pixel_values")
         cache = arguments.get(self._cache_name)
         if kwargs.get("mm_encoder_outputs") is not None:
@@ -228,13 +231,6 @@ class Runtime:
             raise SlimVLMError("pass input_ids (with the image placeholders), not inputs_embeds, when slimvlm is applied")
         if arguments.get("input_ids") is None:
             raise SlimVLMError("input_ids are required with pixel_values")
-        for name, configured in (
-            ("vision_feature_layer", self.adapter.config.vision_feature_layer),
-            ("vision_feature_select_strategy", self.adapter.config.vision_feature_select_strategy),
-        ):
-            given = arguments.get(name)
-            if given is not None and given != configured:
-                raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
         cache = arguments.get(self._cache_name)
         if cache is not None and cache.get_seq_length() > 0:
             raise SlimVLMError("images after a non-empty KV cache are not supported; start a new cache for each prompt")
@@ -242,11 +238,11 @@ class Runtime:
     def _prefill(self, arguments: dict, kwargs: dict):
         self._check_unsupported(arguments)
         arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
-            arguments["pixel_values"], arguments.get("image_sizes"), kwargs.pop("interpolate_pos_encoding", False))
+            arguments["pixel_values"], arguments.get(self.adapter.sizes_argument), kwargs.pop("interpolate_pos_encoding", False))
         adapter = self.adapter
         input_ids = arguments["input_ids"]
         mask = arguments.get("attention_mask")
-        if mask is not None and mask.dim() == 4:  # generate()'s mask for a static cache, in the untouched frame
+        if mask is not None and is_prepared_mask(mask):  # generate()'s for a static cache, in the untouched frame
             arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1])
         use_cache = arguments.get("use_cache")
         if use_cache is None:
@@ -273,7 +269,7 @@ class Runtime:
             input_ids,
             text_embeds,
             arguments.get("attention_mask"),
-            arguments.get("position_ids"),
+            adapter.prompt_positions(input_ids, arguments.get("attention_mask"), arguments.get("position_ids")),
             arguments.get("labels"),
             tokens,
             adapter.image_token_id,
@@ -316,7 +312,7 @@ class Runtime:
         self.session = Session(
             cache=cache,
             prompt_length=prompt_length,
-            next_position=sequence.positions.masked_fill(~valid, -1).max(dim=1).values + 1,
+            next_position=sequence.next_position(),
             layer_views=[View(sequence=sequence, key_valid=valid)] * len(self.adapter.llm_layers),
             tokens=tokens,
             given_cache=given,
@@ -433,9 +429,9 @@ class Runtime:
 
     def _new_tokens_valid(self, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
         """Which of a decode step's tokens are real, from the caller's 2D mask in the untouched prompt's
-        frame; None when all are (no mask, or the 4D mask generate() builds for a static cache, whose
+        frame; None when all are (no mask, or the mask generate() prepares for a static cache, whose
         frame slimvlm rebuilds from its own bookkeeping)."""
-        if mask is None or mask.dim() == 4:
+        if mask is None or is_prepared_mask(mask):
             return None
         session = self.session
         expected = session.prompt_length + session.decoded + steps

@@ -35,11 +35,25 @@ def compaction(keep: torch.Tensor, width_step: int = 1, right: bool = False) -> 
     return index, valid
 
 
-def padding_of_causal_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+def is_prepared_mask(mask: torch.Tensor | dict) -> bool:
+    """Whether `mask` is one generate() prepared for a static cache (in the untouched prompt's frame): a 4D
+    causal mask, or for LMs with per-layer attention types (Qwen2) a dict of them by type."""
+    return isinstance(mask, dict) or mask.dim() == 4
+
+
+def padding_of_causal_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor:
     """The 2D padding mask (B, length) behind a 4D causal mask (B, 1, length, K >= length), bool
     (True = attend) or additive (0 = attend), such as generate() builds for a static cache: the last
-    query sees every real key before it. Any other 4D mask is refused: slimvlm rebuilds the mask of
-    the reduced sequence from padding alone, and would drop what else the mask says."""
+    query sees every real key before it (of a dict by layer type, its 'full_attention' mask). Any other
+    mask is refused: slimvlm rebuilds the mask of the reduced sequence from padding alone, and would
+    drop what else the mask says."""
+    if isinstance(mask, dict):
+        if set(mask) != {"full_attention"}:
+            raise SlimVLMError(
+                f"an attention_mask per layer type ({', '.join(sorted(mask))}): slimvlm rebuilds full causal masks "
+                "only; pass the 2D padding mask (batch, sequence) the processor returns"
+            )
+        mask = mask["full_attention"]
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != length or mask.shape[3] < length:
         raise SlimVLMError(
             f"a 4D attention_mask of shape {tuple(mask.shape)} is not the causal mask of a {length}-token prompt; "
@@ -69,7 +83,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class Sequence:
     """Bookkeeping of a left-padded LLM sequence (B, L).
 
-    valid: real tokens. positions: rotary position ids. visual: visual tokens.
+    valid: real tokens. positions: rotary position ids, (B, L), or (B, L, A) with one per rotary axis
+    (M-RoPE: time, height, width). visual: visual tokens.
     image: which image (index into pixel_values) a visual token comes from, -1 for text.
     token: which of that image's VisualTokens it is (so stage-1 choices can be found again), -1 for text.
     """
@@ -83,11 +98,16 @@ class Sequence:
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Sequence":
         return Sequence(
             valid=valid,
-            positions=self.positions.gather(1, index),
+            positions=gather_rows(self.positions, index),
             visual=self.visual.gather(1, index) & valid,
             image=torch.where(valid, self.image.gather(1, index), -1),
             token=torch.where(valid, self.token.gather(1, index), -1),
         )
+
+    def next_position(self) -> torch.Tensor:
+        """(B,) the position of a token after the sequence: one past its largest (over every rotary axis)."""
+        positions = self.positions.reshape(*self.valid.shape, -1)
+        return positions.masked_fill(~self.valid[..., None], -1).amax(dim=(1, 2)) + 1
 
     def visual_counts(self) -> torch.Tensor:
         """(B,) visual tokens per sample."""
@@ -147,8 +167,10 @@ def rebuild(
 ) -> Rebuilt:
     """Replace each image's placeholder span with its (possibly fewer) visual tokens.
 
-    keep_positions: each visual token keeps the position of the first patch it covers, text keeps
-    its own; otherwise positions are renumbered without gaps from the first token's position.
+    position_ids: the untouched prompt's, (B, L) or (B, L, A) (one per rotary axis; kept positions only).
+    keep_positions: each visual token keeps the position its origin's placeholder had (the first patch
+    it covers), text keeps its own; otherwise positions are renumbered without gaps from the first
+    token's position.
     width_step: the rebuilt rows' width is a multiple of it (more padding). right_padded: pad the
     rebuilt rows on the right, as the caller did (else on the left).
     """
@@ -177,7 +199,9 @@ def rebuild(
         position_ids = torch.arange(length, device=device).expand(batch, length)
     if keep_positions:
         origin = tokens.origin[safe_image, safe_slot.clamp_max(tokens.origin.shape[1] - 1)]
-        positions = torch.where(use_visual, position_ids - slot + origin, position_ids)
+        at = (torch.arange(length, device=device) - slot + origin).clamp(0, length - 1)  # the origin's placeholder
+        kept = use_visual.view(*use_visual.shape, *([1] * (position_ids.dim() - 2)))
+        positions = torch.where(kept, gather_rows(position_ids, at), position_ids)
     else:
         first = keep.long().argmax(dim=1, keepdim=True)
         positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1

@@ -4,37 +4,21 @@ Llama-family LM. The only module in slimvlm that knows this family's module name
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-from ..attention import apply_rope, attention_rows
-from ..decoding import DecodeParts
+from ..attention import attention_rows
 from ..errors import SlimVLMError
 from ..graphs import GraphCache
 from ..hooks import capture_outputs
-from .compat import cache_kwarg
-from ..sequence import gather_rows
 from ..stages import EncoderAttention, Method
 from ..tokens import VisualTokens
+from .language import LanguageModelAdapter
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class AttentionParts:
-    """What the attention-row probe needs of one LLM layer."""
-
-    module: nn.Module
-    q_proj: nn.Module
-    k_proj: nn.Module
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scaling: float
 
 
 def attention_off_cudnn(active: bool) -> contextlib.AbstractContextManager:
@@ -46,32 +30,28 @@ def attention_off_cudnn(active: bool) -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-class LlavaAdapter:
+class LlavaAdapter(LanguageModelAdapter):
     """LLaVA-1.5: one fixed-size view per image, whose side x side patch tokens (the class token too with
     'full' feature selection) are the image's placeholders. Families built the same way (LLaVA-NeXT)
     subclass it and override how images become views and views become the LLM's tokens."""
 
     family = "llava"
-    output_class = LlavaCausalLMOutputWithPast  # what the untouched model's forward returns
-    vision_capturable = True  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
+    output_class = LlavaCausalLMOutputWithPast
+    vision_capturable = True
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
         self._check_config(config)
         inner = model.model
         vision = inner.vision_tower
-        self.model = model
         self.vision = getattr(vision, "vision_model", vision)
         if type(self.vision).__name__ not in ("CLIPVisionModel", "CLIPVisionTransformer"):
             raise SlimVLMError(
                 f"the LLaVA adapter supports a CLIP vision tower, not {type(self.vision).__name__}; "
                 "use a LLaVA-1.5-style checkpoint (CLIP ViT + Llama-family LM)"
             )
+        super().__init__(model, inner.language_model)
         self.projector = inner.multi_modal_projector
-        self.language_model = inner.language_model
-        self.lm_head = model.lm_head
-        self.config = config
-        self.text_config = config.text_config
         self.vision_config = config.vision_config
 
         layer = config.vision_feature_layer
@@ -90,17 +70,14 @@ class LlavaAdapter:
         side = self.vision_config.image_size // self.vision_config.patch_size
         self.grid = (side, side)
         self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
-        self.image_token_id = config.image_token_id
-        self.llm_layers = list(self.language_model.layers)
         self._prefix_graphs: dict[int, GraphCache] = {}  # by the number of untouched encoder layers
-        self.cache_kwarg = cache_kwarg(self.language_model.forward)
-        first = self.llm_layers[0].self_attn
-        for name in ("q_proj", "k_proj", "scaling", "head_dim"):
-            if not hasattr(first, name):
-                raise SlimVLMError(
-                    f"the language model {type(self.language_model).__name__} has no attention.{name}; "
-                    "the LLaVA adapter supports Llama-family language models"
-                )
+
+    def check_arguments(self, arguments: dict) -> None:
+        """Feature layer and selection come from the config (the encoder runs up to it before any call)."""
+        for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+            given, configured = arguments.get(name), getattr(self.config, name)
+            if given is not None and given != configured:
+                raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
 
     def _check_config(self, config) -> None:
         """Refuse a checkpoint of another family loaded into this class."""
@@ -141,10 +118,6 @@ class LlavaAdapter:
     def images_per_sample(self, placeholders: list[int]) -> list[int]:
         """Per sample, its images, from its placeholder tokens."""
         return [n // self.tokens_per_image for n in placeholders]
-
-    def pack(self, tokens: VisualTokens) -> VisualTokens:
-        """Each image's projected views joined into its LLM tokens: one view per image, as it is."""
-        return tokens
 
     def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
         """Random pixels for `count` images, as the processor would hand them over, and the placeholders
@@ -239,111 +212,3 @@ class LlavaAdapter:
         if self.select_strategy == "default" and not keep_cls:
             tokens = tokens.drop_cls()
         return tokens.with_features(self.projector(tokens.x))
-
-    # ---- the language model ------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
-    def decode_parts(self) -> DecodeParts:
-        """What one decode step runs (decoding.decode_step), layer by layer."""
-        lm = self.language_model
-        return DecodeParts(self.model.get_input_embeddings(), lm, lm.layers, lm.norm, lm.rotary_emb, self.lm_head)
-
-    def run_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
-        return self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{self.cache_kwarg: cache},
-            **kwargs,
-        )
-
-    def attention_parts(self, layer: int) -> AttentionParts:
-        attn = self.llm_layers[layer].self_attn
-        return AttentionParts(
-            module=attn,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            num_heads=self.text_config.num_attention_heads,
-            num_kv_heads=self.text_config.num_key_value_heads,
-            head_dim=attn.head_dim,
-            scaling=attn.scaling,
-        )
-
-    @staticmethod
-    def rotate(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Apply the layer's rotary embedding to x (B, H, L, d)."""
-        cos, sin = position_embeddings
-        return apply_rope(x, cos.expand(x.shape[0], -1, -1), sin.expand(x.shape[0], -1, -1))
-
-    @staticmethod
-    def gather_position_embeddings(position_embeddings, index: torch.Tensor):
-        cos, sin = position_embeddings
-        batch = index.shape[0]
-        return (
-            gather_rows(cos.expand(batch, -1, -1), index),
-            gather_rows(sin.expand(batch, -1, -1), index),
-        )
-
-    def mask_dtype(self, hidden_dtype: torch.dtype) -> torch.dtype | None:
-        """The form of 4D attention mask the LM's attention takes: bool for SDPA, additive for eager."""
-        implementation = self.text_config._attn_implementation
-        if implementation == "sdpa":
-            return None
-        if implementation == "eager":
-            return hidden_dtype
-        raise SlimVLMError(
-            f"slimvlm builds this LM's attention masks itself (for stage-3/4 methods and on a static cache), which "
-            f"needs attn_implementation 'sdpa' or 'eager'; the model uses {implementation!r}: load it with "
-            "attn_implementation='sdpa'"
-        )
-
-    @staticmethod
-    def cache_layers(cache) -> list:
-        """Per LLM layer, the object holding that layer's `keys` and `values` tensors."""
-        return list(cache.layers)
-
-    # ---- an attention core of slimvlm's own (VTU) -------------------------------------------
-    def position_embeddings(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LM's rotary (cos, sin) for position ids (B, L), as its decoder layers take them."""
-        return self.language_model.rotary_emb(like, position_ids=positions)
-
-    def rotary(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_embeddings for rotations that must compose (R_a R_b = R_{a+b}), which holds only
-        for plain RoPE: scaled rotary variants are refused."""
-        if getattr(self.language_model.rotary_emb, "attention_scaling", 1.0) != 1.0:
-            raise SlimVLMError("this LM's rotary embedding is scaled (e.g. YaRN); virtual unmerging needs plain RoPE")
-        return self.position_embeddings(like, positions)
-
-    def override_attention(self, layer: int, core) -> callable:
-        """Run LLM layer `layer`'s attention with `core(module, q, k, v, mask) -> (B, L, H, d)`
-        in place of its attention function (projections, RoPE and the KV cache stay the model's).
-        core returns None to let the layer run as usual. Returns the function that undoes it."""
-        attn = self.llm_layers[layer].self_attn
-        original = attn.forward
-        cache_name = cache_kwarg(original)
-
-        def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-            if not core.active():
-                return original(hidden_states, position_embeddings=position_embeddings,
-                                attention_mask=attention_mask, **kwargs)
-            cache = kwargs.get(cache_name)
-            input_shape = hidden_states.shape[:-1]
-            hidden_shape = (*input_shape, -1, attn.head_dim)
-            queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            queries = self.rotate(queries, position_embeddings)
-            keys = self.rotate(keys, position_embeddings)
-            if cache is not None:
-                keys, values = cache.update(keys, values, attn.layer_idx)
-            output = core(attn, queries, keys, values)
-            return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), None
-
-        attn.forward = forward
-
-        def undo() -> None:
-            del attn.forward
-
-        return undo

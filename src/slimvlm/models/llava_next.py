@@ -26,6 +26,7 @@ from ..errors import SlimVLMError
 from ..stages import Method, Stage
 from ..tokens import VisualTokens
 from .anyres import ImageLayout, pack
+from .language import images_in_prompt_order
 from .llava import LlavaAdapter
 
 
@@ -100,23 +101,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return [layout.slots for layout in self.layouts]
 
     def images_per_sample(self, placeholders: list[int]) -> list[int]:
-        """Images are taken in order, each sample those whose placeholders it holds; a sample whose
-        placeholders are not whole images' is refused (images left over are named by the rebuild)."""
-        counts = self.image_tokens()
-        out, at = [], 0
-        for sample, found in enumerate(placeholders):
-            first, taken = at, 0
-            while at < len(counts) and taken + counts[at] <= found:
-                taken += counts[at]
-                at += 1
-            if taken != found:
-                raise SlimVLMError(
-                    f"prompt {sample} has {found} image placeholder tokens, not those of whole images: by image_sizes "
-                    f"the images take {', '.join(map(str, counts))} in turn; pass the image_sizes the processor returned "
-                    "with these prompts (images in prompt order)"
-                )
-            out.append(at - first)
-        return out
+        return images_in_prompt_order(placeholders, self.image_tokens(), self.sizes_argument)
 
     def pack(self, tokens: VisualTokens) -> VisualTokens:
         return pack(tokens, self.layouts, self.newline)

@@ -1,0 +1,208 @@
+"""The language-model side every adapter shares: the VLM's LM as a stack of Llama-style decoder layers
+(q/k/v projections with RoPE, an MLP), its token embedding and head. The runtime reaches the LM only
+through these methods; each family's adapter adds how its images become the LLM's tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import apply_rope
+from ..decoding import DecodeParts
+from ..errors import SlimVLMError
+from ..sequence import gather_rows
+from ..tokens import VisualTokens
+from .compat import cache_kwarg
+
+
+def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str) -> list[int]:
+    """Per sample, its images: images are taken in order, each sample those whose placeholders (counts:
+    each image's, by the forward's `argument`) it holds; a sample whose placeholders are not whole images'
+    is refused (images left over are named by the rebuild)."""
+    out, at = [], 0
+    for sample, found in enumerate(placeholders):
+        first, taken = at, 0
+        while at < len(counts) and taken + counts[at] <= found:
+            taken += counts[at]
+            at += 1
+        if taken != found:
+            raise SlimVLMError(
+                f"prompt {sample} has {found} image placeholder tokens, not those of whole images: by {argument} "
+                f"the images take {', '.join(map(str, counts))} in turn; pass the {argument} the processor returned "
+                "with these prompts (images in prompt order)"
+            )
+        out.append(at - first)
+    return out
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """What the attention-row probe needs of one LLM layer."""
+
+    module: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+class LanguageModelAdapter:
+    """A VLM's LM: `language_model` (embedding, decoder layers, norm, rotary), `lm_head`, the config's
+    image placeholder. Subclasses set the vision side (views, encode, project, pack, check_method)."""
+
+    family = ""
+    output_class: type = None  # what the untouched model's forward returns
+    vision_capturable = False  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
+    sizes_argument = "image_sizes"  # the forward argument giving each image's size, handed to views()
+
+    def __init__(self, model: nn.Module, language_model: nn.Module) -> None:
+        config = model.config
+        self.model = model
+        self.language_model = language_model
+        self.lm_head = model.lm_head
+        self.config = config
+        self.text_config = config.text_config
+        self.image_token_id = config.image_token_id
+        self.llm_layers = list(language_model.layers)
+        self.cache_kwarg = cache_kwarg(language_model.forward)
+        first = self.llm_layers[0].self_attn
+        for name in ("q_proj", "k_proj", "scaling", "head_dim"):
+            if not hasattr(first, name):
+                raise SlimVLMError(
+                    f"the language model {type(language_model).__name__} has no attention.{name}; "
+                    "slimvlm supports Llama-family language models (q/k projections with RoPE)"
+                )
+
+    def pack(self, tokens: VisualTokens) -> VisualTokens:
+        """Each image's projected views joined into its LLM tokens: one view per image, as it is."""
+        return tokens
+
+    # ---- what a family's forward takes besides pixels ------------------------------------------
+    def check_arguments(self, arguments: dict) -> None:
+        """Refuse, on any forward, an argument this family's adapter cannot honour (none here)."""
+
+    def positions_kept(self, keep_positions: bool | None) -> bool:
+        """Whether visual tokens keep their own rotary positions (apply's keep_positions; None: the family's
+        default, renumbered here)."""
+        return bool(keep_positions)
+
+    def prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The untouched prompt's position ids (B, L), or (B, L, axes) for multi-axis RoPE; None: 0, 1, 2..."""
+        return position_ids
+
+    def text_inputs(self, input_ids: torch.Tensor) -> dict:
+        """What the family's processor returns beside input_ids for these prompts (none here)."""
+        return {}
+
+    # ---- the language model ------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def decode_parts(self) -> DecodeParts:
+        """What one decode step runs (decoding.decode_step), layer by layer."""
+        lm = self.language_model
+        return DecodeParts(self.model.get_input_embeddings(), lm, lm.layers, lm.norm, lm.rotary_emb, self.lm_head)
+
+    def run_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{self.cache_kwarg: cache},
+            **kwargs,
+        )
+
+    def attention_parts(self, layer: int) -> AttentionParts:
+        attn = self.llm_layers[layer].self_attn
+        return AttentionParts(
+            module=attn,
+            q_proj=attn.q_proj,
+            k_proj=attn.k_proj,
+            num_heads=self.text_config.num_attention_heads,
+            num_kv_heads=self.text_config.num_key_value_heads,
+            head_dim=attn.head_dim,
+            scaling=attn.scaling,
+        )
+
+    @staticmethod
+    def rotate(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Apply the layer's rotary embedding to x (B, H, L, d)."""
+        cos, sin = position_embeddings
+        return apply_rope(x, cos.expand(x.shape[0], -1, -1), sin.expand(x.shape[0], -1, -1))
+
+    @staticmethod
+    def gather_position_embeddings(position_embeddings, index: torch.Tensor):
+        cos, sin = position_embeddings
+        batch = index.shape[0]
+        return (
+            gather_rows(cos.expand(batch, -1, -1), index),
+            gather_rows(sin.expand(batch, -1, -1), index),
+        )
+
+    def mask_dtype(self, hidden_dtype: torch.dtype) -> torch.dtype | None:
+        """The form of 4D attention mask the LM's attention takes: bool for SDPA, additive for eager."""
+        implementation = self.text_config._attn_implementation
+        if implementation == "sdpa":
+            return None
+        if implementation == "eager":
+            return hidden_dtype
+        raise SlimVLMError(
+            f"slimvlm builds this LM's attention masks itself (for stage-3/4 methods and on a static cache), which "
+            f"needs attn_implementation 'sdpa' or 'eager'; the model uses {implementation!r}: load it with "
+            "attn_implementation='sdpa'"
+        )
+
+    @staticmethod
+    def cache_layers(cache) -> list:
+        """Per LLM layer, the object holding that layer's `keys` and `values` tensors."""
+        return list(cache.layers)
+
+    # ---- an attention core of slimvlm's own (VTU) -------------------------------------------
+    def position_embeddings(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's rotary (cos, sin) for position ids (B, L), as its decoder layers take them."""
+        return self.language_model.rotary_emb(like, position_ids=positions)
+
+    def rotary(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_embeddings for rotations that must compose (R_a R_b = R_{a+b}), which holds only
+        for plain RoPE: scaled rotary variants are refused."""
+        if getattr(self.language_model.rotary_emb, "attention_scaling", 1.0) != 1.0:
+            raise SlimVLMError("this LM's rotary embedding is scaled (e.g. YaRN); virtual unmerging needs plain RoPE")
+        return self.position_embeddings(like, positions)
+
+    def override_attention(self, layer: int, core) -> callable:
+        """Run LLM layer `layer`'s attention with `core(module, q, k, v, mask) -> (B, L, H, d)`
+        in place of its attention function (projections, RoPE and the KV cache stay the model's).
+        core returns None to let the layer run as usual. Returns the function that undoes it."""
+        attn = self.llm_layers[layer].self_attn
+        original = attn.forward
+        cache_name = cache_kwarg(original)
+
+        def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+            if not core.active():
+                return original(hidden_states, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, **kwargs)
+            cache = kwargs.get(cache_name)
+            input_shape = hidden_states.shape[:-1]
+            hidden_shape = (*input_shape, -1, attn.head_dim)
+            queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            queries = self.rotate(queries, position_embeddings)
+            keys = self.rotate(keys, position_embeddings)
+            if cache is not None:
+                keys, values = cache.update(keys, values, attn.layer_idx)
+            output = core(attn, queries, keys, values)
+            return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), None
+
+        attn.forward = forward
+
+        def undo() -> None:
+            del attn.forward
+
+        return undo
