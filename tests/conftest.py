@@ -98,3 +98,89 @@ def fresh_next(tiny_next):
     handle = getattr(model, "_slimvlm_handle", None)
     if handle is not None:
         handle.remove()
+
+
+# ---- Qwen2-VL / Qwen2.5-VL (M-RoPE, dynamic resolution) --------------------------------------------
+QWEN_GRIDS = [(1, 8, 12), (1, 8, 8)]  # (t, h, w) patches: 24 and 16 tokens (2 x 2 patches each)
+QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
+
+
+def qwen_model(family: str, seed: int = 0):
+    """A tiny random Qwen2-VL ('qwen2_vl') or Qwen2.5-VL ('qwen2_5_vl'), float32, SDPA: a 4-layer M-RoPE LM
+    (mrope_section sums to head_dim / 2) whose attention is sharp enough that a wrong position shows in the
+    logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+    patches = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=2)
+    torch.manual_seed(seed)
+    if family == "qwen2_vl":
+        config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2,
+                                                                    **patches), **QWEN_IDS)
+        model_class = Qwen2VLForConditionalGeneration
+    else:
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1, 3],
+            **patches), **QWEN_IDS)
+        model_class = Qwen2_5_VLForConditionalGeneration
+    model = model_class._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # sharper attention: at the default init it is nearly uniform and positions hardly matter
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="session", params=QWEN_FAMILIES)
+def tiny_qwen(request):
+    return qwen_model(request.param)
+
+
+@pytest.fixture
+def fresh_qwen(tiny_qwen):
+    yield tiny_qwen
+    handle = getattr(tiny_qwen, "_slimvlm_handle", None)
+    if handle is not None:
+        handle.remove()
+
+
+def qwen_batch(config, grids=QWEN_GRIDS, seed: int = 0) -> dict:
+    """Left-padded prompts of different lengths, one image each, as the processor lays them out: text,
+    <|vision_start|>, t h w / 4 image placeholders, <|vision_end|>, text; pixel_values (sum t h w, C T P P)."""
+    vision = config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn(sum(t * h * w for t, h, w in grids), width, generator=generator)
+    rows = []
+    for index, (t, h, w) in enumerate(grids):
+        text = torch.randint(10, 800, (3 + 2 * index + 6,), generator=generator).tolist()
+        image = [config.vision_start_token_id] + [config.image_token_id] * (t * h * w // 4) + [config.vision_end_token_id]
+        rows.append(text[:3] + image + text[3:])
+    length = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (length - len(row)) + row for row in rows])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows]),
+        "pixel_values": pixel_values,
+        "image_grid_thw": torch.tensor(grids),
+        "mm_token_type_ids": (input_ids == config.image_token_id).long(),
+    }
+
+
+def qwen_select(inputs: dict, index: int) -> dict:
+    """One sample of a Qwen batch (one image each), alone, without padding."""
+    keep = inputs["attention_mask"][index].bool()
+    patches = inputs["image_grid_thw"].prod(dim=1).tolist()
+    start = sum(patches[:index])
+    return {
+        "input_ids": inputs["input_ids"][index : index + 1, keep],
+        "attention_mask": inputs["attention_mask"][index : index + 1, keep],
+        "pixel_values": inputs["pixel_values"][start : start + patches[index]],
+        "image_grid_thw": inputs["image_grid_thw"][index : index + 1],
+        "mm_token_type_ids": inputs["mm_token_type_ids"][index : index + 1, keep],
+    }

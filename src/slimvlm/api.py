@@ -60,7 +60,7 @@ class Handle:
 def apply(
     model: nn.Module,
     method: str | Method | list[str | Method],
-    keep_positions: bool = False,
+    keep_positions: bool | None = None,
     compile: bool | None = None,
     cuda_graphs: bool | None = None,
     **options: Any,
@@ -71,7 +71,9 @@ def apply(
     instance, or a list of these (one per stage). options: extra options of a single method.
     keep_positions: visual tokens keep the rotary positions of the patches they cover instead of
     being renumbered without gaps (virtual unmerging always keeps them: it rebuilds the full
-    sequence's positions).
+    sequence's positions). None (default): the family's way, renumbered on LLaVA; on Qwen2-VL/2.5-VL
+    always kept (M-RoPE places an image's tokens on its grid, so renumbering means nothing; False is
+    refused there).
     compile: on transformers' static cache (`generate(cache_implementation="static")`), whether the
     decode step is torch.compile'd with the model's generation_config.compile_config; None (default)
     does as generate() does: compile on a GPU unless generation_config.disable_compile is set.

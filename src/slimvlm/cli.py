@@ -352,7 +352,7 @@ def parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default="auto")
     evaluation.add_argument("--dtype", default="float32")
     evaluation.add_argument("--json", help="write the summary and one record per sample here")
-    evaluation.add_argument("--keep-positions", action="store_true", help=KEEP_POSITIONS_HELP)
+    evaluation.add_argument("--keep-positions", action="store_true", default=None, help=KEEP_POSITIONS_HELP)
     evaluation.set_defaults(run=_eval)
 
     demo = sub.add_parser("demo", help="the main job: every method at two budgets on the testbed, table and plots")

@@ -348,7 +348,7 @@ def evaluate(
     max_new_tokens: int = 3,
     prompt: Callable[[str], str] = format_prompt,
     progress: bool = True,
-    keep_positions: bool = False,
+    keep_positions: bool | None = None,
 ) -> MethodResult:
     """Answer every item greedily with `method` installed; the model is restored afterwards.
 
@@ -356,7 +356,7 @@ def evaluate(
     the result's method label is the spec (a Method's repr), or the labels joined with "+". prompt: question -> full prompt text
     with the model's image placeholder (LLaVA-1.5 checkpoints want their chat template here).
     Only the newly generated tokens are decoded and scored. keep_positions: passed to
-    :func:`slimvlm.apply` (visual tokens keep their patches' rotary positions).
+    :func:`slimvlm.apply` (visual tokens keep their patches' rotary positions; None: the family's default).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -5,13 +5,20 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import SlimVLMError
+from .language import LanguageModelAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen2_vl import QwenVLAdapter
 
-ADAPTERS = {"LlavaForConditionalGeneration": LlavaAdapter, "LlavaNextForConditionalGeneration": LlavaNextAdapter}
+ADAPTERS = {
+    "LlavaForConditionalGeneration": LlavaAdapter,
+    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "Qwen2VLForConditionalGeneration": QwenVLAdapter,
+    "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
+}
 
 
-def adapter_for(model: nn.Module) -> LlavaAdapter:
+def adapter_for(model: nn.Module) -> LanguageModelAdapter:
     """The adapter of the model's family, or a clear error naming the supported classes."""
     name = type(model).__name__
     if name not in ADAPTERS:

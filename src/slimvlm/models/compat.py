@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from types import ModuleType
 from typing import Callable
 
 
@@ -17,10 +18,25 @@ def cache_kwarg(forward: Callable) -> str:
 def image_output(tokens, output_class: type) -> dict:
     """The field of `output_class` (the model's output) carrying the visual tokens the LLM got, as the
     installed release names it: `image_outputs` (5.2x: a vision output whose pooler_output lists each
-    image's tokens) or `image_hidden_states` (earlier: one tensor, here padded to the longest image)."""
+    image's tokens) or `image_hidden_states` (earlier: one tensor, here padded to the longest image);
+    none where the class has neither."""
     fields = {field.name for field in dataclasses.fields(output_class)}
     if "image_outputs" in fields:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return {"image_outputs": BaseModelOutputWithPooling(pooler_output=tokens.split())}
-    return {"image_hidden_states": tokens.x}
+    if "image_hidden_states" in fields:
+        return {"image_hidden_states": tokens.x}
+    return {}  # Qwen2-VL's own output class (transformers 5.17) carries no visual tokens
+
+
+def multimodal_output_class(modeling: ModuleType, prefix: str) -> type:
+    """The class a Qwen-VL forward returns: its modeling module's `{prefix}CausalLMOutputWithPast` in
+    transformers 5.17 (with rope_deltas, no visual tokens), MultimodalCausalLMOutputWithPast (shared by the
+    multimodal families, with image_outputs) in later releases such as 5.25."""
+    own = getattr(modeling, f"{prefix}CausalLMOutputWithPast", None)
+    if own is not None:
+        return own
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+
+    return MultimodalCausalLMOutputWithPast

@@ -1,0 +1,247 @@
+"""The Qwen2-VL / Qwen2.5-VL adapter: Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration
+= a ViT over each image at its own resolution, a merger that joins every 2 x 2 block of patches into one
+LLM token, and a Qwen2 LM whose rotary embedding is M-RoPE (one position per axis: time, height, width).
+
+What the LLM gets of an image: one token per 2 x 2 unit of its (t, h, w) patch grid (image_grid_thw), in
+raster order, t h w / 4 placeholders; images of different sizes have different counts. A unit's token
+sits at the 3D position (t, row, col) of its unit, offset by where the image starts; the text after an
+image starts past the largest of the grid's sides, whatever the image's token count
+(Qwen2VLModel.get_rope_index). So a reduced image keeps each kept token at its own position and the
+text where it was: slimvlm computes the untouched prompt's positions with get_rope_index and every kept
+token takes its placeholder's (sequence.rebuild); decoding continues one past the largest, which is
+where the untouched prompt's frame continues (next position = n + rope_deltas). Renumbering
+(keep_positions=False) has no meaning here and is refused.
+
+Where methods act on it:
+- stage 2 (divprune, random, uniform) on each image's merger outputs, a budget per image;
+- stages 3-4 (fastv; mustdrop's dual-attention filter and output-aware cache with lsm=false,
+  important=false) inside the LM, whose rotary (cos, sin) is per token as Llama's;
+- refused: stage 1 (tome, dymu, visionzip, mustdrop's window merge and important set): the merger
+  reads 2 x 2 units of patches in place, 2.5's window attention is laid out on the full grid and there is
+  no class token (published reductions for Qwen all act after the merger); pool and llava-mini (one square
+  grid per image); vtu (it unmerges stage-1 merges, along 1-D positions); video inputs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+from ..decoding import DecodeParts
+from ..errors import SlimVLMError
+from ..stages import Method, Stage
+from ..tokens import PADDING_ORIGIN, VisualTokens
+from .compat import multimodal_output_class
+from .language import LanguageModelAdapter, images_in_prompt_order
+
+# the most tokens an image can give: the Qwen2-VL and 2.5-VL processors' default max_pixels, 12845056, over
+# 28 x 28 pixels a token; a budget is checked against each image's own count when it comes
+MAX_IMAGE_TOKENS = 16384
+SYNTHETIC_SIDE = 644  # px: 46 x 46 patches of 14 px, 23 x 23 = 529 tokens, a multiple of 28 the processor keeps
+VIDEO_ARGUMENTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def mrope_ids(positions: torch.Tensor) -> torch.Tensor:
+    """Position ids as the M-RoPE rotary takes them, (3, B, L): from slimvlm's (B, L, 3), or from text
+    positions (B, L), which sit at the same position on every axis."""
+    if positions.dim() == 3:
+        return positions.permute(2, 0, 1)
+    return positions[None].expand(3, -1, -1)
+
+
+class TextRotary(nn.Module):
+    """The LM's rotary embedding for text position ids (B, L) (a decode step's), as the LM's own forward
+    expands them: transformers 5.17's M-RoPE rotary takes only (3, B, L)."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(x, position_ids=mrope_ids(position_ids))
+
+
+class QwenVLAdapter(LanguageModelAdapter):
+    """Qwen2-VL and Qwen2.5-VL images (see the module's docstring): the vision tower and its merger run as
+    the model runs them (get_image_features); an image's tokens are its merger outputs, one per 2 x 2 unit."""
+
+    family = "qwen2-vl"
+    sizes_argument = "image_grid_thw"
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = model.model
+        super().__init__(model, inner.language_model)
+        self.inner = inner
+        self.visual = inner.visual
+        self.vision_config = self.config.vision_config
+        self.merge = self.vision_config.spatial_merge_size
+        prefix = type(model).__name__.removesuffix("ForConditionalGeneration")
+        self.output_class = multimodal_output_class(sys.modules[type(model).__module__], prefix)
+        self.grids: list[tuple[int, int, int]] = []  # (t, h, w) patches of each image of the last views()
+        self._decode_parts = DecodeParts(model.get_input_embeddings(), self.language_model, self.language_model.layers,
+                                         self.language_model.norm, TextRotary(self.language_model.rotary_emb), self.lm_head)
+
+    def check_method(self, method: Method) -> None:
+        """Refuse what cannot act on Qwen's images (see the module's docstring), naming what works instead."""
+        if Stage.ENCODE in method.stages:
+            raise SlimVLMError(
+                f"{method.name} acts inside the vision encoder (stage 1), which slimvlm does not reduce on Qwen2-VL: "
+                "its merger joins each 2x2 block of patches in place into one token, 2.5's window attention is laid out "
+                "on the whole grid and there is no class token; use a stage-2 method (divprune, random, uniform) or "
+                "stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)"
+            )
+        if method.needs_patch_grid:
+            raise SlimVLMError(
+                f"{method.name} works on one square patch grid per image, but Qwen2-VL gives each image its own grid "
+                "(dynamic resolution); use uniform, random or divprune"
+            )
+        if getattr(method, "virtual_unmerge", False):
+            raise SlimVLMError(
+                f"{method.name} unmerges the tokens a stage-1 method merged, which Qwen2-VL refuses (and rotates "
+                "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method"
+            )
+        method.check_model(len(self.visual.blocks), len(self.llm_layers), MAX_IMAGE_TOKENS)
+
+    # ---- what the forward takes besides pixels -------------------------------------------------
+    def check_arguments(self, arguments: dict) -> None:
+        given = [name for name in VIDEO_ARGUMENTS if arguments.get(name) is not None]
+        if given:
+            raise SlimVLMError(
+                f"{', '.join(given)}: slimvlm reduces Qwen2-VL's image tokens, not video yet; pass images "
+                "(pixel_values, image_grid_thw), or run the untouched model on video (handle.remove())"
+            )
+        types = arguments.get("mm_token_type_ids")
+        input_ids = arguments.get("input_ids")
+        if types is not None and arguments.get("pixel_values") is not None and input_ids is not None:
+            if types.shape != input_ids.shape or not torch.equal(types.long(), self.token_types(input_ids)):
+                raise SlimVLMError(
+                    "mm_token_type_ids do not mark exactly the image placeholders of input_ids (1 there, 0 elsewhere); "
+                    "pass the processor's, or none (slimvlm derives them from input_ids)"
+                )
+
+    def positions_kept(self, keep_positions: bool | None) -> bool:
+        """Always: under M-RoPE an image's tokens sit on its (t, h, w) grid and the text after it starts past
+        the grid whatever the count, so there is nothing to renumber; False is refused."""
+        if keep_positions is False:
+            raise SlimVLMError(
+                "keep_positions=False renumbers visual tokens, which has no meaning under Qwen2-VL's M-RoPE (an "
+                "image's tokens sit at (time, height, width) positions of its grid and the text after it starts past "
+                "the grid, whatever the count); leave keep_positions unset: kept tokens keep their own positions"
+            )
+        return True
+
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) mm_token_type_ids as the processor makes them for image prompts: 1 at image placeholders."""
+        return (input_ids == self.image_token_id).long()
+
+    def text_inputs(self, input_ids: torch.Tensor) -> dict:
+        """mm_token_type_ids, which the untouched model needs for its 3D positions (without them Qwen2-VL
+        fails and Qwen2.5-VL falls back to 1-D positions)."""
+        return {"mm_token_type_ids": self.token_types(input_ids)}
+
+    def prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, 3) the untouched prompt's M-RoPE positions, computed as the model does (get_rope_index) from
+        input_ids and the images' grids: generate()'s own position_ids are 1-D wherever the caller left out
+        mm_token_type_ids, so they are not taken."""
+        grid = torch.tensor(self.grids, device=input_ids.device)
+        positions, _ = self.inner.get_rope_index(input_ids, self.token_types(input_ids), image_grid_thw=grid,
+                                                 attention_mask=attention_mask)
+        return positions.permute(1, 2, 0)
+
+    # ---- images: views in, the LLM's tokens out ---------------------------------------------
+    def views(self, pixel_values: torch.Tensor, image_grid_thw, interpolate: bool) -> torch.Tensor:
+        """The patches of every image as the processor packs them, (sum t h w, C T P P), with each image's
+        (t, h, w) patch grid: what get_image_features takes."""
+        if interpolate:
+            raise SlimVLMError("interpolate_pos_encoding is not a Qwen2-VL argument (its ViT takes any size); leave it out")
+        if image_grid_thw is None:
+            raise SlimVLMError(
+                "Qwen2-VL lays each image out by its patch grid: pass image_grid_thw (the processor returns it with pixel_values)"
+            )
+        grids = [tuple(int(n) for n in grid) for grid in torch.as_tensor(image_grid_thw).tolist()]
+        vision = self.vision_config
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        patches = sum(t * h * w for t, h, w in grids)
+        if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (patches, width):
+            raise SlimVLMError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the patches image_grid_thw {grids} gives "
+                f"({patches} rows of {width} values); pass the processor's pixel_values and image_grid_thw together"
+            )
+        if any(h % self.merge or w % self.merge for _, h, w in grids):
+            raise SlimVLMError(
+                f"image_grid_thw {grids}: heights and widths must be multiples of the merge size {self.merge}, as the "
+                "processor makes them"
+            )
+        self.grids = grids
+        return pixel_values
+
+    def image_tokens(self) -> list[int]:
+        return [t * h * w // self.merge**2 for t, h, w in self.grids]
+
+    def images_per_sample(self, placeholders: list[int]) -> list[int]:
+        return images_in_prompt_order(placeholders, self.image_tokens(), self.sizes_argument)
+
+    def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
+        """Images of SYNTHETIC_SIDE x SYNTHETIC_SIDE pixels as the processor hands them over (no resize needed)."""
+        vision = self.vision_config
+        side = SYNTHETIC_SIDE // vision.patch_size
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(count * side * side, width, generator=generator)
+        grid = torch.tensor([[1, side, side]] * count)
+        return {"pixel_values": pixels, "image_grid_thw": grid}, side * side // self.merge**2
+
+    # ---- stages 1-2: the vision tower and merger ------------------------------------------------
+    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
+        """The vision tower and its merger as the model runs them: each image's merger outputs, padded to the
+        longest image. The trace gives, per ViT block, the tokens of each attention segment at its input (an
+        image frame, or in 2.5's windowed blocks a window; 0 past a block's last segment), for the FLOPs."""
+        grid = torch.tensor(self.grids)
+        merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
+        counts = [len(tokens) for tokens in merged]
+        batch, width = len(counts), max(counts)
+        device = pixel_values.device
+        valid = torch.arange(width, device=device)[None] < torch.tensor(counts, device=device)[:, None]
+        order = torch.arange(width, device=device).expand(batch, width)
+        tokens = VisualTokens(
+            x=pad_sequence(list(merged), batch_first=True),
+            size=valid.float(),
+            origin=torch.where(valid, order, PADDING_ORIGIN),
+            patch_to_token=torch.where(valid, order, -1),
+            grid=None,
+            has_cls=False,
+            known=counts,
+        )
+        return tokens, self._segments(grid)
+
+    def _segments(self, grid: torch.Tensor) -> list[torch.Tensor]:
+        """Per ViT block, the patches of each attention segment (zero-padded to a common length)."""
+        frames = get_vision_cu_seqlens(grid).diff()
+        full = set(range(len(self.visual.blocks)))
+        windows = frames
+        if hasattr(self.visual, "fullatt_block_indexes"):  # Qwen2.5-VL: window attention but in these blocks
+            full = set(self.visual.fullatt_block_indexes)
+            _, bounds = get_vision_window_index(grid, self.merge, self.visual.window_size, self.visual.patch_size)
+            windows = bounds.diff()
+        longest = max(len(frames), len(windows))
+        padded = [nn.functional.pad(s.long(), (0, longest - len(s))) for s in (frames, windows)]
+        return [padded[0] if block in full else padded[1] for block in range(len(self.visual.blocks))]
+
+    def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:
+        """Nothing left to run: the merger (Qwen's projector) ran in encode, as get_image_features runs it."""
+        return tokens
+
+    # ---- the language model: M-RoPE position ids ------------------------------------------------
+    def decode_parts(self) -> DecodeParts:
+        return self._decode_parts
+
+    def run_llm(self, embeds, attention_mask, position_ids, cache, use_cache, **kwargs):
+        return super().run_llm(embeds, attention_mask, mrope_ids(position_ids), cache, use_cache, **kwargs)
+
+    def position_embeddings(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.language_model.rotary_emb(like, position_ids=mrope_ids(positions))
+

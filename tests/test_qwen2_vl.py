@@ -1,0 +1,227 @@
+"""Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic resolution) on tiny random models of the real classes: the no-op
+is exact, every method runs with generate() (dynamic and static cache, batched as one by one) or is
+refused, the kept tokens sit at their own 3D positions, and the stats keep the methods' promises."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import slimvlm
+from conftest import QWEN_GRIDS, qwen_batch, qwen_model, qwen_select
+from slimvlm.registry import methods
+
+TOKENS = [t * h * w // 4 for t, h, w in QWEN_GRIDS]  # 24 and 16
+
+# every registered method that runs on Qwen, with settings that reduce something on 24- and 16-token images
+RUNS = {
+    "none": "none",
+    "random": "random:budget=10",
+    "uniform": "uniform:ratio=0.5",
+    "divprune": "divprune:budget=10",
+    "fastv": "fastv:k=2,ratio=0.5",
+    "mustdrop": "mustdrop:lsm=false,important=false,global_thr=0.05,individual_thr=0.05,layers=0;1",
+}
+REFUSED = {
+    "tome": ("tome:r=2", "acts inside the vision encoder"),
+    "dymu": ("dymu:target=10", "acts inside the vision encoder"),
+    "visionzip": ("visionzip:dominant=8,contextual=2", "acts inside the vision encoder"),
+    "pool": ("pool:budget=4", "one square patch grid per image.*use uniform"),
+    "llava-mini": ("llava-mini:budget=4", "one square patch grid per image.*use uniform"),
+    "vtu": ("vtu", "unmerges the tokens a stage-1 method merged"),
+}
+
+
+def generate(model, inputs, static: bool, new_tokens: int = 5):
+    extra = {"cache_implementation": "static"} if static else {}
+    return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, **extra)
+
+
+def test_every_method_is_covered():
+    assert set(RUNS) | set(REFUSED) == set(methods())
+
+
+def test_none_gives_the_untouched_logits(fresh_qwen):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    assert inputs["attention_mask"][:, 0].tolist() == [1, 0]  # left padding, images of 24 and 16 tokens
+    with torch.no_grad():
+        reference = model(**inputs)
+        with slimvlm.apply(model, "none") as handle:
+            output = model(**inputs)
+            assert handle.stats.visual_tokens == TOKENS
+    assert type(output) is type(reference)
+    valid = inputs["attention_mask"].bool()
+    assert (output.logits - reference.logits)[valid].abs().max().item() < 1e-5
+    assert [t.shape[0] for t in output.image_outputs.pooler_output] == TOKENS
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_none_generates_the_untouched_text(fresh_qwen, static):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    with torch.no_grad():
+        reference = generate(model, inputs, static)
+        with slimvlm.apply(model, "none"):
+            output = generate(model, inputs, static)
+    assert torch.equal(output.sequences, reference.sequences)
+    for ours, theirs in zip(output.scores, reference.scores):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_positions_need_no_mm_token_type_ids(fresh_qwen):
+    """slimvlm derives the image placeholders' 3D positions from input_ids (the untouched model needs
+    mm_token_type_ids for them: Qwen2-VL fails without, Qwen2.5-VL falls back to 1-D positions)."""
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with slimvlm.apply(model, "none"):
+            logits = model(**without).logits
+    valid = inputs["attention_mask"].bool()
+    assert (logits - reference)[valid].abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_batched_equals_one_by_one(fresh_qwen, name):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    new = 5
+    with torch.no_grad(), slimvlm.apply(model, RUNS[name]) as handle:
+        batched = model(**inputs).logits[:, -1]
+        counts = handle.stats.visual_tokens
+        generated = generate(model, inputs, static=False, new_tokens=new).sequences[:, -new:]
+        static = generate(model, inputs, static=True, new_tokens=new).sequences[:, -new:]
+        assert torch.equal(static, generated)
+        for index in range(2):
+            single = qwen_select(inputs, index)
+            torch.testing.assert_close(model(**single).logits[0, -1], batched[index], atol=1e-5, rtol=1e-5)
+            assert handle.stats.visual_tokens == [counts[index]]
+            alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
+            assert alone.tolist() == generated[index].tolist()
+    assert all(0 < count <= tokens for count, tokens in zip(counts, TOKENS))
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_cannot_act_on_qwen_is_refused_with_the_fix(fresh_qwen, name):
+    spec, message = REFUSED[name]
+    with pytest.raises(slimvlm.SlimVLMError, match=message):
+        slimvlm.apply(fresh_qwen, spec)
+    assert "forward" not in fresh_qwen.__dict__
+
+
+def test_mustdrop_asks_for_its_llm_parts_alone(fresh_qwen):
+    with pytest.raises(slimvlm.SlimVLMError, match="mustdrop:lsm=false,important=false"):
+        slimvlm.apply(fresh_qwen, "mustdrop-64")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("divprune:budget=10", [10, 10]),
+    ("random:budget=10", [10, 10]),
+    ("uniform:ratio=0.5", [12, 8]),
+    ("divprune:ratio=1", TOKENS),
+])
+def test_stage_2_keeps_its_budget_of_each_image(fresh_qwen, spec, expected):
+    model = fresh_qwen
+    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
+        model(**qwen_batch(model.config))
+    assert handle.stats.visual_tokens == expected
+    assert [layers for layers in handle.stats.kv_visual_entries] == [[count] * 4 for count in expected]
+    assert handle.stats.projector_tokens == TOKENS  # stage 2 selects after the merger
+    assert [sum(s >= 0 for s in sources) for sources in handle.stats.sources] == expected
+
+
+def test_a_budget_over_an_images_tokens_is_refused(fresh_qwen):
+    model = fresh_qwen
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=20"):
+        with pytest.raises(slimvlm.SlimVLMError, match="larger than the 16 tokens of an image"):
+            model(**qwen_batch(model.config))
+
+
+def test_fastv_drops_its_ratio_of_each_images_tokens(fresh_qwen):
+    model = fresh_qwen
+    with torch.no_grad(), slimvlm.apply(model, "fastv:k=2,ratio=0.5") as handle:
+        model(**qwen_batch(model.config))
+    assert handle.stats.kv_visual_entries == [[n, n, n // 2, n // 2] for n in TOKENS]
+
+
+def test_kept_tokens_sit_at_their_own_3d_positions(fresh_qwen):
+    """A reduced prompt, by hand: the untouched prompt's embeddings and M-RoPE positions (get_rope_index) at
+    the kept tokens, through the LM (no slimvlm); the next token continues at one past the largest position."""
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    inner = model.model
+    with torch.no_grad():
+        with slimvlm.apply(model, "random:budget=10") as handle:
+            logits = model(**inputs).logits
+            scores = generate(model, inputs, static=False, new_tokens=2)
+        embeds = inner.get_input_embeddings()(inputs["input_ids"])
+        features = torch.cat(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        image = inputs["input_ids"] == model.config.image_token_id
+        embeds = embeds.masked_scatter(image[..., None], features)
+        positions, _ = inner.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                            attention_mask=inputs["attention_mask"])
+        kept = torch.zeros_like(image)
+        for row, sources in enumerate(handle.stats.sources):
+            kept[row, image[row].nonzero()[:, 0][torch.tensor(sources[: TOKENS[row]]) >= 0]] = True
+        keep = inputs["attention_mask"].bool() & (~image | kept)
+        width = int(keep.sum(1).max())
+        for row in range(2):
+            index = keep[row].nonzero()[:, 0]
+            pad = width - len(index)
+            mask = torch.tensor([[0] * pad + [1] * len(index)])
+            select = torch.cat([index.new_zeros(pad), index])
+            position = positions[:, row : row + 1, select].masked_fill(mask == 0, 0)
+            hidden = inner.language_model(inputs_embeds=embeds[row : row + 1, select], attention_mask=mask,
+                                          position_ids=position).last_hidden_state
+            expected = model.lm_head(hidden[0, -1])
+            assert (logits[row, -1] - expected).abs().max().item() < 1e-4
+            # decoding: the first new token at one past the largest kept position, on every axis
+            token = scores.sequences[row : row + 1, inputs["input_ids"].shape[1]]
+            step = position[:, :, pad:].amax() + 1
+            hidden = inner.language_model(
+                inputs_embeds=torch.cat([embeds[row : row + 1, select], inner.get_input_embeddings()(token[None])], 1),
+                attention_mask=torch.cat([mask, mask.new_ones(1, 1)], 1),
+                position_ids=torch.cat([position, step.view(1, 1, 1).expand(3, 1, 1)], 2)).last_hidden_state
+            assert (scores.scores[1][row] - model.lm_head(hidden[0, -1])).abs().max().item() < 1e-4
+
+
+def test_renumbering_is_refused(fresh_qwen):
+    with pytest.raises(slimvlm.SlimVLMError, match="keep_positions=False renumbers visual tokens"):
+        slimvlm.apply(fresh_qwen, "divprune:budget=10", keep_positions=False)
+    with slimvlm.apply(fresh_qwen, "divprune:budget=10", keep_positions=True) as handle:
+        assert handle.runtime.keep_positions
+
+
+def test_bad_inputs_are_named(fresh_qwen):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    with torch.no_grad(), slimvlm.apply(model, "none"):
+        with pytest.raises(slimvlm.SlimVLMError, match="pass image_grid_thw"):
+            model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
+        with pytest.raises(slimvlm.SlimVLMError, match=r"prompt 0 has 24 image placeholder tokens, not those of whole "
+                                                       r"images: by image_grid_thw the images take 16, 24"):
+            model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"].flip(0)})
+        with pytest.raises(slimvlm.SlimVLMError, match=r"do not hold the patches image_grid_thw"):
+            model(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
+        with pytest.raises(slimvlm.SlimVLMError, match="do not mark exactly the image placeholders"):
+            model(**{**inputs, "mm_token_type_ids": inputs["mm_token_type_ids"] * 2})  # 2: video
+        with pytest.raises(slimvlm.SlimVLMError, match="not video yet"):
+            model(input_ids=inputs["input_ids"], pixel_values_videos=inputs["pixel_values"],
+                  video_grid_thw=inputs["image_grid_thw"])
+
+
+def test_the_static_cache_continues_the_reduced_frame():
+    """Cached decode steps on the reduced prompt equal recomputing it with each new token (no cache)."""
+    model = qwen_model("qwen2_5_vl", seed=1)
+    inputs = qwen_batch(model.config, seed=1)
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=6"):
+        cached = generate(model, inputs, static=True, new_tokens=4)
+        for step in range(1, 4):
+            longer = cached.sequences[:, : inputs["input_ids"].shape[1] + step]
+            extended = {**inputs, "input_ids": longer,
+                        "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, step, dtype=torch.long)], 1)}
+            del extended["mm_token_type_ids"]
+            logits = model(**extended, use_cache=False).logits[:, -1]
+            assert torch.allclose(logits, cached.scores[step], atol=1e-4)
