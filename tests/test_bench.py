@@ -161,3 +161,64 @@ def test_llava_next_7b_shape():
     config = shape_config("llava-next-7b")
     assert isinstance(config, LlavaNextConfig) and config.image_grid_pinpoints[2] == [672, 672]
     assert config.text_config.to_dict() == shape_config("llava-1.5-7b").text_config.to_dict()
+
+
+def test_flops_hand_count_qwen():
+    """Qwen2.5-VL: per-segment attention (a 2-window block), a gated MLP, a Conv3d patch embedding over two
+    frames, the 2x2 merger; Qwen2-VL: a plain MLP of embed_dim x mlp_ratio."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(hidden_size=4, intermediate_size=5, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                vocab_size=7)
+    patches = dict(patch_size=1, in_channels=1, temporal_patch_size=2, spatial_merge_size=2, num_heads=1)
+    stats = Stats(visual_tokens=[2], vision_tokens=[[8, 0], [4, 4]], projector_tokens=[2], llm_tokens=[[4], [4]],
+                  kv_entries=[[4, 4]], prompt_tokens=[4])
+    qwen25 = Qwen2_5_VLConfig(text_config=text, vision_config=dict(depth=2, hidden_size=2, intermediate_size=3,
+                                                                    out_hidden_size=4, **patches))
+    counted = flops.count(qwen25, stats)
+    # d=2, f=3, gated: n=8: 8*8*2^2 + 4*8^2*2 + 6*8*2*3 = 256 + 512 + 288 = 1056; each window n=4: 128 + 128 + 144 = 400
+    # patch embedding, 8 patches of 1 channel x 2 frames x 1^2 pixels: 2*8*2*2 = 64
+    assert counted.vision == 64 + 1056 + 2 * 400
+    # merger, 2 tokens: 4 patches of width 2 -> hidden 8 -> D=4: 2 * (2*8*8 + 2*8*4) = 384
+    assert counted.projector == 384
+    qwen2 = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=2, mlp_ratio=2, hidden_size=4, **patches))
+    # plain MLP of 4: n=8: 256 + 512 + 4*8*2*4 = 1024; n=4: 128 + 128 + 128 = 384
+    assert flops.count(qwen2, stats).vision == 64 + 1024 + 2 * 384
+    assert flops.count(qwen2, stats).llm_prefill == counted.llm_prefill
+
+
+def test_bench_clis_on_tiny_qwen(tmp_path):
+    """A saved Qwen2.5-VL folder loads by its model_type; synthetic 644 x 644 images: 23 x 23 = 529 tokens."""
+    from conftest import qwen_model
+
+    folder = tmp_path / "qwen"
+    qwen_model("qwen2_5_vl").save_pretrained(folder)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(folder), "--methods", "divprune:budget=64,fastv:k=2,ratio=0.5", "--json", str(out),
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--device", "cpu"]) == 0
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["none"]["visual_tokens_mean"] == 529
+    assert results["divprune:budget=64"]["visual_tokens_max"] == 64
+    assert results["divprune:budget=64"]["flops_ratio"] < results["fastv:k=2,ratio=0.5"]["flops_ratio"] < 1
+    # the vision tower's FLOPs do not change with a stage-2 or 3 method
+    assert len({r["flops"]["vision"] for r in results.values()}) == 1
+    out = tmp_path / "generate.json"
+    assert main(["bench-generate", "--model", str(folder), "--methods", "divprune:budget=64", "--batch-sizes", "1",
+                 "--paths", "eager,static",
+                 "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["path"], r["method"], r["visual_tokens_mean"]) for r in rows] == [
+        (path, method, tokens) for path in ("eager", "static") for method, tokens in (("untouched", 529), ("divprune:budget=64", 64))]
+
+
+def test_qwen25_vl_7b_shape():
+    import torch
+
+    from slimvlm.bench.shapes import MODEL_CLASSES, shape_config
+
+    config = shape_config("qwen2.5-vl-7b")
+    with torch.device("meta"):
+        model = MODEL_CLASSES[type(config)]._from_config(config)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.29  # Qwen2.5-VL-7B-Instruct's 8.29B
+    assert config.text_config.sliding_window is None  # use_sliding_window=False: stages 3-4 run on it

@@ -2,8 +2,12 @@
 
 One multiply-add counts as 2 FLOPs. Per layer, with n tokens:
   vision encoder (CLIP, width d, MLP width f):  8 n d^2 (q, k, v, out) + 4 n^2 d (scores, values) + 4 n d f (MLP);
-  patch embedding, once per image: 2 P (3 p^2) d for P patches of p x p pixels;
-  projector (LLaVA MLP, vision width d_v -> LLM width D), per visual token: 2 d_v D + 2 D D;
+      Qwen2.5-VL's gated MLP 6 n d f; where attention runs per segment (Qwen: per image frame, 2.5's windowed
+      blocks per window) the n^2 term is per segment (stats.vision_tokens then lists the segments);
+  patch embedding, once per image: 2 P (3 p^2) d for P patches of p x p pixels (Qwen: 3 x 2 p^2, two
+      frames a patch, P per image from its grid);
+  projector (LLaVA MLP, vision width d_v -> LLM width D), per visual token: 2 d_v D + 2 D D; Qwen's merger
+      (4 patches of width d_v joined, an MLP of width 4 d_v to D) per token: 2 (4 d_v)^2 + 2 (4 d_v) D;
   LLM prefill (Llama, width D, H heads and H_kv key/value heads of size h, gated MLP width F), n tokens:
       4 n D H h (q, o) + 4 n D H_kv h (k, v) + 2 H h n (n + 1) (causal attention: n(n+1)/2 query-key
       pairs, 2 h FLOPs for the score and 2 h for the value, per head) + 6 n D F (gate, up, down);
@@ -25,8 +29,11 @@ class VisionShape:
     width: int
     mlp: int
     patch: int
-    channels: int
-    patches: int
+    channels: int  # values per pixel of a patch (Qwen: channels x frames a patch spans)
+    patches: int | None  # per image; None where each image has its own (Qwen: from stats.vision_tokens)
+    mlp_matrices: int = 2  # 3 for a gated MLP
+    merge: int = 1  # encoder tokens joined into one projector input (Qwen: 2 x 2)
+    projector_hidden: int | None = None  # the projector MLP's hidden width; None: the LLM's
 
 
 @dataclass(frozen=True)
@@ -40,17 +47,37 @@ class LLMShape:
     layers: int
 
 
+def qwen_vision_shape(v) -> VisionShape:
+    """Qwen2-VL's ViT (width embed_dim, MLP embed_dim x mlp_ratio) or Qwen2.5-VL's (width hidden_size, gated MLP)."""
+    qwen2 = hasattr(v, "embed_dim")  # Qwen2-VL's vision hidden_size is the LLM's width
+    width = v.embed_dim if qwen2 else v.hidden_size
+    merge = v.spatial_merge_size**2
+    return VisionShape(
+        width=width,
+        mlp=int(width * v.mlp_ratio) if qwen2 else v.intermediate_size,
+        patch=v.patch_size,
+        channels=v.in_channels * v.temporal_patch_size,
+        patches=None,
+        mlp_matrices=2 if qwen2 else 3,
+        merge=merge,
+        projector_hidden=merge * width,
+    )
+
+
 def shapes(config) -> tuple[VisionShape, LLMShape]:
-    """The sizes the formulas need, read from a LlavaConfig."""
+    """The sizes the formulas need, read from a LLaVA (-NeXT) or Qwen2-VL (2.5-VL) config."""
     v, t = config.vision_config, config.text_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    vision = VisionShape(
-        width=v.hidden_size,
-        mlp=v.intermediate_size,
-        patch=v.patch_size,
-        channels=v.num_channels,
-        patches=(v.image_size // v.patch_size) ** 2,
-    )
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        vision = qwen_vision_shape(v)
+    else:
+        vision = VisionShape(
+            width=v.hidden_size,
+            mlp=v.intermediate_size,
+            patch=v.patch_size,
+            channels=v.num_channels,
+            patches=(v.image_size // v.patch_size) ** 2,
+        )
     llm = LLMShape(
         width=t.hidden_size,
         heads=t.num_attention_heads,
@@ -64,15 +91,17 @@ def shapes(config) -> tuple[VisionShape, LLMShape]:
 
 
 def vision_layer_flops(v: VisionShape, n: int) -> int:
-    return 8 * n * v.width**2 + 4 * n * n * v.width + 4 * n * v.width * v.mlp
+    return 8 * n * v.width**2 + 4 * n * n * v.width + 2 * v.mlp_matrices * n * v.width * v.mlp
 
 
-def patch_embedding_flops(v: VisionShape) -> int:
-    return 2 * v.patches * v.channels * v.patch**2 * v.width
+def patch_embedding_flops(v: VisionShape, patches: int | None = None) -> int:
+    """Of one image (v.patches), or of `patches` patches."""
+    return 2 * (v.patches if patches is None else patches) * v.channels * v.patch**2 * v.width
 
 
 def projector_flops(v: VisionShape, t: LLMShape, n: int) -> int:
-    return n * (2 * v.width * t.width + 2 * t.width * t.width)
+    hidden = v.projector_hidden or t.width
+    return n * (2 * v.merge * v.width * hidden + 2 * hidden * t.width)
 
 
 def llm_layer_prefill_flops(t: LLMShape, n: int, attended: int | None = None) -> int:
@@ -112,17 +141,18 @@ class StageFlops:
 def count(config, stats) -> StageFlops:
     """FLOPs of the forward that `stats` (a slimvlm Stats) describes.
 
-    stats.vision_tokens: per vision layer, per image, tokens at its input; stats.llm_tokens: per
+    stats.vision_tokens: per vision layer, per image (per attention segment on Qwen), tokens at its input; stats.llm_tokens: per
     LLM layer, per sample, tokens in prefill; stats.kv_entries: per sample, per layer, cache entries
     after prefill; stats.projector_tokens: per image, tokens through the projector (stage-2
     methods select after it, so they do not shrink this term); stats.fusion_tokens: per stage-2
     fusion layer (LLaVA-Mini's pre-fusion), per sample, its tokens, each costing an LLM layer's
     prefill over them."""
     v, t = shapes(config)
-    images = len(stats.vision_tokens[0]) if stats.vision_tokens else 0
-    vision = images * patch_embedding_flops(v) + sum(
-        vision_layer_flops(v, n) for layer in stats.vision_tokens for n in layer
-    )
+    if v.patches is None:  # each image its own: the first layer's segments hold every patch (no stage 1 there)
+        embedding = patch_embedding_flops(v, sum(stats.vision_tokens[0]) if stats.vision_tokens else 0)
+    else:
+        embedding = (len(stats.vision_tokens[0]) if stats.vision_tokens else 0) * patch_embedding_flops(v)
+    vision = embedding + sum(vision_layer_flops(v, n) for layer in stats.vision_tokens for n in layer)
     projector = sum(projector_flops(v, t, n) for n in stats.projector_tokens)
     attended = stats.attention_tokens or stats.llm_tokens
     llm = sum(

@@ -49,21 +49,25 @@ def parse_methods(text: str) -> list[list[str]]:
 
 def synthetic_inputs(model, batch_size: int, text_tokens: int, seed: int = 0) -> dict:
     """A batch of prompts of `text_tokens` random text tokens around one image placeholder span, with
-    random pixels: enough for FLOPs, memory and latency, which do not depend on content."""
+    random pixels (and what the family's processor adds, e.g. Qwen's mm_token_type_ids): enough for FLOPs,
+    memory and latency, which do not depend on content."""
     config = model.config
+    adapter = adapter_for(model)
     generator = torch.Generator().manual_seed(seed)
     low = 5 if config.text_config.vocab_size > 10 else 0
     text = torch.randint(low, config.text_config.vocab_size, (batch_size, text_tokens), generator=generator)
-    text[text == config.image_token_id] = low
-    images, span = adapter_for(model).synthetic_images(batch_size, generator)
+    for placeholder in (config.image_token_id, getattr(config, "video_token_id", None)):
+        text[text == placeholder] = low
+    images, span = adapter.synthetic_images(batch_size, generator)
     before = min(5, text_tokens)
     image = torch.full((batch_size, span), config.image_token_id)
     input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
     device, dtype = model.device, model.dtype
+    tensors = {**images, **adapter.text_inputs(input_ids)}
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
-        **{name: value.to(device, dtype) if value.is_floating_point() else value.to(device) for name, value in images.items()},
+        **{name: value.to(device, dtype) if value.is_floating_point() else value.to(device) for name, value in tensors.items()},
     }
 
 

@@ -10,6 +10,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    PretrainedConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 from ..errors import SlimVLMError
@@ -25,14 +28,23 @@ LLAVA_15_7B = dict(
 # LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): the same tower and LM, AnyRes over these (height, width) grids of
 # 336-px crops; a 672 x 672 image is a base view and 2 x 2 tiles, 576 + 48 x 49 = 2928 visual tokens
 LLAVA_NEXT_7B = dict(LLAVA_15_7B, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+# Qwen2.5-VL-7B-Instruct (its config.json): a 32-block ViT of width 1280 with 112-px windows but in blocks 7, 15,
+# 23, 31, a merger of 2 x 2 patches to the LM's 3584, a Qwen2-7B-shape LM with M-RoPE; the bench's images are
+# 644 x 644 px (models/qwen2_vl.py SYNTHETIC_SIDE): 46 x 46 patches, 529 visual tokens
+QWEN25_VL_7B = dict(
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu"),
+    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                     use_sliding_window=False, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+)
 
-SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B}
 
-
-def shape_config(name: str) -> LlavaConfig | LlavaNextConfig:
-    if name not in SHAPES:
-        raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
-    spec = SHAPES[name]
+def llava_config(spec: dict) -> LlavaConfig | LlavaNextConfig:
     common = dict(
         vision_config=CLIPVisionConfig(**spec["vision"]),
         text_config=LlamaConfig(**spec["text"]),
@@ -46,11 +58,29 @@ def shape_config(name: str) -> LlavaConfig | LlavaNextConfig:
     return LlavaConfig(**common)
 
 
-def random_model(name: str, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+SHAPES = {
+    "llava-1.5-7b": (LLAVA_15_7B, llava_config),
+    "llava-next-7b": (LLAVA_NEXT_7B, llava_config),
+    "qwen2.5-vl-7b": (QWEN25_VL_7B, lambda spec: Qwen2_5_VLConfig(**spec)),
+}
+MODEL_CLASSES = {
+    LlavaConfig: LlavaForConditionalGeneration,
+    LlavaNextConfig: LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def shape_config(name: str) -> PretrainedConfig:
+    if name not in SHAPES:
+        raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    spec, build = SHAPES[name]
+    return build(spec)
+
+
+def random_model(name: str, device: torch.device, dtype: torch.dtype):
     """A model of a published shape with random weights, built on `device`."""
     config = shape_config(name)
     config._attn_implementation = "sdpa"
-    model_class = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
     with torch.device(device):
-        model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = MODEL_CLASSES[type(config)]._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
