@@ -226,3 +226,25 @@ def test_the_static_cache_continues_the_reduced_frame():
             del extended["mm_token_type_ids"]
             logits = model(**extended, use_cache=False).logits[:, -1]
             assert torch.allclose(logits, cached.scores[step], atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, top_k=5, num_return_sequences=2)],
+                         ids=["beams", "sampled sequences"])
+def test_generate_modes_that_repeat_the_prompt(fresh_qwen, options):
+    """generate() repeats each prompt per beam or sequence; Qwen's packed patches repeat per prompt as a whole
+    (transformers 5.25 would repeat each patch row), so 'none' is the untouched model and a batch is its prompts."""
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        reference = model.generate(**inputs, max_new_tokens=4, **options)
+        with slimvlm.apply(model, "none"):
+            torch.manual_seed(0)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=4, **options), reference)
+        if "num_beams" in options:
+            with slimvlm.apply(model, "divprune:budget=6"):
+                batched = model.generate(**inputs, max_new_tokens=4, **options)[:, -4:]
+                for index in range(2):
+                    alone = model.generate(**qwen_select(inputs, index), max_new_tokens=4, **options)[0, -4:]
+                    assert alone.tolist() == batched[index].tolist()
+    assert "_expand_inputs_for_generation" not in model.__dict__  # remove() restored generate's own

@@ -155,6 +155,9 @@ class Runtime:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
             self._install_layer_hooks()
         self._install_forward()
+        undo = adapter.patch_generate()  # a family whose inputs generate() cannot repeat per sequence as it is
+        if undo is not None:
+            self._undo.append(undo)
 
     # ---- installation ------------------------------------------------------------------------
     def _install_forward(self) -> None:

@@ -198,7 +198,8 @@ def rebuild(
     embeds = torch.where(use_visual[..., None], visual_features.to(text_embeds.dtype), text_embeds)
 
     if position_ids is None:
-        position_ids = torch.arange(length, device=device).expand(batch, length)
+        position_ids = torch.arange(length, device=device)
+    position_ids = position_ids.expand(batch, length, *position_ids.shape[2:])
     if keep_positions:
         origin = tokens.origin[safe_image, safe_slot.clamp_max(tokens.origin.shape[1] - 1)]
         at = (torch.arange(length, device=device) - slot + origin).clamp(0, length - 1)  # the origin's placeholder

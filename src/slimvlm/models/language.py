@@ -5,6 +5,7 @@ through these methods; each family's adapter adds how its images become the LLM'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,6 +95,11 @@ class LanguageModelAdapter:
                          position_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The untouched prompt's position ids (B, L), or (B, L, axes) for multi-axis RoPE; None: 0, 1, 2..."""
         return position_ids
+
+    def patch_generate(self) -> Callable[[], None] | None:
+        """Change how generate() prepares this family's inputs, where slimvlm needs it; returns the undo
+        (none here: generate() repeats batch-first pixel_values per sequence correctly)."""
+        return None
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict:
         """What the family's processor returns beside input_ids for these prompts (none here)."""

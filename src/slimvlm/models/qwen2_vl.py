@@ -25,6 +25,7 @@ Where methods act on it:
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 from torch import nn
@@ -134,6 +135,43 @@ class QwenVLAdapter(LanguageModelAdapter):
             )
         return True
 
+    def patch_generate(self) -> Callable[[], None]:
+        """Beams and several sequences per prompt: generate() repeats every input along dim 0, but Qwen's
+        pixel_values pack all images' patches along dim 0 (transformers 5.25 repeats them pre-encoded, which
+        slimvlm turns off: the runtime encodes), so here each prompt's patches and grids repeat as a whole."""
+        model = self.model
+        original = model._expand_inputs_for_generation
+
+        def expand(expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+            if expand_size == 1 or input_ids is None or model_kwargs.get("pixel_values") is None:
+                return original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+                                **model_kwargs)
+            pixels, grid = model_kwargs.pop("pixel_values"), model_kwargs.pop("image_grid_thw")
+            repeated = self.repeat_images(input_ids, pixels, grid, expand_size)
+            input_ids, model_kwargs = original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                               input_ids=input_ids, **model_kwargs)
+            return input_ids, {**model_kwargs, **repeated}
+
+        model._expand_inputs_for_generation = expand
+
+        def undo() -> None:
+            del model._expand_inputs_for_generation
+
+        return undo
+
+    def repeat_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                      times: int) -> dict:
+        """pixel_values and image_grid_thw with each prompt's images repeated `times` times in a row, as
+        generate() repeats the prompt."""
+        self.views(pixel_values, image_grid_thw, False)  # checks them, takes the grids
+        placeholders = (input_ids == self.image_token_id).sum(dim=1).tolist()
+        images = self.images_per_sample(placeholders)
+        rows = torch.arange(pixel_values.shape[0], device=pixel_values.device).split([t * h * w for t, h, w in self.grids])
+        starts = [sum(images[:sample]) for sample in range(len(images))]
+        order = [image for start, count in zip(starts, images) for _ in range(times) for image in range(start, start + count)]
+        return {"pixel_values": pixel_values[torch.cat([rows[image] for image in order])],
+                "image_grid_thw": image_grid_thw[torch.tensor(order, device=image_grid_thw.device)]}
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) mm_token_type_ids as the processor makes them for image prompts: 1 at image placeholders."""
         return (input_ids == self.image_token_id).long()
@@ -201,6 +239,12 @@ class QwenVLAdapter(LanguageModelAdapter):
         longest image. The trace gives, per ViT block, the tokens of each attention segment at its input (an
         image frame, or in 2.5's windowed blocks a window; 0 past a block's last segment), for the FLOPs."""
         grid = torch.tensor(self.grids)
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != int(grid.prod(dim=1).sum()):
+            raise SlimVLMError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} are not the patches of the images views() took "
+                f"({self.grids}): Qwen2-VL's tower runs on the processor's packed patches with image_grid_thw, not on "
+                "fixed-size views (bench-vision's); time it with slimvlm bench or bench-generate"
+            )
         merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
         counts = [len(tokens) for tokens in merged]
         batch, width = len(counts), max(counts)
