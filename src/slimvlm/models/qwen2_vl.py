@@ -202,8 +202,7 @@ class QwenVLAdapter(LanguageModelAdapter):
                 "Qwen2-VL lays each image out by its patch grid: pass image_grid_thw (the processor returns it with pixel_values)"
             )
         grids = [tuple(int(n) for n in grid) for grid in torch.as_tensor(image_grid_thw).tolist()]
-        vision = self.vision_config
-        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        width = self.patch_values
         patches = sum(t * h * w for t, h, w in grids)
         if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (patches, width):
             raise SlimVLMError(
@@ -218,6 +217,12 @@ class QwenVLAdapter(LanguageModelAdapter):
         self.grids = grids
         return pixel_values
 
+    @property
+    def patch_values(self) -> int:
+        """Values a row of pixel_values holds: a patch of each channel over the frames it spans."""
+        vision = self.vision_config
+        return vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+
     def image_tokens(self) -> list[int]:
         return [t * h * w // self.merge**2 for t, h, w in self.grids]
 
@@ -226,10 +231,8 @@ class QwenVLAdapter(LanguageModelAdapter):
 
     def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
         """Images of SYNTHETIC_SIDE x SYNTHETIC_SIDE pixels as the processor hands them over (no resize needed)."""
-        vision = self.vision_config
-        side = SYNTHETIC_SIDE // vision.patch_size
-        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        pixels = torch.randn(count * side * side, width, generator=generator)
+        side = SYNTHETIC_SIDE // self.vision_config.patch_size
+        pixels = torch.randn(count * side * side, self.patch_values, generator=generator)
         grid = torch.tensor([[1, side, side]] * count)
         return {"pixel_values": pixels, "image_grid_thw": grid}, side * side // self.merge**2
 
