@@ -4,7 +4,6 @@ refused, the kept tokens sit at their own 3D positions, and the stats keep the m
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import slimvlm
 from conftest import QWEN_GRIDS, qwen_batch, qwen_model, qwen_select
