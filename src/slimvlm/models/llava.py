@@ -54,6 +54,8 @@ class LlavaAdapter:
     family = "llava"
     output_class = LlavaCausalLMOutputWithPast  # what the untouched model's forward returns
     vision_capturable = True  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
+    vision_towers = ("CLIPVisionModel", "CLIPVisionTransformer")  # the tower classes the encoder loop knows
+    has_cls = True  # the tower puts a class token before the patches
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
@@ -62,10 +64,10 @@ class LlavaAdapter:
         vision = inner.vision_tower
         self.model = model
         self.vision = getattr(vision, "vision_model", vision)
-        if type(self.vision).__name__ not in ("CLIPVisionModel", "CLIPVisionTransformer"):
+        if type(self.vision).__name__ not in self.vision_towers:
             raise SlimVLMError(
-                f"the LLaVA adapter supports a CLIP vision tower, not {type(self.vision).__name__}; "
-                "use a LLaVA-1.5-style checkpoint (CLIP ViT + Llama-family LM)"
+                f"slimvlm's {self.family} adapter runs a {self.vision_towers[0]} vision tower layer by layer, not "
+                f"{type(self.vision).__name__}; use a {self.family} checkpoint with the tower of its family"
             )
         self.projector = inner.multi_modal_projector
         self.language_model = inner.language_model
@@ -89,7 +91,7 @@ class LlavaAdapter:
             raise SlimVLMError(f"vision_feature_select_strategy={self.select_strategy!r} is not supported; use 'default' or 'full'")
         side = self.vision_config.image_size // self.vision_config.patch_size
         self.grid = (side, side)
-        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
+        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" and self.has_cls else 0)
         self.image_token_id = config.image_token_id
         self.llm_layers = list(self.language_model.layers)
         self._prefix_graphs: dict[int, GraphCache] = {}  # by the number of untouched encoder layers
@@ -110,6 +112,10 @@ class LlavaAdapter:
                 "loaded as LLaVA-1.5 it drops the AnyRes tiles and image_newline and answers wrongly; load it with "
                 "LlavaNextForConditionalGeneration"
             )
+
+    def check_inputs(self, arguments: dict) -> None:
+        """Refuse, on any forward, inputs of the model's own that the adapter does not honour (LLaVA-1.5
+        has none beyond those the runtime checks)."""
 
     def check_method(self, method: Method) -> None:
         """Refuse, before any work, a method this model cannot honour (a layer it lacks, a budget over its tokens)."""
@@ -172,7 +178,7 @@ class LlavaAdapter:
             hidden = self._prefix_graphs[untouched](pixel_values)
         else:
             hidden = self._untouched_layers(pixel_values, untouched)
-        tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=True)
+        tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=self.has_cls)
         trace = [tokens.counts] * untouched
         proportional = method is not None and method.proportional_attention
         attention = None
@@ -195,12 +201,15 @@ class LlavaAdapter:
 
     def _untouched_layers(self, pixel_values: torch.Tensor, count: int) -> torch.Tensor:
         """The patch embedding and the first `count` encoder layers, as the model runs them."""
-        vision = self.vision
-        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
-        for layer in vision.encoder.layers[:count]:
+        hidden = self._embed_patches(pixel_values)
+        for layer in self.vision.encoder.layers[:count]:
             hidden = hidden + layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None)[0]
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         return hidden
+
+    def _embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: CLIP's class and patch embeddings, then its pre-layernorm."""
+        return self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))
 
     def _next_layer_rows(self, tokens: VisualTokens, proportional: bool):
         """Attention rows of the encoder layer after the feature layer, on the feature tokens."""
