@@ -7,8 +7,13 @@ from torch import nn
 from ..errors import SlimVLMError
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 
-ADAPTERS = {"LlavaForConditionalGeneration": LlavaAdapter, "LlavaNextForConditionalGeneration": LlavaNextAdapter}
+ADAPTERS = {
+    "LlavaForConditionalGeneration": LlavaAdapter,
+    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
+}
 
 
 def adapter_for(model: nn.Module) -> LlavaAdapter:
