@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -10,6 +11,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 
 from ..errors import SlimVLMError
@@ -25,14 +30,45 @@ LLAVA_15_7B = dict(
 # LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): the same tower and LM, AnyRes over these (height, width) grids of
 # 336-px crops; a 672 x 672 image is a base view and 2 x 2 tiles, 576 + 48 x 49 = 2928 visual tokens
 LLAVA_NEXT_7B = dict(LLAVA_15_7B, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+# LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov-hf): SigLIP so400m-patch14-384 (27 x 27 patches, no class
+# token) of which the checkpoint keeps 26 of 27 layers and reads the last (vision_feature_layer -1), Qwen2-7B,
+# pinpoints of 1-6 x 1-6 crops of 384 px, anyres_max_9. The benchmark's images (the most tokens without a resize:
+# 1920 x 768, 5 x 2 tiles) are 729 + 135 x 55 = 8154 visual tokens.
+LLAVA_ONEVISION_7B = dict(
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                image_size=384, patch_size=14, vision_use_head=False),
+    text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False),
+    image_token_id=151646,
+    video_token_id=151647,
+    image_grid_pinpoints=[[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)],
+)
 
-SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B}
+SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-onevision-7b": LLAVA_ONEVISION_7B}
+MODEL_CLASSES = {
+    LlavaConfig: LlavaForConditionalGeneration,
+    LlavaNextConfig: LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
+}
 
 
-def shape_config(name: str) -> LlavaConfig | LlavaNextConfig:
+def shape_config(name: str) -> LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig:
     if name not in SHAPES:
         raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
     spec = SHAPES[name]
+    if name == "llava-onevision-7b":
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**spec["vision"]),
+            text_config=Qwen2Config(**spec["text"]),
+            image_token_index=spec["image_token_id"],
+            video_token_index=spec["video_token_id"],
+            image_grid_pinpoints=spec["image_grid_pinpoints"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=False,
+        )
     common = dict(
         vision_config=CLIPVisionConfig(**spec["vision"]),
         text_config=LlamaConfig(**spec["text"]),
@@ -46,11 +82,10 @@ def shape_config(name: str) -> LlavaConfig | LlavaNextConfig:
     return LlavaConfig(**common)
 
 
-def random_model(name: str, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+def random_model(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A model of a published shape with random weights, built on `device`."""
     config = shape_config(name)
     config._attn_implementation = "sdpa"
-    model_class = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
     with torch.device(device):
-        model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = MODEL_CLASSES[type(config)]._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()

@@ -11,6 +11,8 @@ from ..errors import SlimVLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
+# by the config's model_type; LLaVA-1.5 otherwise (the testbed's and make-tiny's folders)
+MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,10 +41,11 @@ def load_model(spec: str, device: torch.device, dtype: str = "float32"):
                 "local LLaVA folder, e.g. one made by `slimvlm make-tiny DIR`"
             )
         raise SlimVLMError(f"no model at {folder} (no config.json); give a local model folder, 'testbed' or 'shape:llava-1.5-7b'")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    model_class = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    model_class = getattr(transformers, MODEL_CLASSES.get(model_type, "LlavaForConditionalGeneration"))
     model = model_class.from_pretrained(
         folder, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
     ).to(device).eval()
