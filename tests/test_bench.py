@@ -136,6 +136,7 @@ def test_bench_generate_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
         if r["method"] == "untouched":
             assert r["ttft_ratio"] == r["total_ratio"] == r["tokens_per_s_ratio"] == 1.0
     assert {r["visual_tokens_mean"] for r in payload["results"] if r["method"] == "divprune:budget=64"} == {64}
+    assert {r["kv_visual_mean"] for r in payload["results"] if r["method"] == "divprune:budget=64"} == {64}
     assert main(["bench-generate", "--model", str(tiny_dir), "--paths", "fast", "--device", "cpu"]) == 2
     assert "--paths 'fast'" in capsys.readouterr().err
 

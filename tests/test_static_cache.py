@@ -64,16 +64,17 @@ def test_the_static_cache_holds_the_reduced_prompt_and_the_new_tokens(fresh):
     assert second is first  # reused: a compiled step keeps its shapes
 
 
-def test_the_decode_step_compiles_as_one_graph(fresh):
+@pytest.mark.parametrize("spec", ["divprune:budget=40", "mustdrop-64"])  # one group of layers; several
+def test_the_decode_step_compiles_as_one_graph(fresh, spec):
     model, processor = fresh
     inputs = batch(processor, 2)
     saved = model.generation_config.compile_config
     model.generation_config.compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
     try:
         with torch.no_grad():
-            with slimvlm.apply(model, "divprune:budget=40"):
+            with slimvlm.apply(model, spec):
                 eager = generate(model, inputs, static=True)
-            with slimvlm.apply(model, "divprune:budget=40", compile=True):  # fullgraph: a graph break raises
+            with slimvlm.apply(model, spec, compile=True):  # fullgraph: a graph break raises
                 assert_same_generation(generate(model, inputs, static=True), eager)
     finally:
         model.generation_config.compile_config = saved
@@ -107,21 +108,6 @@ def test_after_a_static_generate_the_dynamic_path_still_drops(fresh):
         again = generate(model, inputs, static=False)
         assert_same_generation(again, dynamic)
         assert min(handle.stats.kv_visual_entries[0]) < 64
-
-
-def test_a_stage_3_decode_step_compiles_as_one_graph(fresh):
-    model, processor = fresh
-    inputs = batch(processor, 2)
-    saved = model.generation_config.compile_config
-    model.generation_config.compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
-    try:
-        with torch.no_grad():
-            with slimvlm.apply(model, "mustdrop-64"):
-                eager = generate(model, inputs, static=True)
-            with slimvlm.apply(model, "mustdrop-64", compile=True):  # fullgraph: a graph break raises
-                assert_same_generation(generate(model, inputs, static=True), eager)
-    finally:
-        model.generation_config.compile_config = saved
 
 
 def test_virtual_unmerging_on_a_static_cache_is_refused(fresh):

@@ -416,7 +416,7 @@ class Runtime:
             masks = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
             logits = self._static.step(input_ids, masks, session.static.group_of_layer, positions, session.cache)
             return self._output(logits, None, session.cache, arguments)
-        mask_needed = new_valid is not None or session.padded or self._unmerge or len(session.distinct_views()) > 1
+        mask_needed = new_valid is not None or session.padded or self._unmerge  # later layers: their views' masks
         if new_valid is None:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
         embeds = self.adapter.embed(input_ids)

@@ -27,7 +27,7 @@ class GenerateResult:
     path: str
     batch_size: int
     new_tokens: int
-    visual_tokens_mean: float
+    visual_tokens_mean: float  # per image, entering the LLM
     ttft_ms: float  # from the call until the first new tokens reach the host, in the same call as total_ms
     total_ms: float  # generate(max_new_tokens=new_tokens)
     decode_ms_per_token: float  # (total - ttft) / (new_tokens - 1)
@@ -36,6 +36,7 @@ class GenerateResult:
     ttft_ratio: float = 1.0  # against the untouched model on the same path and batch
     total_ratio: float = 1.0
     tokens_per_s_ratio: float = 1.0
+    kv_visual_mean: float | None = None  # per sample, visual KV entries the last LLM layer keeps after prefill
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,14 +117,17 @@ def bench_generate(
             if specs is None:
                 timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
                 tokens = float(inputs["input_ids"].eq(model.config.image_token_id).sum(dim=1).float().mean())
+                kept = tokens
                 name = UNTOUCHED
             else:
                 with apply(model, specs) as handle:
                     timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
                     tokens = statistics.mean(handle.stats.visual_tokens)
+                    kept = statistics.mean(entries[-1] for entries in handle.stats.kv_visual_entries)
                 name = "+".join(specs)
         results.append(GenerateResult(
             method=name, path=path, batch_size=batch_size, new_tokens=new_tokens, visual_tokens_mean=tokens,
+            kv_visual_mean=kept,
             decode_ms_per_token=(timed["total_ms"] - timed["ttft_ms"]) / (new_tokens - 1),
             tokens_per_s=batch_size * new_tokens / timed["total_ms"] * 1000, **timed,
         ))
@@ -143,9 +147,10 @@ def _add_ratios(results: list[GenerateResult]) -> None:
 
 
 def format_table(results: list[GenerateResult]) -> str:
-    header = ["batch", "path", "method", "vis tok", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB"]
+    header = ["batch", "path", "method", "vis tok", "KV vis", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB"]
     rows = [[
         str(r.batch_size), r.path, r.method, f"{r.visual_tokens_mean:.0f}",
+        "-" if r.kv_visual_mean is None else f"{r.kv_visual_mean:.0f}",
         f"{r.ttft_ms:.1f}", f"{r.ttft_ratio:.2f}", f"{r.total_ms:.0f}", f"{r.total_ratio:.2f}",
         f"{r.decode_ms_per_token:.2f}", f"{r.tokens_per_s:.0f}", f"{r.tokens_per_s_ratio:.2f}",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
