@@ -200,7 +200,10 @@ def test_received_attention_is_the_mean_over_heads_and_valid_queries():
     probabilities = torch.randn(2, 3, n, n, generator=torch.Generator().manual_seed(0)).softmax(dim=-1)
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, -50:] = False  # padding queries of image 1 count for nothing
-    rows = lambda index: probabilities.gather(2, index[:, None, :, None].expand(-1, 3, -1, n))  # noqa: E731
+
+    def rows(index):
+        return probabilities.gather(2, index[:, None, :, None].expand(-1, 3, -1, n))
+
     expected = torch.stack([probabilities[0].mean(0).mean(0), probabilities[1, :, : n - 50].mean(0).mean(0)])
     torch.testing.assert_close(received_attention(rows, valid), expected)
 
@@ -214,11 +217,14 @@ def test_dominant_and_important_tokens_are_those_the_feature_layer_attends_most(
     crops = adapter.views(inputs["pixel_values"], inputs["image_sizes"], False)
     with torch.no_grad():
         before_last = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-2]
-        layer = adapter.vision.encoder.layers[-1]
-        normed = layer.layer_norm1(before_last)
-        heads = lambda x: x.view(len(crops), 36, 2, 16).transpose(1, 2)  # noqa: E731
-        logits = heads(layer.self_attn.q_proj(normed)) @ heads(layer.self_attn.k_proj(normed)).transpose(-1, -2)
-        received = (logits * layer.self_attn.scale).softmax(dim=-1).mean(dim=1).mean(dim=1)  # (crops, 36)
+        attn = adapter.vision.encoder.layers[-1].self_attn
+        normed = adapter.vision.encoder.layers[-1].layer_norm1(before_last)
+
+        def heads(x):
+            return x.view(len(crops), 36, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+        logits = heads(attn.q_proj(normed)) @ heads(attn.k_proj(normed)).transpose(-1, -2)
+        received = (logits * attn.scale).softmax(dim=-1).mean(dim=1).mean(dim=1)  # (crops, 36)
         tokens, _ = adapter.encode(crops, VisionZip(dominant=10, contextual=0))
         mustdrop = slimvlm.registry.build("mustdrop:lsm=false,important_ratio=0.25")
         adapter.encode(crops, mustdrop)

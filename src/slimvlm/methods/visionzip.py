@@ -59,7 +59,8 @@ def contextual_groups(metric: torch.Tensor, count: int) -> tuple[torch.Tensor, t
 @register
 class VisionZip(Method):
     name = "visionzip"
-    description = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity (Yang et al. CVPR'25)"
+    description = ("VisionZip: dominant tokens by CLS attention (attention received, without a class token) + contextual "
+                   "tokens merged by key similarity (Yang et al. CVPR'25)")
     stages = frozenset({Stage.ENCODE})
     feeds_cls = True
     acts_in_encoder_layers = False
