@@ -100,6 +100,65 @@ def fresh_next(tiny_next):
         handle.remove()
 
 
+# ---- LLaVA-OneVision (SigLIP without a class token, anyres_max_9) --------------------------------
+OV_SIZES = [(100, 60), (150, 150)]  # (height, width): 2 x 1 tiles cut to 10 of 12 rows; 2 x 2 tiles, uncut
+OV_RESIZED = (300, 250)  # 4 x 3 tiles: a 22 x 18 canvas, which anyres_max_9 resizes bilinearly to 19 x 16
+
+
+@pytest.fixture(scope="session")
+def tiny_ov_dir(tmp_path_factory):
+    from slimvlm.testbed.build import make_tiny_onevision
+
+    return make_tiny_onevision(tmp_path_factory.mktemp("tiny_ov"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ov(tiny_ov_dir):
+    """(model, tokenizer): a tiny random LLaVA-OneVision, SigLIP crops of 84 px / patch 14 (6 x 6 patches),
+    up to 4 x 4 tiles, a Qwen2 LM; float32, SDPA."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_ov_dir, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_ov_dir, local_files_only=True)
+
+
+@pytest.fixture
+def fresh_ov(tiny_ov):
+    model, tokenizer = tiny_ov
+    yield model, tokenizer
+    handle = getattr(model, "_slimvlm_handle", None)
+    if handle is not None:
+        handle.remove()
+
+
+def ov_batch(model, tokenizer, sizes=OV_SIZES) -> dict:
+    """What LLaVA-OneVision's processor gives for one image per prompt (its video part needs torchvision, so
+    it is put together here): the PIL image processor's pixel_values, image_sizes and batch_num_images, and
+    left-padded prompts of different lengths whose <image> becomes the placeholders the model's own packing
+    gives that image."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from slimvlm.testbed.build import SPECIAL_TOKENS
+
+    config = model.config
+    side = config.vision_config.image_size
+    processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                image_grid_pinpoints=config.image_grid_pinpoints)
+    images = processor(images=next_images(sizes), return_tensors="pt")
+    with torch.no_grad():
+        packed = model.model.get_image_features(images["pixel_values"], images["image_sizes"]).pooler_output
+    image = SPECIAL_TOKENS["image"]
+    prompts = [format_prompt(QUESTIONS[i % len(QUESTIONS)]).replace(image, image * len(features))
+               for i, features in enumerate(packed)]
+    return {**tokenizer(prompts, return_tensors="pt", padding=True), **images}
+
+
+def ov_select(inputs: dict, index: int) -> dict:
+    """One sample of a LLaVA-OneVision batch, alone, without padding."""
+    return {**next_select(inputs, index), "batch_num_images": inputs["batch_num_images"][index : index + 1]}
+
+
 # ---- Qwen2-VL / Qwen2.5-VL (M-RoPE, dynamic resolution) --------------------------------------------
 QWEN_GRIDS = [(1, 8, 12), (1, 8, 8)]  # (t, h, w) patches: 24 and 16 tokens (2 x 2 patches each)
 QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)

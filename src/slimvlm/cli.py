@@ -297,12 +297,16 @@ def _timing_options(command: argparse.ArgumentParser, warmup: int, repeats: int,
     command.add_argument("--json", help=json_help)
 
 
+SHAPE_MODEL_HELP = ("local folder, 'testbed', or 'shape:llava-1.5-7b' | 'shape:llava-next-7b' | 'shape:llava-onevision-7b' "
+                    "| 'shape:qwen2.5-vl-7b' (random weights)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="slimvlm", description="Spend fewer visual tokens in VLMs, and measure it.")
     sub = root.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="tokens, FLOPs, KV-cache bytes and latency per method")
-    bench.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' | 'shape:llava-next-7b' | 'shape:qwen2.5-vl-7b' (random weights)")
+    bench.add_argument("--model", default="testbed", help=SHAPE_MODEL_HELP)
     bench.add_argument("--methods", default="none,tome:r=8,fastv:k=2,ratio=0.5,visionzip,divprune:budget=64",
                        help="comma-separated specs; key=value continues the previous spec; '+' composes")
     bench.add_argument("--batch-size", type=int, default=1)
@@ -313,7 +317,7 @@ def parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("bench-generate", help="whole generate() time, TTFT, decode ms/token, tokens/s, peak memory "
                               "per method beside the untouched model, eager and static cache + compiled decode")
-    generate.add_argument("--model", default="testbed", help="local folder, 'testbed', or 'shape:llava-1.5-7b' | 'shape:llava-next-7b' | 'shape:qwen2.5-vl-7b' (random weights)")
+    generate.add_argument("--model", default="testbed", help=SHAPE_MODEL_HELP)
     generate.add_argument("--methods", default="none,visionzip-64,divprune-64,tome:r=16,llava-mini:budget=1",
                           help="comma-separated specs; '+' composes methods of different stages")
     generate.add_argument("--batch-sizes", default="1,16,64")

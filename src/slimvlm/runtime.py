@@ -18,8 +18,7 @@ from torch import nn
 from .errors import SlimVLMError
 from .models.compat import cache_kwarg, image_output
 from .hooks import HookSet, capture_outputs
-from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, is_prepared_mask,
-                       padding_of_causal_mask, rebuild)
+from .sequence import IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
@@ -215,7 +214,10 @@ class Runtime:
                 arguments[name] = kwargs.pop(name)
         if self._cache_name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated alias
             arguments[self._cache_name] = kwargs.pop("past_key_values")
-        self.adapter.check_arguments(arguments)
+        self.adapter.check_inputs(arguments)
+        masks = arguments.get("attention_mask")
+        if isinstance(masks, dict):  # generate()'s 4D masks per layer type on a static cache (LMs with layer_types)
+            arguments["attention_mask"] = masks.get("full_attention", next(iter(masks.values())))
         pixel_values = arguments.get("pixel_values")
         cache = arguments.get(self._cache_name)
         if kwargs.get("mm_encoder_outputs") is not None:
@@ -234,6 +236,13 @@ class Runtime:
             raise SlimVLMError("pass input_ids (with the image placeholders), not inputs_embeds, when slimvlm is applied")
         if arguments.get("input_ids") is None:
             raise SlimVLMError("input_ids are required with pixel_values")
+        for name, configured in (  # the LLaVA families' (Qwen's configs have none)
+            ("vision_feature_layer", getattr(self.adapter.config, "vision_feature_layer", None)),
+            ("vision_feature_select_strategy", getattr(self.adapter.config, "vision_feature_select_strategy", None)),
+        ):
+            given = arguments.get(name)
+            if given is not None and given != configured:
+                raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
         cache = arguments.get(self._cache_name)
         if cache is not None and cache.get_seq_length() > 0:
             raise SlimVLMError("images after a non-empty KV cache are not supported; start a new cache for each prompt")
@@ -245,7 +254,7 @@ class Runtime:
         adapter = self.adapter
         input_ids = arguments["input_ids"]
         mask = arguments.get("attention_mask")
-        if mask is not None and is_prepared_mask(mask):  # generate()'s for a static cache, in the untouched frame
+        if mask is not None and mask.dim() == 4:  # generate()'s mask for a static cache, in the untouched frame
             arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1])
         use_cache = arguments.get("use_cache")
         if use_cache is None:
@@ -432,9 +441,9 @@ class Runtime:
 
     def _new_tokens_valid(self, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
         """Which of a decode step's tokens are real, from the caller's 2D mask in the untouched prompt's
-        frame; None when all are (no mask, or the mask generate() prepares for a static cache, whose
+        frame; None when all are (no mask, or the 4D mask generate() builds for a static cache, whose
         frame slimvlm rebuilds from its own bookkeeping)."""
-        if mask is None or is_prepared_mask(mask):
+        if mask is None or mask.dim() == 4:
             return None
         session = self.session
         expected = session.prompt_length + session.decoded + steps

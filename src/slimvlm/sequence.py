@@ -35,27 +35,11 @@ def compaction(keep: torch.Tensor, width_step: int = 1, right: bool = False) -> 
     return index, valid
 
 
-def is_prepared_mask(mask: torch.Tensor | dict) -> bool:
-    """Whether `mask` is one generate() prepared for a static cache (in the untouched prompt's frame): a 4D
-    causal mask, or for LMs with per-layer attention types (Qwen2) a dict of them by type."""
-    return isinstance(mask, dict) or mask.dim() == 4
-
-
-def padding_of_causal_mask(mask: torch.Tensor | dict, length: int) -> torch.Tensor | None:
+def padding_of_causal_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     """The 2D padding mask (B, length) behind a 4D causal mask (B, 1, length, K >= length), bool
     (True = attend) or additive (0 = attend), such as generate() builds for a static cache: the last
-    query sees every real key before it (of a dict by layer type, its 'full_attention' mask; None there:
-    no padding, None back). Any other mask is refused: slimvlm rebuilds the mask of the reduced sequence
-    from padding alone, and would drop what else the mask says."""
-    if isinstance(mask, dict):
-        if set(mask) != {"full_attention"}:
-            raise SlimVLMError(
-                f"an attention_mask per layer type ({', '.join(sorted(mask))}): slimvlm rebuilds full causal masks "
-                "only; pass the 2D padding mask (batch, sequence) the processor returns"
-            )
-        mask = mask["full_attention"]
-        if mask is None:
-            return None
+    query sees every real key before it. Any other 4D mask is refused: slimvlm rebuilds the mask of
+    the reduced sequence from padding alone, and would drop what else the mask says."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != length or mask.shape[3] < length:
         raise SlimVLMError(
             f"a 4D attention_mask of shape {tuple(mask.shape)} is not the causal mask of a {length}-token prompt; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -10,9 +11,12 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    PretrainedConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 
 from ..errors import SlimVLMError
@@ -28,6 +32,20 @@ LLAVA_15_7B = dict(
 # LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): the same tower and LM, AnyRes over these (height, width) grids of
 # 336-px crops; a 672 x 672 image is a base view and 2 x 2 tiles, 576 + 48 x 49 = 2928 visual tokens
 LLAVA_NEXT_7B = dict(LLAVA_15_7B, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+# LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov-hf): SigLIP so400m-patch14-384 (27 x 27 patches, no class
+# token) of which the checkpoint keeps 26 of 27 layers and reads the last (vision_feature_layer -1), Qwen2-7B,
+# pinpoints of 1-6 x 1-6 crops of 384 px, anyres_max_9. The benchmark's images (the most tokens without a resize:
+# 1920 x 768, 5 x 2 tiles) are 729 + 135 x 55 = 8154 visual tokens.
+LLAVA_ONEVISION_7B = dict(
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                image_size=384, patch_size=14, vision_use_head=False),
+    text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False),
+    image_token_id=151646,
+    video_token_id=151647,
+    image_grid_pinpoints=[[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)],
+)
 # Qwen2.5-VL-7B-Instruct (its config.json): a 32-block ViT of width 1280 with 112-px windows but in blocks 7, 15,
 # 23, 31, a merger of 2 x 2 patches to the LM's 3584, a Qwen2-7B-shape LM with M-RoPE; the bench's images are
 # 644 x 644 px (models/qwen2_vl.py SYNTHETIC_SIDE): 46 x 46 patches, 529 visual tokens
@@ -43,8 +61,34 @@ QWEN25_VL_7B = dict(
     tie_word_embeddings=False,
 )
 
+SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-onevision-7b": LLAVA_ONEVISION_7B,
+          "qwen2.5-vl-7b": QWEN25_VL_7B}
+MODEL_CLASSES = {
+    LlavaConfig: LlavaForConditionalGeneration,
+    LlavaNextConfig: LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
+}
 
-def llava_config(spec: dict) -> LlavaConfig | LlavaNextConfig:
+
+def shape_config(name: str) -> LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig | Qwen2_5_VLConfig:
+    if name not in SHAPES:
+        raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    spec = SHAPES[name]
+    if name == "qwen2.5-vl-7b":
+        return Qwen2_5_VLConfig(**spec)
+    if name == "llava-onevision-7b":
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**spec["vision"]),
+            text_config=Qwen2Config(**spec["text"]),
+            image_token_index=spec["image_token_id"],
+            video_token_index=spec["video_token_id"],
+            image_grid_pinpoints=spec["image_grid_pinpoints"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=False,
+        )
     common = dict(
         vision_config=CLIPVisionConfig(**spec["vision"]),
         text_config=LlamaConfig(**spec["text"]),
@@ -58,26 +102,7 @@ def llava_config(spec: dict) -> LlavaConfig | LlavaNextConfig:
     return LlavaConfig(**common)
 
 
-SHAPES = {
-    "llava-1.5-7b": (LLAVA_15_7B, llava_config),
-    "llava-next-7b": (LLAVA_NEXT_7B, llava_config),
-    "qwen2.5-vl-7b": (QWEN25_VL_7B, lambda spec: Qwen2_5_VLConfig(**spec)),
-}
-MODEL_CLASSES = {
-    LlavaConfig: LlavaForConditionalGeneration,
-    LlavaNextConfig: LlavaNextForConditionalGeneration,
-    Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
-}
-
-
-def shape_config(name: str) -> PretrainedConfig:
-    if name not in SHAPES:
-        raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
-    spec, build = SHAPES[name]
-    return build(spec)
-
-
-def random_model(name: str, device: torch.device, dtype: torch.dtype):
+def random_model(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A model of a published shape with random weights, built on `device`."""
     config = shape_config(name)
     config._attn_implementation = "sdpa"

@@ -9,7 +9,9 @@ One method, four parts, each switchable:
 2. Important set S (`important`, stage 1, at the encoder output): the ceil(`important_ratio` x
    patch tokens) patch tokens with the highest CLS attention (mean over heads) of the LAST encoder
    layer, i.e. the layer after LLaVA's feature layer (the authors read the attention of the layer
-   whose input LLaVA takes). S is remembered by patch origin, so stages 3-4 find it again.
+   whose input LLaVA takes). A tower without a class token (SigLIP: LLaVA-OneVision) ranks by the
+   attention a token receives, averaged over heads and all queries (VisionZip's score there,
+   methods/visionzip.py). S is remembered by patch origin, so stages 3-4 find it again.
 3. Dual-attention filter (`filter`, stage 3): after each of the authors' pruning layers `layers`
    (default 2, 6, 10, 14; a layer p drops at the input of layer p + 1 using layer p's attention),
    with the question's text rows (the text after the image) averaged over heads: a visual token
@@ -47,6 +49,7 @@ from ..registry import register
 from ..sequence import Sequence
 from ..stages import EncoderAttention, Method, PrefillLayer, Stage, check_ratio
 from ..tokens import VisualTokens
+from .visionzip import received_attention
 
 CACHE_KEEP = ("final", "important")
 
@@ -114,11 +117,11 @@ def window_merge_assign(similarity: torch.Tensor, patches: torch.Tensor, patch_t
     return assign
 
 
-def important_tokens(cls_attention: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
-    """cls_attention (B, N) of the class token to each token; candidates (B, N) the patch tokens ->
-    (B, N) bool: per image the ceil(ratio x its patch tokens) candidates with the highest attention."""
+def important_tokens(attention: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+    """attention (B, N) each token gets (from the class token, or received on average); candidates (B, N) the
+    patch tokens -> (B, N) bool: per image the ceil(ratio x its patch tokens) candidates with the highest attention."""
     count = torch.ceil(ratio * candidates.sum(dim=1).double() - 1e-9).long()
-    scores = cls_attention.float().masked_fill(~candidates, float("-inf"))
+    scores = attention.float().masked_fill(~candidates, float("-inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -246,13 +249,14 @@ class MustDrop(Method):
         self._survivors = None
         if not self.important:
             return tokens
-        if not tokens.has_cls:
-            raise SlimVLMError("mustdrop: the important set is chosen by the class token's attention; the encoder output has none")
         batch = tokens.batch_size
-        cls_index = tokens.is_cls.long().argmax(dim=1, keepdim=True)  # (B, 1)
         rows = attention.next_rows if attention.next_rows is not None else attention.rows
-        cls_attention = rows(cls_index).float().mean(dim=1)[:, 0]  # (B, N): mean over heads
-        chosen = important_tokens(cls_attention, tokens.valid & ~tokens.is_cls, self.important_ratio)
+        if tokens.has_cls:
+            cls_index = tokens.is_cls.long().argmax(dim=1, keepdim=True)  # (B, 1)
+            score = rows(cls_index).float().mean(dim=1)[:, 0]  # (B, N): mean over heads
+        else:
+            score = received_attention(rows, tokens.valid)
+        chosen = important_tokens(score, tokens.valid & ~tokens.is_cls, self.important_ratio)
         patch = tokens.origin.clamp(0, tokens.num_patches - 1)  # CLS and padding are never chosen
         important = torch.zeros(batch, tokens.num_patches, dtype=torch.int32, device=chosen.device)
         self._important = important.scatter_add_(1, patch, chosen.int()) > 0

@@ -2,22 +2,45 @@
 attended by CLS) and merge the rest into a few contextual tokens (stage 1, at the encoder output).
 
 Dominant: the class token plus the `dominant - 1` patches with the highest CLS attention (summed
-over heads) in the feature layer. Contextual: of the remaining tokens, `contextual` targets at a
-uniform stride; every other remaining token joins its most similar target by cosine similarity of
-the feature layer's keys (averaged over heads); each contextual token is its target's feature
-plus the mean feature of the tokens that joined it, as in the authors' code. The LLM sees
-[CLS, dominant patches in spatial order, contextual tokens in target order].
+over heads) in the feature layer. A tower without a class token (SigLIP: LLaVA-OneVision) keeps the
+`dominant` patches that receive the most attention, averaged over heads and over all queries, as
+LightCompress runs VisionZip on LLaVA-OneVision (see received_attention). Contextual: of the remaining
+tokens, `contextual` targets at a uniform stride; every other remaining token joins its most similar
+target by cosine similarity of the feature layer's keys (averaged over heads); each contextual token
+is its target's feature plus the mean feature of the tokens that joined it, as in the authors' code.
+The LLM sees [CLS, dominant patches in spatial order, contextual tokens in target order].
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import gather_rows
 from ..stages import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
+
+QUERY_CHUNK = 128  # queries scored at once: all of a batch of 729-token crops at once is gigabytes of (B, H, Q, N)
+
+
+def received_attention(rows: Callable[[torch.Tensor], torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) the attention each token receives, averaged over heads and over the valid queries (rows: an
+    encoder layer's attention rows for query indices, EncoderAttention.rows): where a tower has no class
+    token, the score LightCompress ranks VisionZip's dominant tokens by on LLaVA-OneVision's SigLIP
+    (zhangbilang/LightCompress, llmc/compression/token_reduction/holitom.py, SigLipVisionTower_forward with
+    WRAPPER=visionzip: `attentions[-1].mean(dim=1).mean(dim=1)`, the feature layer's attention averaged over
+    heads, then over queries). Reads nothing back to the host."""
+    batch, n = valid.shape
+    weight = valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)  # padding queries count for nothing
+    total = torch.zeros(batch, n, dtype=torch.float32, device=valid.device)
+    for start in range(0, n, QUERY_CHUNK):
+        index = torch.arange(start, min(start + QUERY_CHUNK, n), device=valid.device).expand(batch, -1)
+        per_query = rows(index).mean(dim=1)  # (B, Q, N): mean over heads
+        total += (per_query * weight[:, start : start + QUERY_CHUNK, None]).sum(dim=1)
+    return total
 
 
 def contextual_groups(metric: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +59,8 @@ def contextual_groups(metric: torch.Tensor, count: int) -> tuple[torch.Tensor, t
 @register
 class VisionZip(Method):
     name = "visionzip"
-    description = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity (Yang et al. CVPR'25)"
+    description = ("VisionZip: dominant tokens by CLS attention (attention received, without a class token) + contextual "
+                   "tokens merged by key similarity (Yang et al. CVPR'25)")
     stages = frozenset({Stage.ENCODE})
     feeds_cls = True
     acts_in_encoder_layers = False
@@ -59,14 +83,19 @@ class VisionZip(Method):
 
     def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
         n = tokens.x.shape[1]
-        if not tokens.has_cls or any(count != n for count in tokens.host_counts()):
-            raise SlimVLMError("visionzip needs the encoder's full token set with its class token")
+        if any(count != n for count in tokens.host_counts()):
+            raise SlimVLMError("visionzip needs the encoder's full token set")
+        if self.dominant > n:
+            raise SlimVLMError(f"visionzip: dominant={self.dominant} is more than the {n} tokens of a view; lower it")
         batch, _, dim = tokens.x.shape
         device = tokens.x.device
-        cls_attention = attention.rows(torch.zeros(batch, 1, dtype=torch.long, device=device)).sum(dim=1)[:, 0]
-        cls_attention[:, 0] = float("inf")  # the class token is always dominant
+        if tokens.has_cls:
+            score = attention.rows(torch.zeros(batch, 1, dtype=torch.long, device=device)).sum(dim=1)[:, 0]
+            score[:, 0] = float("inf")  # the class token is always dominant
+        else:
+            score = received_attention(attention.rows, tokens.valid)
         dominant = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        dominant.scatter_(1, cls_attention.topk(self.dominant, dim=1).indices, True)
+        dominant.scatter_(1, score.topk(self.dominant, dim=1).indices, True)
         # every image has the same counts, so each part is one (B, count) gather, in spatial order
         by_kind = dominant.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
         kept, rest = by_kind[:, : self.dominant], by_kind[:, self.dominant :]

@@ -8,11 +8,13 @@ from ..errors import SlimVLMError
 from .language import LanguageModelAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
 
 ADAPTERS = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
 }

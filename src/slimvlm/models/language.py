@@ -83,8 +83,9 @@ class LanguageModelAdapter:
         return tokens
 
     # ---- what a family's forward takes besides pixels ------------------------------------------
-    def check_arguments(self, arguments: dict) -> None:
-        """Refuse, on any forward, an argument this family's adapter cannot honour (none here)."""
+    def check_inputs(self, arguments: dict) -> None:
+        """Refuse, on any forward, inputs of the model's own that the adapter does not honour (none here
+        beyond those the runtime checks)."""
 
     def positions_kept(self, keep_positions: bool | None) -> bool:
         """Whether visual tokens keep their own rotary positions (apply's keep_positions; None: the family's

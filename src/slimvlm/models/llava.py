@@ -38,6 +38,8 @@ class LlavaAdapter(LanguageModelAdapter):
     family = "llava"
     output_class = LlavaCausalLMOutputWithPast
     vision_capturable = True
+    vision_towers = ("CLIPVisionModel", "CLIPVisionTransformer")  # the tower classes the encoder loop knows
+    has_cls = True  # the tower puts a class token before the patches
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
@@ -45,10 +47,10 @@ class LlavaAdapter(LanguageModelAdapter):
         inner = model.model
         vision = inner.vision_tower
         self.vision = getattr(vision, "vision_model", vision)
-        if type(self.vision).__name__ not in ("CLIPVisionModel", "CLIPVisionTransformer"):
+        if type(self.vision).__name__ not in self.vision_towers:
             raise SlimVLMError(
-                f"the LLaVA adapter supports a CLIP vision tower, not {type(self.vision).__name__}; "
-                "use a LLaVA-1.5-style checkpoint (CLIP ViT + Llama-family LM)"
+                f"slimvlm's {self.family} adapter runs a {self.vision_towers[0]} vision tower layer by layer, not "
+                f"{type(self.vision).__name__}; use a {self.family} checkpoint with the tower of its family"
             )
         super().__init__(model, inner.language_model)
         self.projector = inner.multi_modal_projector
@@ -69,15 +71,8 @@ class LlavaAdapter(LanguageModelAdapter):
             raise SlimVLMError(f"vision_feature_select_strategy={self.select_strategy!r} is not supported; use 'default' or 'full'")
         side = self.vision_config.image_size // self.vision_config.patch_size
         self.grid = (side, side)
-        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
+        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" and self.has_cls else 0)
         self._prefix_graphs: dict[int, GraphCache] = {}  # by the number of untouched encoder layers
-
-    def check_arguments(self, arguments: dict) -> None:
-        """Feature layer and selection come from the config (the encoder runs up to it before any call)."""
-        for name in ("vision_feature_layer", "vision_feature_select_strategy"):
-            given, configured = arguments.get(name), getattr(self.config, name)
-            if given is not None and given != configured:
-                raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
 
     def _check_config(self, config) -> None:
         """Refuse a checkpoint of another family loaded into this class."""
@@ -145,7 +140,7 @@ class LlavaAdapter(LanguageModelAdapter):
             hidden = self._prefix_graphs[untouched](pixel_values)
         else:
             hidden = self._untouched_layers(pixel_values, untouched)
-        tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=True)
+        tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=self.has_cls)
         trace = [tokens.counts] * untouched
         proportional = method is not None and method.proportional_attention
         attention = None
@@ -168,12 +163,15 @@ class LlavaAdapter(LanguageModelAdapter):
 
     def _untouched_layers(self, pixel_values: torch.Tensor, count: int) -> torch.Tensor:
         """The patch embedding and the first `count` encoder layers, as the model runs them."""
-        vision = self.vision
-        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
-        for layer in vision.encoder.layers[:count]:
+        hidden = self._embed_patches(pixel_values)
+        for layer in self.vision.encoder.layers[:count]:
             hidden = hidden + layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None)[0]
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         return hidden
+
+    def _embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: CLIP's class and patch embeddings, then its pre-layernorm."""
+        return self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))
 
     def _next_layer_rows(self, tokens: VisualTokens, proportional: bool):
         """Attention rows of the encoder layer after the feature layer, on the feature tokens."""

@@ -106,9 +106,14 @@ class LlavaNextAdapter(LlavaAdapter):
     def pack(self, tokens: VisualTokens) -> VisualTokens:
         return pack(tokens, self.layouts, self.newline)
 
+    def synthetic_size(self) -> tuple[int, int]:
+        """(height, width) of the benchmark's images: the largest pinpoint, the most tiles and nothing cut,
+        the most tokens."""
+        return tuple(max(self.pinpoints, key=lambda size: size[0] * size[1]))
+
     def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
-        """Images of the largest pinpoint's shape: the most tiles and nothing cut, the most tokens."""
-        height, width = max(self.pinpoints, key=lambda size: size[0] * size[1])
+        """Images of synthetic_size(), as the processor hands them over, and their placeholders."""
+        height, width = self.synthetic_size()
         layout = self.layout_of(height, width)
         vision = self.vision_config
         pixels = torch.randn(count, layout.views, vision.num_channels, vision.image_size, vision.image_size,

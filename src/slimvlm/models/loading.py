@@ -11,12 +11,9 @@ from ..errors import SlimVLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
-# a folder's config model_type -> the class it loads with (others: LLaVA-1.5's, whose adapter names what it takes)
-MODEL_CLASSES = {
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+# by the config's model_type; LLaVA-1.5 otherwise (the testbed's and make-tiny's folders)
+MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,9 +17,9 @@ Where methods act on it:
 - stages 3-4 (fastv; mustdrop's dual-attention filter and output-aware cache with lsm=false,
   important=false) inside the LM, whose rotary (cos, sin) is per token as Llama's;
 - refused: stage 1 (tome, dymu, visionzip, mustdrop's window merge and important set): the merger
-  reads 2 x 2 units of patches in place, 2.5's window attention is laid out on the full grid and there is
-  no class token (published reductions for Qwen all act after the merger); pool and llava-mini (one square
-  grid per image); vtu (it unmerges stage-1 merges, along 1-D positions); video inputs.
+  reads 2 x 2 units of patches in place and 2.5's window attention is laid out on the full grid, so the
+  tower runs whole (published reductions for Qwen all act after the merger); pool and llava-mini (one
+  square grid per image); vtu (it unmerges stage-1 merges, along 1-D positions); video inputs.
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ class QwenVLAdapter(LanguageModelAdapter):
         """Refuse what cannot act on Qwen's images (see the module's docstring), naming what works instead."""
         if Stage.ENCODE in method.stages:
             raise SlimVLMError(
-                f"{method.name} acts inside the vision encoder (stage 1), which slimvlm does not reduce on Qwen2-VL: "
-                "its merger joins each 2x2 block of patches in place into one token, 2.5's window attention is laid out "
-                "on the whole grid and there is no class token; use a stage-2 method (divprune, random, uniform) or "
-                "stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)"
+                f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on Qwen2-VL: its "
+                "merger joins each 2x2 block of patches in place into one token and 2.5's window attention is laid out "
+                "on the whole grid; use a stage-2 method (divprune, random, uniform) or stages 3-4 (fastv, or "
+                "mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)"
             )
         if method.needs_patch_grid:
             raise SlimVLMError(
@@ -108,7 +108,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         method.check_model(len(self.visual.blocks), len(self.llm_layers), MAX_IMAGE_TOKENS)
 
     # ---- what the forward takes besides pixels -------------------------------------------------
-    def check_arguments(self, arguments: dict) -> None:
+    def check_inputs(self, arguments: dict) -> None:
         given = [name for name in VIDEO_ARGUMENTS if arguments.get(name) is not None]
         if given:
             raise SlimVLMError(

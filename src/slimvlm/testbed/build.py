@@ -24,8 +24,12 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -44,6 +48,7 @@ __all__ = [
     "llava_config",
     "make_tiny",
     "make_tiny_next",
+    "make_tiny_onevision",
     "load",
 ]
 
@@ -286,6 +291,44 @@ def make_tiny_next(folder: str | Path, seed: int = 0, image_size: int = 336) -> 
     model.generation_config = generation_config(tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_onevision(folder: str | Path, seed: int = 0, image_size: int = 84) -> Path:
+    """Build and save a tiny random LLaVA-OneVision: a SigLIP tower (no class token) of image_size-px crops, a
+    Qwen2 LM of the tiny LLaVA's sizes with its tokenizer (the video token one id past its words), pinpoints of
+    1-4 x 1-4 crops, so that the largest images are resized by anyres_max_9. No processor is saved: transformers'
+    LLaVA-OneVision processor needs torchvision for its video part (LlavaOnevisionImageProcessorPil, built from
+    the config, takes the images). Same ``seed`` -> bit-identical weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(TINY_WORDS)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**TINY_VISION, image_size=image_size, patch_size=14, vision_use_head=False),
+        text_config=Qwen2Config(
+            **TINY_TEXT,
+            vocab_size=len(tokenizer) + 1,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
+        video_token_index=len(tokenizer),
+        image_grid_pinpoints=[[image_size * rows, image_size * cols] for rows in range(1, 5) for cols in range(1, 5)],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = generation_config(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
