@@ -243,3 +243,12 @@ def qwen_select(inputs: dict, index: int) -> dict:
         "image_grid_thw": inputs["image_grid_thw"][index : index + 1],
         "mm_token_type_ids": inputs["mm_token_type_ids"][index : index + 1, keep],
     }
+
+
+def assert_visual_tokens(output, counts: list[int]) -> None:
+    """The output carries the visual tokens each image gave the LLM, as the installed release names them:
+    `image_outputs` (5.2x: each image's tokens) or `image_hidden_states` (5.17: one tensor, padded)."""
+    if "image_outputs" in output.keys():
+        assert [len(image) for image in output.image_outputs.pooler_output] == counts
+    else:
+        assert output.image_hidden_states.shape[:2] == (len(counts), max(counts))

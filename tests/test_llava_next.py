@@ -6,7 +6,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLMOutputWithPast
 
 import slimvlm
-from conftest import next_batch, next_model, next_select
+from conftest import assert_visual_tokens, next_batch, next_model, next_select
 from slimvlm.calibrate import calibrate_dymu
 from slimvlm.methods.dymu import DyMU
 from slimvlm.registry import methods
@@ -70,7 +70,7 @@ def test_none_generates_the_untouched_text(fresh_next):
         with slimvlm.apply(model, "none") as handle:
             out = model(**inputs)
             assert isinstance(out, LlavaNextCausalLMOutputWithPast)
-            assert [t.shape[0] for t in out.image_outputs.pooler_output] == SLOTS
+            assert_visual_tokens(out, SLOTS)
             assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=False), reference)
             assert handle.stats.visual_tokens == SLOTS
 

@@ -13,7 +13,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 import slimvlm
-from conftest import OV_RESIZED, OV_SIZES, ov_batch, ov_select
+from conftest import OV_RESIZED, OV_SIZES, assert_visual_tokens, ov_batch, ov_select
 from slimvlm.calibrate import calibrate_dymu
 from slimvlm.methods.dymu import DyMU
 from slimvlm.methods.visionzip import QUERY_CHUNK, VisionZip, received_attention
@@ -98,7 +98,7 @@ def test_none_is_the_untouched_model(fresh_ov, sizes, keep_positions):
         with slimvlm.apply(model, "none", keep_positions=keep_positions) as handle:
             out = model(**inputs)
             assert isinstance(out, LlavaOnevisionCausalLMOutputWithPast)
-            assert [len(image) for image in out.image_outputs.pooler_output] == placeholders
+            assert_visual_tokens(out, placeholders)
             assert handle.stats.visual_tokens == placeholders
             assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), text)
             static = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slimvlm
-from conftest import batch, select
+from conftest import assert_visual_tokens, batch, select
 from slimvlm.methods.llava_mini import UntrainedModulesWarning
 from slimvlm.registry import build
 
@@ -150,10 +150,7 @@ def test_outputs_carry_what_the_untouched_model_returns(fresh):
     assert len(applied_tuple) == len(untouched_tuple)
     assert len(applied.hidden_states) == len(untouched.hidden_states)
     assert applied.hidden_states[-1].shape[:2] == applied.logits.shape[:2]  # of the reduced sequence
-    if "image_outputs" in applied.keys():  # transformers >= 5.2x: each image's tokens
-        assert [t.shape[0] for t in applied.image_outputs.pooler_output] == [32, 32]
-    else:
-        assert applied.image_hidden_states.shape[:2] == (2, 32)
+    assert_visual_tokens(applied, [32, 32])
 
 
 def test_images_of_another_size_are_refused(fresh):
