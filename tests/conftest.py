@@ -41,14 +41,18 @@ def select(inputs: dict, index: int) -> dict:
     }
 
 
-@pytest.fixture
-def fresh(tiny):
-    """The tiny model, guaranteed untouched after the test."""
-    model, processor = tiny
-    yield model, processor
+def remove_slimvlm(model) -> None:
+    """Leave a shared model untouched after a test, whatever the test left applied."""
     handle = getattr(model, "_slimvlm_handle", None)
     if handle is not None:
         handle.remove()
+
+
+@pytest.fixture
+def fresh(tiny):
+    """The tiny model, guaranteed untouched after the test."""
+    yield tiny
+    remove_slimvlm(tiny[0])
     torch.manual_seed(0)
 
 
@@ -93,11 +97,8 @@ def next_select(inputs: dict, index: int) -> dict:
 
 @pytest.fixture
 def fresh_next(tiny_next):
-    model, processor = tiny_next
-    yield model, processor
-    handle = getattr(model, "_slimvlm_handle", None)
-    if handle is not None:
-        handle.remove()
+    yield tiny_next
+    remove_slimvlm(tiny_next[0])
 
 
 # ---- LLaVA-OneVision (SigLIP without a class token, anyres_max_9) --------------------------------
@@ -125,11 +126,8 @@ def tiny_ov(tiny_ov_dir):
 
 @pytest.fixture
 def fresh_ov(tiny_ov):
-    model, tokenizer = tiny_ov
-    yield model, tokenizer
-    handle = getattr(model, "_slimvlm_handle", None)
-    if handle is not None:
-        handle.remove()
+    yield tiny_ov
+    remove_slimvlm(tiny_ov[0])
 
 
 def ov_batch(model, tokenizer, sizes=OV_SIZES) -> dict:
@@ -203,9 +201,7 @@ def tiny_qwen(request):
 @pytest.fixture
 def fresh_qwen(tiny_qwen):
     yield tiny_qwen
-    handle = getattr(tiny_qwen, "_slimvlm_handle", None)
-    if handle is not None:
-        handle.remove()
+    remove_slimvlm(tiny_qwen)
 
 
 def qwen_batch(config, grids=QWEN_GRIDS, seed: int = 0) -> dict:

@@ -67,6 +67,25 @@ class VisualTokens:
             known=[n] * batch,
         )
 
+    @classmethod
+    def from_images(cls, images: list[torch.Tensor], **extra) -> "VisualTokens":
+        """Each image's tokens (n_i, D) in the order the LLM takes them, with no patch grid behind them (a
+        packed AnyRes layout, Qwen's merger outputs): token i stands for slot i; padded at the end."""
+        counts = [len(image) for image in images]
+        device = images[0].device
+        slot = torch.arange(max(counts), device=device)
+        valid = slot < torch.tensor(counts, device=device)[:, None]
+        return cls(
+            x=torch.nn.utils.rnn.pad_sequence(images, batch_first=True),
+            size=valid.float(),
+            origin=torch.where(valid, slot, PADDING_ORIGIN),
+            patch_to_token=torch.where(valid, slot, -1),
+            grid=None,
+            has_cls=False,
+            known=counts,
+            **extra,
+        )
+
     @property
     def batch_size(self) -> int:
         return self.x.shape[0]

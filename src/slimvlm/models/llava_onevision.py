@@ -27,7 +27,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from ..errors import SlimVLMError
 from ..stages import Method, Stage
-from ..tokens import PADDING_ORIGIN, VisualTokens
+from ..tokens import VisualTokens
 from .anyres import ImageLayout
 from .llava_next import LlavaNextAdapter
 
@@ -150,22 +150,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         packed, _ = self.model.model.pack_image_features(
             list(tokens.x.split(per_image)), [list(layout.size) for layout in self.layouts],
             image_newline=self.newline, vision_aspect_ratio=self.config.vision_aspect_ratio)
-        counts = [len(image) for image in packed]
         device = tokens.x.device
-        slot = torch.arange(max(counts), device=device)
-        valid = slot < torch.tensor(counts, device=device)[:, None]
+        width = max(len(image) for image in packed)
         view_image = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor(per_image)).to(device)
         patch_slot = torch.cat([layout.view_slots() for layout in self.layouts]).to(device)
-        return VisualTokens(
-            x=nn.utils.rnn.pad_sequence(packed, batch_first=True),
-            size=valid.float(),
-            origin=torch.where(valid, slot, PADDING_ORIGIN),
-            patch_to_token=torch.where(valid, slot, -1),
-            grid=None,
-            has_cls=False,
-            known=counts,
-            view_slots=torch.where(patch_slot >= 0, view_image[:, None] * len(slot) + patch_slot, -1),
-        )
+        view_slots = torch.where(patch_slot >= 0, view_image[:, None] * width + patch_slot, -1)
+        return VisualTokens.from_images(list(packed), view_slots=view_slots)
 
     def synthetic_size(self) -> tuple[int, int]:
         """The pinpoint with the most tokens among those the model does not resize, so that stage-1 methods run

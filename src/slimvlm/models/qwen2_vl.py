@@ -29,13 +29,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..stages import Method, Stage
-from ..tokens import PADDING_ORIGIN, VisualTokens
+from ..tokens import VisualTokens
 from .compat import multimodal_output_class
 from .language import LanguageModelAdapter, images_in_prompt_order
 
@@ -249,20 +248,7 @@ class QwenVLAdapter(LanguageModelAdapter):
                 "fixed-size views (bench-vision's); time it with slimvlm bench or bench-generate"
             )
         merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
-        counts = [len(tokens) for tokens in merged]
-        batch, width = len(counts), max(counts)
-        device = pixel_values.device
-        valid = torch.arange(width, device=device)[None] < torch.tensor(counts, device=device)[:, None]
-        order = torch.arange(width, device=device).expand(batch, width)
-        tokens = VisualTokens(
-            x=pad_sequence(list(merged), batch_first=True),
-            size=valid.float(),
-            origin=torch.where(valid, order, PADDING_ORIGIN),
-            patch_to_token=torch.where(valid, order, -1),
-            grid=None,
-            has_cls=False,
-            known=counts,
-        )
+        tokens = VisualTokens.from_images(list(merged))
         return tokens, self._segments(grid)
 
     def _segments(self, grid: torch.Tensor) -> list[torch.Tensor]:

@@ -233,6 +233,16 @@ def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     )
 
 
+def save_seeded(model_class, config, seed: int, tokenizer, folder: Path) -> None:
+    """A float32 model of `config`, its init seeded without disturbing the caller's RNG (same seed ->
+    bit-identical weights), with the testbed's generation config, saved to `folder` (safetensors only)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).to(torch.float32).eval()
+    model.generation_config = generation_config(tokenizer)
+    model.save_pretrained(folder)
+
+
 def make_tiny(folder: str | Path, seed: int = 0) -> Path:
     """Build and save a tiny random LLaVA (float32 safetensors + processor) to ``folder``.
 
@@ -243,11 +253,7 @@ def make_tiny(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(TINY_WORDS)
     processor = build_processor(tokenizer)
     config = llava_config(tokenizer, TINY_VISION, TINY_TEXT)
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(folder)  # transformers 5.x writes safetensors only
+    save_seeded(LlavaForConditionalGeneration, config, seed, tokenizer, folder)
     processor.save_pretrained(folder)
     return folder
 
@@ -285,11 +291,7 @@ def make_tiny_next(folder: str | Path, seed: int = 0, image_size: int = 336) -> 
         image_token=SPECIAL_TOKENS["image"],
         num_additional_image_tokens=1,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(folder)
+    save_seeded(LlavaNextForConditionalGeneration, config, seed, tokenizer, folder)
     processor.save_pretrained(folder)
     return folder
 
@@ -323,11 +325,7 @@ def make_tiny_onevision(folder: str | Path, seed: int = 0, image_size: int = 84)
         vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(folder)
+    save_seeded(LlavaOnevisionForConditionalGeneration, config, seed, tokenizer, folder)
     tokenizer.save_pretrained(folder)
     return folder
 
