@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SlimVLMError
-from .models.compat import cache_kwarg, image_output
+from .models.compat import cache_kwarg
 from .hooks import HookSet, capture_outputs
 from .sequence import IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
@@ -30,9 +30,10 @@ from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge
 class Stats:
     """What the last forward/generate did.
 
-    visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
-    (raster order) the visual token it ended in, -1 if dropped (the source map; LLaVA-NeXT: for each
-    slot of the image's layout, models/anyres.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own).
+    visual_tokens: per image, tokens that reached the LLM (LLaVA-NeXT-Video: per image or video, in prompt
+    order). sources: per image, for each patch (raster order) the visual token it ended in, -1 if dropped
+    (the source map; LLaVA-NeXT: for each slot of the image's layout, models/anyres.py; a video: for each
+    frame's pooled cells, models/video.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own).
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
     visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop;
     Qwen2-VL: each attention segment, an image frame or in 2.5's windowed blocks a window, 0 past a
@@ -218,11 +219,10 @@ class Runtime:
         masks = arguments.get("attention_mask")
         if isinstance(masks, dict):  # generate()'s 4D masks per layer type on a static cache (LMs with layer_types)
             arguments["attention_mask"] = masks.get("full_attention", next(iter(masks.values())))
-        pixel_values = arguments.get("pixel_values")
         cache = arguments.get(self._cache_name)
         if kwargs.get("mm_encoder_outputs") is not None:
             raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
-        if pixel_values is not None:
+        if any(arguments.get(name) is not None for name in self.adapter.pixel_arguments):
             return self._prefill(arguments, kwargs)
         session = self.session
         if session is not None and cache is not None and (cache is session.cache or cache is session.given_cache):
@@ -249,10 +249,10 @@ class Runtime:
 
     def _prefill(self, arguments: dict, kwargs: dict):
         self._check_unsupported(arguments)
-        arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
-            arguments["pixel_values"], arguments.get(self.adapter.sizes_argument), kwargs.pop("interpolate_pos_encoding", False))
+        # the encoder's views (LLaVA-NeXT: each image's crops; LLaVA-NeXT-Video: and each video's frames)
+        arguments["pixel_values"] = self.adapter.views_of(arguments, kwargs.pop("interpolate_pos_encoding", False))
         adapter = self.adapter
-        input_ids = arguments["input_ids"]
+        input_ids = adapter.prompt_ids(arguments["input_ids"])
         mask = arguments.get("attention_mask")
         if mask is not None and mask.dim() == 4:  # generate()'s mask for a static cache, in the untouched frame
             arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1])
@@ -305,7 +305,7 @@ class Runtime:
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
-        return self._logits(hidden, session.cache, arguments, self.labels, output, image_output(tokens, adapter.output_class))
+        return self._logits(hidden, session.cache, arguments, self.labels, output, adapter.visual_output(tokens))
 
     def _start_session(self, rebuilt, tokens, given, use_cache: bool, on_static: bool, prompt_length: int,
                        right_padded: bool) -> Session:
@@ -403,7 +403,8 @@ class Runtime:
         if input_ids is None:
             raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
         steps = input_ids.shape[1]
-        if steps > 1 and bool((input_ids == self.adapter.image_token_id).any()):  # one-token steps need no look
+        placeholders = self.adapter.prompt_ids(input_ids) == self.adapter.image_token_id
+        if steps > 1 and bool(placeholders.any()):  # one-token steps need no look
             raise SlimVLMError(
                 "continuing from a KV cache that slimvlm reduced is not supported: the cache holds the reduced "
                 "sequence, the new input the image's placeholders; call generate() again with the whole "

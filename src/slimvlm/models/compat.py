@@ -7,6 +7,8 @@ import inspect
 from types import ModuleType
 from typing import Callable
 
+import torch
+
 
 def cache_kwarg(forward: Callable) -> str:
     """The keyword under which ``forward`` takes the KV cache: transformers 5.24 renamed
@@ -15,18 +17,20 @@ def cache_kwarg(forward: Callable) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def image_output(tokens, output_class: type) -> dict:
-    """The field of `output_class` (the model's output) carrying the visual tokens the LLM got, as the
-    installed release names it: `image_outputs` (5.2x: a vision output whose pooler_output lists each
-    image's tokens) or `image_hidden_states` (earlier: one tensor, here padded to the longest image);
-    none where the class has neither."""
+def modality_output(items: list, output_class: type, modality: str) -> dict:
+    """The field of `output_class` carrying the LLM's tokens of each item of a modality ('image', 'video'), as
+    the installed release names it: `{modality}_outputs` (5.2x: a vision output whose pooler_output lists each
+    item's tokens) or `{modality}_hidden_states` (earlier: one tensor, here padded to the longest item); none
+    where the class has neither, or there are no items (the untouched model leaves the field None)."""
+    if not items:
+        return {}
     fields = {field.name for field in dataclasses.fields(output_class)}
-    if "image_outputs" in fields:
+    if f"{modality}_outputs" in fields:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        return {"image_outputs": BaseModelOutputWithPooling(pooler_output=tokens.split())}
-    if "image_hidden_states" in fields:
-        return {"image_hidden_states": tokens.x}
+        return {f"{modality}_outputs": BaseModelOutputWithPooling(pooler_output=items)}
+    if f"{modality}_hidden_states" in fields:
+        return {f"{modality}_hidden_states": torch.nn.utils.rnn.pad_sequence(items, batch_first=True)}
     return {}  # Qwen2-VL's own output class (transformers 5.17) carries no visual tokens
 
 

@@ -15,7 +15,7 @@ from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
-from .compat import cache_kwarg
+from .compat import cache_kwarg, modality_output
 
 
 def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str) -> list[int]:
@@ -59,6 +59,7 @@ class LanguageModelAdapter:
     output_class: type = None  # what the untouched model's forward returns
     vision_capturable = False  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
     sizes_argument = "image_sizes"  # the forward argument giving each image's size, handed to views()
+    pixel_arguments = ("pixel_values",)  # forward arguments carrying pixels: a forward given any is a prefill to reduce
 
     def __init__(self, model: nn.Module, language_model: nn.Module) -> None:
         config = model.config
@@ -78,9 +79,22 @@ class LanguageModelAdapter:
                     "slimvlm supports Llama-family language models (q/k projections with RoPE)"
                 )
 
+    def views_of(self, arguments: dict, interpolate: bool) -> torch.Tensor:
+        """The encoder's views of a prefill's pixels (see views(); a family with videos adds their frames)."""
+        return self.views(arguments["pixel_values"], arguments.get(self.sizes_argument), interpolate)
+
     def pack(self, tokens: VisualTokens) -> VisualTokens:
         """Each image's projected views joined into its LLM tokens: one view per image, as it is."""
         return tokens
+
+    def prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids as the runtime reads them: every visual placeholder is image_token_id (here they all are;
+        a family with videos maps theirs too, its images and videos being one list in prompt order)."""
+        return input_ids
+
+    def visual_output(self, tokens: VisualTokens) -> dict:
+        """The output fields carrying the visual tokens the LLM got, each image's (compat.modality_output)."""
+        return modality_output(tokens.split(), self.output_class, "image")
 
     # ---- what a family's forward takes besides pixels ------------------------------------------
     def check_inputs(self, arguments: dict) -> None:
