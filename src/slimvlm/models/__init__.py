@@ -8,12 +8,14 @@ from ..errors import SlimVLMError
 from .language import LanguageModelAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
 
 ADAPTERS = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "LlavaNextVideoForConditionalGeneration": LlavaNextVideoAdapter,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,

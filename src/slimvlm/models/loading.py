@@ -12,7 +12,8 @@ from ..errors import SlimVLMError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
 # by the config's model_type; LLaVA-1.5 otherwise (the testbed's and make-tiny's folders)
-MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
