@@ -157,6 +157,82 @@ def ov_select(inputs: dict, index: int) -> dict:
     return {**next_select(inputs, index), "batch_num_images": inputs["batch_num_images"][index : index + 1]}
 
 
+# ---- LLaVA-NeXT-Video (LLaVA-NeXT's images; videos whose frames are pooled 2 x 2) --------------------
+NV_FRAMES = 3  # frames a video: 3 x 16 = 48 tokens on 8 x 8-patch frames
+
+
+def nv_model(folder):
+    """(model, tokenizer) of a folder make_tiny_next_video wrote, float32, SDPA, its LM's attention sharpened."""
+    from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
+
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True)
+    with torch.no_grad():  # sharper LM attention: at the default init it is nearly uniform, and attention-ranked
+        for layer in model.model.language_model.layers:  # drops (fastv, mustdrop) all or nothing
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_nv_dir(tmp_path_factory):
+    from slimvlm.testbed.build import make_tiny_next_video
+
+    return make_tiny_next_video(tmp_path_factory.mktemp("tiny_nv"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_nv(tiny_nv_dir):
+    """(model, tokenizer): a tiny random LLaVA-NeXT-Video, crops and frames of 112 px / patch 14 (8 x 8 patches),
+    frames average-pooled into 4 x 4 tokens."""
+    return nv_model(tiny_nv_dir)
+
+
+@pytest.fixture
+def fresh_nv(tiny_nv):
+    yield tiny_nv
+    remove_slimvlm(tiny_nv[0])
+
+
+def nv_batch(model, tokenizer, samples: list[tuple[str, ...]], first: int = 0) -> dict:
+    """What LLaVA-NeXT-Video's processor gives (its video part needs torchvision, so it is put together here):
+    left-padded prompts of different lengths, prompt i asking QUESTIONS[first + i] about samples[i]'s items in
+    order ('image': NEXT_SIZES[(first + i + j) % 2] pixels, 'video': NV_FRAMES random frames), each placeholder
+    expanded to the count the untouched model gives that item; pixel_values and image_sizes from the LLaVA-NeXT
+    image processor (PIL), pixel_values_videos (videos, frames, C, H, W). Items depend on their prompt's index
+    alone: nv_batch(..., [samples[i]], first=i) is prompt i of the batch, alone."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from slimvlm.testbed.build import PROMPT, SPECIAL_TOKENS, VIDEO_TOKEN
+
+    config = model.config
+    side = config.vision_config.image_size
+    images, videos = [], []
+    for i, items in enumerate(samples, start=first):
+        for j, kind in enumerate(items):
+            if kind == "image":
+                images += next_images([NEXT_SIZES[(i + j) % 2]], seed=10 * i + j)
+            else:
+                videos.append(torch.randn(NV_FRAMES, 3, side, side, generator=torch.Generator().manual_seed(10 * i + j)))
+    inputs, counts = {}, {"image": [], "video": []}
+    with torch.no_grad():
+        if images:
+            processor = LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                                   image_grid_pinpoints=config.image_grid_pinpoints)
+            inputs.update(processor(images=images, return_tensors="pt"))
+            packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+            counts["image"] = [len(features) for features in packed]
+        if videos:
+            inputs["pixel_values_videos"] = torch.stack(videos)
+            pooled = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output  # 5.17: per video
+            counts["video"] = [features.numel() // config.text_config.hidden_size for features in pooled]
+    token = {"image": SPECIAL_TOKENS["image"], "video": VIDEO_TOKEN}
+    taken = {"image": iter(counts["image"]), "video": iter(counts["video"])}
+    prompts = [PROMPT.format(images="".join(token[kind] * next(taken[kind]) for kind in items),
+                             question=QUESTIONS[i % len(QUESTIONS)]) for i, items in enumerate(samples, start=first)]
+    return {**tokenizer(prompts, return_tensors="pt", padding=True), **inputs}
+
+
 # ---- Qwen2-VL / Qwen2.5-VL (M-RoPE, dynamic resolution) --------------------------------------------
 QWEN_GRIDS = [(1, 8, 12), (1, 8, 8)]  # (t, h, w) patches: 24 and 16 tokens (2 x 2 patches each)
 QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
@@ -241,10 +317,10 @@ def qwen_select(inputs: dict, index: int) -> dict:
     }
 
 
-def assert_visual_tokens(output, counts: list[int]) -> None:
-    """The output carries the visual tokens each image gave the LLM, as the installed release names them:
-    `image_outputs` (5.2x: each image's tokens) or `image_hidden_states` (5.17: one tensor, padded)."""
-    if "image_outputs" in output.keys():
-        assert [len(image) for image in output.image_outputs.pooler_output] == counts
+def assert_visual_tokens(output, counts: list[int], modality: str = "image") -> None:
+    """The output carries the visual tokens each image (or video) gave the LLM, as the installed release names
+    them: `image_outputs` (5.2x: each image's tokens) or `image_hidden_states` (5.17: one tensor, padded)."""
+    if f"{modality}_outputs" in output.keys():
+        assert [len(item) for item in output[f"{modality}_outputs"].pooler_output] == counts
     else:
-        assert output.image_hidden_states.shape[:2] == (len(counts), max(counts))
+        assert output[f"{modality}_hidden_states"].shape[:2] == (len(counts), max(counts))

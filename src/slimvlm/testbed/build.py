@@ -24,6 +24,8 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
@@ -48,6 +50,8 @@ __all__ = [
     "llava_config",
     "make_tiny",
     "make_tiny_next",
+    "make_tiny_next_video",
+    "VIDEO_TOKEN",
     "make_tiny_onevision",
     "load",
 ]
@@ -59,6 +63,9 @@ SPECIAL_TOKENS: dict[str, str] = {
     "eos": "</s>",
     "image": "<image>",
 }
+
+#: LLaVA-NeXT-Video's placeholder of a video, added to the tokenizer of make_tiny_next_video only.
+VIDEO_TOKEN = "<video>"
 
 #: Prompt template: the image placeholder(s), the question, then the cue "answer:".
 PROMPT = "{images}\n{question} answer:"
@@ -258,6 +265,23 @@ def make_tiny(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def next_fields(tokenizer: PreTrainedTokenizerFast, image_size: int) -> dict:
+    """The config fields of a tiny LLaVA-NeXT (LlavaNextConfig's, which LlavaNextVideoConfig shares): the tiny
+    LLaVA's sizes, crops of image_size px, image_grid_pinpoints of 1 x 2, 2 x 1 and 2 x 2 crops."""
+    llava = llava_config(tokenizer, {**TINY_VISION, "image_size": image_size}, TINY_TEXT)
+    return dict(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_id=llava.image_token_id,
+        image_grid_pinpoints=[[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]],
+        image_seq_length=llava.image_seq_length,
+        vision_feature_layer=llava.vision_feature_layer,
+        vision_feature_select_strategy=llava.vision_feature_select_strategy,
+        projector_hidden_act=llava.projector_hidden_act,
+        tie_word_embeddings=False,
+    )
+
+
 def make_tiny_next(folder: str | Path, seed: int = 0, image_size: int = 336) -> Path:
     """Build and save a tiny random LLaVA-NeXT (AnyRes): the tiny LLaVA's tokenizer and sizes, crops of
     image_size px, image_grid_pinpoints of 1 x 2, 2 x 1 and 2 x 2 crops, so that images of different
@@ -265,34 +289,42 @@ def make_tiny_next(folder: str | Path, seed: int = 0, image_size: int = 336) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(TINY_WORDS)
-    llava = llava_config(tokenizer, {**TINY_VISION, "image_size": image_size}, TINY_TEXT)
-    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
-    config = LlavaNextConfig(
-        vision_config=llava.vision_config,
-        text_config=llava.text_config,
-        image_token_id=llava.image_token_id,
-        image_grid_pinpoints=pinpoints,
-        image_seq_length=llava.image_seq_length,
-        vision_feature_layer=llava.vision_feature_layer,
-        vision_feature_select_strategy=llava.vision_feature_select_strategy,
-        projector_hidden_act=llava.projector_hidden_act,
-        tie_word_embeddings=False,
-    )
+    config = LlavaNextConfig(**next_fields(tokenizer, image_size))
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=pinpoints,
+        image_grid_pinpoints=config.image_grid_pinpoints,
     )
     processor = LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=llava.vision_config.patch_size,
+        patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy="default",
         image_token=SPECIAL_TOKENS["image"],
         num_additional_image_tokens=1,
     )
     save_seeded(LlavaNextForConditionalGeneration, config, seed, tokenizer, folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_next_video(folder: str | Path, seed: int = 0, image_size: int = 112, pool_mode: str = "average") -> Path:
+    """Build and save a tiny random LLaVA-NeXT-Video: make_tiny_next's model (images as there) whose tokenizer
+    adds VIDEO_TOKEN, frames pooled by `pool_mode` ('average', 'max' or 'conv') with stride 2. No processor is
+    saved: transformers' LLaVA-NeXT-Video processor needs torchvision for its video part (tests take the images
+    through LlavaNextImageProcessorPil and give frames as pixel tensors). Same ``seed`` -> bit-identical weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(TINY_WORDS)
+    tokenizer.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
+    config = LlavaNextVideoConfig(
+        **next_fields(tokenizer, image_size),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        spatial_pool_mode=pool_mode,
+        spatial_pool_stride=2,
+    )
+    save_seeded(LlavaNextVideoForConditionalGeneration, config, seed, tokenizer, folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
