@@ -6,7 +6,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLMOutputWithPast
 
 import slimvlm
-from conftest import assert_visual_tokens, next_batch, next_model, next_select
+from conftest import assert_visual_tokens, dymu_thresholds, next_batch, next_model, next_select
 from slimvlm.calibrate import calibrate_dymu
 from slimvlm.methods.dymu import DyMU
 from slimvlm.registry import methods
@@ -17,8 +17,7 @@ SLOTS = [166, 336]  # 64 base patches + 6 kept rows of 16 and their newlines; 64
 
 @pytest.fixture(scope="module")
 def thresholds(tiny_next):
-    crops = torch.randn(16, 3, 112, 112, generator=torch.Generator().manual_seed(0))
-    return calibrate_dymu(tiny_next[0], [crops], target=30, batch_size=16, progress=False)
+    return dymu_thresholds(tiny_next[0], target=30)
 
 
 # every registered method, with settings that reduce something on 8 x 8-patch crops

@@ -9,8 +9,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoCausalLMOutputWithPast
 
 import slimvlm
-from conftest import NV_FRAMES, assert_visual_tokens, nv_batch, nv_model
-from slimvlm.calibrate import calibrate_dymu
+from conftest import NV_FRAMES, assert_visual_tokens, dymu_thresholds, nv_batch, nv_model
 from slimvlm.methods.dymu import DyMU
 from slimvlm.registry import methods
 
@@ -46,16 +45,29 @@ REFUSED = {"pool": "pool:budget=16", "llava-mini": "llava-mini:budget=4"}  # at 
 
 @pytest.fixture(scope="module")
 def thresholds(tiny_nv):
-    crops = torch.randn(16, 3, 112, 112, generator=torch.Generator().manual_seed(0))
-    return calibrate_dymu(tiny_nv[0], [crops], target=30, batch_size=16, progress=False)
+    return dymu_thresholds(tiny_nv[0], target=30)
 
 
 def stage_1(name, thresholds):
     return DyMU(thresholds=thresholds) if name == "dymu" else STAGE_1[name]
 
 
-def test_every_method_is_covered():
+def test_every_method_is_covered_and_grid_methods_are_refused(fresh_nv):
     assert set(ON_VIDEO) | set(STAGE_1) | set(REFUSED) == set(methods())
+    for name, spec in REFUSED.items():  # as on LLaVA-NeXT, before any input
+        with pytest.raises(slimvlm.SlimVLMError, match=f"{name} works on one square patch grid per image.*use uniform"):
+            slimvlm.apply(fresh_nv[0], spec)
+    assert "forward" not in fresh_nv[0].__dict__
+
+
+def untouched(model, inputs: dict, spec, **options):
+    """(the untouched model's output, the output under `spec`, its stats, the largest logit gap over real tokens)."""
+    with torch.no_grad():
+        reference = model(**inputs)
+        with slimvlm.apply(model, spec, **options) as handle:
+            output = model(**inputs)
+    gap = (output.logits - reference.logits)[inputs["attention_mask"].bool()].abs().max().item()
+    return reference, output, handle.stats, gap
 
 
 def per_modality(output, name) -> None:
@@ -72,13 +84,8 @@ def test_none_gives_the_untouched_logits(fresh_nv, name, keep_positions):
     model, tokenizer = fresh_nv
     inputs = nv_batch(model, tokenizer, BATCHES[name])
     assert inputs["attention_mask"][:, 0].tolist() == [0, 1]  # left padding
-    with torch.no_grad():
-        reference = model(**inputs)
-        with slimvlm.apply(model, "none", keep_positions=keep_positions) as handle:
-            output = model(**inputs)
-            assert handle.stats.visual_tokens == ITEMS[name]
-    valid = inputs["attention_mask"].bool()
-    assert (output.logits - reference.logits)[valid].abs().max().item() < 1e-5
+    reference, output, stats, gap = untouched(model, inputs, "none", keep_positions=keep_positions)
+    assert gap < 1e-5 and stats.visual_tokens == ITEMS[name]
     assert isinstance(output, LlavaNextVideoCausalLMOutputWithPast)
     assert set(output.keys()) == set(reference.keys())  # no image field for videos alone, and the reverse
     per_modality(output, name)
@@ -87,13 +94,7 @@ def test_none_gives_the_untouched_logits(fresh_nv, name, keep_positions):
 def test_vtu_unmerges_nothing_on_videos(fresh_nv):
     """A video's tokens are its frames' cells, one slot each: virtual unmerging makes one copy of each."""
     model, tokenizer = fresh_nv
-    inputs = nv_batch(model, tokenizer, BATCHES["videos"])
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        with slimvlm.apply(model, "vtu"):
-            logits = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    assert (logits - reference)[valid].abs().max().item() < 1e-5
+    assert untouched(model, nv_batch(model, tokenizer, BATCHES["videos"]), "vtu")[-1] < 1e-5
 
 
 @pytest.mark.parametrize("name", ["videos", "mixed"])
@@ -220,14 +221,6 @@ def test_stage_1_is_refused_on_videos_and_runs_on_images(fresh_nv, thresholds, n
                 model(**nv_batch(model, tokenizer, BATCHES[batch]))
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_grid_methods_are_refused_with_the_fix(fresh_nv, name):
-    model, _ = fresh_nv
-    with pytest.raises(slimvlm.SlimVLMError, match=f"{name} works on one square patch grid per image.*use uniform"):
-        slimvlm.apply(model, REFUSED[name])
-    assert "forward" not in model.__dict__
-
-
 def test_bad_video_inputs_are_named(fresh_nv):
     model, tokenizer = fresh_nv
     videos = nv_batch(model, tokenizer, BATCHES["videos"])
@@ -257,17 +250,12 @@ def test_other_poolings(tmp_path, mode, size, cells):
 
     model, tokenizer = nv_model(make_tiny_next_video(tmp_path, seed=1, image_size=size, pool_mode=mode))
     inputs = nv_batch(model, tokenizer, BATCHES["videos"])
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        with slimvlm.apply(model, "none") as handle:
-            logits = model(**inputs).logits
-            assert handle.stats.visual_tokens == [NV_FRAMES * cells] * 2
-            assert handle.stats.projector_tokens == [cells] * 2 * NV_FRAMES
-        with slimvlm.apply(model, "divprune:budget=8") as handle:
-            model(**inputs)
-            assert handle.stats.visual_tokens == [8, 8]
-    valid = inputs["attention_mask"].bool()
-    assert (logits - reference)[valid].abs().max().item() < 1e-5
+    *_, stats, gap = untouched(model, inputs, "none")
+    assert gap < 1e-5
+    assert stats.visual_tokens == [NV_FRAMES * cells] * 2 and stats.projector_tokens == [cells] * 2 * NV_FRAMES
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=8") as handle:
+        model(**inputs)
+    assert handle.stats.visual_tokens == [8, 8]
 
 
 def test_a_local_folder_loads_as_llava_next_video(tiny_nv_dir):

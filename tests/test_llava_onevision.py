@@ -13,8 +13,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 import slimvlm
-from conftest import OV_RESIZED, OV_SIZES, assert_visual_tokens, ov_batch, ov_select
-from slimvlm.calibrate import calibrate_dymu
+from conftest import OV_RESIZED, OV_SIZES, assert_visual_tokens, dymu_thresholds, ov_batch, ov_select
 from slimvlm.methods.dymu import DyMU
 from slimvlm.methods.visionzip import QUERY_CHUNK, VisionZip, received_attention
 from slimvlm.models import adapter_for
@@ -42,8 +41,7 @@ REFUSED = {"pool": "pool:budget=16", "llava-mini": "llava-mini:budget=4"}
 
 @pytest.fixture(scope="module")
 def thresholds(tiny_ov):
-    crops = torch.randn(16, 3, 84, 84, generator=torch.Generator().manual_seed(0))
-    return calibrate_dymu(tiny_ov[0], [crops], target=20, batch_size=16, progress=False)
+    return dymu_thresholds(tiny_ov[0], target=20)
 
 
 def spec_of(name, thresholds):
