@@ -22,12 +22,21 @@ def image_output(tokens, output_class: type) -> dict:
     none where the class has neither."""
     fields = {field.name for field in dataclasses.fields(output_class)}
     if "image_outputs" in fields:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"image_outputs": BaseModelOutputWithPooling(pooler_output=tokens.split())}
+        return modality_outputs({"image": tokens.split()}, output_class)
     if "image_hidden_states" in fields:
         return {"image_hidden_states": tokens.x}
     return {}  # Qwen2-VL's own output class (transformers 5.17) carries no visual tokens
+
+
+def modality_outputs(items: dict[str, list], output_class: type) -> dict:
+    """Per kind of item that came ('image', 'video': each item's tokens), the `{kind}_outputs` field of
+    `output_class` where it has one (5.2x: a vision output whose pooler_output lists them); kinds that did
+    not come stay out (None), as in the untouched model's output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    fields = {field.name for field in dataclasses.fields(output_class)}
+    return {f"{kind}_outputs": BaseModelOutputWithPooling(pooler_output=tokens)
+            for kind, tokens in items.items() if tokens and f"{kind}_outputs" in fields}
 
 
 def multimodal_output_class(modeling: ModuleType, prefix: str) -> type:

@@ -15,13 +15,13 @@ from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
-from .compat import cache_kwarg
+from .compat import cache_kwarg, image_output
 
 
-def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str) -> list[int]:
-    """Per sample, its images: images are taken in order, each sample those whose placeholders (counts:
-    each image's, by the forward's `argument`) it holds; a sample whose placeholders are not whole images'
-    is refused (images left over are named by the rebuild)."""
+def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str, kind: str = "image") -> list[int]:
+    """Per sample, its images (items of `kind`): items are taken in order, each sample those whose
+    placeholders (counts: each item's, by the forward's `argument`) it holds; a sample whose placeholders
+    are not whole items' is refused (items left over are named by the rebuild)."""
     out, at = [], 0
     for sample, found in enumerate(placeholders):
         first, taken = at, 0
@@ -30,9 +30,9 @@ def images_in_prompt_order(placeholders: list[int], counts: list[int], argument:
             at += 1
         if taken != found:
             raise SlimVLMError(
-                f"prompt {sample} has {found} image placeholder tokens, not those of whole images: by {argument} "
-                f"the images take {', '.join(map(str, counts))} in turn; pass the {argument} the processor returned "
-                "with these prompts (images in prompt order)"
+                f"prompt {sample} has {found} {kind} placeholder tokens, not those of whole {kind}s: by {argument} "
+                f"the {kind}s take {', '.join(map(str, counts))} in turn; pass the {argument} the processor returned "
+                f"with these prompts ({kind}s in prompt order)"
             )
         out.append(at - first)
     return out
@@ -68,6 +68,7 @@ class LanguageModelAdapter:
         self.config = config
         self.text_config = config.text_config
         self.image_token_id = config.image_token_id
+        self.placeholder_ids: tuple[int, ...] = (config.image_token_id,)  # the visual items' placeholder tokens
         self.llm_layers = list(language_model.layers)
         self.cache_kwarg = cache_kwarg(language_model.forward)
         first = self.llm_layers[0].self_attn
@@ -83,6 +84,16 @@ class LanguageModelAdapter:
         return tokens
 
     # ---- what a family's forward takes besides pixels ------------------------------------------
+    def visual_inputs(self, arguments: dict) -> tuple[torch.Tensor, object] | None:
+        """What views() takes of a forward's visual items, (pixels, sizes); None where it brings none (a
+        decode step, a text-only forward). Here images: pixel_values and the sizes argument."""
+        pixels = arguments.get("pixel_values")
+        return None if pixels is None else (pixels, arguments.get(self.sizes_argument))
+
+    def visual_outputs(self, tokens: VisualTokens) -> dict:
+        """The output fields carrying the visual tokens the LLM got, as the untouched model fills them."""
+        return image_output(tokens, self.output_class)
+
     def check_inputs(self, arguments: dict) -> None:
         """Refuse, on any forward, inputs of the model's own that the adapter does not honour (none here
         beyond those the runtime checks)."""
