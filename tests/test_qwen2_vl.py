@@ -101,24 +101,32 @@ def test_positions_need_no_mm_token_type_ids(fresh_qwen, kind):
     assert (logits - reference)[valid].abs().max().item() < 1e-5
 
 
+def assert_batched_equals_one_by_one(model, handle, inputs, new: int = 5) -> list[int]:
+    """A batch's last logits, greedy tokens (dynamic and static cache) and items' token counts are each prompt's
+    alone; returns the batch's counts."""
+    batched = model(**inputs).logits[:, -1]
+    counts = handle.stats.visual_tokens
+    generated = generate(model, inputs, static=False, new_tokens=new).sequences[:, -new:]
+    assert torch.equal(generate(model, inputs, static=True, new_tokens=new).sequences[:, -new:], generated)
+    items = 0
+    for index in range(len(batched)):
+        single = qwen_select(inputs, index)
+        torch.testing.assert_close(model(**single).logits[0, -1], batched[index], atol=1e-5, rtol=1e-5)
+        own = handle.stats.visual_tokens
+        assert own == counts[items : items + len(own)]
+        items += len(own)
+        alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
+        assert alone.tolist() == generated[index].tolist()
+    assert items == len(counts)
+    return counts
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_equals_one_by_one(fresh_qwen, kind, name):
     model = fresh_qwen
-    inputs = qwen_batch(model.config, kind=kind)
-    new = 5
     with torch.no_grad(), slimvlm.apply(model, RUNS[name]) as handle:
-        batched = model(**inputs).logits[:, -1]
-        counts = handle.stats.visual_tokens
-        generated = generate(model, inputs, static=False, new_tokens=new).sequences[:, -new:]
-        static = generate(model, inputs, static=True, new_tokens=new).sequences[:, -new:]
-        assert torch.equal(static, generated)
-        for index in range(2):
-            single = qwen_select(inputs, index)
-            torch.testing.assert_close(model(**single).logits[0, -1], batched[index], atol=1e-5, rtol=1e-5)
-            assert handle.stats.visual_tokens == [counts[index]]
-            alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
-            assert alone.tolist() == generated[index].tolist()
+        counts = assert_batched_equals_one_by_one(model, handle, qwen_batch(model.config, kind=kind))
     assert all(0 < count <= tokens for count, tokens in zip(counts, TOKENS))
 
 
@@ -323,13 +331,7 @@ def test_images_and_videos_in_one_prompt(fresh_qwen):
             assert [len(t) for t in output.image_outputs.pooler_output] == [24, 16]
             assert [len(t) for t in output.video_outputs.pooler_output] == [16, 24]
         with slimvlm.apply(model, "divprune:budget=10") as handle:
-            batched = model(**inputs).logits[:, -1]
-            assert handle.stats.visual_tokens == [10] * 4
-            generated = generate(model, inputs, static=False).sequences[:, -5:]
-            for index in range(2):
-                single = qwen_select(inputs, index)
-                torch.testing.assert_close(model(**single).logits[0, -1], batched[index], atol=1e-5, rtol=1e-5)
-                assert generate(model, single, static=False).sequences[0, -5:].tolist() == generated[index].tolist()
+            assert assert_batched_equals_one_by_one(model, handle, inputs) == [10] * 4
 
 
 def test_an_item_split_by_another_is_refused(fresh_qwen):
