@@ -289,41 +289,74 @@ def fresh_qwen(tiny_qwen):
     remove_slimvlm(tiny_qwen)
 
 
-def qwen_batch(config, grids=QWEN_GRIDS, seed: int = 0) -> dict:
-    """Left-padded prompts of different lengths, one image each, as the processor lays them out: text,
-    <|vision_start|>, t h w / 4 image placeholders, <|vision_end|>, text; pixel_values (sum t h w, C T P P)."""
+QWEN_VIDEO_GRIDS = [(12, 2, 4), (4, 4, 4)]  # also 24 and 16 tokens; the first runs 12 temporal steps, so its temporal
+# positions go past the text after it (which starts past its height and width alone), on both families
+QWEN_SECONDS = [1.0, 2.0]  # Qwen2.5-VL: each video's seconds per temporal step (its positions' time spacing)
+QWEN_KINDS = {"image": ("pixel_values", "image_grid_thw", 1), "video": ("pixel_values_videos", "video_grid_thw", 2)}
+
+
+def qwen_batch(config, grids=None, seed: int = 0, kind: str = "image") -> dict:
+    """Left-padded prompts of different lengths, one image (or video) each: qwen_prompts."""
+    grids = grids or (QWEN_GRIDS if kind == "image" else QWEN_VIDEO_GRIDS)
+    return qwen_prompts(config, [[(kind, grid)] for grid in grids], seed)
+
+
+def qwen_prompts(config, prompts: list[list[tuple[str, tuple[int, int, int]]]], seed: int = 0) -> dict:
+    """Left-padded prompts of different lengths with their items ('image' or 'video', (t, h, w) patches) in
+    order, as the processor lays them out: text, then per item <|vision_start|>, t h w / 4 placeholders,
+    <|vision_end|> and two text tokens, then text; each kind's patches (sum t h w, C T P P) and grids in prompt
+    order; on Qwen2.5-VL the videos' second_per_grid_ts (QWEN_SECONDS in turn)."""
     vision = config.vision_config
     generator = torch.Generator().manual_seed(seed)
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    pixel_values = torch.randn(sum(t * h * w for t, h, w in grids), width, generator=generator)
+    inputs = {}
+    for kind, (pixels, grids, _) in QWEN_KINDS.items():
+        own = [grid for items in prompts for item, grid in items if item == kind]
+        if own:
+            inputs[pixels] = torch.randn(sum(t * h * w for t, h, w in own), width, generator=generator)
+            inputs[grids] = torch.tensor(own)
     rows = []
-    for index, (t, h, w) in enumerate(grids):
-        text = torch.randint(10, 800, (3 + 2 * index + 6,), generator=generator).tolist()
-        image = [config.vision_start_token_id] + [config.image_token_id] * (t * h * w // 4) + [config.vision_end_token_id]
-        rows.append(text[:3] + image + text[3:])
+    for index, items in enumerate(prompts):
+        text = torch.randint(10, 800, (3 + 2 * index + 6 + 2 * (len(items) - 1),), generator=generator).tolist()
+        row = text[:3]
+        for at, (kind, (t, h, w)) in enumerate(items):
+            placeholder = config.image_token_id if kind == "image" else config.video_token_id
+            row += [config.vision_start_token_id] + [placeholder] * (t * h * w // 4) + [config.vision_end_token_id]
+            row += text[3 + 2 * at : 5 + 2 * at] if at < len(items) - 1 else text[3 + 2 * at :]
+        rows.append(row)
     length = max(map(len, rows))
     input_ids = torch.tensor([[0] * (length - len(row)) + row for row in rows])
+    videos = inputs.get("video_grid_thw")
+    if videos is not None and config.model_type == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([QWEN_SECONDS[i % len(QWEN_SECONDS)] for i in range(len(videos))])
     return {
         "input_ids": input_ids,
         "attention_mask": torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows]),
-        "pixel_values": pixel_values,
-        "image_grid_thw": torch.tensor(grids),
-        "mm_token_type_ids": (input_ids == config.image_token_id).long(),
+        **inputs,
+        "mm_token_type_ids": (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long(),
     }
 
 
 def qwen_select(inputs: dict, index: int) -> dict:
-    """One sample of a Qwen batch (one image each), alone, without padding."""
+    """One sample of a Qwen batch, alone, without padding: its own items of each kind."""
     keep = inputs["attention_mask"][index].bool()
-    patches = inputs["image_grid_thw"].prod(dim=1).tolist()
-    start = sum(patches[:index])
-    return {
-        "input_ids": inputs["input_ids"][index : index + 1, keep],
-        "attention_mask": inputs["attention_mask"][index : index + 1, keep],
-        "pixel_values": inputs["pixel_values"][start : start + patches[index]],
-        "image_grid_thw": inputs["image_grid_thw"][index : index + 1],
-        "mm_token_type_ids": inputs["mm_token_type_ids"][index : index + 1, keep],
-    }
+    out = {name: inputs[name][index : index + 1, keep] for name in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for pixels, grids, type_id in QWEN_KINDS.values():
+        if grids not in inputs:
+            continue
+        counts = (inputs["mm_token_type_ids"] == type_id).sum(dim=1).tolist()
+        before, own = sum(counts[:index]), counts[index]
+        ends = (inputs[grids].prod(dim=1) // 4).cumsum(0).tolist()
+        items = [item for item, end in enumerate(ends) if before < end <= before + own]
+        if not items:
+            continue
+        patches = inputs[grids].prod(dim=1).tolist()
+        start = sum(patches[: items[0]])
+        out[pixels] = inputs[pixels][start : start + sum(patches[item] for item in items)]
+        out[grids] = inputs[grids][items]
+        if grids == "video_grid_thw" and "second_per_grid_ts" in inputs:
+            out["second_per_grid_ts"] = inputs["second_per_grid_ts"][items]
+    return out
 
 
 def assert_visual_tokens(output, counts: list[int], modality: str = "image") -> None:

@@ -1,15 +1,18 @@
-"""Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic resolution) on tiny random models of the real classes: the no-op
-is exact, every method runs with generate() (dynamic and static cache, batched as one by one) or is
-refused, the kept tokens sit at their own 3D positions, and the stats keep the methods' promises."""
+"""Qwen2-VL and Qwen2.5-VL (M-RoPE, dynamic resolution) on tiny random models of the real classes, with
+images and with videos: the no-op is exact, every method runs with generate() (dynamic and static cache,
+batched as one by one) or is refused, the kept tokens sit at their own 3D positions, and the stats keep the
+methods' promises."""
 
 import pytest
 import torch
 
 import slimvlm
-from conftest import QWEN_GRIDS, qwen_batch, qwen_model, qwen_select
+from conftest import QWEN_GRIDS, QWEN_KINDS, QWEN_VIDEO_GRIDS, qwen_batch, qwen_model, qwen_prompts, qwen_select
 from slimvlm.registry import methods
 
 TOKENS = [t * h * w // 4 for t, h, w in QWEN_GRIDS]  # 24 and 16
+assert TOKENS == [t * h * w // 4 for t, h, w in QWEN_VIDEO_GRIDS]  # videos of as many: every expectation holds for both
+KINDS = sorted(QWEN_KINDS)
 
 # every registered method that runs on Qwen, with settings that reduce something on 24- and 16-token images
 RUNS = {
@@ -36,14 +39,23 @@ def generate(model, inputs, static: bool, new_tokens: int = 5):
                           return_dict_in_generate=True, **extra)
 
 
+def rope_index(model, inputs):
+    """The untouched prompt's M-RoPE positions (3, B, L), as the model computes them."""
+    grids = {name: inputs[name] for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if name in inputs}
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              attention_mask=inputs["attention_mask"], **grids)
+    return positions
+
+
 def test_every_method_is_covered():
     assert set(RUNS) | set(REFUSED) == set(methods())
 
 
-def test_none_gives_the_untouched_logits(fresh_qwen):
+@pytest.mark.parametrize("kind", KINDS)
+def test_none_gives_the_untouched_logits(fresh_qwen, kind):
     model = fresh_qwen
-    inputs = qwen_batch(model.config)
-    assert inputs["attention_mask"][:, 0].tolist() == [1, 0]  # left padding, images of 24 and 16 tokens
+    inputs = qwen_batch(model.config, kind=kind)
+    assert inputs["attention_mask"][:, 0].tolist() == [1, 0]  # left padding, items of 24 and 16 tokens
     with torch.no_grad():
         reference = model(**inputs)
         with slimvlm.apply(model, "none") as handle:
@@ -53,13 +65,18 @@ def test_none_gives_the_untouched_logits(fresh_qwen):
     valid = inputs["attention_mask"].bool()
     assert (output.logits - reference.logits)[valid].abs().max().item() < 1e-5
     if hasattr(reference, "image_outputs"):  # transformers 5.17's Qwen output classes carry no visual tokens
-        assert [t.shape[0] for t in output.image_outputs.pooler_output] == TOKENS
+        assert output.image_outputs is None if kind == "video" else reference.image_outputs is not None
+        assert [t.shape[0] for t in getattr(output, f"{kind}_outputs").pooler_output] == TOKENS
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_none_generates_the_untouched_text(fresh_qwen, static):
+@pytest.mark.parametrize("kind", KINDS)
+def test_none_generates_the_untouched_text(fresh_qwen, kind, static):
     model = fresh_qwen
-    inputs = qwen_batch(model.config)
+    inputs = qwen_batch(model.config, kind=kind)
+    if kind == "video":  # the first video's temporal positions run past the text after it: decoding goes on from
+        positions = rope_index(model, inputs)[:, 0]  # the last token, not one past the largest position
+        assert positions.amax() > positions[:, -1].max()
     with torch.no_grad():
         reference = generate(model, inputs, static)
         with slimvlm.apply(model, "none"):
@@ -69,11 +86,12 @@ def test_none_generates_the_untouched_text(fresh_qwen, static):
         assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_positions_need_no_mm_token_type_ids(fresh_qwen):
-    """slimvlm derives the image placeholders' 3D positions from input_ids (the untouched model needs
+@pytest.mark.parametrize("kind", KINDS)
+def test_positions_need_no_mm_token_type_ids(fresh_qwen, kind):
+    """slimvlm derives the placeholders' 3D positions from input_ids (the untouched model needs
     mm_token_type_ids for them: Qwen2-VL fails without, Qwen2.5-VL falls back to 1-D positions)."""
     model = fresh_qwen
-    inputs = qwen_batch(model.config)
+    inputs = qwen_batch(model.config, kind=kind)
     without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
     with torch.no_grad():
         reference = model(**inputs).logits
@@ -83,23 +101,32 @@ def test_positions_need_no_mm_token_type_ids(fresh_qwen):
     assert (logits - reference)[valid].abs().max().item() < 1e-5
 
 
+def assert_batched_equals_one_by_one(model, handle, inputs, new: int = 5) -> list[int]:
+    """A batch's last logits, greedy tokens (dynamic and static cache) and items' token counts are each prompt's
+    alone; returns the batch's counts."""
+    batched = model(**inputs).logits[:, -1]
+    counts = handle.stats.visual_tokens
+    generated = generate(model, inputs, static=False, new_tokens=new).sequences[:, -new:]
+    assert torch.equal(generate(model, inputs, static=True, new_tokens=new).sequences[:, -new:], generated)
+    items = 0
+    for index in range(len(batched)):
+        single = qwen_select(inputs, index)
+        torch.testing.assert_close(model(**single).logits[0, -1], batched[index], atol=1e-5, rtol=1e-5)
+        own = handle.stats.visual_tokens
+        assert own == counts[items : items + len(own)]
+        items += len(own)
+        alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
+        assert alone.tolist() == generated[index].tolist()
+    assert items == len(counts)
+    return counts
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_batched_equals_one_by_one(fresh_qwen, name):
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_equals_one_by_one(fresh_qwen, kind, name):
     model = fresh_qwen
-    inputs = qwen_batch(model.config)
-    new = 5
     with torch.no_grad(), slimvlm.apply(model, RUNS[name]) as handle:
-        batched = model(**inputs).logits[:, -1]
-        counts = handle.stats.visual_tokens
-        generated = generate(model, inputs, static=False, new_tokens=new).sequences[:, -new:]
-        static = generate(model, inputs, static=True, new_tokens=new).sequences[:, -new:]
-        assert torch.equal(static, generated)
-        for index in range(2):
-            single = qwen_select(inputs, index)
-            torch.testing.assert_close(model(**single).logits[0, -1], batched[index], atol=1e-5, rtol=1e-5)
-            assert handle.stats.visual_tokens == [counts[index]]
-            alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
-            assert alone.tolist() == generated[index].tolist()
+        counts = assert_batched_equals_one_by_one(model, handle, qwen_batch(model.config, kind=kind))
     assert all(0 < count <= tokens for count, tokens in zip(counts, TOKENS))
 
 
@@ -122,50 +149,66 @@ def test_mustdrop_asks_for_its_llm_parts_alone(fresh_qwen):
     ("uniform:ratio=0.5", [12, 8]),
     ("divprune:ratio=1", TOKENS),
 ])
-def test_stage_2_keeps_its_budget_of_each_image(fresh_qwen, spec, expected):
+@pytest.mark.parametrize("kind", KINDS)
+def test_stage_2_keeps_its_budget_of_each_item(fresh_qwen, kind, spec, expected):
     model = fresh_qwen
     with torch.no_grad(), slimvlm.apply(model, spec) as handle:
-        model(**qwen_batch(model.config))
+        model(**qwen_batch(model.config, kind=kind))
     assert handle.stats.visual_tokens == expected
     assert [layers for layers in handle.stats.kv_visual_entries] == [[count] * 4 for count in expected]
     assert handle.stats.projector_tokens == TOKENS  # stage 2 selects after the merger
     assert [sum(s >= 0 for s in sources) for sources in handle.stats.sources] == expected
 
 
-def test_a_budget_over_an_images_tokens_is_refused(fresh_qwen):
+def test_a_videos_vision_stats_count_its_frames(fresh_qwen):
+    """Per ViT block, the patches of each attention segment: a video's are its frames (here, 2.5's windows are
+    as large), 12 of 2 x 4 patches, then 4 of 4 x 4."""
+    model = fresh_qwen
+    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=10") as handle:
+        model(**qwen_batch(model.config, kind="video"))
+    assert handle.stats.vision_tokens == [[8] * 12 + [16] * 4] * len(model.model.visual.blocks)
+    assert [len(sources) for sources in handle.stats.sources] == [24, 24]  # per video, its 2 x 2 units (-1 past its own)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_budget_over_an_items_tokens_is_refused(fresh_qwen, kind):
     model = fresh_qwen
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=20"):
         with pytest.raises(slimvlm.SlimVLMError, match="larger than the 16 tokens of an image"):
-            model(**qwen_batch(model.config))
+            model(**qwen_batch(model.config, kind=kind))
 
 
-def test_fastv_drops_its_ratio_of_each_images_tokens(fresh_qwen):
+@pytest.mark.parametrize("kind", KINDS)
+def test_fastv_drops_its_ratio_of_each_items_tokens(fresh_qwen, kind):
     model = fresh_qwen
     with torch.no_grad(), slimvlm.apply(model, "fastv:k=2,ratio=0.5") as handle:
-        model(**qwen_batch(model.config))
+        model(**qwen_batch(model.config, kind=kind))
     assert handle.stats.kv_visual_entries == [[n, n, n // 2, n // 2] for n in TOKENS]
 
 
-def test_kept_tokens_sit_at_their_own_3d_positions(fresh_qwen):
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_tokens_sit_at_their_own_3d_positions(fresh_qwen, kind):
     """A reduced prompt, by hand: the untouched prompt's embeddings and M-RoPE positions (get_rope_index) at
-    the kept tokens, through the LM (no slimvlm); the next token continues at one past the largest position."""
+    the kept tokens, through the LM (no slimvlm); the next token continues one past the prompt's last token on
+    every axis, as generate() continues the untouched prompt."""
     model = fresh_qwen
-    inputs = qwen_batch(model.config)
+    inputs = qwen_batch(model.config, kind=kind)
     inner = model.model
+    pixels, grids, type_id = QWEN_KINDS[kind]
     with torch.no_grad():
         with slimvlm.apply(model, "random:budget=10") as handle:
             logits = model(**inputs).logits
             scores = generate(model, inputs, static=False, new_tokens=2)
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
-        features = torch.cat(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
-        image = inputs["input_ids"] == model.config.image_token_id
-        embeds = embeds.masked_scatter(image[..., None], features)
-        positions, _ = inner.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
-                                            attention_mask=inputs["attention_mask"])
-        kept = torch.zeros_like(image)
+        encoder = inner.get_image_features if kind == "image" else inner.get_video_features
+        features = torch.cat(encoder(inputs[pixels], inputs[grids]).pooler_output)
+        placeholder = inputs["mm_token_type_ids"] == type_id
+        embeds = embeds.masked_scatter(placeholder[..., None], features)
+        positions = rope_index(model, inputs)
+        kept = torch.zeros_like(placeholder)
         for row, sources in enumerate(handle.stats.sources):
-            kept[row, image[row].nonzero()[:, 0][torch.tensor(sources[: TOKENS[row]]) >= 0]] = True
-        keep = inputs["attention_mask"].bool() & (~image | kept)
+            kept[row, placeholder[row].nonzero()[:, 0][torch.tensor(sources[: TOKENS[row]]) >= 0]] = True
+        keep = inputs["attention_mask"].bool() & (~placeholder | kept)
         width = int(keep.sum(1).max())
         for row in range(2):
             index = keep[row].nonzero()[:, 0]
@@ -177,13 +220,12 @@ def test_kept_tokens_sit_at_their_own_3d_positions(fresh_qwen):
                                           position_ids=position).last_hidden_state
             expected = model.lm_head(hidden[0, -1])
             assert (logits[row, -1] - expected).abs().max().item() < 1e-4
-            # decoding: the first new token at one past the largest kept position, on every axis
+            # decoding: the first new token one past the prompt's last token, on every axis
             token = scores.sequences[row : row + 1, inputs["input_ids"].shape[1]]
-            step = position[:, :, pad:].amax() + 1
             hidden = inner.language_model(
                 inputs_embeds=torch.cat([embeds[row : row + 1, select], inner.get_input_embeddings()(token[None])], 1),
                 attention_mask=torch.cat([mask, mask.new_ones(1, 1)], 1),
-                position_ids=torch.cat([position, step.view(1, 1, 1).expand(3, 1, 1)], 2)).last_hidden_state
+                position_ids=torch.cat([position, position[:, :, -1:] + 1], 2)).last_hidden_state
             assert (scores.scores[1][row] - model.lm_head(hidden[0, -1])).abs().max().item() < 1e-4
 
 
@@ -205,17 +247,35 @@ def test_bad_inputs_are_named(fresh_qwen):
             model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"].flip(0)})
         with pytest.raises(slimvlm.SlimVLMError, match=r"do not hold the patches image_grid_thw"):
             model(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
-        with pytest.raises(slimvlm.SlimVLMError, match="do not mark exactly the image placeholders"):
+        with pytest.raises(slimvlm.SlimVLMError, match="do not mark exactly the image and video placeholders"):
             model(**{**inputs, "mm_token_type_ids": inputs["mm_token_type_ids"] * 2})  # 2: video
-        with pytest.raises(slimvlm.SlimVLMError, match="not video yet"):
-            model(input_ids=inputs["input_ids"], pixel_values_videos=inputs["pixel_values"],
-                  video_grid_thw=inputs["image_grid_thw"])
+        with pytest.raises(slimvlm.SlimVLMError, match="pass input_ids"):
+            model(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]), pixel_values=inputs["pixel_values"],
+                  image_grid_thw=inputs["image_grid_thw"])
 
 
-def test_the_static_cache_continues_the_reduced_frame():
+def test_bad_video_inputs_are_named(fresh_qwen):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config, kind="video")
+    with torch.no_grad(), slimvlm.apply(model, "none"):
+        with pytest.raises(slimvlm.SlimVLMError, match="pass video_grid_thw"):
+            model(**{k: v for k, v in inputs.items() if k != "video_grid_thw"})
+        with pytest.raises(slimvlm.SlimVLMError, match=r"prompt 0 has 24 video placeholder tokens, not those of whole "
+                                                       r"videos: by video_grid_thw the videos take 16, 24"):
+            model(**{**inputs, "video_grid_thw": inputs["video_grid_thw"].flip(0)})
+        with pytest.raises(slimvlm.SlimVLMError, match=r"pixel_values_videos of shape \(156, 1176\) do not hold the "
+                                                       r"patches video_grid_thw"):
+            model(**{**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:-4]})
+        if "second_per_grid_ts" in inputs:  # Qwen2.5-VL
+            with pytest.raises(slimvlm.SlimVLMError, match="second_per_grid_ts gives 1 value"):
+                model(**{**inputs, "second_per_grid_ts": inputs["second_per_grid_ts"][:1]})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_static_cache_continues_the_reduced_frame(kind):
     """Cached decode steps on the reduced prompt equal recomputing it with each new token (no cache)."""
     model = qwen_model("qwen2_5_vl", seed=1)
-    inputs = qwen_batch(model.config, seed=1)
+    inputs = qwen_batch(model.config, seed=1, kind=kind)
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=6"):
         cached = generate(model, inputs, static=True, new_tokens=4)
         for step in range(1, 4):
@@ -229,11 +289,12 @@ def test_the_static_cache_continues_the_reduced_frame():
 
 @pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, top_k=5, num_return_sequences=2)],
                          ids=["beams", "sampled sequences"])
-def test_generate_modes_that_repeat_the_prompt(fresh_qwen, options):
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_modes_that_repeat_the_prompt(fresh_qwen, kind, options):
     """generate() repeats each prompt per beam or sequence; Qwen's packed patches repeat per prompt as a whole
     (transformers 5.25 would repeat each patch row), so 'none' is the untouched model and a batch is its prompts."""
     model = fresh_qwen
-    inputs = qwen_batch(model.config)
+    inputs = qwen_batch(model.config, kind=kind)
     with torch.no_grad():
         torch.manual_seed(0)
         reference = model.generate(**inputs, max_new_tokens=4, **options)
@@ -247,3 +308,40 @@ def test_generate_modes_that_repeat_the_prompt(fresh_qwen, options):
                     alone = model.generate(**qwen_select(inputs, index), max_new_tokens=4, **options)[0, -4:]
                     assert alone.tolist() == batched[index].tolist()
     assert "_expand_inputs_for_generation" not in model.__dict__  # remove() restored generate's own
+
+
+MIXED = [[("image", (1, 8, 12)), ("video", (4, 4, 4))], [("video", (12, 2, 4)), ("image", (1, 8, 8))]]
+
+
+def test_images_and_videos_in_one_prompt(fresh_qwen):
+    """Each item, image or video, is a unit of its own in prompt order: 'none' is the untouched model (logits,
+    each kind's outputs, generate), and divprune keeps its budget of each item, batched as one by one."""
+    model = fresh_qwen
+    inputs = qwen_prompts(model.config, MIXED)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        reference = model(**inputs)
+        untouched = generate(model, inputs, static=False).sequences
+        with slimvlm.apply(model, "none") as handle:
+            output = model(**inputs)
+            assert handle.stats.visual_tokens == [24, 16, 24, 16]  # prompt order: image, video; video, image
+            assert torch.equal(generate(model, inputs, static=False).sequences, untouched)
+        assert (output.logits - reference.logits)[valid].abs().max().item() < 1e-5
+        if hasattr(reference, "image_outputs"):  # each kind's items in its own order, as the untouched model has them
+            assert [len(t) for t in output.image_outputs.pooler_output] == [24, 16]
+            assert [len(t) for t in output.video_outputs.pooler_output] == [16, 24]
+        with slimvlm.apply(model, "divprune:budget=10") as handle:
+            assert assert_batched_equals_one_by_one(model, handle, inputs) == [10] * 4
+
+
+def test_an_item_split_by_another_is_refused(fresh_qwen):
+    """The rebuild puts each item's tokens in one run of placeholders, as the processor writes them."""
+    config = fresh_qwen.config
+    inputs = qwen_prompts(config, MIXED[:1])
+    image, video = [config.image_token_id] * 12, [config.video_token_id] * 16
+    input_ids = torch.tensor([[5, config.vision_start_token_id, *image, *video, *image, config.vision_end_token_id, 6]])
+    split = {**inputs, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    del split["mm_token_type_ids"]
+    with torch.no_grad(), slimvlm.apply(fresh_qwen, "none"):
+        with pytest.raises(slimvlm.SlimVLMError, match="placeholders are split by another item's"):
+            fresh_qwen(**split)

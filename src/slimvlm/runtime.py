@@ -18,7 +18,8 @@ from torch import nn
 from .errors import SlimVLMError
 from .models.compat import cache_kwarg
 from .hooks import HookSet, capture_outputs
-from .sequence import IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, padding_of_causal_mask, rebuild
+from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, is_placeholder,
+                       padding_of_causal_mask, rebuild)
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
@@ -30,13 +31,15 @@ from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge
 class Stats:
     """What the last forward/generate did.
 
-    visual_tokens: per image, tokens that reached the LLM (LLaVA-NeXT-Video: per image or video, in prompt
-    order). sources: per image, for each patch (raster order) the visual token it ended in, -1 if dropped
-    (the source map; LLaVA-NeXT: for each slot of the image's layout, models/anyres.py; a video: for each
-    frame's pooled cells, models/video.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own).
+    visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
+    (raster order) the visual token it ended in, -1 if dropped (the source map; LLaVA-NeXT: for each
+    slot of the image's layout, models/anyres.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own;
+    Qwen2-VL's and LLaVA-NeXT-Video's images and videos are items in prompt order, each an "image" here; a
+    LLaVA-NeXT-Video video's slots are its frames' pooled cells, models/video.py).
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
-    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop;
-    Qwen2-VL: each attention segment, an image frame or in 2.5's windowed blocks a window, 0 past a
+    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop, and
+    each video frame;
+    Qwen2-VL: each attention segment, an image or video frame or in 2.5's windowed blocks a window, 0 past a
     layer's last), tokens at its input. llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens:
     the same for the tokens each layer's attention runs over (more than llm_tokens under virtual
     unmerging). projector_tokens: per encoder view, tokens through the projector. prompt_tokens: per
@@ -219,11 +222,12 @@ class Runtime:
         masks = arguments.get("attention_mask")
         if isinstance(masks, dict):  # generate()'s 4D masks per layer type on a static cache (LMs with layer_types)
             arguments["attention_mask"] = masks.get("full_attention", next(iter(masks.values())))
+        visuals = self.adapter.visual_inputs(arguments)
         cache = arguments.get(self._cache_name)
         if kwargs.get("mm_encoder_outputs") is not None:
             raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
-        if any(arguments.get(name) is not None for name in self.adapter.pixel_arguments):
-            return self._prefill(arguments, kwargs)
+        if visuals is not None:
+            return self._prefill(arguments, kwargs, visuals)
         session = self.session
         if session is not None and cache is not None and (cache is session.cache or cache is session.given_cache):
             return self._decode(arguments, kwargs)
@@ -247,12 +251,12 @@ class Runtime:
         if cache is not None and cache.get_seq_length() > 0:
             raise SlimVLMError("images after a non-empty KV cache are not supported; start a new cache for each prompt")
 
-    def _prefill(self, arguments: dict, kwargs: dict):
+    def _prefill(self, arguments: dict, kwargs: dict, visuals: tuple):
         self._check_unsupported(arguments)
-        # the encoder's views (LLaVA-NeXT: each image's crops; LLaVA-NeXT-Video: and each video's frames)
-        arguments["pixel_values"] = self.adapter.views_of(arguments, kwargs.pop("interpolate_pos_encoding", False))
+        arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
+            *visuals, kwargs.pop("interpolate_pos_encoding", False))
         adapter = self.adapter
-        input_ids = adapter.prompt_ids(arguments["input_ids"])
+        input_ids = arguments["input_ids"]
         mask = arguments.get("attention_mask")
         if mask is not None and mask.dim() == 4:  # generate()'s mask for a static cache, in the untouched frame
             arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1])
@@ -284,7 +288,7 @@ class Runtime:
             adapter.prompt_positions(input_ids, arguments.get("attention_mask"), arguments.get("position_ids")),
             arguments.get("labels"),
             tokens,
-            adapter.image_token_id,
+            adapter.placeholder_ids,
             adapter.image_tokens(),
             self.keep_positions,
             width_step=CAPACITY_STEP if on_static and not hand_off else 1,  # a few widths, a graph or compile each
@@ -305,7 +309,7 @@ class Runtime:
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
-        return self._logits(hidden, session.cache, arguments, self.labels, output, adapter.visual_output(tokens))
+        return self._logits(hidden, session.cache, arguments, self.labels, output, adapter.visual_outputs(tokens))
 
     def _start_session(self, rebuilt, tokens, given, use_cache: bool, on_static: bool, prompt_length: int,
                        right_padded: bool) -> Session:
@@ -403,8 +407,7 @@ class Runtime:
         if input_ids is None:
             raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
         steps = input_ids.shape[1]
-        placeholders = self.adapter.prompt_ids(input_ids) == self.adapter.image_token_id
-        if steps > 1 and bool(placeholders.any()):  # one-token steps need no look
+        if steps > 1 and bool(is_placeholder(input_ids, self.adapter.placeholder_ids).any()):  # one-token steps need no look
             raise SlimVLMError(
                 "continuing from a KV cache that slimvlm reduced is not supported: the cache holds the reduced "
                 "sequence, the new input the image's placeholders; call generate() again with the whole "
@@ -413,9 +416,10 @@ class Runtime:
         new_valid = self._new_tokens_valid(arguments.get("attention_mask"), steps)
         session.decoding = True
         session.decoded += steps
-        positions = session.next_position[:, None]
+        positions = session.next_position[:, None]  # (B, 1), or (B, 1, A) one per rotary axis
         if steps > 1:
-            positions = positions + torch.arange(steps, device=input_ids.device)
+            at = torch.arange(steps, device=input_ids.device)
+            positions = positions + at.view(steps, *[1] * (positions.dim() - 2))
         session.next_position = session.next_position + steps
         if session.static is not None:
             masks = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
@@ -479,7 +483,7 @@ class Runtime:
     def _prompt_shape(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], bool]:
         """Per sample, its images; and whether the caller pads on the right (the rebuilt rows keep that
         side, so that `none` returns logits where the untouched model does). One read from the device."""
-        columns = [(input_ids == self.adapter.image_token_id).sum(dim=1)]
+        columns = [is_placeholder(input_ids, self.adapter.placeholder_ids).sum(dim=1)]
         if mask is not None:
             columns += [mask[:, 0].long(), mask[:, -1].long()]
         read = torch.stack(columns).tolist()

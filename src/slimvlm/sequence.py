@@ -91,9 +91,14 @@ class Sequence:
         )
 
     def next_position(self) -> torch.Tensor:
-        """(B,) the position of a token after the sequence: one past its largest (over every rotary axis)."""
-        positions = self.positions.reshape(*self.valid.shape, -1)
-        return positions.masked_fill(~self.valid[..., None], -1).amax(dim=(1, 2)) + 1
+        """The position of a token after the sequence, (B,), or (B, A) one per rotary axis: one past its last
+        real token's, as generate() steps each axis on from the prompt's last column. On 1-D positions, which
+        never decrease along a row, that is one past the largest; under M-RoPE it is not where a video's
+        temporal positions run past the text after it (Qwen2-VL's get_rope_index starts that text past the
+        video's height and width alone)."""
+        at = torch.arange(self.valid.shape[1], device=self.valid.device)
+        last = torch.where(self.valid, at, -1).argmax(dim=1)
+        return self.positions[torch.arange(len(last), device=last.device), last] + 1
 
     def visual_counts(self) -> torch.Tensor:
         """(B,) visual tokens per sample."""
@@ -109,16 +114,24 @@ class Rebuilt:
     labels: torch.Tensor | None
 
 
-def image_slots(input_ids: torch.Tensor, image_token_id: int, num_images: int, tokens_per_image: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which image and which slot of it each placeholder token is, in the order the processor wrote them.
-    tokens_per_image: the placeholders of every image, or a list of each one's (LLaVA-NeXT: by image_sizes)."""
-    is_image = input_ids == image_token_id
+def is_placeholder(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...]) -> torch.Tensor:
+    """(B, L) bool: where input_ids hold a visual item's placeholder (an image's; a video's where the family
+    reduces videos too)."""
+    return torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
+
+
+def image_slots(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...], num_images: int, tokens_per_image: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which image (visual item) and which slot of it each placeholder token is, in the order the processor
+    wrote them. tokens_per_image: the placeholders of every image, or a list of each one's (LLaVA-NeXT: by
+    image_sizes)."""
+    is_image = is_placeholder(input_ids, placeholder_ids)
     found = int(is_image.sum().item())
     varying = isinstance(tokens_per_image, list)
     expected = sum(tokens_per_image) if varying else num_images * tokens_per_image
     if found == 0:
         raise SlimVLMError(
-            f"the prompt has no image placeholder (token id {image_token_id}) but {num_images} image(s) were given; "
+            f"the prompt has no image placeholder (token id {', '.join(map(str, placeholder_ids))}) but {num_images} "
+            "image(s) were given; "
             "put '<image>' in the text where the image goes and build the inputs with the model's processor"
         )
     if found != expected:
@@ -145,7 +158,7 @@ def rebuild(
     position_ids: torch.Tensor | None,
     labels: torch.Tensor | None,
     tokens: VisualTokens,
-    image_token_id: int,
+    placeholder_ids: tuple[int, ...],
     tokens_per_image: int | list[int],
     keep_positions: bool,
     width_step: int = 1,
@@ -162,7 +175,7 @@ def rebuild(
     """
     batch, length = input_ids.shape
     device = input_ids.device
-    is_image, image, slot = image_slots(input_ids, image_token_id, tokens.batch_size, tokens_per_image)
+    is_image, image, slot = image_slots(input_ids, placeholder_ids, tokens.batch_size, tokens_per_image)
     places = tokens_per_image if isinstance(tokens_per_image, list) else [tokens_per_image] * tokens.batch_size
     for index, (count, room) in enumerate(zip(tokens.host_counts(), places)):
         if count > room:  # the span has no place for the rest: never drop them silently

@@ -17,21 +17,22 @@ def cache_kwarg(forward: Callable) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def modality_output(items: list, output_class: type, modality: str) -> dict:
-    """The field of `output_class` carrying the LLM's tokens of each item of a modality ('image', 'video'), as
-    the installed release names it: `{modality}_outputs` (5.2x: a vision output whose pooler_output lists each
-    item's tokens) or `{modality}_hidden_states` (earlier: one tensor, here padded to the longest item); none
-    where the class has neither, or there are no items (the untouched model leaves the field None)."""
-    if not items:
-        return {}
-    fields = {field.name for field in dataclasses.fields(output_class)}
-    if f"{modality}_outputs" in fields:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
+def modality_outputs(items: dict[str, list], output_class: type) -> dict:
+    """Per kind of item that came ('image', 'video': each item's tokens), the field of `output_class` carrying
+    them, as the installed release names it: `{kind}_outputs` (5.2x: a vision output whose pooler_output lists
+    them) or `{kind}_hidden_states` (earlier: one tensor, padded to the longest item); kinds that did not come
+    stay out (None), as in the untouched model's output, and so do kinds the class has no field for (Qwen2-VL's
+    own output class in 5.17 carries no visual tokens)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        return {f"{modality}_outputs": BaseModelOutputWithPooling(pooler_output=items)}
-    if f"{modality}_hidden_states" in fields:
-        return {f"{modality}_hidden_states": torch.nn.utils.rnn.pad_sequence(items, batch_first=True)}
-    return {}  # Qwen2-VL's own output class (transformers 5.17) carries no visual tokens
+    fields = {field.name for field in dataclasses.fields(output_class)}
+    out = {}
+    for kind, tokens in items.items():
+        if tokens and f"{kind}_outputs" in fields:
+            out[f"{kind}_outputs"] = BaseModelOutputWithPooling(pooler_output=tokens)
+        elif tokens and f"{kind}_hidden_states" in fields:
+            out[f"{kind}_hidden_states"] = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    return out
 
 
 def multimodal_output_class(modeling: ModuleType, prefix: str) -> type:

@@ -15,13 +15,13 @@ from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
-from .compat import cache_kwarg, modality_output
+from .compat import cache_kwarg, modality_outputs
 
 
-def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str) -> list[int]:
-    """Per sample, its images: images are taken in order, each sample those whose placeholders (counts:
-    each image's, by the forward's `argument`) it holds; a sample whose placeholders are not whole images'
-    is refused (images left over are named by the rebuild)."""
+def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str, kind: str = "image") -> list[int]:
+    """Per sample, its images (items of `kind`): items are taken in order, each sample those whose
+    placeholders (counts: each item's, by the forward's `argument`) it holds; a sample whose placeholders
+    are not whole items' is refused (items left over are named by the rebuild)."""
     out, at = [], 0
     for sample, found in enumerate(placeholders):
         first, taken = at, 0
@@ -30,9 +30,9 @@ def images_in_prompt_order(placeholders: list[int], counts: list[int], argument:
             at += 1
         if taken != found:
             raise SlimVLMError(
-                f"prompt {sample} has {found} image placeholder tokens, not those of whole images: by {argument} "
-                f"the images take {', '.join(map(str, counts))} in turn; pass the {argument} the processor returned "
-                "with these prompts (images in prompt order)"
+                f"prompt {sample} has {found} {kind} placeholder tokens, not those of whole {kind}s: by {argument} "
+                f"the {kind}s take {', '.join(map(str, counts))} in turn; pass the {argument} the processor returned "
+                f"with these prompts ({kind}s in prompt order)"
             )
         out.append(at - first)
     return out
@@ -59,7 +59,6 @@ class LanguageModelAdapter:
     output_class: type = None  # what the untouched model's forward returns
     vision_capturable = False  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
     sizes_argument = "image_sizes"  # the forward argument giving each image's size, handed to views()
-    pixel_arguments = ("pixel_values",)  # forward arguments carrying pixels: a forward given any is a prefill to reduce
 
     def __init__(self, model: nn.Module, language_model: nn.Module) -> None:
         config = model.config
@@ -69,6 +68,7 @@ class LanguageModelAdapter:
         self.config = config
         self.text_config = config.text_config
         self.image_token_id = config.image_token_id
+        self.placeholder_ids: tuple[int, ...] = (config.image_token_id,)  # the visual items' placeholder tokens
         self.llm_layers = list(language_model.layers)
         self.cache_kwarg = cache_kwarg(language_model.forward)
         first = self.llm_layers[0].self_attn
@@ -79,24 +79,21 @@ class LanguageModelAdapter:
                     "slimvlm supports Llama-family language models (q/k projections with RoPE)"
                 )
 
-    def views_of(self, arguments: dict, interpolate: bool) -> torch.Tensor:
-        """The encoder's views of a prefill's pixels (see views(); a family with videos adds their frames)."""
-        return self.views(arguments["pixel_values"], arguments.get(self.sizes_argument), interpolate)
-
     def pack(self, tokens: VisualTokens) -> VisualTokens:
         """Each image's projected views joined into its LLM tokens: one view per image, as it is."""
         return tokens
 
-    def prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids as the runtime reads them: every visual placeholder is image_token_id (here they all are;
-        a family with videos maps theirs too, its images and videos being one list in prompt order)."""
-        return input_ids
-
-    def visual_output(self, tokens: VisualTokens) -> dict:
-        """The output fields carrying the visual tokens the LLM got, each image's (compat.modality_output)."""
-        return modality_output(tokens.split(), self.output_class, "image")
-
     # ---- what a family's forward takes besides pixels ------------------------------------------
+    def visual_inputs(self, arguments: dict) -> tuple[torch.Tensor, object] | None:
+        """What views() takes of a forward's visual items, (pixels, sizes); None where it brings none (a
+        decode step, a text-only forward). Here images: pixel_values and the sizes argument."""
+        pixels = arguments.get("pixel_values")
+        return None if pixels is None else (pixels, arguments.get(self.sizes_argument))
+
+    def visual_outputs(self, tokens: VisualTokens) -> dict:
+        """The output fields carrying the visual tokens the LLM got, as the untouched model fills them."""
+        return modality_outputs({"image": tokens.split()}, self.output_class)
+
     def check_inputs(self, arguments: dict) -> None:
         """Refuse, on any forward, inputs of the model's own that the adapter does not honour (none here
         beyond those the runtime checks)."""

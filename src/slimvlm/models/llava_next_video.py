@@ -16,6 +16,8 @@ Where methods act on a video:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoCausalLMOutputWithPast
@@ -23,9 +25,19 @@ from transformers.models.llava_next_video.modeling_llava_next_video import Llava
 from ..errors import SlimVLMError
 from ..stages import Method
 from ..tokens import VisualTokens
-from .compat import modality_output
+from .compat import modality_outputs
 from .llava_next import LlavaNextAdapter
 from .video import VideoLayout, items_in_prompt_order
+
+
+@dataclass(frozen=True)
+class Visuals:
+    """What views() takes of a forward besides its images' pixels: their sizes, its videos and the prompts,
+    whose placeholders order them."""
+
+    image_sizes: object
+    videos: torch.Tensor | None
+    input_ids: torch.Tensor | None
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
@@ -34,26 +46,32 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     family = "llava-next-video"
     output_class = LlavaNextVideoCausalLMOutputWithPast
-    pixel_arguments = ("pixel_values", "pixel_values_videos")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.video_token_id = self.config.video_token_id
+        self.placeholder_ids = (self.image_token_id, self.video_token_id)
         self.resampler = model.model.vision_resampler
         self.stride = self.config.spatial_pool_stride
         # a stage-2 budget is checked against each item's tokens on each input; a video may fill the LM's context
         self.max_image_tokens = max(self.max_image_tokens, self.text_config.max_position_embeddings)
 
     # ---- images and videos: one list of items in prompt order ---------------------------------------
-    def views_of(self, arguments: dict, interpolate: bool) -> torch.Tensor:
-        """Every item's views in prompt order: an image's crops (base view, then tiles), a video's frames."""
+    def visual_inputs(self, arguments: dict) -> tuple[torch.Tensor | None, Visuals] | None:
         images, videos = arguments.get("pixel_values"), arguments.get("pixel_values_videos")
+        if images is None and videos is None:
+            return None
+        return images, Visuals(arguments.get("image_sizes"), videos, arguments.get("input_ids"))
+
+    def views(self, pixel_values: torch.Tensor | None, visuals: Visuals, interpolate: bool) -> torch.Tensor:
+        """Every item's views in prompt order: an image's crops (base view, then tiles), a video's frames."""
         crops, image_layouts = [], []
-        if images is not None:
-            image_crops = self.views(images, arguments.get("image_sizes"), interpolate)
+        if pixel_values is not None:
+            image_crops = super().views(pixel_values, visuals.image_sizes, interpolate)
             image_layouts = self.layouts
             crops = list(image_crops.split([layout.views for layout in image_layouts]))
         frames, video_layouts = [], []
+        videos = visuals.videos
         if videos is not None:
             if videos.dim() != 5:
                 raise SlimVLMError(
@@ -64,7 +82,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             frames = list(videos)
             video_layouts = [VideoLayout(videos.shape[1], self.grid[0], self.stride)] * len(frames)
         order = items_in_prompt_order(
-            arguments["input_ids"],
+            visuals.input_ids,
             {self.image_token_id: [layout.slots for layout in image_layouts],
              self.video_token_id: [layout.slots for layout in video_layouts]},
             {self.image_token_id: "image", self.video_token_id: "video"},
@@ -73,12 +91,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         self.layouts = [pieces[kind][1][index] for kind, index in order]
         return torch.cat([pieces[kind][0][index] for kind, index in order])
 
-    def prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Video placeholders read as image ones: images and videos are one list of items in prompt order."""
-        return torch.where(input_ids == self.video_token_id, self.image_token_id, input_ids)
-
     def _frame_views(self) -> list[int]:
-        """The views of the last views_of() that are video frames (their rows in the encoder's batch)."""
+        """The views of the last views() that are video frames (their rows in the encoder's batch)."""
         frames, at = [], 0
         for layout in self.layouts:
             if isinstance(layout, VideoLayout):
@@ -122,11 +136,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return cells.with_features(features)
 
     # ---- outputs --------------------------------------------------------------------------------------
-    def visual_output(self, tokens: VisualTokens) -> dict:
+    def visual_outputs(self, tokens: VisualTokens) -> dict:
         """The images' tokens in the image field, the videos' in the video field, as the untouched model's."""
         items = tokens.split()
         video = [isinstance(layout, VideoLayout) for layout in self.layouts]
-        return {
-            **modality_output([t for t, v in zip(items, video) if not v], self.output_class, "image"),
-            **modality_output([t for t, v in zip(items, video) if v], self.output_class, "video"),
-        }
+        return modality_outputs({"image": [t for t, v in zip(items, video) if not v],
+                                 "video": [t for t, v in zip(items, video) if v]}, self.output_class)

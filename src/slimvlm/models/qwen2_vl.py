@@ -1,25 +1,27 @@
 """The Qwen2-VL / Qwen2.5-VL adapter: Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration
-= a ViT over each image at its own resolution, a merger that joins every 2 x 2 block of patches into one
-LLM token, and a Qwen2 LM whose rotary embedding is M-RoPE (one position per axis: time, height, width).
+= a ViT over each image or video at its own resolution, a merger that joins every 2 x 2 block of patches into
+one LLM token, and a Qwen2 LM whose rotary embedding is M-RoPE (one position per axis: time, height, width).
 
-What the LLM gets of an image: one token per 2 x 2 unit of its (t, h, w) patch grid (image_grid_thw), in
-raster order, t h w / 4 placeholders; images of different sizes have different counts. A unit's token
-sits at the 3D position (t, row, col) of its unit, offset by where the image starts; the text after an
-image starts past the largest of the grid's sides, whatever the image's token count
-(Qwen2VLModel.get_rope_index). So a reduced image keeps each kept token at its own position and the
-text where it was: slimvlm computes the untouched prompt's positions with get_rope_index and every kept
-token takes its placeholder's (sequence.rebuild); decoding continues one past the largest, which is
-where the untouched prompt's frame continues (next position = n + rope_deltas). Renumbering
+What the LLM gets of an image or a video (a visual item, qwen_visuals.py): one token per 2 x 2 unit of its
+(t, h, w) patch grid (image_grid_thw, video_grid_thw; a video's t = frames / temporal_patch_size, an image's
+1), in raster order, t h w / 4 placeholders; items of different sizes have different counts. A unit's token
+sits at the 3D position (t, row, col) of its unit, offset by where the item starts (on 2.5 a video's t is
+spaced by tokens_per_second x second_per_grid_ts); the text after an item starts past the larger of the
+grid's height and width, whatever the item's token count or length in time (Qwen2VLModel.get_rope_index). So
+a reduced item keeps each kept token at its own position and the text where it was: slimvlm computes the
+untouched prompt's positions with get_rope_index and every kept token takes its placeholder's
+(sequence.rebuild); decoding continues one past the prompt's last token on each axis, where generate()
+continues the untouched prompt (a video's temporal positions may run past it). Renumbering
 (keep_positions=False) has no meaning here and is refused.
 
 Where methods act on it:
-- stage 2 (divprune, random, uniform) on each image's merger outputs, a budget per image;
+- stage 2 (divprune, random, uniform) on each item's merger outputs, a budget per image or video;
 - stages 3-4 (fastv; mustdrop's dual-attention filter and output-aware cache with lsm=false,
   important=false) inside the LM, whose rotary (cos, sin) is per token as Llama's;
 - refused: stage 1 (tome, dymu, visionzip, mustdrop's window merge and important set): the merger
   reads 2 x 2 units of patches in place and 2.5's window attention is laid out on the full grid, so the
   tower runs whole (published reductions for Qwen all act after the merger); pool and llava-mini (one
-  square grid per image); vtu (it unmerges stage-1 merges, along 1-D positions); video inputs.
+  square grid per image); vtu (it unmerges stage-1 merges, along 1-D positions).
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..stages import Method, Stage
 from ..tokens import VisualTokens
-from .compat import multimodal_output_class
+from .compat import modality_outputs, multimodal_output_class
 from .language import LanguageModelAdapter, images_in_prompt_order
+from .qwen_visuals import KINDS, VIDEO, VisualItems, visual_items
 
-# the most tokens an image can give: the Qwen2-VL and 2.5-VL processors' default max_pixels, 12845056, over
-# 28 x 28 pixels a token; a budget is checked against each image's own count when it comes
-MAX_IMAGE_TOKENS = 16384
+# the most tokens a visual item can give: a video of the Qwen2-VL video processor's max_frames (768, so 384
+# temporal steps) of its largest frames (longest_edge 28 x 28 x 768 pixels: 768 tokens each); an image gives
+# at most 16384 (max_pixels 12845056 over 28 x 28). A budget is checked against each item's own count when it comes
+MAX_ITEM_TOKENS = 384 * 768
 SYNTHETIC_SIDE = 644  # px: 46 x 46 patches of 14 px, 23 x 23 = 529 tokens, a multiple of 28 the processor keeps
-VIDEO_ARGUMENTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def mrope_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -66,8 +69,8 @@ class TextRotary(nn.Module):
 
 
 class QwenVLAdapter(LanguageModelAdapter):
-    """Qwen2-VL and Qwen2.5-VL images (see the module's docstring): the vision tower and its merger run as
-    the model runs them (get_image_features); an image's tokens are its merger outputs, one per 2 x 2 unit."""
+    """Qwen2-VL and Qwen2.5-VL images and videos (see the module's docstring): the vision tower and its merger
+    run as the model runs them (get_image_features); an item's tokens are its merger outputs, one per 2 x 2 unit."""
 
     family = "qwen2-vl"
     sizes_argument = "image_grid_thw"
@@ -81,7 +84,8 @@ class QwenVLAdapter(LanguageModelAdapter):
         self.merge = self.vision_config.spatial_merge_size
         prefix = type(model).__name__.removesuffix("ForConditionalGeneration")
         self.output_class = multimodal_output_class(sys.modules[type(model).__module__], prefix)
-        self.grids: list[tuple[int, int, int]] = []  # (t, h, w) patches of each image of the last views()
+        self.placeholder_ids = (self.config.image_token_id, self.config.video_token_id)
+        self.items: VisualItems | None = None  # the images and videos of the last views(), in prompt order
         self._decode_parts = DecodeParts(model.get_input_embeddings(), self.language_model, self.language_model.layers,
                                          self.language_model.norm, TextRotary(self.language_model.rotary_emb), self.lm_head)
 
@@ -104,52 +108,64 @@ class QwenVLAdapter(LanguageModelAdapter):
                 f"{method.name} unmerges the tokens a stage-1 method merged, which Qwen2-VL refuses (and rotates "
                 "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method"
             )
-        method.check_model(len(self.visual.blocks), len(self.llm_layers), MAX_IMAGE_TOKENS)
+        method.check_model(len(self.visual.blocks), len(self.llm_layers), MAX_ITEM_TOKENS)
 
     # ---- what the forward takes besides pixels -------------------------------------------------
     def check_inputs(self, arguments: dict) -> None:
-        given = [name for name in VIDEO_ARGUMENTS if arguments.get(name) is not None]
-        if given:
-            raise SlimVLMError(
-                f"{', '.join(given)}: slimvlm reduces Qwen2-VL's image tokens, not video yet; pass images "
-                "(pixel_values, image_grid_thw), or run the untouched model on video (handle.remove())"
-            )
         types = arguments.get("mm_token_type_ids")
         input_ids = arguments.get("input_ids")
-        if types is not None and arguments.get("pixel_values") is not None and input_ids is not None:
+        visuals = any(arguments.get(kind.pixels) is not None for kind in KINDS)
+        if types is not None and visuals and input_ids is not None:
             if types.shape != input_ids.shape or not torch.equal(types.long(), self.token_types(input_ids)):
                 raise SlimVLMError(
-                    "mm_token_type_ids do not mark exactly the image placeholders of input_ids (1 there, 0 elsewhere); "
-                    "pass the processor's, or none (slimvlm derives them from input_ids)"
+                    "mm_token_type_ids do not mark exactly the image and video placeholders of input_ids (1 at an "
+                    "image's, 2 at a video's, 0 elsewhere); pass the processor's, or none (slimvlm derives them from "
+                    "input_ids)"
                 )
 
+    def visual_inputs(self, arguments: dict) -> tuple[torch.Tensor, VisualItems] | None:
+        """Every image's and video's patches in prompt order, with the items (qwen_visuals): one run of the
+        tower encodes them all, as get_image_features and get_video_features would one kind each."""
+        given = [arguments[kind.pixels] for kind in KINDS if arguments.get(kind.pixels) is not None]
+        if not given:  # a decode step: nothing to read of input_ids
+            return None
+        input_ids = arguments.get("input_ids")
+        if input_ids is None:  # nothing to order by: the runtime refuses such a prefill, naming what to pass
+            return given[0], None
+        items = visual_items(arguments, self.token_types(input_ids), self.patch_values, self.merge)
+        return items.pixels(), items
+
     def positions_kept(self, keep_positions: bool | None) -> bool:
-        """Always: under M-RoPE an image's tokens sit on its (t, h, w) grid and the text after it starts past
+        """Always: under M-RoPE an item's tokens sit on its (t, h, w) grid and the text after it starts past
         the grid whatever the count, so there is nothing to renumber; False is refused."""
         if keep_positions is False:
             raise SlimVLMError(
                 "keep_positions=False renumbers visual tokens, which has no meaning under Qwen2-VL's M-RoPE (an "
-                "image's tokens sit at (time, height, width) positions of its grid and the text after it starts past "
-                "the grid, whatever the count); leave keep_positions unset: kept tokens keep their own positions"
+                "image's or video's tokens sit at (time, height, width) positions of its grid and the text after it "
+                "starts past the grid, whatever the count); leave keep_positions unset: kept tokens keep their own "
+                "positions"
             )
         return True
 
     def patch_generate(self) -> Callable[[], None]:
         """Beams and several sequences per prompt: generate() repeats every input along dim 0, but Qwen's
-        pixel_values pack all images' patches along dim 0 (transformers 5.25 repeats them pre-encoded, which
-        slimvlm turns off: the runtime encodes), so here each prompt's patches and grids repeat as a whole."""
+        pixel_values (and pixel_values_videos) pack all items' patches along dim 0 (transformers 5.25 repeats
+        them pre-encoded, which slimvlm turns off: the runtime encodes), so here each prompt's patches, grids
+        and seconds repeat as a whole."""
         model = self.model
         original = model._expand_inputs_for_generation
 
         def expand(expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
-            if expand_size == 1 or input_ids is None or model_kwargs.get("pixel_values") is None:
+            items = None if expand_size == 1 or input_ids is None else visual_items(
+                model_kwargs, self.token_types(input_ids), self.patch_values, self.merge)
+            if items is None:
                 return original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
                                 **model_kwargs)
-            pixels, grid = model_kwargs.pop("pixel_values"), model_kwargs.pop("image_grid_thw")
-            repeated = self.repeat_images(input_ids, pixels, grid, expand_size)
-            input_ids, model_kwargs = original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
-                                               input_ids=input_ids, **model_kwargs)
-            return input_ids, {**model_kwargs, **repeated}
+            repeated = items.repeated(expand_size)
+            rest = {name: value for name, value in model_kwargs.items() if name not in repeated}
+            input_ids, rest = original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                       input_ids=input_ids, **rest)
+            return input_ids, {**rest, **repeated}
 
         model._expand_inputs_for_generation = expand
 
@@ -158,22 +174,9 @@ class QwenVLAdapter(LanguageModelAdapter):
 
         return undo
 
-    def repeat_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                      times: int) -> dict:
-        """pixel_values and image_grid_thw with each prompt's images repeated `times` times in a row, as
-        generate() repeats the prompt."""
-        self.views(pixel_values, image_grid_thw, False)  # checks them, takes the grids
-        placeholders = (input_ids == self.image_token_id).sum(dim=1).tolist()
-        images = self.images_per_sample(placeholders)
-        rows = torch.arange(pixel_values.shape[0], device=pixel_values.device).split([t * h * w for t, h, w in self.grids])
-        starts = [sum(images[:sample]) for sample in range(len(images))]
-        order = [image for start, count in zip(starts, images) for _ in range(times) for image in range(start, start + count)]
-        return {"pixel_values": pixel_values[torch.cat([rows[image] for image in order])],
-                "image_grid_thw": image_grid_thw[torch.tensor(order, device=image_grid_thw.device)]}
-
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) mm_token_type_ids as the processor makes them for image prompts: 1 at image placeholders."""
-        return (input_ids == self.image_token_id).long()
+        """(B, L) mm_token_type_ids as the processor makes them: 1 at image placeholders, 2 at video ones."""
+        return (input_ids == self.config.image_token_id).long() + VIDEO.type_id * (input_ids == self.config.video_token_id)
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict:
         """mm_token_type_ids, which the untouched model needs for its 3D positions (without them Qwen2-VL
@@ -183,38 +186,31 @@ class QwenVLAdapter(LanguageModelAdapter):
     def prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          position_ids: torch.Tensor | None) -> torch.Tensor:
         """(B, L, 3) the untouched prompt's M-RoPE positions, computed as the model does (get_rope_index) from
-        input_ids and the images' grids: generate()'s own position_ids are 1-D wherever the caller left out
-        mm_token_type_ids, so they are not taken."""
-        grid = torch.tensor(self.grids, device=input_ids.device)
-        positions, _ = self.inner.get_rope_index(input_ids, self.token_types(input_ids), image_grid_thw=grid,
-                                                 attention_mask=attention_mask)
+        input_ids and the items' grids (and videos' seconds): generate()'s own position_ids are 1-D wherever the
+        caller left out mm_token_type_ids, so they are not taken."""
+        positions, _ = self.inner.get_rope_index(input_ids, self.token_types(input_ids), attention_mask=attention_mask,
+                                                 **self.items.rope_arguments())
         return positions.permute(1, 2, 0)
 
-    # ---- images: views in, the LLM's tokens out ---------------------------------------------
-    def views(self, pixel_values: torch.Tensor, image_grid_thw, interpolate: bool) -> torch.Tensor:
-        """The patches of every image as the processor packs them, (sum t h w, C T P P), with each image's
-        (t, h, w) patch grid: what get_image_features takes."""
+    # ---- images and videos: views in, the LLM's tokens out -----------------------------------
+    def views(self, pixel_values: torch.Tensor, items: VisualItems, interpolate: bool) -> torch.Tensor:
+        """The patches of every image and video, (sum t h w, C T P P), in prompt order as visual_inputs()
+        packed them, taken with the items: what the tower runs on."""
         if interpolate:
             raise SlimVLMError("interpolate_pos_encoding is not a Qwen2-VL argument (its ViT takes any size); leave it out")
-        if image_grid_thw is None:
-            raise SlimVLMError(
-                "Qwen2-VL lays each image out by its patch grid: pass image_grid_thw (the processor returns it with pixel_values)"
-            )
-        grids = [tuple(int(n) for n in grid) for grid in torch.as_tensor(image_grid_thw).tolist()]
-        width = self.patch_values
-        patches = sum(t * h * w for t, h, w in grids)
-        if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (patches, width):
-            raise SlimVLMError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the patches image_grid_thw {grids} gives "
-                f"({patches} rows of {width} values); pass the processor's pixel_values and image_grid_thw together"
-            )
-        if any(h % self.merge or w % self.merge for _, h, w in grids):
-            raise SlimVLMError(
-                f"image_grid_thw {grids}: heights and widths must be multiples of the merge size {self.merge}, as the "
-                "processor makes them"
-            )
-        self.grids = grids
+        self.items = items
         return pixel_values
+
+    @property
+    def grids(self) -> list[tuple[int, int, int]]:
+        """(t, h, w) patches of each item of the last views(), in prompt order."""
+        return [] if self.items is None else self.items.grids
+
+    def visual_outputs(self, tokens: VisualTokens) -> dict:
+        """image_outputs and video_outputs, each kind's items' tokens, as the untouched model fills them."""
+        split = tokens.split()
+        return modality_outputs({kind.name: [t for t, own in zip(split, self.items.kinds) if own is kind] for kind in KINDS},
+                                self.output_class)
 
     @property
     def patch_values(self) -> int:
@@ -237,13 +233,14 @@ class QwenVLAdapter(LanguageModelAdapter):
 
     # ---- stages 1-2: the vision tower and merger ------------------------------------------------
     def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
-        """The vision tower and its merger as the model runs them: each image's merger outputs, padded to the
-        longest image. The trace gives, per ViT block, the tokens of each attention segment at its input (an
-        image frame, or in 2.5's windowed blocks a window; 0 past a block's last segment), for the FLOPs."""
+        """The vision tower and its merger as the model runs them: each item's merger outputs, padded to the
+        longest item (get_video_features is get_image_features on a video's frames). The trace gives, per ViT
+        block, the tokens of each attention segment at its input (an image or a video's frame, or in 2.5's
+        windowed blocks a window; 0 past a block's last segment), for the FLOPs."""
         grid = torch.tensor(self.grids)
         if pixel_values.dim() != 2 or pixel_values.shape[0] != int(grid.prod(dim=1).sum()):
             raise SlimVLMError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} are not the patches of the images views() took "
+                f"pixel_values of shape {tuple(pixel_values.shape)} are not the patches of the items views() took "
                 f"({self.grids}): Qwen2-VL's tower runs on the processor's packed patches with image_grid_thw, not on "
                 "fixed-size views (bench-vision's); time it with slimvlm bench or bench-generate"
             )
