@@ -37,8 +37,8 @@ class Stats:
     Qwen2-VL's and LLaVA-NeXT-Video's images and videos are items in prompt order, each an "image" here; a
     LLaVA-NeXT-Video video's slots are its frames' pooled cells, models/video.py).
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
-    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop, and
-    each video frame;
+    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop;
+    LLaVA-NeXT-Video: each crop and each video frame;
     Qwen2-VL: each attention segment, an image or video frame or in 2.5's windowed blocks a window, 0 past a
     layer's last), tokens at its input. llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens:
     the same for the tokens each layer's attention runs over (more than llm_tokens under virtual
