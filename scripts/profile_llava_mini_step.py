@@ -6,9 +6,9 @@ data? (results/README.md, LLaVA-Mini "Training speed": the GPU sat at 20-70% whi
     PYTHONPATH=src python3 scripts/profile_llava_mini_step.py --device cpu --batch-size 4 --steps 2 --workers 2
 
 Prints, for the experiment's setting (modules + projector + LLM trained, tower frozen, bf16
-autocast on CUDA): the host reads of device values in one forward + backward (item, tolist, int,
-bool, float, nonzero: each a device sync on a GPU; the optimizer's step counters live on the CPU
-and are left out) by place in slimvlm, the top ops by self CPU time of a whole step; the median step time with the
+autocast on CUDA): the host reads of device values in one forward + backward (slimvlm.device_reads.HostReads:
+each a device sync on a GPU; the optimizer's step counters live on the CPU and are left out) by place in
+slimvlm or transformers, the top ops by self CPU time of a whole step; the median step time with the
 batch already on the device (model, method and optimizer only); and the DataLoader alone (workers
 drawing and collating batches as the experiment does) in batches per second. A step slower than
 the loader's batches is the host's doing, not the data's.
@@ -19,41 +19,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import traceback
-from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from slimvlm.device_reads import HostReads
 from slimvlm.methods.llava_mini import LlavaMini
 from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.train.data import ClipDataset, SceneCollator, SceneDataset
 from slimvlm.train.llava_mini import LlavaMiniModule
-
-READS = ("item", "tolist", "__int__", "__bool__", "__float__", "nonzero")
-
-
-def count_host_reads(fn) -> Counter:
-    """Run fn, counting each read of a tensor's values to the host by the slimvlm line that asked."""
-    where: Counter = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def wrap(name, original):
-        def read(self, *args, **kwargs):
-            ours = [f for f in traceback.extract_stack()[:-1] if "slimvlm" in f.filename]
-            where[f"{name} at {ours[-1].filename.split('slimvlm/')[-1]}:{ours[-1].lineno}" if ours else f"{name} outside slimvlm"] += 1
-            return original(self, *args, **kwargs)
-        return read
-
-    try:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, wrap(name, original))
-        fn()
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-    return where
-
 
 def dataset(args, length: int):
     return ClipDataset(length, frames=args.clip_frames) if args.clip_frames else SceneDataset(length)
@@ -99,10 +73,11 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize(device)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    reads = count_host_reads(forward_backward)
+    with HostReads() as reads:
+        forward_backward()
     optimizer.zero_grad(set_to_none=True)
-    print(f"host reads in one forward + backward: {sum(reads.values())}")
-    for place, count in reads.most_common():
+    print(f"host reads in one forward + backward: {reads.total}")
+    for place, count in reads.where.most_common():
         print(f"  {count:4d}  {place}")
     times = []
     for _ in range(args.steps):

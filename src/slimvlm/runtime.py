@@ -18,7 +18,8 @@ from torch import nn
 from .errors import SlimVLMError
 from .models.compat import cache_kwarg
 from .hooks import HookSet, capture_outputs
-from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, is_placeholder,
+from .device_reads import read_together
+from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range, is_placeholder,
                        padding_of_causal_mask, rebuild)
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import attention_rows
@@ -60,12 +61,12 @@ class Stats:
     fusion_tokens: list[list[int]] = field(default_factory=list)
 
 
-def per_view(views: list, count) -> list[list[int]]:
-    """Per layer, `count(view)` (a (B,) tensor) as numbers: computed once per distinct view (layers
-    share views) and read from the device in one go, not one host sync per layer."""
-    distinct = {id(view): view for view in views}
-    read = dict(zip(distinct, torch.stack([count(view) for view in distinct.values()]).tolist()))
-    return [read[id(view)] for view in views]
+def per_view(views: list, count) -> tuple[torch.Tensor, list[int]]:
+    """`count(view)` (a (B,) tensor) for each distinct view, stacked (V, B), and per layer the row of its
+    view: computed once per view, as layers share views."""
+    distinct = {id(view): (row, view) for row, view in enumerate({id(v): v for v in views}.values())}
+    stacked = torch.stack([count(view) for _, view in distinct.values()])
+    return stacked, [distinct[id(view)][0] for view in views]
 
 
 @dataclass
@@ -125,7 +126,8 @@ class Runtime:
         self.adapter = adapter
         self.methods = methods
         self.keep_positions = adapter.positions_kept(keep_positions)
-        self.stats = Stats()
+        self._stats = Stats()
+        self._read_stats = None  # the last forward's statistics, read from the device when asked for
         self.labels: torch.Tensor | None = None  # the last prefill's labels, remapped to its sequence
         self.session: Session | None = None
         self._by_stage = {stage: [m for m in methods if stage in m.stages] for stage in Stage}
@@ -161,6 +163,14 @@ class Runtime:
         undo = adapter.patch_generate()  # a family whose inputs generate() cannot repeat per sequence as it is
         if undo is not None:
             self._undo.append(undo)
+
+    @property
+    def stats(self) -> Stats:
+        """What the last forward did: read from the device on first access, not during the forward
+        (device_reads.py)."""
+        if self._read_stats is not None:
+            self._stats, self._read_stats = self._read_stats(), None
+        return self._stats
 
     # ---- installation ------------------------------------------------------------------------
     def _install_forward(self) -> None:
@@ -297,10 +307,9 @@ class Runtime:
         session = self._start_session(rebuilt, tokens, given, use_cache, on_static and not hand_off, input_ids.shape[1],
                                       right_padded)
         output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
-        valid = rebuilt.sequence.valid
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
         prefill_tokens = per_view(session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
-        session.padded = min(prefill_tokens[0]) < valid.shape[1]
+        session.padded = rebuilt.padded
         if use_cache:
             for method in self._decode_methods:
                 self._compress_cache(method)
@@ -558,7 +567,7 @@ class Runtime:
         sequence = current.sequence
         keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid, session.tokens))
         keep = (keep | ~sequence.visual) & sequence.valid
-        gather, new_valid = compaction(keep, right=session.right_padded)
+        gather, new_valid, _ = compaction(keep, right=session.right_padded)
         new_sequence = sequence.gather(gather, new_valid)
         if session.labels is not None:
             session.labels = torch.where(new_valid, session.labels.gather(1, gather), IGNORE_INDEX)
@@ -581,63 +590,71 @@ class Runtime:
     # ---- stage 4: the KV cache after prefill --------------------------------------------------
     def _compress_cache(self, method: Method) -> None:
         """Keep, per layer, only the cache entries the method chooses (visual entries only; text
-        and positions of later tokens stay as they are). Layers that saw the same sequence and keep the
-        same entries share one view; which they are is read from the device once per view."""
+        and positions of later tokens stay as they are). Layers that see one sequence and get the same keep
+        mask (the same tensor) share one view; what each group drops and keeps is read in one transfer."""
         session = self.session
         layers = self.adapter.cache_layers(session.cache)
-        keeps: dict[int, torch.Tensor] = {}
-        by_view: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
+        cuts: dict[tuple[int, int], tuple] = {}  # holds each keep, so that no id is reused while grouping
         for index in range(len(layers)):
             sequence = session.view_of(index).sequence
             keep = method.decode_keep(index, sequence, session.tokens)
-            if keep is not None:
-                keeps[index] = (keep | ~sequence.visual) & sequence.valid
-                by_view.setdefault(id(session.view_of(index)), []).append(index)
-        for indices in by_view.values():
-            sequence = session.view_of(indices[0]).sequence
-            stacked = torch.stack([keeps[index] for index in indices])  # (layers, B, L)
-            like_first = (stacked == stacked[0]).flatten(1).all(dim=1)
-            drops = (stacked != sequence.valid).flatten(1).any(dim=1)
-            shared = None
-            for index, (same, dropping) in zip(indices, torch.stack([like_first, drops], dim=1).tolist()):
-                if not dropping:
-                    continue
-                if same:
-                    shared = shared or self._compressed(sequence, keeps[index])
-                gather, view = shared if same else self._compressed(sequence, keeps[index])
+            if keep is None:
+                continue
+            key = (id(sequence), id(keep))
+            if key not in cuts:
+                cuts[key] = (sequence, keep, (keep | ~sequence.visual) & sequence.valid)
+            groups.setdefault(key, []).append(index)
+        if not cuts:
+            return
+        facts = read_together([torch.cat([(cut != sequence.valid).any()[None], kept_range(cut)])
+                               for sequence, _, cut in cuts.values()])
+        for (key, indices), (dropping, fewest, most) in zip(groups.items(), facts):
+            if not dropping:
+                continue
+            sequence, _, cut = cuts[key]
+            gather, valid, _ = compaction(cut, known=(fewest, most))
+            view = View(sequence=sequence.gather(gather, valid), key_valid=valid)
+            at = gather[:, None, :, None]
+            for index in indices:
                 cache_layer = layers[index]
-                at = gather[:, None, :, None]
                 cache_layer.keys = cache_layer.keys.gather(2, at.expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
                 cache_layer.values = cache_layer.values.gather(2, at.expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
-                session.set_view([index], view)
-
-    @staticmethod
-    def _compressed(sequence: Sequence, keep: torch.Tensor) -> tuple[torch.Tensor, View]:
-        """(the gather index, the view after it) of a sequence cut to `keep`."""
-        gather, valid = compaction(keep)
-        return gather, View(sequence=sequence.gather(gather, valid), key_valid=valid)
+            session.set_view(indices, view)
 
     # ---- statistics --------------------------------------------------------------------------
-    def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: list[list[int]], prompt_length: int,
-                fusion: list[list[int]]) -> None:
-        views = self.session.layer_views
-        batch = len(prefill_tokens[0])
-        entries = per_view(views, lambda v: v.sequence.valid.sum(dim=1))
-        visual = per_view(views, lambda v: v.sequence.visual_counts())
-        self.stats = Stats(
-            visual_tokens=tokens.host_counts(),
-            sources=tokens.patch_to_token.tolist(),
-            kv_entries=[[layer[b] for layer in entries] for b in range(batch)],
-            kv_visual_entries=[[layer[b] for layer in visual] for b in range(batch)],
-            vision_tokens=torch.stack(vision_trace).tolist() if vision_trace else [],
-            llm_tokens=prefill_tokens,
-            attention_tokens=(
-                [self.session.copies.valid.sum(dim=1).tolist()] * len(views) if self._unmerge else prefill_tokens
-            ),
-            projector_tokens=projected,
-            prompt_tokens=[prompt_length] * batch,
-            fusion_tokens=fusion,
-        )
+    def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: tuple[torch.Tensor, list[int]],
+                prompt_length: int, fusion: list[list[int]]) -> None:
+        """Keep on the device what the statistics need (the views change at the next prefill); `stats` reads
+        it in one transfer when asked."""
+        entries = per_view(self.session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
+        visual = per_view(self.session.layer_views, lambda v: v.sequence.visual_counts())
+        copies = self.session.copies.valid.sum(dim=1) if self._unmerge else None
+        counts = tokens.counts if tokens.known is None else None
+        known = tokens.known
+        device = tokens.x.device
+        trace = torch.stack(vision_trace).to(device) if vision_trace else torch.zeros(0, 0, dtype=torch.long, device=device)
+        parts = [tokens.patch_to_token, trace, prefill_tokens[0], entries[0], visual[0]]
+        parts += [t for t in (counts, copies) if t is not None]
+
+        def read() -> Stats:
+            sources, vision, llm, kv, kv_visual, *rest = read_together(parts)
+            visual_tokens = rest.pop(0) if counts is not None else list(known)
+            per_layer = [llm[row] for row in prefill_tokens[1]]
+            return Stats(
+                visual_tokens=visual_tokens,
+                sources=sources,
+                kv_entries=[list(sample) for sample in zip(*(kv[row] for row in entries[1]))],
+                kv_visual_entries=[list(sample) for sample in zip(*(kv_visual[row] for row in visual[1]))],
+                vision_tokens=vision,
+                llm_tokens=per_layer,
+                attention_tokens=[rest[0]] * len(per_layer) if copies is not None else per_layer,
+                projector_tokens=projected,
+                prompt_tokens=[prompt_length] * len(per_layer[0]),
+                fusion_tokens=fusion,
+            )
+
+        self._read_stats = read
 
     # ---- virtual unmerging ---------------------------------------------------------------------
     def _with_rotary(self, copies: Copies, like: torch.Tensor) -> Copies:

@@ -7,6 +7,7 @@ LLM input after stages 1-2 and dropping tokens inside the LLM at stage 3 both us
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -16,23 +17,39 @@ from .tokens import VisualTokens
 IGNORE_INDEX = -100
 
 
-def compaction(keep: torch.Tensor, width_step: int = 1, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """keep (B, L) bool -> (index (B, W), valid (B, W)): gathering with index packs each row's kept
-    positions to the right end of a row of width W = most kept in a row (left padding; to the left
-    end with `right` padding), in order, rounded up to a multiple of width_step (so that shapes
-    repeat: CUDA graphs, compiled code)."""
-    batch, _ = keep.shape
+class Packed(NamedTuple):
+    """A keep mask packed into rows: gather with `index` (B, W); `valid` (B, W) marks real entries;
+    `padded`: some row holds fewer than W (known on the host, so no later step needs to ask)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    padded: bool
+
+
+def kept_range(keep: torch.Tensor) -> torch.Tensor:
+    """(2,) the fewest and the most entries a row of keep (B, L) holds: what compaction reads from the device,
+    for callers that read several masks' at once (stack them, one .tolist())."""
     kept = keep.sum(dim=1)
-    width = int(kept.max().item()) if batch else 0
-    width = -(-width // width_step) * width_step
+    return torch.stack([kept.min(), kept.max()]) if keep.shape[0] else kept.new_zeros(2)
+
+
+def compaction(keep: torch.Tensor, width_step: int = 1, right: bool = False,
+               known: tuple[int, int] | None = None) -> Packed:
+    """keep (B, L) bool -> gathering with the index packs each row's kept positions to the right end of a
+    row of width W = most kept in a row (left padding; to the left end with `right` padding), in order,
+    rounded up to a multiple of width_step (so that shapes repeat: CUDA graphs, compiled code). One read
+    from the device (W), none when `known` gives kept_range(keep) already read."""
+    batch, length = keep.shape
+    fewest, most = known if known is not None else kept_range(keep).tolist()
+    width = -(-most // width_step) * width_step
+    kept = keep.sum(dim=1)
     pad = torch.zeros_like(kept) if right else width - kept
-    slot = pad[:, None] + keep.long().cumsum(dim=1) - 1
-    rows, cols = keep.nonzero(as_tuple=True)
-    index = torch.zeros(batch, width, dtype=torch.long, device=keep.device)
-    index[rows, slot[rows, cols]] = cols
+    slot = torch.where(keep, pad[:, None] + keep.long().cumsum(dim=1) - 1, width)  # dropped: a spare column
+    index = torch.zeros(batch, width + 1, dtype=torch.long, device=keep.device)
+    index.scatter_(1, slot, torch.arange(length, device=keep.device).expand(batch, -1))
     at = torch.arange(width, device=keep.device)[None, :]
     valid = at < kept[:, None] if right else at >= pad[:, None]
-    return index, valid
+    return Packed(index[:, :width], valid, fewest < width)
 
 
 def padding_of_causal_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -107,11 +124,13 @@ class Sequence:
 
 @dataclass
 class Rebuilt:
-    """What the LLM gets after stages 1-2: embeddings, 2D mask, position ids, labels."""
+    """What the LLM gets after stages 1-2: embeddings, 2D mask, position ids, labels; padded: some row is
+    shorter than the widest (known on the host)."""
 
     embeds: torch.Tensor
     sequence: Sequence
     labels: torch.Tensor | None
+    padded: bool
 
 
 def is_placeholder(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...]) -> torch.Tensor:
@@ -206,13 +225,13 @@ def rebuild(
         first = keep.long().argmax(dim=1, keepdim=True)
         positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1
 
-    index, valid = compaction(keep, width_step, right=right_padded)
+    index, valid, padded = compaction(keep, width_step, right=right_padded)
     full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image, token=torch.where(use_visual, slot, -1))
     sequence = full.gather(index, valid)
     new_labels = None
     if labels is not None:
         new_labels = torch.where(valid & ~sequence.visual, labels.gather(1, index), IGNORE_INDEX)
-    return Rebuilt(embeds=gather_rows(embeds, index), sequence=sequence, labels=new_labels)
+    return Rebuilt(embeds=gather_rows(embeds, index), sequence=sequence, labels=new_labels, padded=padded)
 
 
 def attention_mask_4d(

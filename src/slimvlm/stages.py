@@ -94,11 +94,11 @@ def query_index(sequence: Sequence, which: str) -> tuple[torch.Tensor, torch.Ten
         last = torch.where(sequence.valid, at, -1).max(dim=1, keepdim=True).values
         return last, torch.ones(batch, 1, dtype=torch.bool, device=device)
     if which == "text":
-        return compaction(text)
+        return compaction(text)[:2]
     if which == "text_after_image":
         at = torch.arange(length, device=device)
         last_visual = torch.where(sequence.visual, at, -1).max(dim=1, keepdim=True).values
-        return compaction(text & (at > last_visual))
+        return compaction(text & (at > last_visual))[:2]
     raise SlimVLMError(f"unknown query rows {which!r}; use one of {QUERIES}")
 
 
@@ -168,7 +168,9 @@ class Method:
     def decode_keep(self, layer: int, sequence: Sequence, tokens: VisualTokens) -> torch.Tensor | None:
         """After prefill: a (B, K) bool mask of the cache entries of LLM layer `layer` to keep for
         decoding (only visual entries can go), or None to keep them all. tokens: the visual tokens
-        that entered the LLM (sequence.image and sequence.token index them)."""
+        that entered the LLM (sequence.image and sequence.token index them). Return the same tensor for
+        layers that keep the same entries of one sequence: they then share one cache view (and, on a
+        static cache, one mask per decode step)."""
         return None
 
     def check_identity(self, model) -> None:

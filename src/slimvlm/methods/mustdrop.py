@@ -213,6 +213,7 @@ class MustDrop(Method):
         # the latest prefill drop as (images, tokens that entered the LLM) bool
         self._important: torch.Tensor | None = None
         self._survivors: torch.Tensor | None = None
+        self._last_keep: tuple | None = None  # (what it was made from, decode_keep's mask)
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if self.filter:
@@ -292,12 +293,19 @@ class MustDrop(Method):
 
     # stage 4 -----------------------------------------------------------------
     def decode_keep(self, layer: int, sequence: Sequence, tokens: VisualTokens) -> torch.Tensor | None:
+        """Layers that see one sequence get one tensor: the runtime gives them one cache view."""
         if layer < self.cache_from_layer:
             return None
-        if self.cache_keep == "important":
-            return ~sequence.visual | self.important_mask(sequence, tokens)
-        if self._survivors is None:
+        if self.cache_keep != "important" and self._survivors is None:
             return None  # nothing was dropped in prefill: the final set is every token
-        image = sequence.image.clamp_min(0)
-        token = sequence.token.clamp(0, self._survivors.shape[1] - 1)
-        return ~sequence.visual | self._survivors[image, token]
+        made_from = (sequence, tokens, self._survivors)
+        if self._last_keep is not None and all(a is b for a, b in zip(self._last_keep[0], made_from)):
+            return self._last_keep[1]
+        if self.cache_keep == "important":
+            keep = ~sequence.visual | self.important_mask(sequence, tokens)
+        else:
+            image = sequence.image.clamp_min(0)
+            token = sequence.token.clamp(0, self._survivors.shape[1] - 1)
+            keep = ~sequence.visual | self._survivors[image, token]
+        self._last_keep = (made_from, keep)
+        return keep

@@ -143,11 +143,12 @@ class LlavaAdapter(LanguageModelAdapter):
         tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=self.has_cls)
         trace = [tokens.counts] * untouched
         proportional = method is not None and method.proportional_attention
-        attention = None
+        attention = sized = None
         for index in range(untouched, len(layers)):
             layer = layers[index]
-            trace.append(tokens.counts)
-            bias = tokens.attention_bias(proportional)
+            if tokens.size is not sized:  # new only where the method regrouped the tokens
+                sized, counts, bias = tokens.size, tokens.counts, tokens.attention_bias(proportional)
+            trace.append(counts)
             residual = tokens.x
             attn = layer.self_attn
             with capture_outputs(attn.q_proj, attn.k_proj) as captured:

@@ -1,0 +1,83 @@
+"""Reads of device values on the host. On a GPU each one waits for every kernel queued before it, and
+at batch 1 the GPU then idles while the host queues the next ones: a prefill pays for each read. So
+slimvlm reads what it must together, and what it only reports (statistics) when it is asked for.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def read_together(tensors: list[torch.Tensor]) -> list:
+    """The values of several tensors as (nested) lists, in one transfer: one host sync, not one each."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    host = np.asarray(torch.cat([t.reshape(-1).to(device, torch.long) for t in tensors]).tolist(), dtype=np.int64)
+    ends = np.cumsum([t.numel() for t in tensors])
+    return [host[end - t.numel():end].reshape(t.shape).tolist() for end, t in zip(ends, tensors)]
+
+
+# ops whose result the host waits for (item, bool(), nonzero's size); tolist is counted apart: it dispatches no op
+_READ_OPS = frozenset({"aten.item.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default",
+                       "aten.nonzero.default", "aten.nonzero_numpy.default", "aten.equal.default",
+                       "aten.masked_select.default", "aten._unique2.default", "aten.unique_consecutive.default"})
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, inside a `with` block, the reads of device values on the host (what would be a host sync
+    on a GPU; counted on any device, so a CPU test can hold a GPU path to its budget) and every op
+    dispatched (each a kernel launch on a GPU), each read by the line of slimvlm or transformers that made it.
+
+        with HostReads() as reads:
+            model(**inputs)
+        reads.total, reads.ops, reads.where.most_common(5)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: Counter = Counter()
+        self.ops = 0
+        self._tolist = torch.Tensor.tolist
+
+    @property
+    def total(self) -> int:
+        return sum(self.where.values())
+
+    def __enter__(self) -> "HostReads":
+        counted, original = self, self._tolist
+
+        def tolist(tensor, *args):
+            counted._count("tolist")
+            return original(tensor, *args)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        torch.Tensor.tolist = self._tolist
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        name = str(func)
+        if name in _READ_OPS or (name == "aten.index.Tensor" and _boolean_index(args)):
+            self._count(name)
+        return func(*args, **(kwargs or {}))
+
+    def _count(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if ("slimvlm" in f.filename or "transformers" in f.filename) and not f.filename.endswith("device_reads.py")]
+        place = f"{frames[-1].filename.rsplit('site-packages/', 1)[-1].rsplit('src/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+        self.where[f"{what} at {place}"] += 1
+
+
+def _boolean_index(args) -> bool:
+    """x[mask] with a bool mask: its result's size is read back."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())

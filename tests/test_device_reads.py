@@ -1,0 +1,90 @@
+"""Host reads of device values: what a batch-1 prefill waits for on a GPU, held to a budget on the CPU."""
+
+import pytest
+import torch
+from conftest import batch, select
+
+import slimvlm
+from slimvlm.device_reads import HostReads, read_together
+from slimvlm.methods.mustdrop import MustDrop
+from slimvlm.sequence import compaction
+
+
+def test_read_together_returns_each_tensors_values_in_one_read():
+    tensors = [torch.tensor(7), torch.tensor([1, 2, 3]), torch.tensor([[True, False], [False, True]])]
+    with HostReads() as reads:
+        values = read_together(tensors)
+    assert values == [7, [1, 2, 3], [[1, 0], [0, 1]]]
+    assert reads.total == 1
+
+
+def test_host_reads_counts_every_kind_of_read_by_place():
+    x = torch.tensor([0, 3, 0, 5])
+    with HostReads() as reads:
+        x.sum().item()
+        x.tolist()
+        bool(x.any())
+        x.nonzero()
+        x + 1  # no read
+    assert reads.total == 4
+    assert all("test_device_reads.py" not in place or place for place in reads.where)
+    assert reads.ops >= 5
+
+
+def test_compaction_packs_rows_with_one_read_and_none_when_told_the_range():
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    with HostReads() as reads:
+        left = compaction(keep)
+    assert reads.total == 1
+    assert left.index[0].tolist() == [0, 2, 3] and left.valid[0].tolist() == [True, True, True]
+    assert left.index[1, 2].item() == 1 and left.valid[1].tolist() == [False, False, True]
+    assert left.padded
+    right = compaction(keep, right=True)
+    assert right.index[1, 0].item() == 1 and right.valid[1].tolist() == [True, False, False]
+    with HostReads() as reads:
+        told = compaction(keep, known=(1, 3))
+    assert reads.total == 0
+    assert torch.equal(told.index[told.valid], left.index[left.valid])
+    full = compaction(torch.ones(2, 3, dtype=torch.bool), width_step=4)
+    assert full.index.shape == (2, 4) and full.padded  # rounded up to the step: padding on every row
+
+
+def slimvlm_reads(model, inputs) -> HostReads:
+    with torch.no_grad(), HostReads() as reads:
+        model(**inputs, use_cache=True)
+    return reads
+
+
+def own(reads: HostReads) -> int:
+    return sum(count for place, count in reads.where.items() if "slimvlm/" in place)
+
+
+def test_a_prefill_reads_what_its_shapes_need_and_statistics_only_when_asked(fresh):
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    with slimvlm.apply(model, "none") as handle:
+        reads = slimvlm_reads(model, inputs)
+        # the prompt's images and padding side, its placeholder count, the rebuilt rows' width
+        assert own(reads) <= 3, reads.where
+        with HostReads() as asked:
+            stats = handle.stats
+        assert asked.total == 1 and stats.visual_tokens == [576]
+        with HostReads() as again:
+            assert handle.stats is stats
+        assert again.total == 0
+
+
+@pytest.mark.parametrize("spec", ["mustdrop-64", "mustdrop:layers=0;1,cache_from_layer=1"])
+def test_mustdrop_reads_once_per_drop_and_question_and_once_for_its_cache(fresh, spec):
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    with slimvlm.apply(model, spec) as handle:
+        reads = slimvlm_reads(model, inputs)
+        drops = len(handle.methods[0].drop_layers)
+        assert isinstance(handle.methods[0], MustDrop) and drops >= 1
+        # as for `none`, + per drop its question rows' and its kept rows' widths, + the cache's groups,
+        # + the image's token count after the window merge
+        assert own(reads) <= 3 + 2 * drops + 2, reads.where
+        stats = handle.stats
+    layers = len(stats.kv_visual_entries[0])
+    assert stats.kv_visual_entries[0][layers - 1] < stats.visual_tokens[0]
