@@ -227,13 +227,13 @@ def test_bad_video_inputs_are_named(fresh_nv):
     images = nv_batch(model, tokenizer, BATCHES["images"])
     with torch.no_grad(), slimvlm.apply(model, "none"):
         fewer = {**videos, "pixel_values_videos": videos["pixel_values_videos"][:, : NV_FRAMES - 1]}  # 32 tokens each
-        with pytest.raises(slimvlm.SlimVLMError, match="a run of video placeholders .* is not whole videos'"):
+        with pytest.raises(slimvlm.SlimVLMError, match="a run of video placeholders is not whole videos'"):
             model(**fewer)
         flat = {**videos, "pixel_values_videos": videos["pixel_values_videos"].flatten(0, 1)}
         with pytest.raises(slimvlm.SlimVLMError, match=r"takes \(videos, frames, channels, height, width\)"):
             model(**flat)
         unplaced = {**images, "pixel_values_videos": videos["pixel_values_videos"]}
-        with pytest.raises(slimvlm.SlimVLMError, match=r"2 video\(s\) given but the prompts have placeholders .* for 0"):
+        with pytest.raises(slimvlm.SlimVLMError, match=r"2 video\(s\) given but the prompts have placeholders for 0"):
             model(**unplaced)
         without = {key: value for key, value in videos.items() if key != "pixel_values_videos"}
         without["pixel_values"] = images["pixel_values"]

@@ -5,7 +5,7 @@ through these methods; each family's adapter adds how its images become the LLM'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable, Iterable
 
 import torch
 from torch import nn
@@ -36,6 +36,45 @@ def images_in_prompt_order(placeholders: list[int], counts: list[int], argument:
             )
         out.append(at - first)
     return out
+
+
+def placeholder_runs(input_ids: torch.Tensor, ids: list[int]) -> list[tuple[int, int]]:
+    """The runs of placeholders of `ids` in a batch of prompts, as (id, length), prompt after prompt; a run
+    never spans two prompts. One read from the device."""
+    marked = torch.where(torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)), input_ids, -1)
+    marked = torch.nn.functional.pad(marked, (0, 1), value=-1).flatten()
+    values, lengths = torch.unique_consecutive(marked, return_counts=True)
+    return [(int(value), int(length)) for value, length in zip(*torch.stack([values, lengths]).tolist()) if value != -1]
+
+
+def items_in_prompt_order(runs: Iterable[tuple[Hashable, int]], counts: dict[Hashable, list[int]],
+                          names: dict[Hashable, str]) -> list[tuple[Hashable, int]]:
+    """The visual items of a batch of prompts in the order their placeholders come, as (kind, index among that
+    kind's items), from the prompts' runs of placeholders (kind, length) in order. counts: per kind, each of its
+    items' placeholders, items of one kind taken in their own order (as the model scatters them); a run must
+    hold whole items. names: per kind, what its items are called in errors ('image', 'video')."""
+    taken = dict.fromkeys(counts, 0)
+    order = []
+    for kind, length in runs:
+        items = counts[kind]
+        while length and taken[kind] < len(items) and items[taken[kind]] <= length:
+            length -= items[taken[kind]]
+            order.append((kind, taken[kind]))
+            taken[kind] += 1
+        if length:
+            raise SlimVLMError(
+                f"a run of {names[kind]} placeholders is not whole {names[kind]}s': the {names[kind]}s given take "
+                f"{', '.join(map(str, items)) or 'none'} in turn, {taken[kind]} placed so far; each item's placeholders "
+                f"must be one run, as the processor writes them: put one placeholder per {names[kind]} in the text, let "
+                f"the processor expand it, and pass the {names[kind]}s in prompt order"
+            )
+    for kind, items in counts.items():
+        if taken[kind] < len(items):
+            raise SlimVLMError(
+                f"{len(items)} {names[kind]}(s) given but the prompts have placeholders for {taken[kind]}; put one "
+                f"placeholder per {names[kind]} in the text and let the processor expand it"
+            )
+    return order
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ reduced with a budget of its own, rebuilt in place, counted in the stats.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import SlimVLMError
-from .language import images_in_prompt_order
+from .language import images_in_prompt_order, items_in_prompt_order
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,11 @@ def visual_items(arguments: dict, types: torch.Tensor, patch_values: int, merge:
     if len(given) == 1:
         kind, one = next(iter(given.items()))
         return VisualItems(given, [(kind, index) for index in range(len(one.grids))])
-    return VisualItems(given, _prompt_order(rows, given))
+    by_type = {kind.type_id: kind for kind in given}
+    runs = [(kind, len(list(run))) for row in rows for kind, run in itertools.groupby(row) if kind in by_type]
+    order = items_in_prompt_order(runs, {kind.type_id: one.counts for kind, one in given.items()},
+                                  {kind.type_id: kind.name for kind in given})
+    return VisualItems(given, [(by_type[type_id], index) for type_id, index in order])
 
 
 def _given(kind: Kind, arguments: dict, placeholders: list[int], patch_values: int, merge: int) -> Given:
@@ -153,28 +158,3 @@ def _given(kind: Kind, arguments: dict, placeholders: list[int], patch_values: i
     counts = [t * h * w // merge**2 for t, h, w in grids]
     per_sample = images_in_prompt_order(placeholders, counts, kind.grids, kind.name)
     return Given(pixels, grid, grids, counts, per_sample, None if seconds is None else torch.as_tensor(seconds))
-
-
-def _prompt_order(rows: list[list[int]], given: dict[Kind, Given]) -> list[tuple[Kind, int]]:
-    """Images and videos in the order their placeholders come, prompt by prompt; a prompt in which an
-    item's placeholders are not one run (the processor writes them so) is refused."""
-    taken = dict.fromkeys(given, 0)
-    order = []
-    for sample, row in enumerate(rows):
-        starts = []  # (where an item's placeholders start in the row, its kind, its index)
-        for kind, one in given.items():
-            at = [column for column, value in enumerate(row) if value == kind.type_id]
-            used = 0
-            for index in range(taken[kind], taken[kind] + one.per_sample[sample]):
-                starts.append((at[used], kind, index))
-                used += one.counts[index]
-            taken[kind] += one.per_sample[sample]
-        starts.sort(key=lambda start: start[0])
-        expected = [kind.type_id for _, kind, index in starts for _ in range(given[kind].counts[index])]
-        if expected != [value for value in row if value]:
-            raise SlimVLMError(
-                f"prompt {sample}: an image's or a video's placeholders are split by another item's; each item's "
-                "placeholders must be one run, as the processor writes them"
-            )
-        order += [(kind, index) for _, kind, index in starts]
-    return order
