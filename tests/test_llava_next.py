@@ -111,7 +111,7 @@ def test_stage_2_budgets_are_per_image(fresh_next, spec, expected):
     inputs = next_batch(processor)
     with torch.no_grad(), slimvlm.apply(model, spec) as handle:
         if expected is None:
-            with pytest.raises(slimvlm.SlimVLMError, match="larger than the 166 tokens of an image"):
+            with pytest.raises(slimvlm.SlimVLMError, match="larger than the 166 tokens of a visual item"):
                 model(**inputs)
             return
         model(**inputs)

@@ -9,11 +9,11 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoCausalLMOutputWithPast
 
 import slimvlm
-from conftest import NV_FRAMES, assert_visual_tokens, dymu_thresholds, nv_batch, nv_model
+from conftest import NV_FRAMES, assert_visual_tokens, dymu_thresholds, video_batch, nv_model
 from slimvlm.methods.dymu import DyMU
 from slimvlm.registry import methods
 
-BATCHES = {  # per prompt, its items in order; the images' sizes follow their place (conftest.nv_batch)
+BATCHES = {  # per prompt, its items in order; the images' sizes follow their place (conftest.video_batch)
     "videos": [("video",), ("video",)],
     "images": [("image",), ("image",)],
     "mixed": [("image", "video"), ("video", "image")],
@@ -82,7 +82,7 @@ def per_modality(output, name) -> None:
 @pytest.mark.parametrize("name", sorted(BATCHES))
 def test_none_gives_the_untouched_logits(fresh_nv, name, keep_positions):
     model, tokenizer = fresh_nv
-    inputs = nv_batch(model, tokenizer, BATCHES[name])
+    inputs = video_batch(model, tokenizer, BATCHES[name])
     assert inputs["attention_mask"][:, 0].tolist() == [0, 1]  # left padding
     reference, output, stats, gap = untouched(model, inputs, "none", keep_positions=keep_positions)
     assert gap < 1e-5 and stats.visual_tokens == ITEMS[name]
@@ -94,13 +94,13 @@ def test_none_gives_the_untouched_logits(fresh_nv, name, keep_positions):
 def test_vtu_unmerges_nothing_on_videos(fresh_nv):
     """A video's tokens are its frames' cells, one slot each: virtual unmerging makes one copy of each."""
     model, tokenizer = fresh_nv
-    assert untouched(model, nv_batch(model, tokenizer, BATCHES["videos"]), "vtu")[-1] < 1e-5
+    assert untouched(model, video_batch(model, tokenizer, BATCHES["videos"]), "vtu")[-1] < 1e-5
 
 
 @pytest.mark.parametrize("name", ["videos", "mixed"])
 def test_none_generates_the_untouched_text(fresh_nv, name):
     model, tokenizer = fresh_nv
-    inputs = nv_batch(model, tokenizer, BATCHES[name])
+    inputs = video_batch(model, tokenizer, BATCHES[name])
     with torch.no_grad():
         reference = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         with slimvlm.apply(model, "none"):
@@ -114,8 +114,8 @@ def test_none_generates_the_untouched_text(fresh_nv, name):
 def test_batched_equals_one_by_one(fresh_nv, batch, name):
     model, tokenizer = fresh_nv
     samples = BATCHES[batch]
-    inputs = nv_batch(model, tokenizer, samples)
-    singles = [nv_batch(model, tokenizer, [samples[i]], first=i) for i in range(len(samples))]
+    inputs = video_batch(model, tokenizer, samples)
+    singles = [video_batch(model, tokenizer, [samples[i]], first=i) for i in range(len(samples))]
     new = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)  # the tiny model may end a prompt at once
     with torch.no_grad(), slimvlm.apply(model, ON_VIDEO[name]) as handle:
         batched = model(**inputs).logits[:, -1]
@@ -142,7 +142,7 @@ def test_batched_equals_one_by_one(fresh_nv, batch, name):
 def test_stage_2_budgets_are_per_video(fresh_nv, spec, expected):
     model, tokenizer = fresh_nv
     with torch.no_grad(), slimvlm.apply(model, spec) as handle:
-        model(**nv_batch(model, tokenizer, BATCHES["mixed"]))
+        model(**video_batch(model, tokenizer, BATCHES["mixed"]))
     assert handle.stats.visual_tokens == expected
     assert [layers[-1] for layers in handle.stats.kv_visual_entries] == [sum(expected[:2]), sum(expected[2:])]
     # per encoder view, in prompt order, after the projector: an image's 3 crops of 64, a video's 3 frames of 16
@@ -153,12 +153,12 @@ def test_a_budget_over_a_videos_tokens_is_refused(fresh_nv):
     model, tokenizer = fresh_nv
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=60"):
         with pytest.raises(slimvlm.SlimVLMError, match="larger than the 48 tokens"):
-            model(**nv_batch(model, tokenizer, BATCHES["videos"]))
+            model(**video_batch(model, tokenizer, BATCHES["videos"]))
 
 
 def test_stats_count_each_video(fresh_nv):
     model, tokenizer = fresh_nv
-    inputs = nv_batch(model, tokenizer, BATCHES["videos"])
+    inputs = video_batch(model, tokenizer, BATCHES["videos"])
     with torch.no_grad():
         with slimvlm.apply(model, "none") as handle:
             model(**inputs)
@@ -178,7 +178,7 @@ def test_stats_count_each_video(fresh_nv):
 def test_fastv_drops_its_ratio_of_each_prompts_visual_tokens(fresh_nv):
     model, tokenizer = fresh_nv
     with torch.no_grad(), slimvlm.apply(model, "fastv:k=2,ratio=0.5") as handle:
-        model(**nv_batch(model, tokenizer, BATCHES["mixed"]))
+        model(**video_batch(model, tokenizer, BATCHES["mixed"]))
     visual = 166 + 48  # an image and a video
     assert handle.stats.kv_visual_entries == [[visual] * 2 + [visual - round(0.5 * visual)] * 2] * 2
 
@@ -197,7 +197,7 @@ def next_twin(tiny_nv):
                                   "divprune:budget=40", "fastv:k=2,ratio=0.5", ("tome:r=4", "vtu")], ids=str)
 def test_images_reduce_as_on_llava_next(fresh_nv, next_twin, spec):
     model, tokenizer = fresh_nv
-    inputs = nv_batch(model, tokenizer, BATCHES["images"])
+    inputs = video_batch(model, tokenizer, BATCHES["images"])
     spec = list(spec) if isinstance(spec, tuple) else spec
     with torch.no_grad():
         with slimvlm.apply(next_twin, spec) as handle:
@@ -213,18 +213,18 @@ def test_images_reduce_as_on_llava_next(fresh_nv, next_twin, spec):
 def test_stage_1_is_refused_on_videos_and_runs_on_images(fresh_nv, thresholds, name):
     model, tokenizer = fresh_nv
     with torch.no_grad(), slimvlm.apply(model, stage_1(name, thresholds)) as handle:
-        model(**nv_batch(model, tokenizer, BATCHES["images"]))
+        model(**video_batch(model, tokenizer, BATCHES["images"]))
         assert all(0 < count <= slots for count, slots in zip(handle.stats.visual_tokens, ITEMS["images"]))
         for batch in ("videos", "mixed"):
             with pytest.raises(slimvlm.SlimVLMError, match=rf"{name} acts in the vision encoder \(stage 1\), but this "
                                                            "prompt holds a video.*On videos use a stage-2-4 method"):
-                model(**nv_batch(model, tokenizer, BATCHES[batch]))
+                model(**video_batch(model, tokenizer, BATCHES[batch]))
 
 
 def test_bad_video_inputs_are_named(fresh_nv):
     model, tokenizer = fresh_nv
-    videos = nv_batch(model, tokenizer, BATCHES["videos"])
-    images = nv_batch(model, tokenizer, BATCHES["images"])
+    videos = video_batch(model, tokenizer, BATCHES["videos"])
+    images = video_batch(model, tokenizer, BATCHES["images"])
     with torch.no_grad(), slimvlm.apply(model, "none"):
         fewer = {**videos, "pixel_values_videos": videos["pixel_values_videos"][:, : NV_FRAMES - 1]}  # 32 tokens each
         with pytest.raises(slimvlm.SlimVLMError, match="a run of video placeholders is not whole videos'"):
@@ -249,7 +249,7 @@ def test_other_poolings(tmp_path, mode, size, cells):
     from slimvlm.testbed.build import make_tiny_next_video
 
     model, tokenizer = nv_model(make_tiny_next_video(tmp_path, seed=1, image_size=size, pool_mode=mode))
-    inputs = nv_batch(model, tokenizer, BATCHES["videos"])
+    inputs = video_batch(model, tokenizer, BATCHES["videos"])
     *_, stats, gap = untouched(model, inputs, "none")
     assert gap < 1e-5
     assert stats.visual_tokens == [NV_FRAMES * cells] * 2 and stats.projector_tokens == [cells] * 2 * NV_FRAMES

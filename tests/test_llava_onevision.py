@@ -71,7 +71,7 @@ def test_untouched_crops_pack_into_the_models_own_image_features(tiny_ov, sizes)
     inputs = ov_batch(model, tokenizer, sizes)
     adapter = adapter_for(model)
     with torch.no_grad():
-        tokens, _ = adapter.encode(adapter.views(inputs["pixel_values"], inputs["image_sizes"], False), None)
+        tokens, _ = adapter.encode(adapter.views(*adapter.visual_inputs(inputs), False), None)
         packed = adapter.pack(adapter.project(tokens))
         reference = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     assert not tokens.has_cls and tokens.x.shape[1] == 36  # SigLIP: patches only
@@ -212,7 +212,7 @@ def test_dominant_and_important_tokens_are_those_the_feature_layer_attends_most(
     model, tokenizer = tiny_ov
     adapter = adapter_for(model)
     inputs = ov_batch(model, tokenizer)
-    crops = adapter.views(inputs["pixel_values"], inputs["image_sizes"], False)
+    crops = adapter.views(*adapter.visual_inputs(inputs), False)
     with torch.no_grad():
         before_last = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-2]
         attn = adapter.vision.encoder.layers[-1].self_attn
@@ -244,11 +244,7 @@ def test_dymu_calibrated_on_this_models_crops_runs_per_crop(fresh_ov, thresholds
 def test_inputs_it_cannot_honour_are_refused(fresh_ov):
     model, tokenizer = fresh_ov
     inputs = ov_batch(model, tokenizer)
-    video = torch.randn(1, 2, 3, 84, 84)
-    video_ids = torch.tensor([[2] + [model.config.video_token_id] * (2 * 3 * 3 + 1) + [7]])
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=40"):
-        with pytest.raises(slimvlm.SlimVLMError, match=r"video \(pixel_values_videos\) is not supported"):
-            model(input_ids=video_ids, pixel_values_videos=video)
         with pytest.raises(slimvlm.SlimVLMError, match="multi-image prompts"):
             model(**{**inputs, "batch_num_images": torch.tensor([2])})
         with pytest.raises(slimvlm.SlimVLMError, match="vision_aspect_ratio='anyres_max_4' differs"):

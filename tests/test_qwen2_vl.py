@@ -174,7 +174,7 @@ def test_a_videos_vision_stats_count_its_frames(fresh_qwen):
 def test_a_budget_over_an_items_tokens_is_refused(fresh_qwen, kind):
     model = fresh_qwen
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=20"):
-        with pytest.raises(slimvlm.SlimVLMError, match="larger than the 16 tokens of an image"):
+        with pytest.raises(slimvlm.SlimVLMError, match="larger than the 16 tokens of a visual item"):
             model(**qwen_batch(model.config, kind=kind))
 
 

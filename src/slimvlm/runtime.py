@@ -35,8 +35,8 @@ class Stats:
     visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
     (raster order) the visual token it ended in, -1 if dropped (the source map; LLaVA-NeXT: for each
     slot of the image's layout, models/anyres.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own;
-    Qwen2-VL's and LLaVA-NeXT-Video's images and videos are items in prompt order, each an "image" here; a
-    LLaVA-NeXT-Video video's slots are its frames' pooled cells, models/video.py).
+    Qwen2-VL's, LLaVA-NeXT-Video's and LLaVA-OneVision's images and videos are items in prompt order, each an "image" here; a
+    LLaVA-NeXT-Video or LLaVA-OneVision video's slots are its frames' pooled tokens, then OneVision's newline, models/video.py).
     kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
     visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop;
     LLaVA-NeXT-Video: each crop and each video frame;

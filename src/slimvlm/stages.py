@@ -192,10 +192,10 @@ def check_ratio(name: str, value: float) -> float:
     return value
 
 
-def check_budget(name: str, budget: int, available: int) -> int:
-    """A token budget must be between 1 and the tokens an image has."""
+def check_budget(name: str, budget: int, available: int, item: str = "an image") -> int:
+    """A token budget must be between 1 and the tokens an image (`item`) has."""
     if budget < 1:
         raise SlimVLMError(f"{name}={budget} must be at least 1 token")
     if budget > available:
-        raise SlimVLMError(f"{name}={budget} is larger than the {available} tokens of an image; give at most {available}")
+        raise SlimVLMError(f"{name}={budget} is larger than the {available} tokens of {item}; give at most {available}")
     return budget

@@ -37,7 +37,7 @@ class BudgetMethod(Method):
     def target(self, available: int) -> int:
         """Tokens to keep of `available`: the budget, or round(ratio * available), at least 1."""
         if self.budget is not None:
-            return check_budget("budget", self.budget, available)
+            return check_budget("budget", self.budget, available, "a visual item of this input (an image or a video)")
         return max(1, round(self.ratio * available))
 
 

@@ -11,8 +11,10 @@ What differs from LLaVA-NeXT, and what it means for the methods:
   patches, so a token that a stage-1 method merged or chose in a crop has no place on the resized canvas:
   stage-1 methods are refused on such images (the error names the image). Stages 2-4 run on them; their
   tokens are packed by the model's own pack_image_features.
-- video (pixel_values_videos) and multi-image prompts (batch_num_images > 1: one untiled view per image) are
-  refused for now.
+- videos (pixel_values_videos: videos x frames crops; models/video.py): the model projects each frame's patches,
+  resizes the grid bilinearly to half its side (rounded up; 27 -> 14) and puts one image_newline after the last
+  frame; stage-1 methods are refused on prompts with a video, stages 2-4 see each video's span as one item.
+- multi-image prompts (batch_num_images > 1: one untiled view per image) are refused for now.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..stages import Method, Stage
 from ..tokens import VisualTokens
 from .anyres import ImageLayout
 from .llava_next import LlavaNextAdapter
+from .video import ResizedVideoLayout, VideoItems, VideoLayout
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ def max_tiles(aspect_ratio: str) -> int:
     return int(match.group(1))
 
 
-class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """LLaVA-NeXT's adapter on a SigLIP tower with anyres_max resizing (see the module's docstring)."""
+class OnevisionImages(LlavaNextAdapter):
+    """LLaVA-NeXT's adapter on a SigLIP tower with anyres_max resizing (see the module's docstring): images."""
 
     family = "llava-onevision"
     output_class = LlavaOnevisionCausalLMOutputWithPast
@@ -92,11 +95,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return self.vision.embeddings(pixel_values)
 
     def check_inputs(self, arguments: dict) -> None:
-        if arguments.get("pixel_values_videos") is not None:
-            raise SlimVLMError(
-                "video (pixel_values_videos) is not supported by slimvlm on LLaVA-OneVision yet: pass images, or call "
-                "handle.remove() to run videos on the untouched model"
-            )
         if arguments.get("pixel_values") is None:  # a decode step: generate() keeps passing batch_num_images
             return
         aspect = arguments.get("vision_aspect_ratio")
@@ -139,26 +137,43 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return crops
 
     def pack(self, tokens: VisualTokens) -> VisualTokens:
-        if any(layout.resized is not None for layout in self.layouts):
+        if any(getattr(layout, "resized", None) is not None for layout in self.layouts):
             return self._pack_by_the_model(tokens)
         return super().pack(tokens)
 
     def _pack_by_the_model(self, tokens: VisualTokens) -> VisualTokens:
-        """Untouched views (views() refused stage-1 methods) packed by the model's own pack_image_features (base
-        view, kept canvas resized where it is, newlines): one token per slot, in slot order."""
-        per_image = [layout.views for layout in self.layouts]
+        """Untouched views (views() refused stage-1 methods) packed as the model packs them: an image by its own
+        pack_image_features (base view, kept canvas resized where it is, newlines), a video as its frames'
+        pooled tokens then the newline; one token per slot, in slot order."""
+        per_item = [layout.views for layout in self.layouts]
+        views = list(tokens.x.split(per_item))
+        images = [i for i, layout in enumerate(self.layouts) if not isinstance(layout, VideoLayout)]
         packed, _ = self.model.model.pack_image_features(
-            list(tokens.x.split(per_image)), [list(layout.size) for layout in self.layouts],
+            [views[i] for i in images], [list(self.layouts[i].size) for i in images],
             image_newline=self.newline, vision_aspect_ratio=self.config.vision_aspect_ratio)
+        packed_images = dict(zip(images, packed))
+        items = [packed_images[i] if i in packed_images else
+                 torch.cat([view[:, : layout.cells].flatten(0, 1), self.newline[None].to(view.dtype)])
+                 for i, (view, layout) in enumerate(zip(views, self.layouts))]
         device = tokens.x.device
-        width = max(len(image) for image in packed)
-        view_image = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor(per_image)).to(device)
+        width = max(len(item) for item in items)
+        view_item = torch.repeat_interleave(torch.arange(len(per_item)), torch.tensor(per_item)).to(device)
         patch_slot = torch.cat([layout.view_slots() for layout in self.layouts]).to(device)
-        view_slots = torch.where(patch_slot >= 0, view_image[:, None] * width + patch_slot, -1)
-        return VisualTokens.from_images(list(packed), view_slots=view_slots)
+        view_slots = torch.where(patch_slot >= 0, view_item[:, None] * width + patch_slot, -1)
+        return VisualTokens.from_images(items, view_slots=view_slots)
 
     def synthetic_size(self) -> tuple[int, int]:
         """The pinpoint with the most tokens among those the model does not resize, so that stage-1 methods run
         on the benchmark's images too."""
         return tuple(max(self.pinpoints, key=lambda size: (self.layout_of(*size).resized is None,
                                                             self.layout_of(*size).slots)))
+
+
+class LlavaOnevisionAdapter(VideoItems, OnevisionImages):
+    """LLaVA-OneVision's images and videos (see the module's docstring)."""
+
+    def video_layout(self, frames: int) -> ResizedVideoLayout:
+        return ResizedVideoLayout(frames, self.grid[0], 2)
+
+    def pool_and_project(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.model.apply_pooling(self.projector(frames))

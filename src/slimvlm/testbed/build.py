@@ -330,18 +330,19 @@ def make_tiny_next_video(folder: str | Path, seed: int = 0, image_size: int = 11
 
 def make_tiny_onevision(folder: str | Path, seed: int = 0, image_size: int = 84) -> Path:
     """Build and save a tiny random LLaVA-OneVision: a SigLIP tower (no class token) of image_size-px crops, a
-    Qwen2 LM of the tiny LLaVA's sizes with its tokenizer (the video token one id past its words), pinpoints of
+    Qwen2 LM of the tiny LLaVA's sizes with its tokenizer (and VIDEO_TOKEN), pinpoints of
     1-4 x 1-4 crops, so that the largest images are resized by anyres_max_9. No processor is saved: transformers'
     LLaVA-OneVision processor needs torchvision for its video part (LlavaOnevisionImageProcessorPil, built from
     the config, takes the images). Same ``seed`` -> bit-identical weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(TINY_WORDS)
+    tokenizer.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**TINY_VISION, image_size=image_size, patch_size=14, vision_use_head=False),
         text_config=Qwen2Config(
             **TINY_TEXT,
-            vocab_size=len(tokenizer) + 1,
+            vocab_size=len(tokenizer),
             max_position_embeddings=2048,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             bos_token_id=tokenizer.bos_token_id,
@@ -350,7 +351,7 @@ def make_tiny_onevision(folder: str | Path, seed: int = 0, image_size: int = 84)
             tie_word_embeddings=False,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
-        video_token_index=len(tokenizer),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         image_grid_pinpoints=[[image_size * rows, image_size * cols] for rows in range(1, 5) for cols in range(1, 5)],
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
