@@ -94,3 +94,39 @@ def test_query_rows_after_the_image():
     assert index[ok].tolist() == [4, 5, 3, 4, 5]
     index, ok = query_index(sequence, "text")
     assert index[0][ok[0]].tolist() == [0, 1, 4, 5] and index[1][ok[1]].tolist() == [0, 3, 4, 5][1:]
+
+
+class DropTwice(slimvlm.Method):
+    """Drops visual tokens at two layers (odd tokens, then every other even one); records the query rows each
+    drop is given and what query_index finds on that layer's sequence."""
+
+    name = "test-drop-twice"
+    stages = frozenset({slimvlm.Stage.PREFILL})
+    queries = "text_after_image"
+    drop_layers = (1, 2)
+
+    def __init__(self):
+        self.seen = []
+
+    def prefill_keep(self, layer):
+        from slimvlm.stages import query_index
+
+        self.seen.append((layer.query_index, layer.query_valid, *query_index(layer.sequence, self.queries)))
+        step = 2 * len(self.seen)
+        return ~layer.sequence.visual | (layer.sequence.token % step == 0)
+
+
+def test_query_rows_carried_through_drops_are_those_of_each_sequence(fresh):
+    """Later probes reuse the question found at the first one, moved through each drop: no read, same rows."""
+    from slimvlm.device_reads import HostReads
+
+    model, processor = fresh
+    method = DropTwice()
+    with torch.no_grad(), slimvlm.apply(model, method), HostReads() as reads:
+        model(**batch(processor, 2))
+    assert len(method.seen) == 2
+    for carried, carried_valid, found, found_valid in method.seen:
+        assert torch.equal(carried_valid, found_valid)
+        assert torch.equal(carried[carried_valid], found[found_valid])
+    compactions = sum(count for place, count in reads.where.items() if "sequence.py" in place)
+    assert compactions == 1 + 1 + 2 + 2  # the rebuild, the question once, each drop; and this test's query_index twice

@@ -100,6 +100,7 @@ class Session:
     query_copies: Copies | None = None
     decoding: bool = False
     rows: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)  # per kind of query rows: (the sequence they index, index, valid)
 
     def view_of(self, layer: int) -> View:
         return self.layer_views[layer]
@@ -282,7 +283,7 @@ class Runtime:
         # stages 3-4 prefill on a dynamic cache, then hand its entries over to a static one (decoding.py)
         hand_off = on_static and self._in_llm
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
-        images_per_sample, right_padded = self._prompt_shape(input_ids, arguments.get("attention_mask"))
+        images_per_sample, right_padded, placeholders = self._prompt_shape(input_ids, arguments.get("attention_mask"))
         tokens, vision_trace, projected, context = self._run_vision(
             arguments["pixel_values"], input_ids, arguments.get("attention_mask"), tuple(images_per_sample), graphs)
         context.labels = arguments.get("labels")
@@ -303,6 +304,7 @@ class Runtime:
             self.keep_positions,
             width_step=CAPACITY_STEP if on_static and not hand_off else 1,  # a few widths, a graph or compile each
             right_padded=right_padded,
+            placeholders=placeholders,
         )
         session = self._start_session(rebuilt, tokens, given, use_cache, on_static and not hand_off, input_ids.shape[1],
                                       right_padded)
@@ -489,16 +491,17 @@ class Runtime:
         result = self.adapter.output_class(loss=loss, logits=logits, **{self._cache_name: cache}, **extra)
         return result if arguments.get("return_dict", True) is not False else result.to_tuple()
 
-    def _prompt_shape(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], bool]:
-        """Per sample, its images; and whether the caller pads on the right (the rebuilt rows keep that
-        side, so that `none` returns logits where the untouched model does). One read from the device."""
+    def _prompt_shape(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], bool, int]:
+        """Per sample, its images; whether the caller pads on the right (the rebuilt rows keep that side, so
+        that `none` returns logits where the untouched model does); the placeholders in all. One read from
+        the device."""
         columns = [is_placeholder(input_ids, self.adapter.placeholder_ids).sum(dim=1)]
         if mask is not None:
             columns += [mask[:, 0].long(), mask[:, -1].long()]
         read = torch.stack(columns).tolist()
         images = self.adapter.images_per_sample(read[0])
         right_padded = mask is not None and all(read[1]) and not all(read[2])
-        return images, right_padded
+        return images, right_padded, sum(read[0])
 
     # ---- stage 3: LLM layers during prefill ---------------------------------------------------
     def _install_row_probe(self, method: Method, drop_layer: int) -> None:
@@ -530,7 +533,7 @@ class Runtime:
         keys = keys.view(batch, length, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
         queries = queries.view(batch, length, parts.num_heads, parts.head_dim).transpose(1, 2)
         keys = self.adapter.rotate(keys, position_embeddings)
-        index, valid = query_index(sequence, which)
+        index, valid = self._query_rows(sequence, which)
         cos, sin = self.adapter.gather_position_embeddings(position_embeddings, index)
         picked = queries.gather(2, index[:, None, :, None].expand(-1, parts.num_heads, -1, parts.head_dim))
         picked = self.adapter.rotate(picked, (cos, sin))
@@ -538,6 +541,25 @@ class Runtime:
         allowed = (key_at[None, None, :] <= index[:, :, None]) & sequence.valid[:, None, :]
         rows = attention_rows(picked, keys, parts.scaling, allowed=allowed[:, None])
         return rows, index, valid
+
+    def _query_rows(self, sequence: Sequence, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows `which` of `sequence`: found on the prompt's sequence at the first probe (a read of
+        their count), then carried through each drop (text is never dropped), so later probes read nothing."""
+        known = self.session.queries.get(which)
+        if known is None or known[0] is not sequence:
+            known = (sequence, *query_index(sequence, which))
+            self.session.queries[which] = known
+        return known[1], known[2]
+
+    def _carry_queries(self, old: Sequence, new: Sequence, gather: torch.Tensor) -> None:
+        """Move the query rows known on `old` to `new`, the sequence that gathering `old` by `gather` gives."""
+        for which, (sequence, index, valid) in self.session.queries.items():
+            if sequence is old:
+                batch, length = old.valid.shape
+                at = torch.zeros(batch, length + 1, dtype=torch.long, device=gather.device)  # padding: a spare column
+                slots = torch.arange(gather.shape[1], device=gather.device).expand_as(gather)
+                at.scatter_(1, torch.where(new.valid, gather, length), slots)
+                self.session.queries[which] = (new, torch.where(valid, at.gather(1, index), 0), valid)
 
     def _layer_pre_hook(self, layer_index: int, _module, args, kwargs):
         session = self.session
@@ -569,6 +591,7 @@ class Runtime:
         keep = (keep | ~sequence.visual) & sequence.valid
         gather, new_valid, _ = compaction(keep, right=session.right_padded)
         new_sequence = sequence.gather(gather, new_valid)
+        self._carry_queries(sequence, new_sequence, gather)
         if session.labels is not None:
             session.labels = torch.where(new_valid, session.labels.gather(1, gather), IGNORE_INDEX)
         embeddings = current.position_embeddings or kwargs["position_embeddings"]

@@ -139,12 +139,14 @@ def is_placeholder(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...]) ->
     return torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
 
 
-def image_slots(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...], num_images: int, tokens_per_image: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_slots(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...], num_images: int, tokens_per_image: int | list[int],
+                found: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which image (visual item) and which slot of it each placeholder token is, in the order the processor
     wrote them. tokens_per_image: the placeholders of every image, or a list of each one's (LLaVA-NeXT: by
-    image_sizes)."""
+    image_sizes). found: the prompts' placeholders, where the caller has read them (else they are read)."""
     is_image = is_placeholder(input_ids, placeholder_ids)
-    found = int(is_image.sum().item())
+    if found is None:
+        found = int(is_image.sum().item())
     varying = isinstance(tokens_per_image, list)
     expected = sum(tokens_per_image) if varying else num_images * tokens_per_image
     if found == 0:
@@ -182,6 +184,7 @@ def rebuild(
     keep_positions: bool,
     width_step: int = 1,
     right_padded: bool = False,
+    placeholders: int | None = None,
 ) -> Rebuilt:
     """Replace each image's placeholder span with its (possibly fewer) visual tokens.
 
@@ -190,11 +193,12 @@ def rebuild(
     it covers), text keeps its own; otherwise positions are renumbered without gaps from the first
     token's position.
     width_step: the rebuilt rows' width is a multiple of it (more padding). right_padded: pad the
-    rebuilt rows on the right, as the caller did (else on the left).
+    rebuilt rows on the right, as the caller did (else on the left). placeholders: the prompts' placeholder
+    tokens, where the caller has read them.
     """
     batch, length = input_ids.shape
     device = input_ids.device
-    is_image, image, slot = image_slots(input_ids, placeholder_ids, tokens.batch_size, tokens_per_image)
+    is_image, image, slot = image_slots(input_ids, placeholder_ids, tokens.batch_size, tokens_per_image, placeholders)
     places = tokens_per_image if isinstance(tokens_per_image, list) else [tokens_per_image] * tokens.batch_size
     for index, (count, room) in enumerate(zip(tokens.host_counts(), places)):
         if count > room:  # the span has no place for the rest: never drop them silently
