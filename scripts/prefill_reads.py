@@ -1,15 +1,18 @@
-"""Ops dispatched and host reads in one batch-1 prefill, per method, beside the untouched model, on the CPU.
+"""Ops dispatched, host reads and host time of one batch-1 prefill, per method, beside the untouched model, on the CPU.
 
 A batch-1 prefill on a GPU is paid in kernel launches (one per op) and in host syncs (each read of a device
 value waits for the queue to drain): this counts both without a GPU, on a LLaVA-1.5-7B of the real depths
-(24 CLIP layers at 336 px: 576 patches; 32 LM layers) but narrow widths, random weights.
+(24 CLIP layers at 336 px: 576 patches; 32 LM layers) but narrow widths, random weights, where a prefill's
+time is nearly all host time (Python, dispatch): its median over --repeats runs, in ms.
 
-    PYTHONPATH=src python3 scripts/prefill_reads.py [--methods none,mustdrop-64] [--where]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python3 scripts/prefill_reads.py [--methods none,mustdrop-64] [--where]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -35,17 +38,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="none,visionzip-64,divprune-64,tome:r=16,fastv,mustdrop-64")
     parser.add_argument("--where", action="store_true", help="list each method's reads by the line that made them")
+    parser.add_argument("--repeats", type=int, default=15, help="timed prefills per method (after one warm-up)")
     args = parser.parse_args()
     model = narrow_llava_15_7b()
     inputs = synthetic_inputs(model, 1, 64)
-    print(f"{'method':16} {'ops':>6} {'reads':>6}")
+    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8}")
     for spec in ["untouched"] + args.methods.split(","):
         handle = None if spec == "untouched" else slimvlm.apply(model, spec)
         with torch.inference_mode():
             model(**inputs, use_cache=True, logits_to_keep=1)
             with HostReads() as reads:
                 model(**inputs, use_cache=True, logits_to_keep=1)
-        print(f"{spec:16} {reads.ops:6d} {reads.total:6d}")
+            times = []
+            for _ in range(args.repeats):
+                begin = time.perf_counter()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                times.append((time.perf_counter() - begin) * 1000)
+        print(f"{spec:16} {reads.ops:6d} {reads.total:6d} {statistics.median(times):8.1f}")
         if args.where:
             for place, count in reads.where.most_common():
                 print(f"{'':16} {count:6d} {place}")

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+import slimvlm
 from slimvlm.testbed.build import format_prompt, load, make_tiny
 
 
@@ -255,6 +256,27 @@ def video_batch(model, tokenizer, samples: list[tuple[str, ...]], first: int = 0
     prompts = [PROMPT.format(images="".join(token[kind] * next(taken[kind]) for kind in items),
                              question=QUESTIONS[i % len(QUESTIONS)]) for i, items in enumerate(samples, start=first)]
     return {**tokenizer(prompts, return_tensors="pt", padding=True), **inputs}
+
+
+def video_batched_as_one_by_one(model, tokenizer, spec, samples: list[tuple[str, ...]]) -> tuple[list[int], list[int]]:
+    """Under `spec`, a video_batch of `samples` gives each prompt the last logits and greedy text it gets alone,
+    and each item the tokens; returns (each item's visual tokens, each prompt's visual cache entries at the
+    last layer)."""
+    inputs = video_batch(model, tokenizer, samples)
+    singles = [video_batch(model, tokenizer, [samples[i]], first=i) for i in range(len(samples))]
+    new = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)  # the tiny model may end a prompt at once
+    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
+        batched = model(**inputs).logits[:, -1]
+        counts = handle.stats.visual_tokens
+        kept = [layers[-1] for layers in handle.stats.kv_visual_entries]
+        generated = model.generate(**inputs, **new)[:, -5:]
+        first = 0
+        for i, single in enumerate(singles):
+            torch.testing.assert_close(model(**single).logits[0, -1], batched[i], atol=1e-5, rtol=1e-5)
+            assert handle.stats.visual_tokens == counts[first : first + len(samples[i])]
+            first += len(samples[i])
+            assert model.generate(**single, **new)[0, -5:].tolist() == generated[i].tolist()
+    return counts, kept
 
 
 # ---- Qwen2-VL / Qwen2.5-VL (M-RoPE, dynamic resolution) --------------------------------------------

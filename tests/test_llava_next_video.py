@@ -9,7 +9,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoCausalLMOutputWithPast
 
 import slimvlm
-from conftest import NV_FRAMES, assert_visual_tokens, dymu_thresholds, video_batch, nv_model
+from conftest import NV_FRAMES, assert_visual_tokens, dymu_thresholds, nv_model, video_batch, video_batched_as_one_by_one
 from slimvlm.methods.dymu import DyMU
 from slimvlm.registry import methods
 
@@ -113,22 +113,7 @@ def test_none_generates_the_untouched_text(fresh_nv, name):
 @pytest.mark.parametrize("batch", ["videos", "mixed"])
 def test_batched_equals_one_by_one(fresh_nv, batch, name):
     model, tokenizer = fresh_nv
-    samples = BATCHES[batch]
-    inputs = video_batch(model, tokenizer, samples)
-    singles = [video_batch(model, tokenizer, [samples[i]], first=i) for i in range(len(samples))]
-    new = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)  # the tiny model may end a prompt at once
-    with torch.no_grad(), slimvlm.apply(model, ON_VIDEO[name]) as handle:
-        batched = model(**inputs).logits[:, -1]
-        counts = handle.stats.visual_tokens
-        kept = [layers[-1] for layers in handle.stats.kv_visual_entries]
-        generated = model.generate(**inputs, **new)[:, -5:]
-        first = 0
-        for i, single in enumerate(singles):
-            torch.testing.assert_close(model(**single).logits[0, -1], batched[i], atol=1e-5, rtol=1e-5)
-            assert handle.stats.visual_tokens == counts[first : first + len(samples[i])]
-            first += len(samples[i])
-            alone = model.generate(**single, **new)[0, -5:]
-            assert alone.tolist() == generated[i].tolist()
+    counts, kept = video_batched_as_one_by_one(model, tokenizer, ON_VIDEO[name], BATCHES[batch])
     assert all(0 < count <= slots for count, slots in zip(counts, ITEMS[batch]))
     reduces = name not in ("none", "vtu")
     assert (sum(kept) < sum(ITEMS[batch])) == reduces and min(kept) > 0

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import slimvlm
-from conftest import NV_FRAMES, OV_RESIZED, assert_visual_tokens, remove_slimvlm, sharpened, video_batch
+from conftest import (NV_FRAMES, OV_RESIZED, assert_visual_tokens, remove_slimvlm, sharpened, video_batch,
+                      video_batched_as_one_by_one)
 from slimvlm.models import adapter_for
 from slimvlm.models.video import ResizedVideoLayout, VideoLayout
 
@@ -97,21 +98,7 @@ def test_none_is_the_untouched_model(fresh_ov, name, sizes):
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 def test_stages_2_to_4_run_on_videos_batched_as_one_by_one(fresh_ov, batch, name):
     model, tokenizer = fresh_ov
-    samples = BATCHES[batch]
-    inputs = video_batch(model, tokenizer, samples)
-    singles = [video_batch(model, tokenizer, [samples[i]], first=i) for i in range(len(samples))]
-    new = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    with torch.no_grad(), slimvlm.apply(model, ON_VIDEO[name]) as handle:
-        batched = model(**inputs).logits[:, -1]
-        counts = handle.stats.visual_tokens
-        kept = [layers[-1] for layers in handle.stats.kv_visual_entries]
-        generated = model.generate(**inputs, **new)[:, -5:]
-        first = 0
-        for i, single in enumerate(singles):
-            torch.testing.assert_close(model(**single).logits[0, -1], batched[i], atol=1e-5, rtol=1e-5)
-            assert handle.stats.visual_tokens == counts[first : first + len(samples[i])]
-            first += len(samples[i])
-            assert model.generate(**single, **new)[0, -5:].tolist() == generated[i].tolist()
+    counts, kept = video_batched_as_one_by_one(model, tokenizer, ON_VIDEO[name], BATCHES[batch])
     assert all(0 < count <= slots for count, slots in zip(counts, ITEMS[batch]))
     assert (sum(kept) < sum(ITEMS[batch])) == (name not in ("none", "vtu")) and min(kept) > 0
 

@@ -22,11 +22,11 @@ RUNS = {
     "divprune": "divprune:budget=10",
     "fastv": "fastv:k=2,ratio=0.5",
     "mustdrop": "mustdrop:lsm=false,important=false,global_thr=0.05,individual_thr=0.05,layers=0;1",
+    "visionzip": "visionzip:dominant=8,contextual=2",
 }
 REFUSED = {
     "tome": ("tome:r=2", "acts inside the vision encoder"),
     "dymu": ("dymu:target=10", "acts inside the vision encoder"),
-    "visionzip": ("visionzip:dominant=8,contextual=2", "acts inside the vision encoder"),
     "pool": ("pool:budget=4", "one square patch grid per image.*use uniform"),
     "llava-mini": ("llava-mini:budget=4", "one square patch grid per image.*use uniform"),
     "vtu": ("vtu", "unmerges the tokens a stage-1 method merged"),
@@ -345,3 +345,70 @@ def test_an_item_split_by_another_is_refused(fresh_qwen):
     with torch.no_grad(), slimvlm.apply(fresh_qwen, "none"):
         with pytest.raises(slimvlm.SlimVLMError, match="a run of image placeholders is not whole images'.*must be one run"):
             fresh_qwen(**split)
+
+
+def reference_received(model, inputs, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """By hand, the untouched tower: the last block's softmax attention within each image (transformers' own
+    rotary), mean over heads, summed over queries, mean over each 2 x 2 unit, units back in raster order; and
+    the unit's rotated keys' mean. What VisionZip's Qwen2.5-VL port scores by."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    pixels, grids, _ = QWEN_KINDS[kind]
+    visual = model.model.visual
+    attn = visual.blocks[-1].attn
+    seen = {}
+    handle = attn.register_forward_pre_hook(lambda _m, args, kwargs: seen.update(x=args[0], **kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model.model.get_image_features(inputs[pixels], inputs[grids])
+    handle.remove()
+    n, heads = seen["x"].shape[0], attn.num_heads
+    q, k, _ = attn.qkv(seen["x"]).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *seen["position_embeddings"])
+    scores = torch.zeros(n)
+    bounds = seen["cu_seqlens"].tolist()
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        logits = torch.einsum("qhd,khd->hqk", q[begin:end], k[begin:end]) / q.shape[-1] ** 0.5
+        scores[begin:end] = logits.softmax(-1).mean(0).sum(0)
+    scores, keys = scores.view(-1, 4).mean(1), k.reshape(-1, 4, heads, k.shape[-1]).mean(1)
+    if hasattr(visual, "fullatt_block_indexes"):
+        from transformers.vision_utils import get_vision_window_index
+
+        window, _ = get_vision_window_index(inputs[grids], 2, visual.window_size, visual.patch_size)
+        scores, keys = scores[window.argsort()], keys[window.argsort()]
+    return scores, keys
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_visionzip_keeps_the_units_the_last_block_attends_most(fresh_qwen, kind):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config, kind=kind)
+    scores, keys = reference_received(model, inputs, kind)
+    with torch.no_grad(), slimvlm.apply(model, "visionzip:dominant=8,contextual=2") as handle:
+        adapter = handle.runtime.adapter
+        pixels = adapter.views(*adapter.visual_inputs(inputs), False)
+        last = adapter.visual.blocks[-1].attn
+        seen = {}
+        hook = last.register_forward_pre_hook(lambda _m, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+        adapter.inner.get_image_features(pixels, torch.tensor(adapter.grids))
+        hook.remove()
+        received, unit_keys = adapter._merged_attention(last, seen["args"][0], seen["kwargs"], torch.tensor(adapter.grids))
+        tokens, _ = adapter.encode(pixels, handle.methods[0])
+    torch.testing.assert_close(received, scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unit_keys, keys, atol=1e-5, rtol=1e-5)
+    start = 0
+    for item, count in enumerate(TOKENS):
+        own = scores[start : start + count]
+        sources = tokens.patch_to_token[item, :count]
+        alone = [unit for unit in range(count) if (sources == sources[unit]).sum() == 1]
+        assert set(own.topk(8).indices.tolist()) <= set(alone)  # the 8 most attended are kept as they are
+        origins = tokens.origin[item, :10]
+        assert origins.tolist() == sorted(origins.tolist())  # contextual tokens at their targets' places
+        assert all(sources[origin] == token for token, origin in enumerate(origins.tolist()))
+        start += count
+
+
+
+def test_visionzip_stats_count_the_merger_on_every_unit(fresh_qwen):
+    with torch.no_grad(), slimvlm.apply(fresh_qwen, "visionzip:dominant=8,contextual=2") as handle:
+        fresh_qwen(**qwen_batch(fresh_qwen.config))
+    assert handle.stats.visual_tokens == [10, 10] and handle.stats.projector_tokens == TOKENS

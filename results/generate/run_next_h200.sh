@@ -14,5 +14,5 @@ bench() {  # seconds, json name, model shape, batch sizes, path, methods
 bench 70 h200_static_b1_mustdrop.json llava-1.5-7b 1 static mustdrop-64
 bench 50 h200_eager_b1_none.json llava-1.5-7b 1 eager none
 bench 150 h200_next_static_b1.json llava-next-7b 1 static none,visionzip-64,divprune:budget=320,fastv
-bench 120 h200_qwen25_static_b1.json qwen2.5-vl-7b 1 static none,divprune:budget=64,fastv
+bench 150 h200_qwen25_static_b1.json qwen2.5-vl-7b 1 static none,visionzip-64,divprune:budget=64,fastv
 bench 120 h200_onevision_static_b1.json llava-onevision-7b 1 static none,divprune:budget=640,fastv

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+QUERY_CHUNK = 128  # queries scored at once: all of a batch of 729-token crops at once is gigabytes of (B, H, Q, N)
+
 
 def attention_rows(
     queries: torch.Tensor,

@@ -27,6 +27,22 @@ def capture_outputs(*modules: nn.Module) -> Iterator[list[torch.Tensor | None]]:
             handle.remove()
 
 
+@contextmanager
+def capture_inputs(module: nn.Module) -> Iterator[dict]:
+    """Within the block, captured["args"] and captured["kwargs"] hold the last call's arguments of module
+    (e.g. a vision block's attention: its normed input, cu_seqlens, rotary embeddings)."""
+    captured: dict = {}
+
+    def keep(_module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+
+    handle = module.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 class HookSet:
     """Hooks installed for the lifetime of a handle, removed together."""
 

@@ -391,7 +391,7 @@ class Runtime:
         stage1 = self._by_stage[Stage.ENCODE]
         tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
-        projected = list(tokens.host_counts())
+        projected = adapter.projector_counts(tokens)
         tokens = adapter.pack(tokens)
         starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
         context = PromptContext(

@@ -41,6 +41,12 @@ class EncoderAttention:
     # at the encoder output only: the same rows from the next encoder layer (which LLaVA does not
     # run), for methods whose paper reads the last layer's attention; None if there is none
     next_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (B, N) the attention each token receives, where the family gives it itself (Qwen-VL: a merged token's,
+    # from its patches'; models/qwen2_vl.py); None elsewhere (methods derive it from rows)
+    received: torch.Tensor | None = None
+    # the LLM keeps each visual token at its own position (Qwen-VL's M-RoPE): a token a method makes sits at
+    # the place and position of one of its members, not after the others
+    positions_kept: bool = False
 
 
 @dataclass
@@ -120,6 +126,9 @@ class Method:
     # stage 1: encode_layer acts after every encoder layer; False for methods that read only the feature
     # layer (encode_output), so that the layers before it run untouched (and can replay as a CUDA graph)
     acts_in_encoder_layers: ClassVar[bool] = True
+    # stage 1: encode_output also acts on a tower's merged outputs (Qwen-VL's 2 x 2 merger) given each merged
+    # token's keys and received attention (EncoderAttention.received), with no attention rows
+    at_merged_tokens: ClassVar[bool] = False
     # stage 1: the encoder's sequence lengths follow each image (threshold merging), so they are new
     # on most calls; the encoder then runs attention off cuDNN (see LlavaAdapter.encode)
     varying_lengths: bool = False

@@ -86,6 +86,22 @@ class VisualTokens:
             **extra,
         )
 
+    @classmethod
+    def cat(cls, parts: list["VisualTokens"]) -> "VisualTokens":
+        """Several token sets one after another along the batch, each padded to the most tokens and patches
+        (e.g. items a method reduced one by one); no grid, no class token."""
+        width = max(part.x.shape[1] for part in parts)
+        patches = max(part.num_patches for part in parts)
+
+        def padded(name: str, columns: int, value) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(getattr(part, name), (0, columns - getattr(part, name).shape[1]),
+                                                      value=value) for part in parts])
+
+        x = torch.cat([torch.nn.functional.pad(part.x, (0, 0, 0, width - part.x.shape[1])) for part in parts])
+        known = [count for part in parts for count in part.known] if all(p.known is not None for p in parts) else None
+        return cls(x=x, size=padded("size", width, 0.0), origin=padded("origin", width, PADDING_ORIGIN),
+                   patch_to_token=padded("patch_to_token", patches, -1), grid=None, has_cls=False, known=known)
+
     @property
     def batch_size(self) -> int:
         return self.x.shape[0]
@@ -136,12 +152,13 @@ class VisualTokens:
         return bias.to(self.x.dtype)[:, None, None, :]
 
     def regroup(self, assign: torch.Tensor, num_groups: int, order: torch.Tensor | None = None,
-                counts: list[int] | None = None) -> "VisualTokens":
+                counts: list[int] | None = None, at: torch.Tensor | None = None) -> "VisualTokens":
         """Tokens -> groups: assign (B, N) gives each token a group in [0, num_groups) or -1 to
         drop it. Each group becomes the size-weighted mean of its members, its size their sum and
-        its origin their first patch. Output is in spatial order (or by `order`, a (B, num_groups)
-        sort key, for methods whose paper fixes another order), padded at the end. counts: the
-        number of non-empty groups per image, where the caller knows it (else it is read back)."""
+        its origin their first patch (or `at`, (B, num_groups), where the method places a group on one
+        member's patch). Output is in spatial order (or by `order`, a (B, num_groups) sort key, for methods
+        whose paper fixes another order), padded at the end. counts: the number of non-empty groups per
+        image, where the caller knows it (else it is read back)."""
         batch, n, dim = self.x.shape
         if assign.shape != (batch, n):
             raise ValueError(f"assign has shape {tuple(assign.shape)}, expected {(batch, n)}")
@@ -154,6 +171,8 @@ class VisualTokens:
         size = weight.new_zeros(batch, num_groups).scatter_add_(1, group, weight)
         origin = torch.full((batch, num_groups), PADDING_ORIGIN, device=self.x.device, dtype=torch.long)
         origin.scatter_reduce_(1, group, torch.where(kept, self.origin, PADDING_ORIGIN), reduce="amin")
+        if at is not None:
+            origin = at.masked_fill(size == 0, PADDING_ORIGIN)
         features = summed / size.clamp_min(torch.finfo(torch.float32).tiny)[..., None].to(summed.dtype)
 
         key = origin if order is None else order.masked_fill(size == 0, PADDING_ORIGIN)

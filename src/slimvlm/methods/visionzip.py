@@ -9,6 +9,14 @@ tokens, `contextual` targets at a uniform stride; every other remaining token jo
 target by cosine similarity of the feature layer's keys (averaged over heads); each contextual token
 is its target's feature plus the mean feature of the tokens that joined it, as in the authors' code.
 The LLM sees [CLS, dominant patches in spatial order, contextual tokens in target order].
+
+On Qwen2-VL / Qwen2.5-VL (no class token; a 2 x 2 merger after the tower) VisionZip acts on the merged
+tokens, as the authors' Qwen2.5-VL port does (dvlab-research/VisionZip, Qwen2_5_VL/qwen2_5vl_visionzip.py,
+read through its mirror jsilvcast/VisionZip): a merged token's score is the attention its 4 patches receive in
+the last ViT block (mean over heads, summed over the queries of its image or frame, mean over the 4), its key
+their keys' mean; each contextual token sits at its target's place and keeps the target's M-RoPE position
+(EncoderAttention.received, positions_kept; models/qwen2_vl.py). The budgets stay counts per image (the port
+takes fractions of the image's tokens).
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ import torch
 
 from typing import Callable
 
+from ..attention import QUERY_CHUNK
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import gather_rows
 from ..stages import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 
-QUERY_CHUNK = 128  # queries scored at once: all of a batch of 729-token crops at once is gigabytes of (B, H, Q, N)
 
 
 def received_attention(rows: Callable[[torch.Tensor], torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
@@ -64,6 +72,7 @@ class VisionZip(Method):
     stages = frozenset({Stage.ENCODE})
     feeds_cls = True
     acts_in_encoder_layers = False
+    at_merged_tokens = True
     capturable = True
 
     def __init__(self, dominant: int = 54, contextual: int = 10) -> None:
@@ -89,7 +98,9 @@ class VisionZip(Method):
             raise SlimVLMError(f"visionzip: dominant={self.dominant} is more than the {n} tokens of a view; lower it")
         batch, _, dim = tokens.x.shape
         device = tokens.x.device
-        if tokens.has_cls:
+        if attention.received is not None:
+            score = attention.received
+        elif tokens.has_cls:
             score = attention.rows(torch.zeros(batch, 1, dtype=torch.long, device=device)).sum(dim=1)[:, 0]
             score[:, 0] = float("inf")  # the class token is always dominant
         else:
@@ -103,8 +114,11 @@ class VisionZip(Method):
         features = gather_rows(tokens.x, kept)
         contextual = min(self.contextual, rest.shape[1])
         order = torch.cat([tokens.origin, tokens.num_patches + torch.arange(contextual, device=device).expand(batch, -1)], 1)
+        at = None
         if contextual:
             targets, group = contextual_groups(gather_rows(attention.keys.mean(dim=1), rest), contextual)
+            if attention.positions_kept:  # each contextual token at its target's place and position
+                order = at = torch.cat([tokens.origin, gather_rows(tokens.origin, rest[:, targets])], 1)
             assign.scatter_(1, rest, n + group)
             members = gather_rows(tokens.x, rest)
             joins = torch.ones(rest.shape[1], dtype=members.dtype, device=device)
@@ -115,5 +129,5 @@ class VisionZip(Method):
             features = torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
         else:
             assign.scatter_(1, rest, -1)
-        regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[self.dominant + contextual] * batch)
+        regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[self.dominant + contextual] * batch, at=at)
         return regrouped.with_features(features)

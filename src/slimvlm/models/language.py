@@ -129,6 +129,10 @@ class LanguageModelAdapter:
         pixels = arguments.get("pixel_values")
         return None if pixels is None else (pixels, arguments.get(self.sizes_argument))
 
+    def projector_counts(self, projected: VisualTokens) -> list[int]:
+        """Per encoder view, the tokens its projector ran on, given the tokens project() returned."""
+        return list(projected.host_counts())
+
     def visual_outputs(self, tokens: VisualTokens) -> dict:
         """The output fields carrying the visual tokens the LLM got, as the untouched model fills them."""
         return modality_outputs({"image": tokens.split()}, self.output_class)

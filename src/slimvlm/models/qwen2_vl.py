@@ -18,10 +18,12 @@ Where methods act on it:
 - stage 2 (divprune, random, uniform) on each item's merger outputs, a budget per image or video;
 - stages 3-4 (fastv; mustdrop's dual-attention filter and output-aware cache with lsm=false,
   important=false) inside the LM, whose rotary (cos, sin) is per token as Llama's;
-- refused: stage 1 (tome, dymu, visionzip, mustdrop's window merge and important set): the merger
+- visionzip on the merged tokens, scored by the attention their patches receive in the last ViT block
+  (_merged_attention; methods/visionzip.py), as the authors' Qwen2.5-VL port does;
+- refused: the rest of stage 1 (tome, dymu, mustdrop's window merge and important set): the merger
   reads 2 x 2 units of patches in place and 2.5's window attention is laid out on the full grid, so the
-  tower runs whole (published reductions for Qwen all act after the merger); pool and llava-mini (one
-  square grid per image); vtu (it unmerges stage-1 merges, along 1-D positions).
+  tower runs whole; pool and llava-mini (one square grid per image); vtu (it unmerges stage-1 merges,
+  along 1-D positions).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ import torch
 from torch import nn
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
+from ..attention import QUERY_CHUNK, rotate_half
 from ..decoding import DecodeParts
 from ..errors import SlimVLMError
-from ..stages import Method, Stage
+from ..hooks import capture_inputs
+from ..stages import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 from .compat import modality_outputs, multimodal_output_class
 from .language import LanguageModelAdapter, images_in_prompt_order
@@ -46,6 +50,10 @@ from .qwen_visuals import KINDS, VIDEO, VisualItems, visual_items
 # at most 16384 (max_pixels 12845056 over 28 x 28). A budget is checked against each item's own count when it comes
 MAX_ITEM_TOKENS = 384 * 768
 SYNTHETIC_SIDE = 644  # px: 46 x 46 patches of 14 px, 23 x 23 = 529 tokens, a multiple of 28 the processor keeps
+
+
+def _no_rows(_query_index: torch.Tensor) -> torch.Tensor:
+    raise SlimVLMError("Qwen2-VL's merged tokens have no attention rows of their own; read EncoderAttention.received")
 
 
 def mrope_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -91,12 +99,12 @@ class QwenVLAdapter(LanguageModelAdapter):
 
     def check_method(self, method: Method) -> None:
         """Refuse what cannot act on Qwen's images (see the module's docstring), naming what works instead."""
-        if Stage.ENCODE in method.stages:
+        if Stage.ENCODE in method.stages and not method.at_merged_tokens:
             raise SlimVLMError(
                 f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on Qwen2-VL: its "
                 "merger joins each 2x2 block of patches in place into one token and 2.5's window attention is laid out "
-                "on the whole grid; use a stage-2 method (divprune, random, uniform) or stages 3-4 (fastv, or "
-                "mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)"
+                "on the whole grid; use visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) "
+                "or stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)"
             )
         if method.needs_patch_grid:
             raise SlimVLMError(
@@ -244,9 +252,49 @@ class QwenVLAdapter(LanguageModelAdapter):
                 f"({self.grids}): Qwen2-VL's tower runs on the processor's packed patches with image_grid_thw, not on "
                 "fixed-size views (bench-vision's); time it with slimvlm bench or bench-generate"
             )
-        merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
-        tokens = VisualTokens.from_images(list(merged))
-        return tokens, self._segments(grid)
+        if method is None:
+            merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
+            return VisualTokens.from_images(list(merged)), self._segments(grid)
+        last = self.visual.blocks[-1].attn
+        with capture_inputs(last) as captured:
+            merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
+        received, keys = self._merged_attention(last, captured["args"][0], captured["kwargs"], grid)
+        parts, start = [], 0
+        for item in merged:  # each item alone: its own token count
+            end = start + len(item)
+            attention = EncoderAttention(layer=len(self.visual.blocks) - 1, num_layers=len(self.visual.blocks),
+                                         keys=keys[start:end].transpose(0, 1)[None], rows=_no_rows,
+                                         received=received[None, start:end], positions_kept=True)
+            parts.append(method.encode_output(attention, VisualTokens.from_images([item])))
+            start = end
+        return VisualTokens.cat(parts), self._segments(grid)
+
+    def _merged_attention(self, attn: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                          grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per merged token in prompt order (as the merger's outputs): the attention its 2 x 2 patches receive
+        in the last ViT block (softmax of rotated queries and keys within each image or frame, mean over heads,
+        summed over the queries, mean over the 4 patches) and their rotated keys' mean, (U,) and (U, H, d): what
+        VisionZip's Qwen2.5-VL port scores and merges by. Computed beside the block's SDPA, queries in chunks."""
+        patches, heads = hidden.shape[0], attn.num_heads
+        q, k = attn.qkv(hidden).view(patches, 3, heads, -1).float().unbind(1)[:2]
+        cos, sin = (t.float()[:, None] for t in kwargs["position_embeddings"])
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        scale = q.shape[-1] ** -0.5
+        received = torch.zeros(patches, dtype=torch.float32, device=hidden.device)
+        bounds = kwargs["cu_seqlens"].tolist()
+        for begin, end in zip(bounds[:-1], bounds[1:]):  # an image or a video frame
+            keys = k[begin:end].transpose(0, 1)  # (H, n, d)
+            for first in range(begin, end, QUERY_CHUNK):
+                queries = q[first : min(first + QUERY_CHUNK, end)].transpose(0, 1)
+                probabilities = (queries @ keys.transpose(1, 2) * scale).softmax(dim=-1)  # (H, c, n)
+                received[begin:end] += probabilities.mean(dim=0).sum(dim=0)
+        unit = self.merge**2
+        received, keys = received.view(-1, unit).mean(dim=1), k.view(-1, unit, heads, k.shape[-1]).mean(dim=1)
+        if hasattr(self.visual, "fullatt_block_indexes"):  # Qwen2.5-VL's blocks run its units in window order
+            window, _ = get_vision_window_index(grid, self.merge, self.visual.window_size, self.visual.patch_size)
+            back = window.argsort().to(received.device)
+            received, keys = received[back], keys[back]
+        return received, keys
 
     def _segments(self, grid: torch.Tensor) -> list[torch.Tensor]:
         """Per ViT block, the patches of each attention segment (zero-padded to a common length)."""
@@ -264,6 +312,10 @@ class QwenVLAdapter(LanguageModelAdapter):
     def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:
         """Nothing left to run: the merger (Qwen's projector) ran in encode, as get_image_features runs it."""
         return tokens
+
+    def projector_counts(self, projected: VisualTokens) -> list[int]:
+        """Every item's units: the merger runs on all of them, before visionzip chooses."""
+        return self.image_tokens()
 
     # ---- the language model: M-RoPE position ids ------------------------------------------------
     def decode_parts(self) -> DecodeParts:
