@@ -124,3 +124,30 @@ def test_stage_1_is_refused_on_prompts_with_a_video(fresh_ov, name):
                                                        "prompt holds a video, whose frames the model pools into 9 "
                                                        "tokens each.*On videos use a stage-2-4 method"):
             model(**video_batch(model, tokenizer, BATCHES["mixed"]))
+
+
+def test_bench_clis_take_videos(tiny_ov_dir, tmp_path):
+    """--video-frames: each prompt a video of that many random frames (4 frames of 3 x 3 tokens and the newline)."""
+    import json
+
+    from slimvlm.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_ov_dir), "--methods", "divprune:budget=12,fastv", "--video-frames", "4",
+                 "--json", str(out), "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--device", "cpu"]) == 0
+    payload = json.loads(out.read_text())
+    results = {r["method"]: r for r in payload["results"]}
+    assert payload["video_frames"] == 4 and results["none"]["visual_tokens_mean"] == 4 * 9 + 1
+    assert results["divprune:budget=12"]["visual_tokens_max"] == 12
+    out = tmp_path / "generate.json"
+    assert main(["bench-generate", "--model", str(tiny_ov_dir), "--methods", "divprune:budget=12", "--batch-sizes", "2",
+                 "--paths", "static", "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                 "--video-frames", "4", "--json", str(out)]) == 0
+    assert [r["visual_tokens_mean"] for r in json.loads(out.read_text())["results"]] == [4 * 9 + 1, 12]
+
+
+def test_synthetic_videos_are_refused_where_a_family_takes_none(tiny):
+    from slimvlm.bench.run import synthetic_inputs
+
+    with pytest.raises(slimvlm.SlimVLMError, match="LlavaForConditionalGeneration takes no videos"):
+        synthetic_inputs(tiny[0], 1, 8, video_frames=4)

@@ -412,3 +412,17 @@ def test_visionzip_stats_count_the_merger_on_every_unit(fresh_qwen):
     with torch.no_grad(), slimvlm.apply(fresh_qwen, "visionzip:dominant=8,contextual=2") as handle:
         fresh_qwen(**qwen_batch(fresh_qwen.config))
     assert handle.stats.visual_tokens == [10, 10] and handle.stats.projector_tokens == TOKENS
+
+
+def test_synthetic_videos_run_as_the_untouched_model(fresh_qwen):
+    """The benchmark's videos (--video-frames): frames in pairs, 644-px frames of 23 x 23 tokens per pair."""
+    from slimvlm.bench.run import synthetic_inputs
+
+    inputs = synthetic_inputs(fresh_qwen, 1, 8, video_frames=4)
+    with torch.no_grad():
+        reference = fresh_qwen(**inputs).logits
+        with slimvlm.apply(fresh_qwen, "none") as handle:
+            assert torch.equal(fresh_qwen(**inputs).logits, reference)
+    assert handle.stats.visual_tokens == [2 * 23 * 23]
+    with pytest.raises(slimvlm.SlimVLMError, match="takes frames in pairs"):
+        synthetic_inputs(fresh_qwen, 1, 8, video_frames=3)

@@ -29,12 +29,13 @@ def _bench(args: argparse.Namespace) -> None:
         new_tokens=args.new_tokens,
         warmup=args.warmup,
         repeats=args.repeats,
+        video_frames=args.video_frames,
     )
     print(format_table(results))
     if args.json:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "batch_size": args.batch_size,
-            "text_tokens": args.text_tokens, "command": _command(args),
+            "text_tokens": args.text_tokens, "video_frames": args.video_frames, "command": _command(args),
             "results": [r.as_dict() for r in results],
         })
 
@@ -53,14 +54,15 @@ def _bench_generate(args: argparse.Namespace) -> None:
     def save(results, quiet: bool = True) -> None:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
-            "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats, "versions": _versions(),
+            "video_frames": args.video_frames, "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats, "versions": _versions(),
             "timed": "model.generate, greedy, exactly new_tokens new tokens; TTFT = generate(max_new_tokens=1); "
                      "medians; paths: eager = dynamic cache, static = cache_implementation='static' (compiled decode)",
             "command": _command(args), "results": [r.as_dict() for r in results],
         }, quiet)
 
     results = bench_generate(
-        model, parse_methods(args.methods), lambda b: synthetic_inputs(model, b, args.text_tokens), batch_sizes,
+        model, parse_methods(args.methods), lambda b: synthetic_inputs(model, b, args.text_tokens, video_frames=args.video_frames),
+        batch_sizes,
         paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats, on_result=save if args.json else None,
     )
     print(format_table(results))
@@ -297,6 +299,8 @@ def _timing_options(command: argparse.ArgumentParser, warmup: int, repeats: int,
     command.add_argument("--json", help=json_help)
 
 
+VIDEO_FRAMES_HELP = ("each prompt holds a video of this many random frames in place of its image (LLaVA-NeXT-Video, "
+                     "LLaVA-OneVision, Qwen2-VL: even counts); 0: an image")
 SHAPE_MODEL_HELP = ("local folder, 'testbed', or 'shape:llava-1.5-7b' | 'shape:llava-next-7b' | 'shape:llava-onevision-7b' "
                     "| 'shape:qwen2.5-vl-7b' (random weights)")
 
@@ -312,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--text-tokens", type=int, default=64)
     bench.add_argument("--new-tokens", type=int, default=8, help="decoded tokens for the per-token decode time (0: skip)")
+    bench.add_argument("--video-frames", type=int, default=0, help=VIDEO_FRAMES_HELP)
     _timing_options(bench, warmup=2, repeats=5, json_help="write the results here")
     bench.set_defaults(run=_bench)
 
@@ -325,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
                           "(cache_implementation='static', decode compiled on a GPU)")
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--text-tokens", type=int, default=64)
+    generate.add_argument("--video-frames", type=int, default=0, help=VIDEO_FRAMES_HELP)
     _timing_options(generate, 1, 3, "write the results here")
     generate.set_defaults(run=_bench_generate)
 

@@ -13,7 +13,9 @@ import torch
 
 from ..api import apply
 from ..errors import SlimVLMError
+from ..models import adapter_for
 from ..registry import check_runs
+from ..sequence import is_placeholder
 from .table import text_table
 from .timing import peak_memory_bytes, synchronize
 
@@ -109,6 +111,7 @@ def bench_generate(
         raise SlimVLMError(f"new_tokens={new_tokens}: decode time per token needs at least 2 new tokens")
     check_runs(model, methods)
     runs = [None] + methods  # None: the untouched model
+    placeholders = adapter_for(model).placeholder_ids  # an image's or a video's
     results = []
     todo = [(b, p, r) for b in batch_sizes for p in paths for r in runs]
     for batch_size, path, specs in tqdm(todo, desc="bench-generate", disable=not progress):
@@ -116,7 +119,7 @@ def bench_generate(
         with torch.inference_mode():
             if specs is None:
                 timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
-                tokens = float(inputs["input_ids"].eq(model.config.image_token_id).sum(dim=1).float().mean())
+                tokens = float(is_placeholder(inputs["input_ids"], placeholders).sum(dim=1).float().mean())
                 kept = tokens
                 name = UNTOUCHED
             else:

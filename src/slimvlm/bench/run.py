@@ -47,10 +47,10 @@ def parse_methods(text: str) -> list[list[str]]:
     return [run.split("+") for run in runs]
 
 
-def synthetic_inputs(model, batch_size: int, text_tokens: int, seed: int = 0) -> dict:
-    """A batch of prompts of `text_tokens` random text tokens around one image placeholder span, with
-    random pixels (and what the family's processor adds, e.g. Qwen's mm_token_type_ids): enough for FLOPs,
-    memory and latency, which do not depend on content."""
+def synthetic_inputs(model, batch_size: int, text_tokens: int, seed: int = 0, video_frames: int = 0) -> dict:
+    """A batch of prompts of `text_tokens` random text tokens around one image placeholder span (a video's of
+    `video_frames` frames, where given), with random pixels (and what the family's processor adds, e.g. Qwen's
+    mm_token_type_ids): enough for FLOPs, memory and latency, which do not depend on content."""
     config = model.config
     adapter = adapter_for(model)
     generator = torch.Generator().manual_seed(seed)
@@ -58,9 +58,12 @@ def synthetic_inputs(model, batch_size: int, text_tokens: int, seed: int = 0) ->
     text = torch.randint(low, config.text_config.vocab_size, (batch_size, text_tokens), generator=generator)
     for placeholder in (config.image_token_id, getattr(config, "video_token_id", None)):
         text[text == placeholder] = low
-    images, span = adapter.synthetic_images(batch_size, generator)
+    if video_frames:
+        images, span = adapter.synthetic_videos(batch_size, video_frames, generator)
+    else:
+        images, span = adapter.synthetic_images(batch_size, generator)
     before = min(5, text_tokens)
-    image = torch.full((batch_size, span), config.image_token_id)
+    image = torch.full((batch_size, span), config.video_token_id if video_frames else config.image_token_id)
     input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
     device, dtype = model.device, model.dtype
     tensors = {**images, **adapter.text_inputs(input_ids)}
@@ -130,9 +133,11 @@ def run_bench(
     repeats: int = 5,
     inputs: dict | None = None,
     progress: bool = True,
+    video_frames: int = 0,
 ) -> list[BenchResult]:
-    """Benchmark each method run (a list of specs composed together) on the same batch; the
-    untouched model ('none') is always measured first, as the reference of flops_ratio."""
+    """Benchmark each method run (a list of specs composed together) on the same batch (of synthetic_inputs
+    unless given: images, or videos of `video_frames` frames); the untouched model ('none') is always measured
+    first, as the reference of flops_ratio."""
     from tqdm.auto import tqdm
 
     check_runs(model, methods)  # refuse a bad spec before spending time on the others
@@ -140,7 +145,7 @@ def run_bench(
         methods = [["none"]] + methods
     else:
         methods = [["none"]] + [m for m in methods if m != ["none"]]
-    inputs = inputs or synthetic_inputs(model, batch_size, text_tokens)
+    inputs = inputs or synthetic_inputs(model, batch_size, text_tokens, video_frames=video_frames)
     results = []
     for specs in tqdm(methods, desc="bench", disable=not progress):
         results.append(bench_method(model, specs, inputs, new_tokens, warmup, repeats))

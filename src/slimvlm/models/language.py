@@ -129,6 +129,11 @@ class LanguageModelAdapter:
         pixels = arguments.get("pixel_values")
         return None if pixels is None else (pixels, arguments.get(self.sizes_argument))
 
+    def synthetic_videos(self, count: int, frames: int, generator: torch.Generator) -> tuple[dict, int]:
+        """Random videos of `frames` frames, as the processor would hand them over, and each one's placeholders:
+        for benchmarks on families that take videos."""
+        raise SlimVLMError(f"{type(self.model).__name__} takes no videos here; benchmark it on images (leave out --video-frames)")
+
     def projector_counts(self, projected: VisualTokens) -> list[int]:
         """Per encoder view, the tokens its projector ran on, given the tokens project() returned."""
         return list(projected.host_counts())

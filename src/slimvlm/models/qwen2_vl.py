@@ -28,6 +28,7 @@ Where methods act on it:
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Callable
 
@@ -238,6 +239,19 @@ class QwenVLAdapter(LanguageModelAdapter):
         pixels = torch.randn(count * side * side, self.patch_values, generator=generator)
         grid = torch.tensor([[1, side, side]] * count)
         return {"pixel_values": pixels, "image_grid_thw": grid}, side * side // self.merge**2
+
+    def synthetic_videos(self, count: int, frames: int, generator: torch.Generator) -> tuple[dict, int]:
+        """Videos of `frames` frames of SYNTHETIC_SIDE px (frames / temporal_patch_size steps), a second per step."""
+        steps, rest = divmod(frames, self.vision_config.temporal_patch_size)
+        if rest or not steps:
+            raise SlimVLMError(f"--video-frames {frames}: Qwen2-VL takes frames in pairs "
+                               f"(temporal_patch_size {self.vision_config.temporal_patch_size}); give an even count")
+        side = SYNTHETIC_SIDE // self.vision_config.patch_size
+        pixels = torch.randn(count * steps * side * side, self.patch_values, generator=generator)
+        tensors = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[steps, side, side]] * count)}
+        if "second_per_grid_ts" in inspect.signature(self.model.forward).parameters:  # Qwen2.5-VL
+            tensors["second_per_grid_ts"] = torch.ones(count)
+        return tensors, steps * side * side // self.merge**2
 
     # ---- stages 1-2: the vision tower and merger ------------------------------------------------
     def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:

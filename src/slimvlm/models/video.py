@@ -137,6 +137,11 @@ class VideoItems:
         """Frames' patch features (F, side * side, D_vision) -> their tokens (F, cells, D_llm), as the model does."""
         raise NotImplementedError
 
+    def synthetic_videos(self, count: int, frames: int, generator: torch.Generator) -> tuple[dict, int]:
+        side = self.vision_config.image_size
+        pixels = torch.randn(count, frames, self.vision_config.num_channels, side, side, generator=generator)
+        return {"pixel_values_videos": pixels}, self.video_layout(frames).slots
+
     # ---- images and videos: one list of items in prompt order ---------------------------------------
     def visual_inputs(self, arguments: dict) -> tuple[torch.Tensor | None, Visuals] | None:
         images, videos = arguments.get("pixel_values"), arguments.get("pixel_values_videos")
