@@ -140,11 +140,11 @@ def fresh_ov(tiny_ov):
     remove_slimvlm(tiny_ov[0])
 
 
-def ov_batch(model, tokenizer, sizes=OV_SIZES) -> dict:
-    """What LLaVA-OneVision's processor gives for one image per prompt (its video part needs torchvision, so
-    it is put together here): the PIL image processor's pixel_values, image_sizes and batch_num_images, and
-    left-padded prompts of different lengths whose <image> becomes the placeholders the model's own packing
-    gives that image."""
+def ov_batch(model, tokenizer, sizes=OV_SIZES, per_prompt: list[int] | None = None) -> dict:
+    """What LLaVA-OneVision's processor gives (its video part needs torchvision, so it is put together here): the
+    PIL image processor's pixel_values, image_sizes and batch_num_images for one image per prompt (or
+    per_prompt[i] images in prompt i, which the model then leaves untiled), and left-padded prompts of different
+    lengths whose <image> becomes the placeholders the model's own packing gives their images."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     from slimvlm.testbed.build import SPECIAL_TOKENS
@@ -153,12 +153,16 @@ def ov_batch(model, tokenizer, sizes=OV_SIZES) -> dict:
     side = config.vision_config.image_size
     processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
                                                 image_grid_pinpoints=config.image_grid_pinpoints)
-    images = processor(images=next_images(sizes), return_tensors="pt")
+    per_prompt = per_prompt or [1] * len(sizes)
+    pictures, ends = next_images(sizes), np.cumsum(per_prompt).tolist()
+    images = processor(images=[pictures[end - n : end] for n, end in zip(per_prompt, ends)], return_tensors="pt")
     with torch.no_grad():
-        packed = model.model.get_image_features(images["pixel_values"], images["image_sizes"]).pooler_output
+        packed = model.model.get_image_features(images["pixel_values"], images["image_sizes"],
+                                                batch_num_images=images["batch_num_images"]).pooler_output
     image = SPECIAL_TOKENS["image"]
-    prompts = [format_prompt(QUESTIONS[i % len(QUESTIONS)]).replace(image, image * len(features))
-               for i, features in enumerate(packed)]
+    prompts = [format_prompt(QUESTIONS[i % len(QUESTIONS)]).replace(image, "".join(image * len(features) for features in
+                                                                                  packed[end - n : end]))
+               for i, (n, end) in enumerate(zip(per_prompt, ends))]
     return {**tokenizer(prompts, return_tensors="pt", padding=True), **images}
 
 

@@ -245,7 +245,9 @@ def test_inputs_it_cannot_honour_are_refused(fresh_ov):
     model, tokenizer = fresh_ov
     inputs = ov_batch(model, tokenizer)
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=40"):
-        with pytest.raises(slimvlm.SlimVLMError, match="multi-image prompts"):
+        with pytest.raises(slimvlm.SlimVLMError, match="batch_num_images counts 3 image.*image_sizes 2"):
+            model(**{**inputs, "batch_num_images": torch.tensor([2, 1])})
+        with pytest.raises(slimvlm.SlimVLMError, match="a run of image placeholders is not whole images'"):  # untiled: 37 each
             model(**{**inputs, "batch_num_images": torch.tensor([2])})
         with pytest.raises(slimvlm.SlimVLMError, match="vision_aspect_ratio='anyres_max_4' differs"):
             model(**inputs, vision_aspect_ratio="anyres_max_4")
@@ -308,3 +310,32 @@ def test_llava_onevision_7b_shape():
     assert adapter.vision_layers_run == 26 and adapter.tokens_per_image == 729
     assert adapter.synthetic_size() == (1920, 768) and adapter.layout_of(1920, 768).slots == 729 + 135 * 55
     assert adapter.layout_of(2304, 2304).resized == (81, 81)  # 6 x 6 tiles: 162 x 162 patches, resized by 2
+
+
+MULTI = dict(sizes=[OV_SIZES[1], OV_SIZES[0], OV_SIZES[0]], per_prompt=[2, 1])  # two untiled images, then a tiled one
+
+
+@pytest.mark.parametrize("spec", ["none", "tome:r=4", "divprune:budget=20", "fastv:k=2,ratio=0.5"])
+def test_multi_image_prompts_leave_their_images_untiled(fresh_ov, spec):
+    """batch_num_images > 1: each image of that prompt is its base view and one newline (36 + 1 = 37 tokens);
+    `none` is the untouched model, on the dynamic and the static cache; methods run on such images."""
+    model, tokenizer = fresh_ov
+    inputs = ov_batch(model, tokenizer, **MULTI)
+    assert inputs["batch_num_images"].tolist() == [2, 1]
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        text = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with slimvlm.apply(model, spec) as handle:
+            logits = model(**inputs).logits
+            counts = handle.stats.visual_tokens
+            kept = [layers[-1] for layers in handle.stats.kv_visual_entries]
+            static = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+            dynamic = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(static, dynamic)
+    if spec == "none":
+        valid = inputs["attention_mask"].bool()
+        assert (logits - reference)[valid].abs().max().item() < 1e-5 and torch.equal(dynamic, text)
+        assert counts == [37, 37, 106]
+    else:
+        assert all(0 < count <= slots for count, slots in zip(counts, [37, 37, 106])) and sum(kept) < 37 + 37 + 106
+

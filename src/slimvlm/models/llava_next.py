@@ -82,7 +82,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 "LLaVA-NeXT lays each image out by its size: pass image_sizes (the processor returns them with pixel_values)"
             )
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
-        layouts = [self.layout_of(int(h), int(w)) for h, w in sizes]
+        layouts = self.image_layouts([(int(h), int(w)) for h, w in sizes])
         needed = [layout.views for layout in layouts]
         if pixel_values.dim() == 5 and pixel_values.shape[0] == len(layouts) and pixel_values.shape[1] >= max(needed):
             crops = torch.cat([image[:count] for image, count in zip(pixel_values, needed)])
@@ -96,6 +96,10 @@ class LlavaNextAdapter(LlavaAdapter):
         self._check_view_size(crops, interpolate)
         self.layouts = layouts
         return crops
+
+    def image_layouts(self, sizes: list[tuple[int, int]]) -> list[ImageLayout]:
+        """The layouts of a forward's images of these (height, width) sizes, in order."""
+        return [self.layout_of(height, width) for height, width in sizes]
 
     def image_tokens(self) -> list[int]:
         return [layout.slots for layout in self.layouts]

@@ -14,7 +14,8 @@ What differs from LLaVA-NeXT, and what it means for the methods:
 - videos (pixel_values_videos: videos x frames crops; models/video.py): the model projects each frame's patches,
   resizes the grid bilinearly to half its side (rounded up; 27 -> 14) and puts one image_newline after the last
   frame; stage-1 methods are refused on prompts with a video, stages 2-4 see each video's span as one item.
-- multi-image prompts (batch_num_images > 1: one untiled view per image) are refused for now.
+- multi-image prompts (batch_num_images: a prompt's images, > 1): the model tiles none of their images; each is
+  its base view and one newline (untiled()), stage-1 methods run on that view, as on any crop.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class OnevisionImages(LlavaNextAdapter):
     def __init__(self, model: nn.Module) -> None:
         self.max_tiles = max_tiles(model.config.vision_aspect_ratio)  # NeXT's __init__ lays the pinpoints out
         self.encoder_method: str | None = None  # the stage-1 method applied, refused on resized images
+        self.tiled: list[bool] | None = None  # per image of the last forward: tiled (alone in its prompt) or not
         super().__init__(model)
 
     def _check_config(self, config) -> None:
@@ -104,16 +106,26 @@ class OnevisionImages(LlavaNextAdapter):
                 "set it in the config"
             )
         per_sample = arguments.get("batch_num_images")
-        if per_sample is not None and max(torch.as_tensor(per_sample).tolist(), default=1) > 1:
-            raise SlimVLMError(
-                "multi-image prompts (batch_num_images > 1, each image one untiled view) are not supported by slimvlm "
-                "on LLaVA-OneVision yet; give each prompt one image"
-            )
+        self.tiled = None if per_sample is None else [n == 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(n)]
 
     def check_method(self, method: Method) -> None:
         super().check_method(method)
         if Stage.ENCODE in method.stages:
             self.encoder_method = method.name
+
+    def image_layouts(self, sizes: list[tuple[int, int]]) -> list[OnevisionLayout]:
+        """As the model lays them out: the images of a prompt that holds several untiled (batch_num_images)."""
+        tiled = self.tiled if self.tiled is not None else [True] * len(sizes)
+        if len(tiled) != len(sizes):
+            raise SlimVLMError(
+                f"batch_num_images counts {len(tiled)} image(s), image_sizes {len(sizes)}; pass the processor's, together"
+            )
+        return [self.layout_of(*size) if tile else self.untiled(*size) for size, tile in zip(sizes, tiled)]
+
+    def untiled(self, height: int, width: int) -> OnevisionLayout:
+        """An image of a multi-image prompt: its base view's patches, then one newline (pack_image_features on a
+        single view)."""
+        return OnevisionLayout(self.grid[0], (0, 1), 0, 0, rows=1, cols=0, size=(height, width), resized=None)
 
     def layout_of(self, height: int, width: int) -> OnevisionLayout:
         layout = super().layout_of(height, width)
