@@ -57,7 +57,9 @@ def test_proportional_attention_bias_is_log_size():
     unchanged = fresh.regroup(torch.arange(5)[None], 5)
     assert not unchanged.uniform
     assert unchanged.attention_bias(proportional=True)[0, 0, 0].tolist() == [0] * 5
-    assert unchanged.attention_bias(proportional=False)[0, 0, 0].tolist() == [0] * 5
+    # without proportional attention only padding is masked: none where every image fills the width (host-known)
+    assert unchanged.known == [5] and unchanged.attention_bias(proportional=False) is None
+    assert merged.known == [4] and merged.attention_bias(proportional=False) is None
 
 
 def test_drop_cls():

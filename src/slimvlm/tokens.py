@@ -148,6 +148,8 @@ class VisualTokens:
         would cost a host sync per layer."""
         if self.uniform:  # log 1 = 0 everywhere and no padding: the bias would add nothing
             return None
+        if not proportional and self.known is not None and min(self.known, default=0) == self.x.shape[1]:
+            return None  # no padding to mask (every image as wide as the batch): SDPA keeps its fastest kernel
         bias = self.size.log() if proportional else torch.zeros_like(self.size).masked_fill(~self.valid, float("-inf"))
         return bias.to(self.x.dtype)[:, None, None, :]
 
