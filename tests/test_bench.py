@@ -223,3 +223,8 @@ def test_qwen25_vl_7b_shape():
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.29  # Qwen2.5-VL-7B-Instruct's 8.29B
     assert config.text_config.sliding_window is None  # use_sliding_window=False: stages 3-4 run on it
+    from slimvlm.models import adapter_for
+
+    tensors, span = adapter_for(model).synthetic_videos(2, 16, torch.Generator().manual_seed(0))
+    assert span == 8 * 23 * 23  # --video-frames 16: 8 steps of 644-px frames, 529 tokens each
+    assert tensors["video_grid_thw"].tolist() == [[8, 46, 46]] * 2 and tensors["second_per_grid_ts"].tolist() == [1.0, 1.0]

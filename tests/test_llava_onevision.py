@@ -310,6 +310,8 @@ def test_llava_onevision_7b_shape():
     assert adapter.vision_layers_run == 26 and adapter.tokens_per_image == 729
     assert adapter.synthetic_size() == (1920, 768) and adapter.layout_of(1920, 768).slots == 729 + 135 * 55
     assert adapter.layout_of(2304, 2304).resized == (81, 81)  # 6 x 6 tiles: 162 x 162 patches, resized by 2
+    assert adapter.video_layout(32).slots == 32 * 14 * 14 + 1  # --video-frames 32: frames of 27 x 27 patches -> 14 x 14
+    assert adapter.untiled(384, 384).slots == 729 + 1  # an image of a multi-image prompt
 
 
 MULTI = dict(sizes=[OV_SIZES[1], OV_SIZES[0], OV_SIZES[0]], per_prompt=[2, 1])  # two untiled images, then a tiled one
