@@ -97,6 +97,7 @@ class OnevisionImages(LlavaNextAdapter):
         return self.vision.embeddings(pixel_values)
 
     def check_inputs(self, arguments: dict) -> None:
+        """Refuse what the layout cannot follow; take batch_num_images: which images the model tiles."""
         if arguments.get("pixel_values") is None:  # a decode step: generate() keeps passing batch_num_images
             return
         aspect = arguments.get("vision_aspect_ratio")
