@@ -1,11 +1,13 @@
-"""Ops dispatched, host reads and host time of one batch-1 prefill, per method, beside the untouched model, on the CPU.
+"""Ops dispatched, host reads and host time of one batch-1 prefill, and ops and reads per eager decode step, per
+method, beside the untouched model, on the CPU.
 
 A batch-1 prefill on a GPU is paid in kernel launches (one per op) and in host syncs (each read of a device
 value waits for the queue to drain): this counts both without a GPU, on a LLaVA-1.5-7B of the real depths
 (24 CLIP layers at 336 px: 576 patches; 32 LM layers) but narrow widths, random weights, where a prefill's
-time is nearly all host time (Python, dispatch): its median over --repeats runs, in ms.
+time is mostly host time (Python, dispatch): its median over --repeats runs, in ms. A decode step's ops and reads
+are those of generate(10 new tokens) less generate(2), over the 8 steps between.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python3 scripts/prefill_reads.py [--methods none,mustdrop-64] [--where]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python3 scripts/host_reads.py [--methods none,mustdrop-64] [--where]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     model = narrow_llava_15_7b()
     inputs = synthetic_inputs(model, 1, 64)
-    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8}")
+    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8} | per decode step: {'ops':>7} {'reads':>5}")
     for spec in ["untouched"] + args.methods.split(","):
         handle = None if spec == "untouched" else slimvlm.apply(model, spec)
         with torch.inference_mode():
@@ -54,7 +56,14 @@ def main() -> None:
                 begin = time.perf_counter()
                 model(**inputs, use_cache=True, logits_to_keep=1)
                 times.append((time.perf_counter() - begin) * 1000)
-        print(f"{spec:16} {reads.ops:6d} {reads.total:6d} {statistics.median(times):8.1f}")
+            steps = []
+            for new_tokens in (2, 10):
+                with HostReads() as counted:
+                    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                steps.append(counted)
+        step_ops, step_reads = ((b - a) / 8 for a, b in ((steps[0].ops, steps[1].ops), (steps[0].total, steps[1].total)))
+        print(f"{spec:16} {reads.ops:6d} {reads.total:6d} {statistics.median(times):8.1f} |"
+              f"                  {step_ops:7.1f} {step_reads:5.2f}")
         if args.where:
             for place, count in reads.where.most_common():
                 print(f"{'':16} {count:6d} {place}")
