@@ -89,4 +89,4 @@ def test_methods_listing():
     assert listing["tome"]["stages"] == ["encode"]
     assert listing["fastv"]["stages"] == ["prefill"]
     assert listing["fastv"]["options"] == {"k": 2, "ratio": 0.5}
-    assert listing["visionzip"]["options"] == {"dominant": 54, "contextual": 10}
+    assert listing["visionzip"]["options"] == {"dominant": 54, "contextual": 10, "dominant_ratio": None, "contextual_ratio": None}

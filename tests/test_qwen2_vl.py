@@ -426,3 +426,13 @@ def test_synthetic_videos_run_as_the_untouched_model(fresh_qwen):
     assert handle.stats.visual_tokens == [2 * 23 * 23]
     with pytest.raises(slimvlm.SlimVLMError, match="takes frames in pairs"):
         synthetic_inputs(fresh_qwen, 1, 8, video_frames=3)
+
+
+def test_visionzip_takes_fractions_of_each_items_tokens(fresh_qwen):
+    """dominant_ratio / contextual_ratio, as the authors' Qwen2.5-VL port sets its budgets: int(0.45 N) dominant
+    and max(int(0.05 N), 1) contextual tokens of each item of N tokens (24 and 16)."""
+    with torch.no_grad(), slimvlm.apply(fresh_qwen, "visionzip:dominant_ratio=0.45,contextual_ratio=0.05") as handle:
+        fresh_qwen(**qwen_batch(fresh_qwen.config))
+    assert handle.stats.visual_tokens == [int(0.45 * 24) + 1, int(0.45 * 16) + 1]
+    with pytest.raises(slimvlm.SlimVLMError, match="sum to at most 1"):
+        slimvlm.apply(fresh_qwen, "visionzip:dominant_ratio=0.9,contextual_ratio=0.2")

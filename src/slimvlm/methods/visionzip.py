@@ -15,8 +15,8 @@ tokens, as the authors' Qwen2.5-VL port does (dvlab-research/VisionZip, Qwen2_5_
 read through its mirror jsilvcast/VisionZip): a merged token's score is the attention its 4 patches receive in
 the last ViT block (mean over heads, summed over the queries of its image or frame, mean over the 4), its key
 their keys' mean; each contextual token sits at its target's place and keeps the target's M-RoPE position
-(EncoderAttention.received, positions_kept; models/qwen2_vl.py). The budgets stay counts per image (the port
-takes fractions of the image's tokens).
+(EncoderAttention.received, positions_kept; models/qwen2_vl.py). Budgets are counts per view (a Qwen item), or
+the port's fractions of its tokens (dominant_ratio, contextual_ratio).
 """
 
 from __future__ import annotations
@@ -75,15 +75,34 @@ class VisionZip(Method):
     at_merged_tokens = True
     capturable = True
 
-    def __init__(self, dominant: int = 54, contextual: int = 10) -> None:
+    def __init__(self, dominant: int = 54, contextual: int = 10, dominant_ratio: float | None = None,
+                 contextual_ratio: float | None = None) -> None:
         if dominant < 1:
             raise SlimVLMError(f"visionzip: dominant={dominant} must be >= 1 (it counts the class token)")
         if contextual < 0:
             raise SlimVLMError(f"visionzip: contextual={contextual} must be >= 0")
+        for name, ratio in (("dominant_ratio", dominant_ratio), ("contextual_ratio", contextual_ratio)):
+            if ratio is not None and not 0 < ratio < 1:
+                raise SlimVLMError(f"visionzip: {name}={ratio} must be a fraction in (0, 1), e.g. 0.45")
+        if (dominant_ratio or 0) + (contextual_ratio or 0) > 1:
+            raise SlimVLMError(f"visionzip: dominant_ratio + contextual_ratio = {dominant_ratio + contextual_ratio} "
+                               "keeps more than every token; give fractions that sum to at most 1")
         self.dominant = int(dominant)
         self.contextual = int(contextual)
+        # fractions of each view's (each Qwen item's) tokens, in place of the counts, as the Qwen2.5-VL port takes
+        # them: int(dominant_ratio x N) dominant tokens (at least 1), max(int(contextual_ratio x N), 1) contextual
+        self.dominant_ratio = dominant_ratio
+        self.contextual_ratio = contextual_ratio
+
+    def budgets(self, n: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens for a view of n tokens."""
+        dominant = self.dominant if self.dominant_ratio is None else max(1, int(self.dominant_ratio * n))
+        contextual = self.contextual if self.contextual_ratio is None else max(1, int(self.contextual_ratio * n))
+        return dominant, contextual
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
+        if self.dominant_ratio is not None or self.contextual_ratio is not None:
+            return  # fractions fit any view
         if self.dominant - 1 + self.contextual > tokens_per_image:
             raise SlimVLMError(
                 f"visionzip: dominant-1 + contextual = {self.dominant - 1 + self.contextual} is larger than the "
@@ -94,8 +113,10 @@ class VisionZip(Method):
         n = tokens.x.shape[1]
         if any(count != n for count in tokens.host_counts()):
             raise SlimVLMError("visionzip needs the encoder's full token set")
-        if self.dominant > n:
-            raise SlimVLMError(f"visionzip: dominant={self.dominant} is more than the {n} tokens of a view; lower it")
+        dominant, contextual = self.budgets(n)
+        if dominant > n:
+            raise SlimVLMError(f"visionzip: dominant={dominant} is more than the {n} tokens of a view (a Qwen image or "
+                               "video: an item); lower it, or give dominant_ratio")
         batch, _, dim = tokens.x.shape
         device = tokens.x.device
         if attention.received is not None:
@@ -105,14 +126,14 @@ class VisionZip(Method):
             score[:, 0] = float("inf")  # the class token is always dominant
         else:
             score = received_attention(attention.rows, tokens.valid)
-        dominant = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        dominant.scatter_(1, score.topk(self.dominant, dim=1).indices, True)
+        chosen = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        chosen.scatter_(1, score.topk(dominant, dim=1).indices, True)
         # every image has the same counts, so each part is one (B, count) gather, in spatial order
-        by_kind = dominant.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
-        kept, rest = by_kind[:, : self.dominant], by_kind[:, self.dominant :]
+        by_kind = chosen.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+        kept, rest = by_kind[:, :dominant], by_kind[:, dominant:]
         assign = torch.arange(n, device=device).expand(batch, n).clone()
         features = gather_rows(tokens.x, kept)
-        contextual = min(self.contextual, rest.shape[1])
+        contextual = min(contextual, rest.shape[1])
         order = torch.cat([tokens.origin, tokens.num_patches + torch.arange(contextual, device=device).expand(batch, -1)], 1)
         at = None
         if contextual:
@@ -129,5 +150,5 @@ class VisionZip(Method):
             features = torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
         else:
             assign.scatter_(1, rest, -1)
-        regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[self.dominant + contextual] * batch, at=at)
+        regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[dominant + contextual] * batch, at=at)
         return regrouped.with_features(features)
