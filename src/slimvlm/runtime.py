@@ -657,7 +657,7 @@ class Runtime:
         known = tokens.known
         device = tokens.x.device
         trace = torch.stack(vision_trace).to(device) if vision_trace else torch.zeros(0, 0, dtype=torch.long, device=device)
-        parts = [tokens.patch_to_token, trace, prefill_tokens[0], entries[0], visual[0]]
+        parts = [tokens.patch_to_token.clone(), trace, prefill_tokens[0], entries[0], visual[0]]  # clone: a graph reuses its outputs
         parts += [t for t in (counts, copies) if t is not None]
 
         def read() -> Stats:

@@ -150,7 +150,7 @@ class OnevisionImages(LlavaNextAdapter):
         return crops
 
     def pack(self, tokens: VisualTokens) -> VisualTokens:
-        if any(getattr(layout, "resized", None) is not None for layout in self.layouts):
+        if any(isinstance(layout, OnevisionLayout) and layout.resized is not None for layout in self.layouts):
             return self._pack_by_the_model(tokens)
         return super().pack(tokens)
 
