@@ -88,3 +88,10 @@ def test_mustdrop_reads_once_per_drop_and_once_for_its_question_and_its_cache(fr
         stats = handle.stats
     layers = len(stats.kv_visual_entries[0])
     assert stats.kv_visual_entries[0][layers - 1] < stats.visual_tokens[0]
+
+
+def test_fastv_reads_once_for_its_drop(fresh):
+    model, processor = fresh
+    with slimvlm.apply(model, "fastv"):
+        reads = slimvlm_reads(model, select(batch(processor, 1), 0))
+    assert own(reads) <= 2 + 1, reads.where  # as for `none`, + the kept rows' width

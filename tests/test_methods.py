@@ -54,6 +54,18 @@ def test_fastv_drops_the_least_attended_visual_tokens():
     assert method.prefill_keep(layer).tolist() == keep.tolist()  # the mean over heads ranks the same
 
 
+def test_fastv_drops_per_row_rounding_half_to_even_without_reading_the_device():
+    """Rows of 5 and 3 visual tokens at ratio 0.5: round(2.5) = 2 and round(1.5) = 2 go, the lowest of each row."""
+    from slimvlm.device_reads import HostReads
+
+    scores = torch.tensor([[0.9, 0.4, 0.1, 0.3, 0.2, 0.5, 0.0], [0.9, 0.3, 0.1, 0.2, 0.8, 0.7, 0.6]])
+    visual = torch.tensor([[False, True, True, True, True, True, False], [False, True, True, True, False, False, False]])
+    with HostReads() as reads:
+        keep = lowest_attention_drop(scores, visual, ratio=0.5)
+    assert reads.total == 0
+    assert keep.tolist() == [[True, True, False, True, False, True, True], [True, True, False, False, True, True, True]]
+
+
 def diverse_indices(features: torch.Tensor, keep: int) -> list[int]:
     """max_min_diverse on one image, as the indices kept."""
     valid = torch.ones(1, features.shape[0], dtype=torch.bool)

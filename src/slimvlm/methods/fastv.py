@@ -16,14 +16,13 @@ from ..stages import Method, PrefillLayer, Stage, check_ratio
 
 
 def lowest_attention_drop(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:
-    """keep mask (B, L): per row, drop round(ratio * visual count) visual tokens with the lowest score."""
-    keep = torch.ones_like(visual)
-    masked = scores.masked_fill(~visual, float("inf"))
-    for row, count in enumerate(visual.sum(dim=1).tolist()):
-        drop = round(ratio * count)
-        if drop:
-            keep[row, masked[row].topk(drop, largest=False).indices] = False
-    return keep
+    """keep mask (B, L): per row, drop round(ratio * visual count) visual tokens with the lowest score (round
+    half to even, as Python's round; ties by position). All rows at once, nothing read back to the host."""
+    masked = scores.float().masked_fill(~visual, float("inf"))
+    order = masked.argsort(dim=1, stable=True)  # lowest first; text and padding last
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    drop = torch.round(ratio * visual.sum(dim=1, dtype=torch.float32))  # (B,)
+    return ~(visual & (rank < drop[:, None]))
 
 
 @register
