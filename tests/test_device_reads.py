@@ -95,3 +95,24 @@ def test_fastv_reads_once_for_its_drop(fresh):
     with slimvlm.apply(model, "fastv"):
         reads = slimvlm_reads(model, select(batch(processor, 1), 0))
     assert own(reads) <= 2 + 1, reads.where  # as for `none`, + the kept rows' width
+
+
+def decode_step(model, inputs) -> tuple[float, float]:
+    """(ops, reads) of one greedy decode step: generate(6 new tokens) less generate(2), over the 4 steps between."""
+    counted = []
+    for new in (2, 6):
+        with torch.no_grad(), HostReads() as reads:
+            model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        counted.append(reads)
+    return (counted[1].ops - counted[0].ops) / 4, (counted[1].total - counted[0].total) / 4
+
+
+@pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-64"])
+def test_a_batch_1_decode_step_costs_what_the_untouched_models_does(fresh, spec):
+    """Layers after a drop attend to every key of their unpadded view: no mask to build per step, no read."""
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    ops, reads = decode_step(model, inputs)
+    with slimvlm.apply(model, spec):
+        method_ops, method_reads = decode_step(model, inputs)
+    assert method_reads == reads and method_ops <= ops + 6, (method_ops, ops)

@@ -79,6 +79,7 @@ class View:
     position_embeddings: tuple | None = None
     prefill_mask: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
+    padded: bool = True  # some row holds fewer entries than the widest (known on the host when the view was cut)
 
 
 @dataclass
@@ -437,6 +438,7 @@ class Runtime:
             logits = self._static.step(input_ids, masks, session.static.group_of_layer, positions, session.cache)
             return self._output(logits, None, session.cache, arguments)
         mask_needed = new_valid is not None or session.padded or self._unmerge  # later layers: their views' masks
+        every_key = steps == 1 and new_valid is None  # one real query: it sees all of an unpadded view's keys
         if new_valid is None:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
         embeds = self.adapter.embed(input_ids)
@@ -449,8 +451,9 @@ class Runtime:
             session.query_copies = self._with_rotary(new, embeds)
         for view in session.distinct_views():
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
-            if view is not base:
-                view.decode_mask = attention_mask_4d(view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
+            if view is not base:  # no mask where it would allow everything (a batch-1 step): SDPA attends to all
+                view.decode_mask = None if every_key and not view.padded else attention_mask_4d(
+                    view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
         mask = base.key_valid.long() if mask_needed else None
         output = self.adapter.run_llm(embeds, mask, positions, session.cache, True, **kwargs)
         return self._logits(output.last_hidden_state, session.cache, arguments, None, output)
@@ -589,7 +592,7 @@ class Runtime:
         sequence = current.sequence
         keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid, session.tokens))
         keep = (keep | ~sequence.visual) & sequence.valid
-        gather, new_valid, _ = compaction(keep, right=session.right_padded)
+        gather, new_valid, padded = compaction(keep, right=session.right_padded)
         new_sequence = sequence.gather(gather, new_valid)
         self._carry_queries(sequence, new_sequence, gather)
         if session.labels is not None:
@@ -599,6 +602,7 @@ class Runtime:
         view = View(
             sequence=new_sequence,
             key_valid=new_valid,
+            padded=padded,
             position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
             prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], dtype),
         )
@@ -636,8 +640,8 @@ class Runtime:
             if not dropping:
                 continue
             sequence, _, cut = cuts[key]
-            gather, valid, _ = compaction(cut, known=(fewest, most))
-            view = View(sequence=sequence.gather(gather, valid), key_valid=valid)
+            gather, valid, padded = compaction(cut, known=(fewest, most))
+            view = View(sequence=sequence.gather(gather, valid), key_valid=valid, padded=padded)
             at = gather[:, None, :, None]
             for index in indices:
                 cache_layer = layers[index]
