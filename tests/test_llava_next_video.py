@@ -250,3 +250,19 @@ def test_a_local_folder_loads_as_llava_next_video(tiny_nv_dir):
     assert type(model).__name__ == "LlavaNextVideoForConditionalGeneration"
     with slimvlm.apply(model, "none") as handle:
         assert handle.runtime.adapter.family == "llava-next-video"
+
+
+def test_llava_next_video_7b_shape():
+    """llava-hf/LLaVA-NeXT-Video-7B-hf's shape on the meta device: 7.06B parameters, a 32-frame video 32 x 144 tokens."""
+    from slimvlm.bench.shapes import MODEL_CLASSES, shape_config
+    from slimvlm.models import adapter_for
+
+    config = shape_config("llava-next-video-7b")
+    with torch.device("meta"):
+        model = MODEL_CLASSES[type(config)]._from_config(config, attn_implementation="sdpa")
+    assert type(model).__name__ == "LlavaNextVideoForConditionalGeneration"
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 7.06
+    assert (config.image_token_id, config.video_token_id, config.spatial_pool_stride) == (32001, 32000, 2)
+    adapter = adapter_for(model)
+    assert adapter.synthetic_videos(1, 32, torch.Generator())[1] == 32 * 12 * 12
+    assert adapter.layout_of(672, 672).slots == 2928  # its images as LLaVA-NeXT-7B's

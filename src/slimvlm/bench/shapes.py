@@ -11,6 +11,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
@@ -32,6 +34,14 @@ LLAVA_15_7B = dict(
 # LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): the same tower and LM, AnyRes over these (height, width) grids of
 # 336-px crops; a 672 x 672 image is a base view and 2 x 2 tiles, 576 + 48 x 49 = 2928 visual tokens
 LLAVA_NEXT_7B = dict(LLAVA_15_7B, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+# LLaVA-NeXT-Video-7B (llava-hf/LLaVA-NeXT-Video-7B-hf): LLaVA-NeXT-7B's parts (its image token 32001, video 32000,
+# Vicuna's RoPE stretched linearly by 2), frames average-pooled 2 x 2: a 32-frame video is 32 x 144 = 4608 tokens
+LLAVA_NEXT_VIDEO_7B = dict(
+    LLAVA_NEXT_7B,
+    text=dict(LLAVA_15_7B["text"], rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    image_token_id=32001,
+    video_token_id=32000,
+)
 # LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov-hf): SigLIP so400m-patch14-384 (27 x 27 patches, no class
 # token) of which the checkpoint keeps 26 of 27 layers and reads the last (vision_feature_layer -1), Qwen2-7B,
 # pinpoints of 1-6 x 1-6 crops of 384 px, anyres_max_9. The benchmark's images (the most tokens without a resize:
@@ -61,17 +71,18 @@ QWEN25_VL_7B = dict(
     tie_word_embeddings=False,
 )
 
-SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-onevision-7b": LLAVA_ONEVISION_7B,
-          "qwen2.5-vl-7b": QWEN25_VL_7B}
+SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-next-video-7b": LLAVA_NEXT_VIDEO_7B,
+          "llava-onevision-7b": LLAVA_ONEVISION_7B, "qwen2.5-vl-7b": QWEN25_VL_7B}
 MODEL_CLASSES = {
     LlavaConfig: LlavaForConditionalGeneration,
     LlavaNextConfig: LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig: LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
 }
 
 
-def shape_config(name: str) -> LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig | Qwen2_5_VLConfig:
+def shape_config(name: str) -> LlavaConfig | LlavaNextConfig | LlavaNextVideoConfig | LlavaOnevisionConfig | Qwen2_5_VLConfig:
     if name not in SHAPES:
         raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
     spec = SHAPES[name]
@@ -97,6 +108,9 @@ def shape_config(name: str) -> LlavaConfig | LlavaNextConfig | LlavaOnevisionCon
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if "video_token_id" in spec:
+        return LlavaNextVideoConfig(**common, image_grid_pinpoints=spec["image_grid_pinpoints"], video_token_id=spec["video_token_id"],
+                                    spatial_pool_mode="average", spatial_pool_stride=2)
     if "image_grid_pinpoints" in spec:
         return LlavaNextConfig(**common, image_grid_pinpoints=spec["image_grid_pinpoints"])
     return LlavaConfig(**common)
