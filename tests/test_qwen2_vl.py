@@ -436,3 +436,21 @@ def test_visionzip_takes_fractions_of_each_items_tokens(fresh_qwen):
     assert handle.stats.visual_tokens == [int(0.45 * 24) + 1, int(0.45 * 16) + 1]
     with pytest.raises(slimvlm.SlimVLMError, match="sum to at most 1"):
         slimvlm.apply(fresh_qwen, "visionzip:dominant_ratio=0.9,contextual_ratio=0.2")
+
+
+def test_bench_generate_leaves_out_the_default_runs_qwen_refuses(tmp_path, capsys):
+    """The default --methods are for LLaVA-1.5: on Qwen, tome and llava-mini are left out and named; a list the user
+    gives is taken whole."""
+    import json
+
+    from slimvlm.cli import main
+
+    folder = tmp_path / "qwen"
+    qwen_model("qwen2_5_vl").save_pretrained(folder)
+    out = tmp_path / "generate.json"
+    assert main(["bench-generate", "--model", str(folder), "--batch-sizes", "1", "--paths", "eager", "--new-tokens", "2",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
+    assert "refused by this model: tome:r=16" in capsys.readouterr().out
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["untouched", "none", "visionzip-64", "divprune-64"]
+    assert main(["bench-generate", "--model", str(folder), "--methods", "tome:r=16", "--batch-sizes", "1",
+                 "--device", "cpu"]) != 0

@@ -15,15 +15,41 @@ KEEP_POSITIONS_HELP = (
     "sequence being renumbered (the papers' default)"
 )
 
+# the default runs, for LLaVA-1.5 (other families leave out what they refuse: _method_runs)
+BENCH_METHODS = "none,tome:r=8,fastv:k=2,ratio=0.5,visionzip,divprune:budget=64"
+GENERATE_METHODS = "none,visionzip-64,divprune-64,tome:r=16,llava-mini:budget=1"
+
+
+def _method_runs(model, text: str, default: str) -> list[list[str]]:
+    """The runs --methods names. The default list is for LLaVA-1.5: on another family the runs it refuses are left
+    out, and said; a list the user gave is taken whole (a run the model refuses is an error)."""
+    from .bench.run import parse_methods
+    from .registry import check_runs
+
+    runs = parse_methods(text)
+    if text != default:
+        return runs
+    kept, refused = [], []
+    for run in runs:
+        try:
+            check_runs(model, [run])
+            kept.append(run)
+        except SlimVLMError as error:
+            refused.append(f"{'+'.join(run)} ({str(error).split(';')[0]})")
+    if refused:
+        print(f"left out of the default --methods, refused by this model: {'; '.join(refused)}")
+    return kept
+
+
 def _bench(args: argparse.Namespace) -> None:
-    from .bench.run import format_table, parse_methods, run_bench
+    from .bench.run import format_table, run_bench
     from .models.loading import load_model, resolve_device
 
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device, args.dtype)
     results = run_bench(
         model,
-        parse_methods(args.methods),
+        _method_runs(model, args.methods, BENCH_METHODS),
         batch_size=args.batch_size,
         text_tokens=args.text_tokens,
         new_tokens=args.new_tokens,
@@ -42,7 +68,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _bench_generate(args: argparse.Namespace) -> None:
     from .bench.generate import PATHS, bench_generate, format_table
-    from .bench.run import parse_methods, synthetic_inputs
+    from .bench.run import synthetic_inputs
     from .models.loading import load_model, resolve_device
 
     device = resolve_device(args.device)
@@ -61,7 +87,8 @@ def _bench_generate(args: argparse.Namespace) -> None:
         }, quiet)
 
     results = bench_generate(
-        model, parse_methods(args.methods), lambda b: synthetic_inputs(model, b, args.text_tokens, video_frames=args.video_frames),
+        model, _method_runs(model, args.methods, GENERATE_METHODS),
+        lambda b: synthetic_inputs(model, b, args.text_tokens, video_frames=args.video_frames),
         batch_sizes,
         paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats, on_result=save if args.json else None,
     )
@@ -311,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="tokens, FLOPs, KV-cache bytes and latency per method")
     bench.add_argument("--model", default="testbed", help=SHAPE_MODEL_HELP)
-    bench.add_argument("--methods", default="none,tome:r=8,fastv:k=2,ratio=0.5,visionzip,divprune:budget=64",
+    bench.add_argument("--methods", default=BENCH_METHODS,
                        help="comma-separated specs; key=value continues the previous spec; '+' composes")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--text-tokens", type=int, default=64)
@@ -323,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("bench-generate", help="whole generate() time, TTFT, decode ms/token, tokens/s, peak memory "
                               "per method beside the untouched model, eager and static cache + compiled decode")
     generate.add_argument("--model", default="testbed", help=SHAPE_MODEL_HELP)
-    generate.add_argument("--methods", default="none,visionzip-64,divprune-64,tome:r=16,llava-mini:budget=1",
+    generate.add_argument("--methods", default=GENERATE_METHODS,
                           help="comma-separated specs; '+' composes methods of different stages")
     generate.add_argument("--batch-sizes", default="1,16,64")
     generate.add_argument("--paths", default="eager,static", help="eager (dynamic cache) and/or static "
