@@ -293,15 +293,15 @@ class QwenVLAdapter(LanguageModelAdapter):
         q, k = attn.qkv(hidden).view(patches, 3, heads, -1).float().unbind(1)[:2]
         cos, sin = (t.float()[:, None] for t in kwargs["position_embeddings"])
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        scale = q.shape[-1] ** -0.5
+        q = q * q.shape[-1] ** -0.5  # scaled once here, not on every (H, chunk, n) block of logits
         received = torch.zeros(patches, dtype=torch.float32, device=hidden.device)
         bounds = kwargs["cu_seqlens"].tolist()
         for begin, end in zip(bounds[:-1], bounds[1:]):  # an image or a video frame
             keys = k[begin:end].transpose(0, 1)  # (H, n, d)
             for first in range(begin, end, QUERY_CHUNK):
                 queries = q[first : min(first + QUERY_CHUNK, end)].transpose(0, 1)
-                probabilities = (queries @ keys.transpose(1, 2) * scale).softmax(dim=-1)  # (H, c, n)
-                received[begin:end] += probabilities.mean(dim=0).sum(dim=0)
+                probabilities = (queries @ keys.transpose(1, 2)).softmax(dim=-1)  # (H, c, n)
+                received[begin:end] += probabilities.sum(dim=(0, 1)) / heads  # mean over heads, summed over queries
         unit = self.merge**2
         received, keys = received.view(-1, unit).mean(dim=1), k.view(-1, unit, heads, k.shape[-1]).mean(dim=1)
         if hasattr(self.visual, "fullatt_block_indexes"):  # Qwen2.5-VL's blocks run its units in window order
