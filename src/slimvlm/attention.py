@@ -32,7 +32,7 @@ def attention_rows(
         raise ValueError(f"{heads} query heads cannot share {kv_heads} key heads")
     if heads != kv_heads:
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-    logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scaling
+    logits = torch.matmul(queries.float() * scaling, keys.float().transpose(-1, -2))  # scaled on the queries: Q x d, not Q x K
     if bias is not None:
         logits = logits + bias.float()
     if allowed is not None:
