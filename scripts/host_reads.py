@@ -1,11 +1,14 @@
-"""Ops dispatched, host reads and host time of one batch-1 prefill, and ops and reads per eager decode step, per
-method, beside the untouched model, on the CPU.
+"""Ops dispatched, host reads and host time of one batch-1 prefill, the launches of a static-cache prefill with
+CUDA graphs, and ops and reads per eager decode step, per method, beside the untouched model, on the CPU.
 
 A batch-1 prefill on a GPU is paid in kernel launches (one per op) and in host syncs (each read of a device
 value waits for the queue to drain): this counts both without a GPU, on a LLaVA-1.5-7B of the real depths
 (24 CLIP layers at 336 px: 576 patches; 32 LM layers) but narrow widths, random weights, where a prefill's
-time is mostly host time (Python, dispatch): its median over --repeats runs, in ms. A decode step's ops and reads
-are those of generate(10 new tokens) less generate(2), over the 8 steps between.
+time is mostly host time (Python, dispatch): its median over --repeats runs, in ms. "static launches" are the
+ops and reads of a static-cache prefill with slimvlm's CUDA graphs as a GPU
+runs them: each replay one launch (the function runs on the CPU, its ops uncounted; it must read nothing), of a
+prefill on a StaticCache as generate(cache_implementation="static") hands one over. A
+decode step's ops and reads are those of generate(10 new tokens) less generate(2), over the 8 steps between.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python3 scripts/host_reads.py [--methods none,mustdrop-64] [--where]
 """
@@ -17,11 +20,12 @@ import statistics
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StaticCache
 
 import slimvlm
 from slimvlm.bench.run import synthetic_inputs
-from slimvlm.device_reads import HostReads
+from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
+from slimvlm.models.compat import cache_kwarg
 
 
 def narrow_llava_15_7b() -> LlavaForConditionalGeneration:
@@ -44,7 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     model = narrow_llava_15_7b()
     inputs = synthetic_inputs(model, 1, 64)
-    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8} | per decode step: {'ops':>7} {'reads':>5}")
+    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8} | static launches: {'ops':>6} {'reads':>5} "
+          f"| per decode step: {'ops':>7} {'reads':>5}")
     for spec in ["untouched"] + args.methods.split(","):
         handle = None if spec == "untouched" else slimvlm.apply(model, spec)
         with torch.inference_mode():
@@ -56,6 +61,12 @@ def main() -> None:
                 begin = time.perf_counter()
                 model(**inputs, use_cache=True, logits_to_keep=1)
                 times.append((time.perf_counter() - begin) * 1000)
+            room = inputs["input_ids"].shape[1] + 8
+            cache = StaticCache(config=model.config.text_config, max_cache_len=room)
+            model(**inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(model.forward): cache})
+            cache = StaticCache(config=model.config.text_config, max_cache_len=room)
+            with HostReads() as static, graphs_replayed_as_launches(static):
+                model(**inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(model.forward): cache})
             steps = []
             for new_tokens in (2, 10):
                 with HostReads() as counted:
@@ -63,6 +74,7 @@ def main() -> None:
                 steps.append(counted)
         step_ops, step_reads = ((b - a) / 8 for a, b in ((steps[0].ops, steps[1].ops), (steps[0].total, steps[1].total)))
         print(f"{spec:16} {reads.ops:6d} {reads.total:6d} {statistics.median(times):8.1f} |"
+              f"                  {static.ops:6d} {static.total:5d} |"
               f"                  {step_ops:7.1f} {step_reads:5.2f}")
         if args.where:
             for place, count in reads.where.most_common():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import slimvlm
-from conftest import batch
+from conftest import batch, select
 from slimvlm.testbed.build import load
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -54,3 +54,19 @@ def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
         with slimvlm.apply(model, spec, cuda_graphs=True):  # graphs, then the compiled decode step records
             for _ in range(2):
                 assert torch.equal(model.generate(**inputs, **settings), eager)
+
+
+@pytest.mark.parametrize("spec", ["fastv", "mustdrop-64", "mustdrop:filter=false,cache_keep=important"])
+def test_batch_1_prefill_segments_replayed_from_graphs_generate_what_eager_does(tiny_cuda, spec):
+    """At batch 1 on a static cache stage-3/4 layers run in segments replayed from CUDA graphs
+    (prefill_segments.py): prompts in turn, each replaying what the others captured where widths agree."""
+    model, processor = tiny_cuda
+    prompts = [on_cuda(select(batch(processor, 2, seed=seed), row)) for seed in (3, 4) for row in (0, 1)]
+    settings = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.inference_mode():
+        with slimvlm.apply(model, spec, cuda_graphs=False, compile=False):
+            eager = [model.generate(**inputs, **settings) for inputs in prompts]
+        with slimvlm.apply(model, spec, cuda_graphs=True):
+            for _ in range(2):
+                for inputs, expected in zip(prompts, eager):
+                    assert torch.equal(model.generate(**inputs, **settings), expected)

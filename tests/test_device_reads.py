@@ -4,8 +4,11 @@ import pytest
 import torch
 from conftest import batch, select
 
+from transformers import StaticCache
+
 import slimvlm
-from slimvlm.device_reads import HostReads, read_together
+from slimvlm.device_reads import HostReads, graphs_replayed_as_launches, read_together
+from slimvlm.models.compat import cache_kwarg
 from slimvlm.methods.mustdrop import MustDrop
 from slimvlm.sequence import compaction
 
@@ -116,3 +119,26 @@ def test_a_batch_1_decode_step_costs_what_the_untouched_models_does(fresh, spec)
     with slimvlm.apply(model, spec):
         method_ops, method_reads = decode_step(model, inputs)
     assert method_reads == reads and method_ops <= ops + 6, (method_ops, ops)
+
+
+def static_prefill_launches(model, inputs, **extra) -> HostReads:
+    """Ops and reads of a batch-1 prefill on a static cache, slimvlm's CUDA graphs counted as one launch each."""
+    cache = StaticCache(config=model.config.text_config, max_cache_len=inputs["input_ids"].shape[1] + 8)
+    with torch.no_grad(), HostReads() as reads, graphs_replayed_as_launches(reads):
+        model(**inputs, use_cache=True, **{cache_kwarg(model.forward): cache}, **extra)
+    return reads
+
+
+@pytest.mark.parametrize("spec", ["fastv", "mustdrop-64"])
+def test_a_batch_1_static_prefill_launches_its_segments_as_graphs(fresh, spec):
+    """Stage-3 layers run in segments replayed as CUDA graphs (nothing inside them reads the device, or the count
+    raises); what launches beside `none`'s graphs is the drops' bookkeeping, not the LLM's layers."""
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    with slimvlm.apply(model, spec):
+        segmented = static_prefill_launches(model, inputs)
+        hooked = static_prefill_launches(model, inputs, output_hidden_states=False)  # the LM's own outputs: hooks
+    layers = model.config.text_config.num_hidden_layers
+    # a hooked LM layer launches its ops one by one (over 80 each here); segments launch once each
+    assert segmented.ops + 50 * layers <= hooked.ops, (segmented.ops, hooked.ops)
+    assert segmented.total <= hooked.total

@@ -103,7 +103,7 @@ def test_positions_need_no_mm_token_type_ids(fresh_qwen, kind):
 
 def assert_batched_equals_one_by_one(model, handle, inputs, new: int = 5) -> list[int]:
     """A batch's last logits, greedy tokens (dynamic and static cache) and items' token counts are each prompt's
-    alone; returns the batch's counts."""
+    alone (whose greedy tokens are the same on both caches); returns the batch's counts."""
     batched = model(**inputs).logits[:, -1]
     counts = handle.stats.visual_tokens
     generated = generate(model, inputs, static=False, new_tokens=new).sequences[:, -new:]
@@ -117,6 +117,8 @@ def assert_batched_equals_one_by_one(model, handle, inputs, new: int = 5) -> lis
         items += len(own)
         alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
         assert alone.tolist() == generated[index].tolist()
+        # batch 1 on a static cache: stage-3/4 prefill in segments (prefill_segments.py)
+        assert generate(model, single, static=True, new_tokens=new).sequences[0, -new:].tolist() == alone.tolist()
     assert items == len(counts)
     return counts
 

@@ -38,6 +38,23 @@ def test_static_cache_generates_what_the_dynamic_cache_does(fresh, spec):
         assert_same_generation(generate(model, inputs, static=True), generate(model, inputs, static=False))
 
 
+@pytest.mark.parametrize("spec", STAGE_3_4 + ["mustdrop:filter=false,cache_keep=important"], ids=str)
+def test_a_batch_1_prefill_in_segments_generates_what_the_hooked_one_does(fresh, spec):
+    """At batch 1 on a static cache stage-3/4 prefill runs in segments between drops (prefill_segments.py):
+    the same text, the same tokens per layer and cache entries as the dynamic path's hooks give."""
+    model, processor = fresh
+    inputs = batch(processor, 1, seed=3)
+    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
+        static = generate(model, inputs, static=True)
+        static_stats = handle.stats
+        assert not handle.runtime._llm_hooks  # the segments ran the layers, not the hooks
+        dynamic = generate(model, inputs, static=False)
+        assert_same_generation(static, dynamic)
+        assert static_stats.llm_tokens == handle.stats.llm_tokens
+        assert static_stats.kv_entries == handle.stats.kv_entries
+        assert min(static_stats.kv_entries[0]) < max(static_stats.kv_entries[0])  # something was dropped
+
+
 def test_none_on_a_static_cache_is_the_untouched_model(fresh):
     model, processor = fresh
     inputs = batch(processor, 2)

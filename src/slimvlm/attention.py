@@ -48,3 +48,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Llama-style rotary embedding: x (B, H, L, d), cos/sin (B, L, d)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def question_rows(adapter, parts, queries: torch.Tensor, keys: torch.Tensor, position_embeddings, index: torch.Tensor,
+                  key_valid: torch.Tensor) -> torch.Tensor:
+    """(B, H, Q, L) attention probabilities of the queries at index (B, Q) over the valid keys before them, from a
+    layer's projected queries and keys (B, L, H x d) and its rotary embeddings: computed beside SDPA."""
+    batch, length, _ = keys.shape
+    keys = keys.view(batch, length, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+    queries = queries.view(batch, length, parts.num_heads, parts.head_dim).transpose(1, 2)
+    keys = adapter.rotate(keys, position_embeddings)
+    cos, sin = adapter.gather_position_embeddings(position_embeddings, index)
+    picked = queries.gather(2, index[:, None, :, None].expand(-1, parts.num_heads, -1, parts.head_dim))
+    picked = adapter.rotate(picked, (cos, sin))
+    key_at = torch.arange(length, device=keys.device)
+    allowed = (key_at[None, None, :] <= index[:, :, None]) & key_valid[:, None, :]
+    return attention_rows(picked, keys, parts.scaling, allowed=allowed[:, None])

@@ -5,8 +5,10 @@ slimvlm reads what it must together, and what it only reports (statistics) when 
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -83,3 +85,28 @@ def _boolean_index(args) -> bool:
     """x[mask] with a bool mask: its result's size is read back."""
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
+@contextlib.contextmanager
+def graphs_replayed_as_launches(counted: HostReads) -> Iterator[None]:
+    """Within the block, slimvlm's CUDA graphs run on any device and count in `counted` as a GPU launches them:
+    one op per replay (the function runs, its ops uncounted). A graphed function that reads the device raises:
+    it could not be captured. A measuring tool, like HostReads: it swaps the runtime's graph switch while active."""
+    from . import runtime
+    from .graphs import GraphCache
+
+    def replay(cache: GraphCache, *inputs, key: tuple = (), after_warmup=None):
+        ops, reads = counted.ops, counted.total
+        output = cache.fn(*inputs, *key)
+        if counted.total != reads:
+            raise RuntimeError(f"{cache.fn.__qualname__} reads the device: a CUDA graph could not capture it")
+        counted.ops = ops + 1
+        return output
+
+    wanted, call = runtime.graphs_wanted, GraphCache.__call__
+    runtime.graphs_wanted = lambda setting, device: setting is not False and not torch.is_grad_enabled()
+    GraphCache.__call__ = replay
+    try:
+        yield
+    finally:
+        runtime.graphs_wanted, GraphCache.__call__ = wanted, call

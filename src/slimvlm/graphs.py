@@ -37,7 +37,7 @@ def own_cublas_workspace() -> Iterator[None]:
 
 class GraphCache:
     """Replays fn(*tensors, *key) from CUDA graphs, one per distinct input shape and `key` (plain
-    values the function depends on).
+    values the function depends on). An input may be None (the same for every call of that signature).
 
     fn must not read values back to the host nor let shapes depend on values. Its output lives in the
     graph's buffers, which the next replay overwrites: use it before calling again. `after_warmup`
@@ -49,18 +49,19 @@ class GraphCache:
         self._pool = None
 
     def __call__(self, *inputs: torch.Tensor, key: tuple = (), after_warmup: Callable[[], None] | None = None):
-        signature = tuple((t.shape, t.dtype, t.device) for t in inputs) + key
+        signature = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in inputs) + key
         entry = self._graphs.get(signature)
         if entry is None:
             entry = self._graphs[signature] = self._capture(inputs, key, after_warmup)
         graph, static_inputs, output = entry
         for static, given in zip(static_inputs, inputs):
-            static.copy_(given)
+            if given is not None:
+                static.copy_(given)
         graph.replay()
         return output
 
     def _capture(self, inputs: tuple[torch.Tensor, ...], key: tuple, after_warmup):
-        static_inputs = [t.clone() for t in inputs]
+        static_inputs = [None if t is None else t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, allocations) happens here

@@ -22,9 +22,10 @@ from .device_reads import read_together
 from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range, is_placeholder,
                        padding_of_causal_mask, rebuild)
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
-from .attention import attention_rows
+from .attention import question_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
 from .graphs import GraphCache, graphs_wanted
+from .prefill_segments import SegmentedPrefill
 from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
 
 
@@ -137,6 +138,7 @@ class Runtime:
         self._llm_hooks = HookSet()  # stage 3-4 hooks on the LLM layers
         self._static = StaticDecoder(model, adapter, compile)
         self._vision_graphs = GraphCache(self._vision)  # stages 1-2 in one graph, when every method is capturable
+        self._segments = SegmentedPrefill(adapter)
         for method in methods:
             adapter.check_method(method)
             method.check_identity(model)
@@ -279,10 +281,15 @@ class Runtime:
         on_static = bool(use_cache) and is_static(given)
         if on_static:
             self._check_static()
-        if self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()
-            self._install_layer_hooks()
-        # stages 3-4 prefill on a dynamic cache, then hand its entries over to a static one (decoding.py)
+        # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (decoding.py),
+        # from the segments the runtime runs itself (prefill_segments.py), or, where the caller asks the LM's own
+        # outputs (hidden states, attentions), from a hooked prefill on a dynamic cache
         hand_off = on_static and self._in_llm
+        segmented = hand_off and not kwargs and input_ids.shape[0] == 1  # where a prefill is paid in launches
+        if segmented:
+            self._llm_hooks.remove()
+        elif self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()
+            self._install_layer_hooks()
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
         images_per_sample, right_padded, placeholders = self._prompt_shape(input_ids, arguments.get("attention_mask"))
         tokens, vision_trace, projected, context = self._run_vision(
@@ -303,13 +310,16 @@ class Runtime:
             adapter.placeholder_ids,
             adapter.image_tokens(),
             self.keep_positions,
-            width_step=CAPACITY_STEP if on_static and not hand_off else 1,  # a few widths, a graph or compile each
+            width_step=CAPACITY_STEP if segmented or (on_static and not hand_off) else 1,  # a few widths, a graph each
             right_padded=right_padded,
             placeholders=placeholders,
         )
         session = self._start_session(rebuilt, tokens, given, use_cache, on_static and not hand_off, input_ids.shape[1],
                                       right_padded)
-        output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
+        if segmented:
+            output, hidden = None, self._prefill_in_segments(rebuilt, session, graphs)
+        else:
+            output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
         prefill_tokens = per_view(session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
         session.padded = rebuilt.padded
@@ -364,6 +374,40 @@ class Runtime:
         output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
                                       use_cache, **kwargs)
         return output, output.last_hidden_state
+
+    def _prefill_in_segments(self, rebuilt, session: Session, graphs: bool) -> torch.Tensor:
+        """The LM's last hidden states over the rebuilt prompt, its layers run in segments between the prefill
+        method's drops (prefill_segments.py), each replayed from a CUDA graph when `graphs`; the drops run
+        between them as the hooks would run them, to widths rounded up to CAPACITY_STEP."""
+        sequence = rebuilt.sequence
+        hidden = rebuilt.embeds
+        mask_dtype = self.adapter.mask_dtype(hidden.dtype)
+        prompt_embeddings = self.adapter.position_embeddings(hidden, sequence.positions)
+        session.cache = self._segments.start(*sequence.valid.shape, hidden)
+        method = self._prefill_methods[0] if self._prefill_methods else None  # one method per stage (registry.py)
+        drops = tuple(method.drop_layers) if method is not None else ()
+        layers = len(self.adapter.llm_layers)
+        start = 0
+        for end in (*drops, layers):
+            view = session.view_of(start)
+            width = view.key_valid.shape[1]
+            slots = torch.nn.functional.pad(view.key_valid, (0, self._segments.capacity - width))  # the scratch's
+            mask = attention_mask_4d(slots, width, mask_dtype, first_query=0)
+            probe = None
+            if end < layers and method.queries is not None:
+                index, valid = self._query_rows(view.sequence, method.queries)
+                more = (1 << (index.shape[1] - 1).bit_length()) - index.shape[1]  # a power of two: a few graphs for
+                # questions of any length
+                index, valid = (torch.nn.functional.pad(index, (0, more)), torch.nn.functional.pad(valid, (0, more)))
+                probe = (index, view.sequence.valid)
+            hidden, rows = self._segments.run(session.cache, start, end, hidden, mask,
+                                              view.position_embeddings or prompt_embeddings, probe, end == layers, graphs)
+            if end < layers:
+                if probe is not None:
+                    session.rows[method.name, end] = (rows, index, valid)
+                hidden = self._drop(method, end, hidden, prompt_embeddings, CAPACITY_STEP)
+            start = end
+        return hidden
 
     def _hand_off_to_static(self, session: Session, given, like: torch.Tensor) -> None:
         """Move the prefill's dynamic cache into slimvlm's static one, a length per group of layers that
@@ -532,18 +576,8 @@ class Runtime:
         self._llm_hooks.add(parts.module.register_forward_hook(after, with_kwargs=True))
 
     def _rows(self, parts, sequence: Sequence, queries, keys, position_embeddings, which: str):
-        batch, length, _ = keys.shape
-        keys = keys.view(batch, length, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
-        queries = queries.view(batch, length, parts.num_heads, parts.head_dim).transpose(1, 2)
-        keys = self.adapter.rotate(keys, position_embeddings)
         index, valid = self._query_rows(sequence, which)
-        cos, sin = self.adapter.gather_position_embeddings(position_embeddings, index)
-        picked = queries.gather(2, index[:, None, :, None].expand(-1, parts.num_heads, -1, parts.head_dim))
-        picked = self.adapter.rotate(picked, (cos, sin))
-        key_at = torch.arange(length, device=keys.device)
-        allowed = (key_at[None, None, :] <= index[:, :, None]) & sequence.valid[:, None, :]
-        rows = attention_rows(picked, keys, parts.scaling, allowed=allowed[:, None])
-        return rows, index, valid
+        return question_rows(self.adapter, parts, queries, keys, position_embeddings, index, sequence.valid), index, valid
 
     def _query_rows(self, sequence: Sequence, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The query rows `which` of `sequence`: found on the prompt's sequence at the first probe (a read of
@@ -575,7 +609,12 @@ class Runtime:
             return args, kwargs
         for method in self._prefill_methods:
             if layer_index in method.drop_layers:
-                args, kwargs = self._drop(method, layer_index, args, kwargs)
+                hidden = self._drop(method, layer_index, args[0] if args else kwargs["hidden_states"],
+                                    kwargs["position_embeddings"])
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = hidden
         if session.is_base(layer_index):
             return None
         view = session.view_of(layer_index)
@@ -584,35 +623,32 @@ class Runtime:
         kwargs["position_ids"] = view.sequence.positions
         return args, kwargs
 
-    def _drop(self, method: Method, layer_index: int, args, kwargs):
+    def _drop(self, method: Method, layer_index: int, hidden: torch.Tensor, position_embeddings,
+              width_step: int = 1) -> torch.Tensor:
+        """The method's drop at the input of `layer_index`: the layers from there on see the kept tokens, packed
+        to a width rounded up to width_step; returns their input hidden states. position_embeddings: the
+        prompt's rotary embeddings (before any drop)."""
         session = self.session
         current = session.view_of(layer_index)
-        hidden = args[0] if args else kwargs["hidden_states"]
         rows, index, valid = session.rows.pop((method.name, layer_index), (None, None, None))
         sequence = current.sequence
         keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid, session.tokens))
         keep = (keep | ~sequence.visual) & sequence.valid
-        gather, new_valid, padded = compaction(keep, right=session.right_padded)
+        gather, new_valid, padded = compaction(keep, width_step, right=session.right_padded)
         new_sequence = sequence.gather(gather, new_valid)
         self._carry_queries(sequence, new_sequence, gather)
         if session.labels is not None:
             session.labels = torch.where(new_valid, session.labels.gather(1, gather), IGNORE_INDEX)
-        embeddings = current.position_embeddings or kwargs["position_embeddings"]
-        dtype = self.adapter.mask_dtype(hidden.dtype)
+        embeddings = current.position_embeddings or position_embeddings
         view = View(
             sequence=new_sequence,
             key_valid=new_valid,
             padded=padded,
             position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
-            prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], dtype),
+            prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], self.adapter.mask_dtype(hidden.dtype)),
         )
         session.set_view(range(layer_index, len(self.adapter.llm_layers)), view)
-        hidden = gather_rows(hidden, gather)
-        if args:
-            args = (hidden,) + tuple(args[1:])
-        else:
-            kwargs["hidden_states"] = hidden
-        return args, kwargs
+        return gather_rows(hidden, gather)
 
     # ---- stage 4: the KV cache after prefill --------------------------------------------------
     def _compress_cache(self, method: Method) -> None:
