@@ -115,7 +115,7 @@ class StaticDecoder:
             self._cache = static_cache(self.adapter.text_config, per_layer)
             self._cache_key = key
         else:
-            self._cache.reset()
+            reset(self._cache)
         slots = []
         for valid, capacity in zip(key_valid, capacities):
             slot = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
@@ -129,8 +129,7 @@ class StaticDecoder:
         values), for methods after which layers hold different entries (stages 3-4): each group of layers
         gets its own length, so decode steps read only the entries kept."""
         cache, steps = self.start(given, key_valid, group_of_layer, prompt_length, like)
-        for target, source in zip(cache.layers, layers):
-            target.update(source.keys, source.values)
+        fill(cache, layers)
         return cache, steps
 
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, steps: StaticSteps, mask_dtype, graphs: bool) -> torch.Tensor:
@@ -140,7 +139,7 @@ class StaticDecoder:
         mask = attention_mask_4d(steps.key_valid[0], embeds.shape[1], mask_dtype, first_query=0)
         if not graphs:
             return self._prefill(embeds, mask, positions)
-        return self._prefill_graphs(embeds, mask, positions, after_warmup=self._cache.reset)
+        return self._prefill_graphs(embeds, mask, positions, after_warmup=lambda: reset(self._cache))
 
     def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.adapter.run_llm(embeds, mask, positions, self._cache, True).last_hidden_state
@@ -171,6 +170,25 @@ def static_cache(text_config, capacities: tuple[int, ...]):
     if len(set(capacities)) > 1:  # sliding-window layers never get here: stages 3-4 are refused on such LMs
         cache.layers = [StaticLayer(max_cache_len=capacity) for capacity in capacities]
     return cache
+
+
+def reset(cache) -> None:
+    """What StaticCache.reset() does (every layer's keys, values and length zeroed) in one op, not three a layer:
+    at batch 1 each op is a kernel launch the prefill waits for."""
+    tensors = [t for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+    torch._foreach_zero_(tensors + [layer.cumulative_length for layer in cache.layers])
+
+
+def fill(cache, layers: list) -> None:
+    """Write each layer's prompt entries (`layers`: objects with keys and values (B, H, W, d)) at the start of a
+    reset static cache, in two ops for all layers (its update() takes five a layer)."""
+    for target, source in zip(cache.layers, layers):
+        if not target.is_initialized:
+            target.lazy_initialization(source.keys, source.values)
+    targets = [t.keys[:, :, : s.keys.shape[2]] for t, s in zip(cache.layers, layers)]
+    targets += [t.values[:, :, : s.values.shape[2]] for t, s in zip(cache.layers, layers)]
+    torch._foreach_copy_(targets, [s.keys for s in layers] + [s.values for s in layers])
+    torch._foreach_add_([t.cumulative_length for t in cache.layers], [s.keys.shape[2] for s in layers])
 
 
 @dataclass(frozen=True)
