@@ -1,5 +1,6 @@
 """MustDrop (Liu et al. 2024): each part against a hand-checked example, the no-op, and generate()."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import slimvlm
 from conftest import batch, select
+from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 from slimvlm.errors import SlimVLMError
 from slimvlm.methods.mustdrop import MustDrop, dual_attention_drop, important_tokens, parse_layers, window_similarity
 from slimvlm.registry import PRESETS, build
@@ -51,6 +53,11 @@ def test_lsm_merges_exactly_the_uniform_window():
     torch.testing.assert_close(merged.x[0, token[0]], x[0, [p + 1 for p in patches]].mean(0))
     others = [p for p in range(36) if p not in patches]
     assert sorted(merged.patch_to_token[0, others].tolist()) == sorted(set(merged.patch_to_token[0, others].tolist()))
+    # inside a CUDA graph: the same tokens, the tensor's width kept (padding), no count read back
+    padded = MustDrop().encode_layer(dataclasses.replace(after_layer(), keep_width=True), tokens)
+    assert padded.x.shape[1] == 37 and padded.known is None and padded.counts.tolist() == [29]
+    assert torch.equal(padded.x[:, :29], merged.x) and (padded.size[0, 29:] == 0).all()
+    assert torch.equal(padded.patch_to_token, merged.patch_to_token)
     # only after encoder layer 0; lsm=false does nothing
     assert MustDrop().encode_layer(after_layer(1), tokens) is tokens
     assert MustDrop(lsm=False).encode_layer(after_layer(), tokens) is tokens
@@ -290,3 +297,23 @@ def test_demo_budget_rule_uses_the_presets(tiny):
     assert budget_specs(model, 64)["mustdrop"] == "mustdrop-64"
     assert budget_specs(model, 192)["mustdrop"] == "mustdrop-192"
     assert Stage.DECODE in build("mustdrop-64").stages
+
+
+def test_stages_1_2_replayed_as_one_graph_at_batch_1_give_what_they_give_eagerly(fresh):
+    """At batch 1 on a GPU the window merge keeps the encoder's width (padding what it merges) so that the tower,
+    MustDrop's stage-1 parts and the projector replay as one CUDA graph: the same logits and statistics. Run
+    here with the graph's function called in its place, reads counted (none may happen inside)."""
+    model, processor = fresh
+    inputs = select(batch(processor, 1, seed=4), 0)
+    spec = "mustdrop:threshold=0.0"  # merges most windows of a random tower
+    with torch.no_grad():
+        with slimvlm.apply(model, spec, cuda_graphs=False) as handle:
+            eager = model(**inputs).logits
+            expected = handle.stats
+        with slimvlm.apply(model, spec) as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
+            replayed = model(**inputs).logits
+            stats = handle.stats
+    assert expected.visual_tokens[0] < 576
+    torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
+    for field in ("visual_tokens", "sources", "vision_tokens", "llm_tokens", "kv_entries", "projector_tokens"):
+        assert getattr(stats, field) == getattr(expected, field), field

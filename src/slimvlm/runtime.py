@@ -423,18 +423,27 @@ class Runtime:
     def _run_vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool):
         """Stages 1-2 (see _vision), replayed as one CUDA graph when graphs are on and every method is capturable."""
         stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
-        if graphs and self.adapter.vision_capturable and all(method.capturable for method in stages_1_2):
+        # a method whose counts follow the image keeps its width in a graph (padding what it merges): worth it at
+        # batch 1, where the encoder is paid in launches; at larger batches it runs eagerly on fewer tokens
+        widths_fixed_pay = input_ids.shape[0] == 1 or not any(method.varying_lengths for method in stages_1_2)
+        if (graphs and self.adapter.vision_capturable and all(method.capturable for method in stages_1_2)
+                and widths_fixed_pay):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            return self._vision_graphs(pixel_values, input_ids, mask, key=(images_per_sample,))
-        return self._vision(pixel_values, input_ids, attention_mask, images_per_sample, graphs)
+            *outputs, states = self._vision_graphs(pixel_values, input_ids, mask, key=(images_per_sample, False, True))
+            for method, state in zip(stages_1_2, states):  # a replay runs no Python: what the methods set, again
+                vars(method).update(state)
+            return tuple(outputs)
+        return tuple(self._vision(pixel_values, input_ids, attention_mask, images_per_sample, graphs)[:-1])
 
-    def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False):
+    def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False,
+                keep_width: bool = False):
         """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
         projector, the stage-2 methods' project(). Returns (tokens, vision trace, tokens per image through the
-        projector, prompt context)."""
+        projector, prompt context, per method of stages 1-2 the attributes it set (Method.encoder_state)).
+        keep_width: for a CUDA graph, methods keep the token tensor's width where their counts follow the image."""
         adapter = self.adapter
         stage1 = self._by_stage[Stage.ENCODE]
-        tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs)
+        tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs, keep_width)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
         projected = adapter.projector_counts(tokens)
         tokens = adapter.pack(tokens)
@@ -447,7 +456,9 @@ class Runtime:
         )
         for method in self._by_stage[Stage.PROJECT]:
             tokens = method.project(tokens, context)
-        return tokens, trace, projected, context
+        states = [{name: getattr(method, name) for name in method.encoder_state}
+                  for method in stage1 + self._by_stage[Stage.PROJECT]]
+        return tokens, trace, projected, context, states
 
     def _check_static(self) -> None:
         """Refuse, before any work, what transformers' static cache cannot hold."""
@@ -686,7 +697,7 @@ class Runtime:
             session.set_view(indices, view)
 
     # ---- statistics --------------------------------------------------------------------------
-    def _record(self, tokens, vision_trace, projected: list[int], prefill_tokens: tuple[torch.Tensor, list[int]],
+    def _record(self, tokens, vision_trace, projected: list[int] | torch.Tensor, prefill_tokens: tuple[torch.Tensor, list[int]],
                 prompt_length: int, fusion: list[list[int]]) -> None:
         """Keep on the device what the statistics need (the views change at the next prefill); `stats` reads
         it in one transfer when asked."""
@@ -698,11 +709,13 @@ class Runtime:
         device = tokens.x.device
         trace = torch.stack(vision_trace).to(device) if vision_trace else torch.zeros(0, 0, dtype=torch.long, device=device)
         parts = [tokens.patch_to_token.clone(), trace, prefill_tokens[0], entries[0], visual[0]]  # clone: a graph reuses its outputs
-        parts += [t for t in (counts, copies) if t is not None]
+        projected_on_device = projected.clone() if isinstance(projected, torch.Tensor) else None
+        parts += [t for t in (counts, projected_on_device, copies) if t is not None]
 
         def read() -> Stats:
             sources, vision, llm, kv, kv_visual, *rest = read_together(parts)
             visual_tokens = rest.pop(0) if counts is not None else list(known)
+            projector_tokens = rest.pop(0) if projected_on_device is not None else projected
             per_layer = [llm[row] for row in prefill_tokens[1]]
             return Stats(
                 visual_tokens=visual_tokens,
@@ -712,7 +725,7 @@ class Runtime:
                 vision_tokens=vision,
                 llm_tokens=per_layer,
                 attention_tokens=[rest[0]] * len(per_layer) if copies is not None else per_layer,
-                projector_tokens=projected,
+                projector_tokens=projector_tokens,
                 prompt_tokens=[prompt_length] * len(per_layer[0]),
                 fusion_tokens=fusion,
             )

@@ -47,6 +47,9 @@ class EncoderAttention:
     # the LLM keeps each visual token at its own position (Qwen-VL's M-RoPE): a token a method makes sits at
     # the place and position of one of its members, not after the others
     positions_kept: bool = False
+    # stages 1-2 run inside a CUDA graph: a method whose counts follow the image keeps the token tensor's width
+    # (what it merges or drops becomes padding) rather than read its counts back to the host
+    keep_width: bool = False
 
 
 @dataclass
@@ -120,9 +123,13 @@ class Method:
     # stage 1: the class token goes on to the LLM even where the model's feature selection drops it
     feeds_cls: ClassVar[bool] = False
     # stages 1-2: the hooks are pure functions of their inputs that read nothing back to the host and
-    # whose shapes follow from host-known counts (VisualTokens.known), so the vision tower, the method and
-    # the projector can replay together from one CUDA graph (graphs.py)
+    # whose shapes follow from host-known counts (VisualTokens.known), or from the token tensor's width where
+    # EncoderAttention.keep_width asks, so the vision tower, the method and the projector can replay together
+    # from one CUDA graph (graphs.py)
     capturable: ClassVar[bool] = False
+    # stages 1-2: attributes the hooks set for later stages; a CUDA graph's replay runs no Python, so the
+    # runtime sets them again from what the captured run left (the replay refreshes those tensors)
+    encoder_state: ClassVar[tuple[str, ...]] = ()
     # stage 1: encode_layer acts after every encoder layer; False for methods that read only the feature
     # layer (encode_output), so that the layers before it run untouched (and can replay as a CUDA graph)
     acts_in_encoder_layers: ClassVar[bool] = True

@@ -154,13 +154,15 @@ class VisualTokens:
         return bias.to(self.x.dtype)[:, None, None, :]
 
     def regroup(self, assign: torch.Tensor, num_groups: int, order: torch.Tensor | None = None,
-                counts: list[int] | None = None, at: torch.Tensor | None = None) -> "VisualTokens":
+                counts: list[int] | None = None, at: torch.Tensor | None = None,
+                width: int | None = None) -> "VisualTokens":
         """Tokens -> groups: assign (B, N) gives each token a group in [0, num_groups) or -1 to
         drop it. Each group becomes the size-weighted mean of its members, its size their sum and
         its origin their first patch (or `at`, (B, num_groups), where the method places a group on one
         member's patch). Output is in spatial order (or by `order`, a (B, num_groups) sort key, for methods
         whose paper fixes another order), padded at the end. counts: the number of non-empty groups per
-        image, where the caller knows it (else it is read back)."""
+        image, where the caller knows it (else it is read back, unless `width` fixes the output's width: at
+        least any image's groups, the rest padding)."""
         batch, n, dim = self.x.shape
         if assign.shape != (batch, n):
             raise ValueError(f"assign has shape {tuple(assign.shape)}, expected {(batch, n)}")
@@ -181,9 +183,11 @@ class VisualTokens:
         full_order = key.argsort(dim=1, stable=True)
         rank_of_group = torch.empty_like(full_order)
         rank_of_group.scatter_(1, full_order, torch.arange(num_groups, device=origin.device).expand(batch, -1))
-        if counts is None:
-            counts = (size > 0).sum(dim=1).tolist()  # one host sync
-        order = full_order[:, : max(counts, default=0)]
+        if width is None:
+            if counts is None:
+                counts = (size > 0).sum(dim=1).tolist()  # one host sync
+            width = max(counts, default=0)
+        order = full_order[:, :width]
 
         token_group = torch.where(kept, group, torch.full_like(group, -1))
         patch_group = torch.where(
@@ -201,15 +205,16 @@ class VisualTokens:
             patch_to_token=patch_to_token,
             grid=self.grid,
             has_cls=self.has_cls,
-            known=list(counts),
+            known=None if counts is None else list(counts),
             view_slots=self.view_slots,
         )
 
-    def keep(self, mask: torch.Tensor, counts: list[int] | None = None) -> "VisualTokens":
-        """Keep the tokens where mask (B, N) is True, drop the rest (counts: kept per image, if known)."""
+    def keep(self, mask: torch.Tensor, counts: list[int] | None = None, width: int | None = None) -> "VisualTokens":
+        """Keep the tokens where mask (B, N) is True, drop the rest (counts: kept per image, if known; width: see
+        regroup)."""
         n = self.x.shape[1]
         identity = torch.arange(n, device=mask.device).expand_as(mask)
-        return self.regroup(torch.where(mask, identity, torch.full_like(identity, -1)), n, counts=counts)
+        return self.regroup(torch.where(mask, identity, torch.full_like(identity, -1)), n, counts=counts, width=width)
 
     def keep_indices(self, index: torch.Tensor) -> "VisualTokens":
         """Keep the tokens at index (B, K), distinct real tokens of each image; output stays in spatial order."""
@@ -225,7 +230,9 @@ class VisualTokens:
             n = self.x.shape[1]
             return replace(self, x=self.x[:, 1:], size=self.size[:, 1:], origin=self.origin[:, 1:],
                            patch_to_token=self.patch_to_token - 1, has_cls=False, known=[n - 1] * self.batch_size)
-        dropped = self.keep(~self.is_cls, counts=None if self.known is None else [c - 1 for c in self.known])
+        # one token fewer than the widest image: no count to read back (stages 1-2 may run in a CUDA graph)
+        dropped = self.keep(~self.is_cls, counts=None if self.known is None else [c - 1 for c in self.known],
+                            width=self.x.shape[1] - 1)
         return replace(dropped, has_cls=False)
 
     def patches_from_views(self, mask: torch.Tensor) -> torch.Tensor:

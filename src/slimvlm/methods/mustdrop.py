@@ -35,7 +35,10 @@ Differences from the authors' code, all forced or chosen (see the module's tests
   (`lsm_batch_min=true`), which makes an image's result depend on its batch (their evaluation
   runs one image at a time, where both agree);
 - merged tokens stay in spatial order (the authors put merged windows first, in similarity order);
-- positions follow slimvlm's runtime (`keep_positions`), not the authors' renumbering.
+- positions follow slimvlm's runtime (`keep_positions`), not the authors' renumbering;
+- at batch 1 on a GPU the merge keeps the token tensor's width (merged-away slots become padding, masked in
+  attention) so that the tower and stage 1 replay as one CUDA graph: there the encoder is paid in launches,
+  not in its tokens; elsewhere it compacts to the tokens left.
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class MustDrop(Method):
     name = "mustdrop"
     description = "MustDrop: local spatial merge + CLS key set in the encoder, dual-attention filter in prefill, KV cache policy (Liu et al. 2024)"
     stages = frozenset({Stage.ENCODE, Stage.PREFILL, Stage.DECODE})
+    encoder_state = ("_important", "_survivors")
 
     def __init__(
         self,
@@ -185,6 +189,7 @@ class MustDrop(Method):
             raise SlimVLMError(f"mustdrop: cache_from_layer={cache_from_layer} must be an LLM layer index >= 0")
         self.lsm = lsm
         self.varying_lengths = lsm  # windows merge where their tokens agree, so counts follow the image
+        self.capturable = not lsm_batch_min  # the batch's fewest qualifying windows is read back
         self.window = int(window)
         self.threshold = float(threshold)
         self.important = important
@@ -243,7 +248,7 @@ class MustDrop(Method):
         features = tokens.x.gather(1, patch_token[..., None].expand(-1, -1, tokens.x.shape[-1]))
         similarity, patches = window_similarity(features, tokens.grid, self.window)
         assign = window_merge_assign(similarity, patches, patch_token, tokens.x.shape[1], self.threshold, self.lsm_batch_min)
-        return tokens.regroup(assign, tokens.x.shape[1])
+        return tokens.regroup(assign, tokens.x.shape[1], width=tokens.x.shape[1] if attention.keep_width else None)
 
     def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
         self._important = None

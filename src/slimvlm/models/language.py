@@ -134,9 +134,10 @@ class LanguageModelAdapter:
         for benchmarks on families that take videos."""
         raise SlimVLMError(f"{type(self.model).__name__} takes no videos here; benchmark it on images (leave out --video-frames)")
 
-    def projector_counts(self, projected: VisualTokens) -> list[int]:
-        """Per encoder view, the tokens its projector ran on, given the tokens project() returned."""
-        return list(projected.host_counts())
+    def projector_counts(self, projected: VisualTokens) -> list[int] | torch.Tensor:
+        """Per encoder view, the tokens its projector ran on, given the tokens project() returned: on the device
+        where the host does not know them (the statistics read them when asked)."""
+        return projected.counts if projected.known is None else list(projected.known)
 
     def visual_outputs(self, tokens: VisualTokens) -> dict:
         """The output fields carrying the visual tokens the LLM got, as the untouched model fills them."""

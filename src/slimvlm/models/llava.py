@@ -122,16 +122,18 @@ class LlavaAdapter(LanguageModelAdapter):
         return {"pixel_values": pixels}, self.tokens_per_image
 
     # ---- stage 1: the vision encoder -------------------------------------------------------
-    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
+    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False,
+               keep_width: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
         """Run the vision tower up to its feature layer, giving a stage-1 method each layer.
 
         Returns the feature layer's tokens (CLS included) and, per layer run, the tokens each
         image had at its input (for the FLOPs count). graphs: replay the layers that run untouched
-        (before the first one the method acts at) from a CUDA graph."""
+        (before the first one the method acts at) from a CUDA graph. keep_width: see EncoderAttention."""
         with attention_off_cudnn(method is not None and method.varying_lengths):
-            return self._encode(pixel_values, method, graphs)
+            return self._encode(pixel_values, method, graphs, keep_width)
 
-    def _encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool) -> tuple[VisualTokens, list[torch.Tensor]]:
+    def _encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool,
+                keep_width: bool) -> tuple[VisualTokens, list[torch.Tensor]]:
         layers = self.vision.encoder.layers[: self.vision_layers_run]
         untouched = len(layers) if method is None else (0 if method.acts_in_encoder_layers else len(layers) - 1)
         if graphs:
@@ -153,7 +155,7 @@ class LlavaAdapter(LanguageModelAdapter):
             attn = layer.self_attn
             with capture_outputs(attn.q_proj, attn.k_proj) as captured:
                 attended = attn(hidden_states=layer.layer_norm1(residual), attention_mask=bias)[0]
-            attention = self._encoder_attention(index, len(layers), attn, *captured, bias)
+            attention = self._encoder_attention(index, len(layers), attn, *captured, bias, keep_width)
             tokens = method.encode_layer(attention, tokens.with_features(residual + attended))
             hidden = tokens.x
             tokens = tokens.with_features(hidden + layer.mlp(layer.layer_norm2(hidden)))
@@ -193,7 +195,8 @@ class LlavaAdapter(LanguageModelAdapter):
 
         return rows
 
-    def _encoder_attention(self, index: int, num_layers: int, attn: nn.Module, queries, keys, bias) -> EncoderAttention:
+    def _encoder_attention(self, index: int, num_layers: int, attn: nn.Module, queries, keys, bias,
+                           keep_width: bool) -> EncoderAttention:
         batch, length, _ = keys.shape
         heads = attn.num_heads
         keys = keys.view(batch, length, heads, -1).transpose(1, 2)
@@ -203,7 +206,7 @@ class LlavaAdapter(LanguageModelAdapter):
             picked = queries.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, queries.shape[-1]))
             return attention_rows(picked, keys, attn.scale, bias=bias)
 
-        return EncoderAttention(layer=index, num_layers=num_layers, keys=keys, rows=rows)
+        return EncoderAttention(layer=index, num_layers=num_layers, keys=keys, rows=rows, keep_width=keep_width)
 
     # ---- stage 2: after the projector --------------------------------------------------------
     def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:

@@ -254,11 +254,13 @@ class QwenVLAdapter(LanguageModelAdapter):
         return tensors, steps * side * side // self.merge**2
 
     # ---- stages 1-2: the vision tower and merger ------------------------------------------------
-    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
+    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False,
+               keep_width: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
         """The vision tower and its merger as the model runs them: each item's merger outputs, padded to the
         longest item (get_video_features is get_image_features on a video's frames). The trace gives, per ViT
         block, the tokens of each attention segment at its input (an image or a video's frame, or in 2.5's
-        windowed blocks a window; 0 past a block's last segment), for the FLOPs."""
+        windowed blocks a window; 0 past a block's last segment), for the FLOPs. graphs, keep_width: unused (the
+        tower is not captured: vision_capturable is False)."""
         grid = torch.tensor(self.grids)
         if pixel_values.dim() != 2 or pixel_values.shape[0] != int(grid.prod(dim=1).sum()):
             raise SlimVLMError(

@@ -187,8 +187,8 @@ class VideoItems:
         return frames
 
     # ---- stage 1 and the pooling -------------------------------------------------------------------
-    def encode(self, pixel_values: torch.Tensor, method: Method | None,
-               graphs: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
+    def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False,
+               keep_width: bool = False) -> tuple[VisualTokens, list[torch.Tensor]]:
         if method is not None and self._frame_views():
             cells = next(layout for layout in self.layouts if isinstance(layout, VideoLayout)).cells
             raise SlimVLMError(
@@ -198,7 +198,7 @@ class VideoItems:
                 "(divprune, random, uniform, fastv, mustdrop:lsm=false,important=false); stage-1 methods run on "
                 "prompts with images alone"
             )
-        return super().encode(pixel_values, method, graphs)
+        return super().encode(pixel_values, method, graphs, keep_width)
 
     def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:
         """The image adapter's projection, each frame pooled and projected as the model does: a frame's tokens
