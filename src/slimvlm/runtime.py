@@ -78,7 +78,7 @@ class View:
     sequence: Sequence
     key_valid: torch.Tensor  # (B, K): the cache entries these layers hold, valid or padding
     position_embeddings: tuple | None = None
-    prefill_mask: torch.Tensor | None = None
+    prefill_mask: torch.Tensor | None = None  # the hooked prefill's, set after a drop
     decode_mask: torch.Tensor | None = None
     padded: bool = True  # some row holds fewer entries than the widest (known on the host when the view was cut)
 
@@ -622,6 +622,9 @@ class Runtime:
             if layer_index in method.drop_layers:
                 hidden = self._drop(method, layer_index, args[0] if args else kwargs["hidden_states"],
                                     kwargs["position_embeddings"])
+                dropped = session.view_of(layer_index)  # the mask its layers attend with (segments make their own)
+                dropped.prefill_mask = attention_mask_4d(dropped.key_valid, dropped.key_valid.shape[1],
+                                                         self.adapter.mask_dtype(hidden.dtype))
                 if args:
                     args = (hidden, *args[1:])
                 else:
@@ -656,7 +659,6 @@ class Runtime:
             key_valid=new_valid,
             padded=padded,
             position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
-            prefill_mask=attention_mask_4d(new_valid, new_valid.shape[1], self.adapter.mask_dtype(hidden.dtype)),
         )
         session.set_view(range(layer_index, len(self.adapter.llm_layers)), view)
         return gather_rows(hidden, gather)
