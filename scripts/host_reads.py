@@ -1,14 +1,14 @@
-"""Ops dispatched, host reads and host time of one batch-1 prefill, the launches of a static-cache prefill with
-CUDA graphs, and ops and reads per eager decode step, per method, beside the untouched model, on the CPU.
+"""Ops dispatched and host reads of one batch-1 prefill and of each eager decode step, per method, beside the
+untouched model, on the CPU: eagerly, and with slimvlm's CUDA graphs as a GPU launches them.
 
 A batch-1 prefill on a GPU is paid in kernel launches (one per op) and in host syncs (each read of a device
 value waits for the queue to drain): this counts both without a GPU, on a LLaVA-1.5-7B of the real depths
 (24 CLIP layers at 336 px: 576 patches; 32 LM layers) but narrow widths, random weights, where a prefill's
-time is mostly host time (Python, dispatch): its median over --repeats runs, in ms. "static launches" are the
-ops and reads of a static-cache prefill with slimvlm's CUDA graphs as a GPU
-runs them: each replay one launch (the function runs on the CPU, its ops uncounted; it must read nothing), of a
-prefill on a StaticCache as generate(cache_implementation="static") hands one over. A
-decode step's ops and reads are those of generate(10 new tokens) less generate(2), over the 8 steps between.
+time is mostly host time (Python, dispatch): its median over --repeats runs without graphs, in ms. "With CUDA
+graphs": each replay counts as one launch (the function runs on the CPU, its ops uncounted; it must read
+nothing), for a prefill on the dynamic cache (generate()'s default), on a StaticCache (as
+generate(cache_implementation="static") hands one over), and per eager decode step (generate(10 new tokens)
+less generate(2), over the 8 steps between).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python3 scripts/host_reads.py [--methods none,mustdrop-64] [--where]
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StaticCache
@@ -40,6 +41,13 @@ def narrow_llava_15_7b() -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
+def counted(run, graphs: bool) -> HostReads:
+    """The ops and reads of run(), slimvlm's CUDA graphs replayed as a GPU launches them where `graphs`."""
+    with torch.inference_mode(), HostReads() as reads, (graphs_replayed_as_launches(reads) if graphs else nullcontext()):
+        run()
+    return reads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="none,visionzip-64,divprune-64,tome:r=16,fastv,mustdrop-64")
@@ -48,34 +56,38 @@ def main() -> None:
     args = parser.parse_args()
     model = narrow_llava_15_7b()
     inputs = synthetic_inputs(model, 1, 64)
-    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8} | static launches: {'ops':>6} {'reads':>5} "
-          f"| per decode step: {'ops':>7} {'reads':>5}")
+    cache_name = cache_kwarg(model.forward)
+
+    def prefill(cache: StaticCache | None = None) -> None:
+        model(**inputs, use_cache=True, logits_to_keep=1, **({} if cache is None else {cache_name: cache}))
+
+    def static_prefill():  # generate(cache_implementation="static") hands over a StaticCache made before
+        cache = StaticCache(config=model.config.text_config, max_cache_len=inputs["input_ids"].shape[1] + 8)
+        return lambda: prefill(cache)
+
+    def generate(new_tokens: int) -> None:
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    print(f"{'':16} {'prefill, no graphs':>22} | {'with CUDA graphs: prefill, dynamic':>34} {'static':>12} "
+          f"{'per decode step':>18}")
+    print(f"{'method':16} {'ops':>6} {'reads':>6} {'host ms':>8} | {'ops':>28} {'reads':>5} {'ops':>6} {'reads':>5} "
+          f"{'ops':>12} {'reads':>5}")
     for spec in ["untouched"] + args.methods.split(","):
         handle = None if spec == "untouched" else slimvlm.apply(model, spec)
+        for graphs in (False, True):  # warm-up: captures, first-use allocations
+            counted(prefill, graphs), counted(static_prefill(), graphs)
+        reads = counted(prefill, graphs=False)
+        times = []
         with torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            with HostReads() as reads:
-                model(**inputs, use_cache=True, logits_to_keep=1)
-            times = []
             for _ in range(args.repeats):
                 begin = time.perf_counter()
-                model(**inputs, use_cache=True, logits_to_keep=1)
+                prefill()
                 times.append((time.perf_counter() - begin) * 1000)
-            room = inputs["input_ids"].shape[1] + 8
-            cache = StaticCache(config=model.config.text_config, max_cache_len=room)
-            model(**inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(model.forward): cache})
-            cache = StaticCache(config=model.config.text_config, max_cache_len=room)
-            with HostReads() as static, graphs_replayed_as_launches(static):
-                model(**inputs, use_cache=True, logits_to_keep=1, **{cache_kwarg(model.forward): cache})
-            steps = []
-            for new_tokens in (2, 10):
-                with HostReads() as counted:
-                    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                steps.append(counted)
-        step_ops, step_reads = ((b - a) / 8 for a, b in ((steps[0].ops, steps[1].ops), (steps[0].total, steps[1].total)))
-        print(f"{spec:16} {reads.ops:6d} {reads.total:6d} {statistics.median(times):8.1f} |"
-              f"                  {static.ops:6d} {static.total:5d} |"
-              f"                  {step_ops:7.1f} {step_reads:5.2f}")
+        dynamic, static = counted(prefill, graphs=True), counted(static_prefill(), graphs=True)
+        short, long = (counted(lambda: generate(new_tokens), graphs=True) for new_tokens in (2, 10))
+        step_ops, step_reads = (long.ops - short.ops) / 8, (long.total - short.total) / 8
+        print(f"{spec:16} {reads.ops:6d} {reads.total:6d} {statistics.median(times):8.1f} | {dynamic.ops:28d} "
+              f"{dynamic.total:5d} {static.ops:6d} {static.total:5d} {step_ops:12.1f} {step_reads:5.2f}")
         if args.where:
             for place, count in reads.where.most_common():
                 print(f"{'':16} {count:6d} {place}")

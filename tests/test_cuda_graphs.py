@@ -56,13 +56,14 @@ def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
                 assert torch.equal(model.generate(**inputs, **settings), eager)
 
 
-@pytest.mark.parametrize("spec", ["fastv", "mustdrop-64", "mustdrop:filter=false,cache_keep=important"])
-def test_batch_1_prefill_segments_replayed_from_graphs_generate_what_eager_does(tiny_cuda, spec):
-    """At batch 1 on a static cache stage-3/4 layers run in segments replayed from CUDA graphs
-    (prefill_segments.py): prompts in turn, each replaying what the others captured where widths agree."""
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-64", "mustdrop:filter=false,cache_keep=important"])
+def test_batch_1_prefill_segments_replayed_from_graphs_generate_what_eager_does(tiny_cuda, spec, cache):
+    """At batch 1 the LM's layers run in segments between drops replayed from CUDA graphs (prefill_segments.py):
+    prompts in turn, each replaying what the others captured where widths agree."""
     model, processor = tiny_cuda
     prompts = [on_cuda(select(batch(processor, 2, seed=seed), row)) for seed in (3, 4) for row in (0, 1)]
-    settings = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    settings = dict(max_new_tokens=6, do_sample=False, cache_implementation=None if cache == "dynamic" else "static")
     with torch.inference_mode():
         with slimvlm.apply(model, spec, cuda_graphs=False, compile=False):
             eager = [model.generate(**inputs, **settings) for inputs in prompts]

@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SlimVLMError
@@ -281,16 +282,18 @@ class Runtime:
         on_static = bool(use_cache) and is_static(given)
         if on_static:
             self._check_static()
-        # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (decoding.py),
-        # from the segments the runtime runs itself (prefill_segments.py), or, where the caller asks the LM's own
-        # outputs (hidden states, attentions), from a hooked prefill on a dynamic cache
+        # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (decoding.py)
         hand_off = on_static and self._in_llm
-        segmented = hand_off and not kwargs and input_ids.shape[0] == 1  # where a prefill is paid in launches
+        graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
+        # at batch 1, where a prefill is paid in launches, the runtime runs the LM in segments between drops
+        # (prefill_segments.py), replayed from CUDA graphs, on the static path (whose entries are handed over
+        # anyway) and on the dynamic one where graphs replay them; not where the caller asks the LM's own outputs
+        segmented = (input_ids.shape[0] == 1 and not kwargs and not self._unmerge
+                     and (hand_off or (graphs and not on_static)))
         if segmented:
-            self._llm_hooks.remove()
+            self._llm_hooks.remove()  # the segments run the drops themselves; decode steps get them back
         elif self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()
             self._install_layer_hooks()
-        graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
         images_per_sample, right_padded, placeholders = self._prompt_shape(input_ids, arguments.get("attention_mask"))
         tokens, vision_trace, projected, context = self._run_vision(
             arguments["pixel_values"], input_ids, arguments.get("attention_mask"), tuple(images_per_sample), graphs)
@@ -310,13 +313,14 @@ class Runtime:
             adapter.placeholder_ids,
             adapter.image_tokens(),
             self.keep_positions,
-            width_step=CAPACITY_STEP if segmented or (on_static and not hand_off) else 1,  # a few widths, a graph each
+            width_step=CAPACITY_STEP if on_static and not hand_off else 1,  # a few widths, a graph or compile each
             right_padded=right_padded,
             placeholders=placeholders,
         )
         session = self._start_session(rebuilt, tokens, given, use_cache, on_static and not hand_off, input_ids.shape[1],
                                       right_padded)
         if segmented:
+            target = session.cache  # the dynamic cache decoding continues on (none without use_cache, or if static)
             output, hidden = None, self._prefill_in_segments(rebuilt, session, graphs)
         else:
             output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
@@ -328,6 +332,10 @@ class Runtime:
                 self._compress_cache(method)
         if hand_off:
             self._hand_off_to_static(session, given, rebuilt.embeds)
+        elif segmented:
+            session.cache = self._filled(target, session.cache) if use_cache else None
+            if self._in_llm:
+                self._install_layer_hooks()  # the eager decode steps' masks
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
@@ -378,7 +386,7 @@ class Runtime:
     def _prefill_in_segments(self, rebuilt, session: Session, graphs: bool) -> torch.Tensor:
         """The LM's last hidden states over the rebuilt prompt, its layers run in segments between the prefill
         method's drops (prefill_segments.py), each replayed from a CUDA graph when `graphs`; the drops run
-        between them as the hooks would run them, to widths rounded up to CAPACITY_STEP."""
+        between them as the hooks would run them. session.cache holds the entries until they move on."""
         sequence = rebuilt.sequence
         hidden = rebuilt.embeds
         mask_dtype = self.adapter.mask_dtype(hidden.dtype)
@@ -390,24 +398,28 @@ class Runtime:
         start = 0
         for end in (*drops, layers):
             view = session.view_of(start)
-            width = view.key_valid.shape[1]
-            slots = torch.nn.functional.pad(view.key_valid, (0, self._segments.capacity - width))  # the scratch's
-            mask = attention_mask_4d(slots, width, mask_dtype, first_query=0)
-            probe = None
+            index = valid = None
             if end < layers and method.queries is not None:
                 index, valid = self._query_rows(view.sequence, method.queries)
                 more = (1 << (index.shape[1] - 1).bit_length()) - index.shape[1]  # a power of two: a few graphs for
                 # questions of any length
-                index, valid = (torch.nn.functional.pad(index, (0, more)), torch.nn.functional.pad(valid, (0, more)))
-                probe = (index, view.sequence.valid)
-            hidden, rows = self._segments.run(session.cache, start, end, hidden, mask,
-                                              view.position_embeddings or prompt_embeddings, probe, end == layers, graphs)
+                index, valid = F.pad(index, (0, more)), F.pad(valid, (0, more))
+            hidden, rows = self._segments.run(session.cache, start, end, hidden, view.key_valid,
+                                              view.position_embeddings or prompt_embeddings, mask_dtype, index,
+                                              end == layers, graphs)
             if end < layers:
-                if probe is not None:
+                if index is not None:
                     session.rows[method.name, end] = (rows, index, valid)
-                hidden = self._drop(method, end, hidden, prompt_embeddings, CAPACITY_STEP)
+                hidden = self._drop(method, end, hidden, prompt_embeddings)
             start = end
         return hidden
+
+    def _filled(self, cache, entries):
+        """The dynamic cache `cache` holding the segments' entries, each layer's copied (the scratch cache they
+        sit in is the next prefill's)."""
+        for index, layer in enumerate(self.adapter.cache_layers(entries)):
+            cache.update(layer.keys, layer.values, index)
+        return cache
 
     def _hand_off_to_static(self, session: Session, given, like: torch.Tensor) -> None:
         """Move the prefill's dynamic cache into slimvlm's static one, a length per group of layers that
@@ -637,18 +649,17 @@ class Runtime:
         kwargs["position_ids"] = view.sequence.positions
         return args, kwargs
 
-    def _drop(self, method: Method, layer_index: int, hidden: torch.Tensor, position_embeddings,
-              width_step: int = 1) -> torch.Tensor:
-        """The method's drop at the input of `layer_index`: the layers from there on see the kept tokens, packed
-        to a width rounded up to width_step; returns their input hidden states. position_embeddings: the
-        prompt's rotary embeddings (before any drop)."""
+    def _drop(self, method: Method, layer_index: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """The method's drop at the input of `layer_index`: the layers from there on see the kept tokens;
+        returns their input hidden states. position_embeddings: the prompt's rotary embeddings (before any
+        drop)."""
         session = self.session
         current = session.view_of(layer_index)
         rows, index, valid = session.rows.pop((method.name, layer_index), (None, None, None))
         sequence = current.sequence
         keep = method.prefill_keep(PrefillLayer(layer_index, sequence, hidden, rows, index, valid, session.tokens))
         keep = (keep | ~sequence.visual) & sequence.valid
-        gather, new_valid, padded = compaction(keep, width_step, right=session.right_padded)
+        gather, new_valid, padded = compaction(keep, right=session.right_padded)
         new_sequence = sequence.gather(gather, new_valid)
         self._carry_queries(sequence, new_sequence, gather)
         if session.labels is not None:

@@ -1,0 +1,75 @@
+"""Batch-1 prefill in segments between drops (prefill_segments.py) on the dynamic cache, where CUDA graphs replay
+them: the same text and statistics as the eager hooked prefill. Graphs run here as the functions they capture
+(device_reads.graphs_replayed_as_launches), which also refuses a read inside one."""
+
+import pytest
+import torch
+from conftest import batch, select
+
+import slimvlm
+from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
+
+SPECS = ["none", "visionzip:dominant=20,contextual=5", "fastv", "fastv:k=1,ratio=0.75", "mustdrop-64",
+         ["tome:r=8", "fastv"], "mustdrop:filter=false,cache_keep=important"]
+
+
+def generate(model, inputs, new_tokens: int = 5):
+    return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_segments_on_the_dynamic_cache_generate_what_the_hooked_prefill_does(fresh, spec):
+    model, processor = fresh
+    inputs = select(batch(processor, 2, seed=5), 1)
+    with torch.no_grad():
+        with slimvlm.apply(model, spec, cuda_graphs=False) as handle:
+            expected = generate(model, inputs)
+            expected_stats = handle.stats
+        with slimvlm.apply(model, spec) as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
+            segmented = generate(model, inputs)
+            stats = handle.stats
+            again = generate(model, inputs)  # the next prompt's prefill reuses the scratch cache and its graphs
+    for output in (segmented, again):
+        assert torch.equal(output.sequences, expected.sequences)
+        for a, b in zip(output.scores, expected.scores):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # tokens and cache entries per layer: the segments' widths are rounded up to 64, their padding no entry
+    assert stats.llm_tokens == expected_stats.llm_tokens
+    assert stats.kv_entries == expected_stats.kv_entries
+    assert stats.kv_visual_entries == expected_stats.kv_visual_entries
+
+
+def prefill_launches(model, inputs, graphs: bool) -> int:
+    with torch.no_grad(), HostReads() as reads:
+        if graphs:
+            with graphs_replayed_as_launches(reads):
+                model(**inputs, use_cache=True)
+        else:
+            model(**inputs, use_cache=True)
+    return reads.ops
+
+
+@pytest.mark.parametrize("spec", ["none", "mustdrop-64"])
+def test_a_batch_1_prefill_replays_the_lm_in_one_segment_per_drop_and_one_more(fresh, spec):
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    with slimvlm.apply(model, spec, cuda_graphs=False):
+        eager = prefill_launches(model, inputs, graphs=False)
+    with slimvlm.apply(model, spec) as handle:
+        segments, run = [], handle.runtime._segments.run
+        handle.runtime._segments.run = lambda *args: segments.append(args[1:3]) or run(*args)
+        replayed = prefill_launches(model, inputs, graphs=True)
+    drops = getattr(handle.methods[0], "drop_layers", ())
+    layers = model.config.text_config.num_hidden_layers
+    assert segments == list(zip((0, *drops), (*drops, layers)))  # the LM's own forward did not run
+    assert replayed < eager, (replayed, eager)
+
+
+def test_a_batch_2_prefill_keeps_the_hooked_path(fresh):
+    model, processor = fresh
+    inputs = batch(processor, 2, seed=5)
+    with torch.no_grad(), slimvlm.apply(model, "fastv") as handle, HostReads() as reads, \
+            graphs_replayed_as_launches(reads):
+        model(**inputs)
+        assert handle.runtime._llm_hooks  # drops by the layer hooks: compute, not launches, is a batch's cost
