@@ -79,8 +79,8 @@ def apply(
     does as generate() does: compile on a GPU unless generation_config.disable_compile is set.
     cuda_graphs: on a GPU, replay the parts whose shapes are static from CUDA graphs: stages 1-2 (the
     vision tower, the projector and capturable methods; else the encoder layers before the first one a
-    method acts at) and, on a static cache, the LLM prefill (at batch 1 with stage-3/4 methods, its segments
-    between drops). None (default) is on; False keeps them eager.
+    method acts at) and the LLM prefill: on a static cache, and at batch 1 on either cache in segments between
+    a stage-3 method's drops. None (default) is on; False keeps them eager.
     """
     if getattr(model, _ATTRIBUTE, None) is not None:
         raise SlimVLMError("slimvlm is already applied to this model; call handle.remove() first")

@@ -5,9 +5,9 @@ visual tokens the GPU was busy for 10.5 of the prefill's 39.3 ms (H200, scripts/
 results/generate/), so fewer tokens save little until the launches go. A CUDA graph replays a captured
 sequence of kernels with one launch and the same kernels as eager. slimvlm can replay stages 1-2 (the
 vision tower, projector and capturable methods as one graph; else the encoder layers before the first
-one a method acts at) and, on a static cache, the LLM prefill over the reduced sequence (its width
-rounded up so that few graphs cover all prompts), at batch 1 with stage-3/4 methods in segments between
-their drops (prefill_segments.py).
+one a method acts at) and the LLM prefill over the reduced sequence: on a static cache (its width rounded up
+so that few graphs cover all prompts), and at batch 1 on either cache in segments between a stage-3 method's
+drops (prefill_segments.py).
 """
 
 from __future__ import annotations
