@@ -4,7 +4,7 @@ them: the same text and statistics as the eager hooked prefill. Graphs run here 
 
 import pytest
 import torch
-from conftest import batch, select
+from conftest import batch, next_batch, next_select, ov_batch, ov_select, qwen_batch, qwen_select, select
 
 import slimvlm
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
@@ -16,6 +16,31 @@ SPECS = ["none", "visionzip:dominant=20,contextual=5", "fastv", "fastv:k=1,ratio
 def generate(model, inputs, new_tokens: int = 5):
     return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
                           return_dict_in_generate=True)
+
+
+def assert_segments_generate_what_the_lm_does(model, inputs, spec) -> None:
+    with torch.no_grad():
+        with slimvlm.apply(model, spec, cuda_graphs=False):
+            expected = generate(model, inputs)
+        with slimvlm.apply(model, spec), HostReads() as reads, graphs_replayed_as_launches(reads):
+            segmented = generate(model, inputs)
+    assert torch.equal(segmented.sequences, expected.sequences)
+    for a, b in zip(segmented.scores, expected.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("spec", ["none", "visionzip:dominant=8,contextual=2", "fastv:k=2,ratio=0.5",
+                                  "mustdrop:lsm=false,important=false,global_thr=0.05,individual_thr=0.05,layers=0;1"])
+def test_segments_on_qwen_vl_keep_its_m_rope_positions(fresh_qwen, spec, kind):
+    assert_segments_generate_what_the_lm_does(fresh_qwen, qwen_select(qwen_batch(fresh_qwen.config, kind=kind), 0), spec)
+
+
+def test_segments_on_llava_next_and_onevision(fresh_next, fresh_ov):
+    model, processor = fresh_next
+    assert_segments_generate_what_the_lm_does(model, next_select(next_batch(processor), 0), "fastv")
+    model, tokenizer = fresh_ov
+    assert_segments_generate_what_the_lm_does(model, ov_select(ov_batch(model, tokenizer), 1), "fastv")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -73,3 +98,19 @@ def test_a_batch_2_prefill_keeps_the_hooked_path(fresh):
             graphs_replayed_as_launches(reads):
         model(**inputs)
         assert handle.runtime._llm_hooks  # drops by the layer hooks: compute, not launches, is a batch's cost
+
+
+@pytest.mark.parametrize("spec", ["none", "fastv"])
+def test_segments_score_labels_as_the_lm_does(fresh, spec):
+    """A batch-1 forward with labels (an evaluation's loss) in segments: the same logits, loss and remapped labels."""
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    inputs["labels"] = inputs["input_ids"].clone()
+    with torch.no_grad():
+        with slimvlm.apply(model, spec, cuda_graphs=False) as handle:
+            expected, expected_labels = model(**inputs), handle.labels
+        with slimvlm.apply(model, spec) as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
+            output, labels = model(**inputs), handle.labels
+    torch.testing.assert_close(output.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.loss, expected.loss, atol=1e-6, rtol=1e-6)
+    assert torch.equal(labels, expected_labels)

@@ -8,6 +8,7 @@ import torch
 
 import slimvlm
 from conftest import assert_visual_tokens, batch, select
+from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 from slimvlm.methods.llava_mini import UntrainedModulesWarning
 from slimvlm.registry import build
 
@@ -219,6 +220,11 @@ def test_sliding_window_language_models(tiny_dir):
             torch.testing.assert_close(model(**inputs).logits, untouched, atol=1e-5, rtol=1e-5)
         with slimvlm.apply(model, "divprune:budget=32"):
             assert torch.isfinite(model(**inputs).logits).all()
+        # at batch 1, where CUDA graphs would replay the LM in segments with causal masks: not on a sliding window
+        single = select(inputs, 0)
+        alone = model(**single).logits
+        with slimvlm.apply(model, "none"), HostReads() as reads, graphs_replayed_as_launches(reads):
+            torch.testing.assert_close(model(**single).logits, alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", [

@@ -149,6 +149,7 @@ class Runtime:
         self._unmerge = any(getattr(m, "virtual_unmerge", False) for m in methods)
         self._undo: list = []
         window = getattr(adapter.text_config, "sliding_window", None)
+        self._windowed = window is not None
         if window is not None and (self._unmerge or self._prefill_methods or self._decode_methods):
             names = sorted({m.name for m in self._prefill_methods + self._decode_methods} | ({"vtu"} if self._unmerge else set()))
             raise SlimVLMError(
@@ -287,8 +288,9 @@ class Runtime:
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
         # at batch 1, where a prefill is paid in launches, the runtime runs the LM in segments between drops
         # (prefill_segments.py), replayed from CUDA graphs, on the static path (whose entries are handed over
-        # anyway) and on the dynamic one where graphs replay them; not where the caller asks the LM's own outputs
-        segmented = (input_ids.shape[0] == 1 and not kwargs and not self._unmerge
+        # anyway) and on the dynamic one where graphs replay them; not where the caller asks the LM's own outputs,
+        # nor on an LM that attends within a sliding window (the segments' masks are causal over the whole prompt)
+        segmented = (input_ids.shape[0] == 1 and not kwargs and not self._unmerge and not self._windowed
                      and (hand_off or (graphs and not on_static)))
         if segmented:
             self._llm_hooks.remove()  # the segments run the drops themselves; decode steps get them back
