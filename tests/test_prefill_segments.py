@@ -10,7 +10,7 @@ import slimvlm
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 
 SPECS = ["none", "visionzip:dominant=20,contextual=5", "fastv", "fastv:k=1,ratio=0.75", "mustdrop-64",
-         ["tome:r=8", "fastv"], "mustdrop:filter=false,cache_keep=important"]
+         ["tome:r=8", "fastv"], "mustdrop:filter=false,cache_keep=important", "llava-mini:budget=2", "divprune:budget=40"]
 
 
 def generate(model, inputs, new_tokens: int = 5):
