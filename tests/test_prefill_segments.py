@@ -18,12 +18,21 @@ def generate(model, inputs, new_tokens: int = 5):
                           return_dict_in_generate=True)
 
 
+def spy_on_segments(handle) -> list:
+    """The (first, last) layers of each segment the handle's runtime runs from now on."""
+    ran, run = [], handle.runtime._segments.run
+    handle.runtime._segments.run = lambda *args: ran.append(args[1:3]) or run(*args)
+    return ran
+
+
 def assert_segments_generate_what_the_lm_does(model, inputs, spec) -> None:
     with torch.no_grad():
         with slimvlm.apply(model, spec, cuda_graphs=False):
             expected = generate(model, inputs)
-        with slimvlm.apply(model, spec), HostReads() as reads, graphs_replayed_as_launches(reads):
+        with slimvlm.apply(model, spec) as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
+            segments = spy_on_segments(handle)
             segmented = generate(model, inputs)
+    assert segments  # the LM ran in segments
     assert torch.equal(segmented.sequences, expected.sequences)
     for a, b in zip(segmented.scores, expected.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -82,8 +91,7 @@ def test_a_batch_1_prefill_replays_the_lm_in_one_segment_per_drop_and_one_more(f
     with slimvlm.apply(model, spec, cuda_graphs=False):
         eager = prefill_launches(model, inputs, graphs=False)
     with slimvlm.apply(model, spec) as handle:
-        segments, run = [], handle.runtime._segments.run
-        handle.runtime._segments.run = lambda *args: segments.append(args[1:3]) or run(*args)
+        segments = spy_on_segments(handle)
         replayed = prefill_launches(model, inputs, graphs=True)
     drops = getattr(handle.methods[0], "drop_layers", ())
     layers = model.config.text_config.num_hidden_layers
@@ -114,3 +122,12 @@ def test_segments_score_labels_as_the_lm_does(fresh, spec):
     torch.testing.assert_close(output.logits, expected.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(output.loss, expected.loss, atol=1e-6, rtol=1e-6)
     assert torch.equal(labels, expected_labels)
+
+
+def test_segments_on_eager_attention_take_additive_masks(tiny_dir, tiny):
+    """An LM loaded with attn_implementation='eager' takes additive masks: segments build those."""
+    from transformers import LlavaForConditionalGeneration
+
+    _, processor = tiny
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    assert_segments_generate_what_the_lm_does(model, select(batch(processor, 1), 0), "fastv")

@@ -290,8 +290,9 @@ class Runtime:
         # (prefill_segments.py), replayed from CUDA graphs, on the static path (whose entries are handed over
         # anyway) and on the dynamic one where graphs replay them; not where the caller asks the LM's own outputs,
         # nor on an LM that attends within a sliding window (the segments' masks are causal over the whole prompt)
+        # or whose attention takes no mask of slimvlm's (flash attention)
         segmented = (input_ids.shape[0] == 1 and not kwargs and not self._unmerge and not self._windowed
-                     and (hand_off or (graphs and not on_static)))
+                     and adapter.takes_masks() and (hand_off or (graphs and not on_static)))
         if segmented:
             self._llm_hooks.remove()  # the segments run the drops themselves; decode steps get them back
         elif self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()

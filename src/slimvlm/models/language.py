@@ -212,6 +212,10 @@ class LanguageModelAdapter:
             gather_rows(sin.expand(batch, -1, -1), index),
         )
 
+    def takes_masks(self) -> bool:
+        """Whether the LM's attention takes the 4D masks slimvlm builds (SDPA and eager do; flash attention not)."""
+        return self.text_config._attn_implementation in ("sdpa", "eager")
+
     def mask_dtype(self, hidden_dtype: torch.dtype) -> torch.dtype | None:
         """The form of 4D attention mask the LM's attention takes: bool for SDPA, additive for eager."""
         implementation = self.text_config._attn_implementation
