@@ -440,9 +440,9 @@ class Runtime:
         stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
         # a method whose counts follow the image keeps its width in a graph (padding what it merges): worth it at
         # batch 1, where the encoder is paid in launches; at larger batches it runs eagerly on fewer tokens
-        widths_fixed_pay = input_ids.shape[0] == 1 or not any(method.varying_lengths for method in stages_1_2)
+        keeping_width_pays = input_ids.shape[0] == 1 or not any(method.varying_lengths for method in stages_1_2)
         if (graphs and self.adapter.vision_capturable and all(method.capturable for method in stages_1_2)
-                and widths_fixed_pay):
+                and keeping_width_pays):
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             *outputs, states = self._vision_graphs(pixel_values, input_ids, mask, key=(images_per_sample, False, True))
             for method, state in zip(stages_1_2, states):  # a replay runs no Python: what the methods set, again
