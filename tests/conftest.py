@@ -51,6 +51,14 @@ def dymu_thresholds(model, target: int):
     return calibrate_dymu(model, [crops], target=target, batch_size=16, progress=False)
 
 
+def spy_on_segments(handle) -> list:
+    """The (first, last) layers of each batch-1 prefill segment (prefill_segments.py) the handle's runtime runs
+    from now on."""
+    ran, run = [], handle.runtime._segments.run
+    handle.runtime._segments.run = lambda *args: ran.append(args[1:3]) or run(*args)
+    return ran
+
+
 def remove_slimvlm(model) -> None:
     """Leave a shared model untouched after a test, whatever the test left applied."""
     handle = getattr(model, "_slimvlm_handle", None)

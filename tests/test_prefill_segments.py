@@ -4,7 +4,7 @@ them: the same text and statistics as the eager hooked prefill. Graphs run here 
 
 import pytest
 import torch
-from conftest import batch, next_batch, next_select, ov_batch, ov_select, qwen_batch, qwen_select, select
+from conftest import batch, next_batch, next_select, ov_batch, ov_select, qwen_batch, qwen_select, select, spy_on_segments
 
 import slimvlm
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
@@ -16,13 +16,6 @@ SPECS = ["none", "visionzip:dominant=20,contextual=5", "fastv", "fastv:k=1,ratio
 def generate(model, inputs, new_tokens: int = 5):
     return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
                           return_dict_in_generate=True)
-
-
-def spy_on_segments(handle) -> list:
-    """The (first, last) layers of each segment the handle's runtime runs from now on."""
-    ran, run = [], handle.runtime._segments.run
-    handle.runtime._segments.run = lambda *args: ran.append(args[1:3]) or run(*args)
-    return ran
 
 
 def assert_segments_generate_what_the_lm_does(model, inputs, spec) -> None:

@@ -117,7 +117,7 @@ def assert_batched_equals_one_by_one(model, handle, inputs, new: int = 5) -> lis
         items += len(own)
         alone = generate(model, single, static=False, new_tokens=new).sequences[0, -new:]
         assert alone.tolist() == generated[index].tolist()
-        # batch 1 on a static cache: stage-3/4 prefill in segments (prefill_segments.py)
+        # and alone on a static cache
         assert generate(model, single, static=True, new_tokens=new).sequences[0, -new:].tolist() == alone.tolist()
     assert items == len(counts)
     return counts

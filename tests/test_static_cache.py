@@ -7,8 +7,9 @@ import torch
 from transformers import CompileConfig, StaticCache
 
 import slimvlm
-from conftest import batch
+from conftest import batch, spy_on_segments
 from slimvlm.decoding import CAPACITY_STEP
+from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 from slimvlm.models.compat import cache_kwarg
 from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
 
@@ -40,19 +41,24 @@ def test_static_cache_generates_what_the_dynamic_cache_does(fresh, spec):
 
 @pytest.mark.parametrize("spec", STAGE_3_4 + ["mustdrop:filter=false,cache_keep=important"], ids=str)
 def test_a_batch_1_prefill_in_segments_generates_what_the_hooked_one_does(fresh, spec):
-    """At batch 1 on a static cache stage-3/4 prefill runs in segments between drops (prefill_segments.py):
-    the same text, the same tokens per layer and cache entries as the dynamic path's hooks give."""
+    """At batch 1 on a static cache with CUDA graphs (run here as the functions they capture) stage-3/4 prefill
+    runs in segments between drops (prefill_segments.py): the same text, the same tokens per layer and cache
+    entries as the hooked prefill on the dynamic cache without graphs."""
     model, processor = fresh
     inputs = batch(processor, 1, seed=3)
-    with torch.no_grad(), slimvlm.apply(model, spec) as handle:
-        static = generate(model, inputs, static=True)
-        static_stats = handle.stats
-        assert not handle.runtime._llm_hooks  # the segments ran the layers, not the hooks
-        dynamic = generate(model, inputs, static=False)
-        assert_same_generation(static, dynamic)
-        assert static_stats.llm_tokens == handle.stats.llm_tokens
-        assert static_stats.kv_entries == handle.stats.kv_entries
-        assert min(static_stats.kv_entries[0]) < max(static_stats.kv_entries[0])  # something was dropped
+    with torch.no_grad():
+        with slimvlm.apply(model, spec, cuda_graphs=False) as handle:
+            dynamic = generate(model, inputs, static=False)
+            dynamic_stats = handle.stats
+        with slimvlm.apply(model, spec) as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
+            segments = spy_on_segments(handle)
+            static = generate(model, inputs, static=True)
+            static_stats = handle.stats
+    assert segments
+    assert_same_generation(static, dynamic)
+    assert static_stats.llm_tokens == dynamic_stats.llm_tokens
+    assert static_stats.kv_entries == dynamic_stats.kv_entries
+    assert min(static_stats.kv_entries[0]) < max(static_stats.kv_entries[0])  # something was dropped
 
 
 def test_none_on_a_static_cache_is_the_untouched_model(fresh):

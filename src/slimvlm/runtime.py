@@ -286,13 +286,14 @@ class Runtime:
         # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (decoding.py)
         hand_off = on_static and self._in_llm
         graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
-        # at batch 1, where a prefill is paid in launches, the runtime runs the LM in segments between drops
-        # (prefill_segments.py), replayed from CUDA graphs, on the static path (whose entries are handed over
-        # anyway) and on the dynamic one where graphs replay them; not where the caller asks the LM's own outputs,
+        # at batch 1 with CUDA graphs, where a prefill is paid in launches, the runtime runs the LM in segments
+        # between drops replayed from graphs (prefill_segments.py): on the dynamic cache, and on the static one for
+        # stages 3-4 (stage 1-2 methods replay the whole LM there). Not where the caller asks the LM's own outputs,
         # nor on an LM that attends within a sliding window (the segments' masks are causal over the whole prompt)
-        # or whose attention takes no mask of slimvlm's (flash attention)
-        segmented = (input_ids.shape[0] == 1 and not kwargs and not self._unmerge and not self._windowed
-                     and adapter.takes_masks() and (hand_off or (graphs and not on_static)))
+        # or whose attention takes no mask of slimvlm's (flash attention); nor without graphs, where the segments'
+        # attention over the prompt's width (masked) would cost what the drops save
+        segmented = (graphs and input_ids.shape[0] == 1 and not kwargs and not self._unmerge and not self._windowed
+                     and adapter.takes_masks() and (hand_off or not on_static))
         if segmented:
             self._llm_hooks.remove()  # the segments run the drops themselves; decode steps get them back
         elif self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()
