@@ -71,3 +71,12 @@ def test_batch_1_prefill_segments_replayed_from_graphs_generate_what_eager_does(
             for _ in range(2):
                 for inputs, expected in zip(prompts, eager):
                     assert torch.equal(model.generate(**inputs, **settings), expected)
+
+
+def test_a_function_that_cannot_be_captured_names_the_way_out():
+    from slimvlm.errors import SlimVLMError
+    from slimvlm.graphs import GraphCache
+
+    reads_back = GraphCache(lambda x: x * int(x.sum().item()))  # a read of the device: not capturable
+    with torch.inference_mode(), pytest.raises(SlimVLMError, match="cuda_graphs=False"):
+        reads_back(torch.ones(4, device="cuda"))

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import SlimVLMError
+
 
 def graphs_wanted(setting: bool | None, device: torch.device) -> bool:
     """Graphs on a GPU at inference (no autograd) unless turned off; None is on."""
@@ -73,6 +75,12 @@ class GraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         graph = torch.cuda.CUDAGraph()
-        with own_cublas_workspace(), torch.cuda.graph(graph, pool=self._pool):
-            output = self.fn(*static_inputs, *key)
+        try:
+            with own_cublas_workspace(), torch.cuda.graph(graph, pool=self._pool):
+                output = self.fn(*static_inputs, *key)
+        except RuntimeError as error:  # e.g. an op that reads the device or copies from the host
+            raise SlimVLMError(
+                f"a CUDA graph of {getattr(self.fn, '__qualname__', self.fn)} could not be captured ({error}); "
+                "slimvlm.apply(model, ..., cuda_graphs=False) runs it without graphs"
+            ) from error
         return graph, static_inputs, output
