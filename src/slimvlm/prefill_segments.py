@@ -1,5 +1,5 @@
-"""The LLM prefill at batch 1, run in segments of layers between a stage-3 method's drops, each replayable
-from a CUDA graph.
+"""The LLM prefill at batch 1 with CUDA graphs, run in segments of layers between a stage-3 method's drops,
+each replayed from a graph (where runtime.py takes this path: Runtime._prefill).
 
 Elsewhere the LM's own forward runs the prefill (with layer hooks for stages 3-4: runtime.py). At batch 1 a
 prefill is paid in kernel launches, and that forward launches every op of every layer one by one; here the
@@ -7,7 +7,7 @@ runtime runs the layers itself. Each segment is a function of tensors (its input
 embeddings and, where the next layer drops tokens, the question rows to score) that writes its layers' keys
 and values to a scratch static cache and returns its output hidden states and the attention rows the method
 asked for. On a GPU it replays from a CUDA graph per segment and shape; its inputs are padded to a multiple of
-WIDTH_STEP (padding rows see only themselves, and no real row sees them) so that a few graphs cover every
+CAPACITY_STEP (padding rows see only themselves, and no real row sees them) so that a few graphs cover every
 prompt, and its outputs cut back, so the sequence the runtime keeps has no padding. What stays eager is the
 drop between segments (the method's choice and the compaction, whose width is read back) and moving the
 entries to the cache decoding continues on.
@@ -21,12 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention import question_rows
+from .decoding import CAPACITY_STEP
 from .graphs import GraphCache
 from .hooks import capture_outputs
 from .sequence import attention_mask_4d
-
-WIDTH_STEP = 64
-
 
 @dataclass
 class LayerEntries:
@@ -45,7 +43,7 @@ class PrefillEntries:
 
 
 def padded_width(width: int) -> int:
-    return -(-width // WIDTH_STEP) * WIDTH_STEP
+    return -(-width // CAPACITY_STEP) * CAPACITY_STEP
 
 
 class SegmentedPrefill:
