@@ -71,6 +71,12 @@ def per_view(views: list, count) -> tuple[torch.Tensor, list[int]]:
     return stacked, [distinct[id(view)][0] for view in views]
 
 
+def images_of_samples(images_per_sample: tuple[int, ...]) -> list[list[int]]:
+    """Per sample, the indices of its images in the batch's."""
+    starts = [sum(images_per_sample[:sample]) for sample in range(len(images_per_sample))]
+    return [list(range(start, start + count)) for start, count in zip(starts, images_per_sample)]
+
+
 @dataclass
 class View:
     """The sequence as some LLM layers see it: stage 3 shortens it for the layers after a drop,
@@ -437,44 +443,44 @@ class Runtime:
         self._llm_hooks.remove()
 
     def _run_vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool):
-        """Stages 1-2 (see _vision), replayed as one CUDA graph when graphs are on and every method is capturable."""
+        """Stages 1-2 (see _vision) and the prompt context, stages 1-2 replayed as one CUDA graph when graphs are on
+        and every method is capturable: a graph per pixel shape and images per sample, whatever the prompt's
+        length (the prompt's tensors stay out of it)."""
         stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
+        context = PromptContext(input_ids=input_ids, attention_mask=attention_mask, text_embeds=self.adapter.embed(input_ids),
+                                image_of_sample=images_of_samples(images_per_sample))
         # a method whose counts follow the image keeps its width in a graph (padding what it merges): worth it at
         # batch 1, where the encoder is paid in launches; at larger batches it runs eagerly on fewer tokens
         keeping_width_pays = input_ids.shape[0] == 1 or not any(method.varying_lengths for method in stages_1_2)
         if (graphs and self.adapter.vision_capturable and all(method.capturable for method in stages_1_2)
                 and keeping_width_pays):
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            *outputs, states = self._vision_graphs(pixel_values, input_ids, mask, key=(images_per_sample, False, True))
+            tokens, trace, projected, states = self._vision_graphs(pixel_values, key=(images_per_sample, True))
             for method, state in zip(stages_1_2, states):  # a replay runs no Python: what the methods set, again
                 vars(method).update(state)
-            return tuple(outputs)
-        return tuple(self._vision(pixel_values, input_ids, attention_mask, images_per_sample, graphs)[:-1])
+        else:
+            tokens, trace, projected, _ = self._vision(pixel_values, images_per_sample, False, context, graphs)
+        return tokens, trace, projected, context
 
-    def _vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool = False,
-                keep_width: bool = False):
+    def _vision(self, pixel_values, images_per_sample: tuple[int, ...], keep_width: bool,
+                context: PromptContext | None = None, graphs: bool = False):
         """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
         projector, the stage-2 methods' project(). Returns (tokens, vision trace, tokens per image through the
-        projector, prompt context, per method of stages 1-2 the attributes it set (Method.encoder_state)).
-        keep_width: for a CUDA graph, methods keep the token tensor's width where their counts follow the image."""
+        projector, per method of stages 1-2 the attributes it set (Method.encoder_state)). keep_width: for a
+        CUDA graph, methods keep the token tensor's width where their counts follow the image. context: the
+        prompts; None inside a graph, where stage-2 methods get their images' places alone (a capturable
+        method reads no prompt tensor: a replay would read the captured ones)."""
         adapter = self.adapter
         stage1 = self._by_stage[Stage.ENCODE]
         tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs, keep_width)
         tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
         projected = adapter.projector_counts(tokens)
         tokens = adapter.pack(tokens)
-        starts = [sum(images_per_sample[:b]) for b in range(len(images_per_sample))]
-        context = PromptContext(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            text_embeds=adapter.embed(input_ids),
-            image_of_sample=[list(range(start, start + n)) for start, n in zip(starts, images_per_sample)],
-        )
+        context = context or PromptContext(input_ids=None, image_of_sample=images_of_samples(images_per_sample))
         for method in self._by_stage[Stage.PROJECT]:
             tokens = method.project(tokens, context)
         states = [{name: getattr(method, name) for name in method.encoder_state}
                   for method in stage1 + self._by_stage[Stage.PROJECT]]
-        return tokens, trace, projected, context, states
+        return tokens, trace, projected, states
 
     def _check_static(self) -> None:
         """Refuse, before any work, what transformers' static cache cannot hold."""

@@ -62,7 +62,7 @@ class PromptContext:
     so that training-time fusion can leave the answer tokens out (LLaVA-Mini).
     """
 
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor | None  # None where stages 1-2 replay from a CUDA graph (capturable methods read none)
     attention_mask: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     image_of_sample: list[list[int]] = field(default_factory=list)
