@@ -301,19 +301,23 @@ def test_demo_budget_rule_uses_the_presets(tiny):
 
 def test_stages_1_2_replayed_as_one_graph_at_batch_1_give_what_they_give_eagerly(fresh):
     """At batch 1 on a GPU the window merge keeps the encoder's width (padding what it merges) so that the tower,
-    MustDrop's stage-1 parts and the projector replay as one CUDA graph: the same logits and statistics. Run
-    here with the graph's function called in its place, reads counted (none may happen inside)."""
+    MustDrop's stage-1 parts and the projector replay as one CUDA graph: the same logits and statistics, for a
+    prompt that replays the graph another captured (images merging differently). Run here as a GPU replays
+    graphs (device_reads.graphs_replayed_as_launches), reads counted (none may happen inside)."""
     model, processor = fresh
-    inputs = select(batch(processor, 1, seed=4), 0)
-    spec = "mustdrop:threshold=0.0"  # merges most windows of a random tower
+    prompts = [select(batch(processor, 2, seed=4), row) for row in (0, 1)]
+    spec = "mustdrop:threshold=0.0"  # merges most windows of a random tower, a different number per image
     with torch.no_grad():
+        expected = []
         with slimvlm.apply(model, spec, cuda_graphs=False) as handle:
-            eager = model(**inputs).logits
-            expected = handle.stats
+            for inputs in prompts:
+                expected.append((model(**inputs).logits, handle.stats))
         with slimvlm.apply(model, spec) as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
-            replayed = model(**inputs).logits
-            stats = handle.stats
-    assert expected.visual_tokens[0] < 576
-    torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
-    for field in ("visual_tokens", "sources", "vision_tokens", "llm_tokens", "kv_entries", "projector_tokens"):
-        assert getattr(stats, field) == getattr(expected, field), field
+            replayed = []
+            for inputs in prompts + prompts:
+                replayed.append((model(**inputs).logits, handle.stats))
+    assert expected[0][1].visual_tokens[0] != expected[1][1].visual_tokens[0] and max(expected[0][1].visual_tokens) < 576
+    for (logits, stats), (want_logits, want) in zip(replayed, expected + expected):
+        torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+        for field in ("visual_tokens", "sources", "vision_tokens", "llm_tokens", "kv_entries", "projector_tokens"):
+            assert getattr(stats, field) == getattr(want, field), field

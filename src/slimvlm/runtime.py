@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -457,6 +457,7 @@ class Runtime:
             tokens, trace, projected, states = self._vision_graphs(pixel_values, key=(images_per_sample, True))
             for method, state in zip(stages_1_2, states):  # a replay runs no Python: what the methods set, again
                 vars(method).update(state)
+            tokens = replace(tokens)  # every replay returns the captured object: counts read later must be this one's
         else:
             tokens, trace, projected, _ = self._vision(pixel_values, images_per_sample, False, context, graphs)
         return tokens, trace, projected, context
