@@ -124,3 +124,25 @@ def test_segments_on_eager_attention_take_additive_masks(tiny_dir, tiny):
     _, processor = tiny
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
     assert_segments_generate_what_the_lm_does(model, select(batch(processor, 1), 0), "fastv")
+
+
+def test_prompts_of_any_length_reuse_the_scratch_cache_of_the_longest(fresh):
+    """The scratch cache only grows, so the segments' graphs (which write it) survive shorter prompts: a long prompt,
+    a short one, the long one again, each as the LM's own forward gives it."""
+    from conftest import images
+    from slimvlm.testbed.build import format_prompt
+
+    model, processor = fresh
+    long = format_prompt(" ".join(["is the red circle left of the blue square ?"] * 12))  # 64+ tokens more
+    prompts = [processor(images=images(1, seed), text=[text], return_tensors="pt")
+               for seed, text in ((1, long), (2, format_prompt("what shape is it ?")), (3, long))]
+    assert prompts[0]["input_ids"].shape[1] - prompts[1]["input_ids"].shape[1] > 64
+    with torch.no_grad():
+        with slimvlm.apply(model, "fastv", cuda_graphs=False):
+            expected = [model(**inputs).logits[:, -1] for inputs in prompts]
+        with slimvlm.apply(model, "fastv") as handle, HostReads() as reads, graphs_replayed_as_launches(reads):
+            scratch = []
+            for inputs, want in zip(prompts, expected):
+                torch.testing.assert_close(model(**inputs).logits[:, -1], want, atol=1e-5, rtol=1e-5)
+                scratch.append(handle.runtime._segments._scratch)
+    assert scratch[0] is scratch[1] is scratch[2]

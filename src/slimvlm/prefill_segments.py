@@ -57,18 +57,18 @@ class SegmentedPrefill:
         self._graphs: GraphCache | None = None
 
     def start(self, batch: int, width: int, like: torch.Tensor) -> PrefillEntries:
-        """Ready the scratch cache for a prompt of `width` tokens (reused while the batch, padded width and dtype
-        stay: the graphs write its buffers); the entries are filled as segments run."""
+        """Ready the scratch cache for a prompt of `width` tokens; the entries are filled as segments run. The
+        scratch only grows (to the longest prompt yet, padded): shorter prompts attend over its slots masked, and
+        the graphs, which write its buffers and are made anew with it, stay valid whatever the prompt's length."""
         from transformers import StaticCache
 
-        capacity = padded_width(width)
-        key = (batch, capacity, like.dtype, like.device)
-        if key != self._scratch_key:
+        key = (batch, like.dtype, like.device)
+        if key != self._scratch_key or padded_width(width) > self._capacity:
             self._scratch = self._graphs = None  # free the old buffers before allocating
-            self._scratch = StaticCache(config=self.adapter.text_config, max_cache_len=capacity)
+            self._capacity = padded_width(width)
+            self._scratch = StaticCache(config=self.adapter.text_config, max_cache_len=self._capacity)
             self._graphs = GraphCache(self._segment)
             self._scratch_key = key
-        self._capacity = capacity
         return PrefillEntries([None] * len(self.adapter.llm_layers))
 
     def run(self, entries: PrefillEntries, start: int, end: int, hidden: torch.Tensor, key_valid: torch.Tensor,
