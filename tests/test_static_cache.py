@@ -167,3 +167,30 @@ def test_padding_of_a_causal_mask():
         padding_of_causal_mask(bidirectional, 5)
     with pytest.raises(slimvlm.SlimVLMError, match="not the causal mask of a 5-token prompt"):
         padding_of_causal_mask(torch.ones(2, 1, 1, 8, dtype=torch.bool), 5)
+
+
+def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fresh):
+    """slimvlm's static cache only grows, per group of layers: a shorter reduced prompt (MustDrop's and DyMU's
+    counts follow the image) reuses it, as transformers reuses its own across calls."""
+    from slimvlm.decoding import StaticDecoder
+    from slimvlm.models import adapter_for
+
+    model, _ = fresh
+    decoder = StaticDecoder(model, adapter_for(model), compile=False)
+    layers = model.config.text_config.num_hidden_layers
+    given = StaticCache(config=model.config.text_config, max_cache_len=700)  # 100 slots past a 600-token prompt
+    groups = (0,) + (1,) * (layers - 1)  # e.g. FastV at k=1: layer 0, then the rest
+
+    def start(*widths):
+        return decoder.start(given, [torch.ones(1, width, dtype=torch.bool) for width in widths], groups, 600,
+                             torch.zeros(1))
+
+    cache, steps = start(300, 130)
+    assert [layer.max_cache_len for layer in cache.layers] == [448] + [256] * (layers - 1)  # 300+100, 130+100 -> 64s
+    shorter, steps = start(250, 40)
+    assert shorter is cache and [slot.shape[1] for slot in steps.key_valid] == [448, 256]
+    assert steps.lengths == [250, 40] and steps.key_valid[1][0, 40:].any().item() is False
+    longer, _ = start(250, 200)  # the second group needs 320: grown, the first keeps its 448
+    assert longer is not cache and [layer.max_cache_len for layer in longer.layers] == [448] + [320] * (layers - 1)
+    other, _ = decoder.start(given, [torch.ones(1, 250, dtype=torch.bool)], (0,) * layers, 600, torch.zeros(1))
+    assert [layer.max_cache_len for layer in other.layers] == [384] * layers  # one group over layers of two lengths

@@ -5,9 +5,9 @@ prompt. slimvlm swaps in a cache of its own, sized for the reduced sequence plus
 left for new tokens, so that each decode step's attention reads only the entries that were kept
 (a static cache attends over its whole length). Where stage 3 or 4 left layers with different
 entries (FastV drops tokens from layer K on, MustDrop's output-aware cache keeps fewer), each group
-of layers gets its own length: the prefill runs on a dynamic cache and hands its entries over. The
-cache is reused while the batch size and the lengths stay, so the compiled step is not rebuilt, and
-lengths are rounded up to CAPACITY_STEP so that image-dependent counts (DyMU) share a few sizes.
+of layers gets its own length: the prefill's entries are handed over. The cache is reused while the batch
+size stays and each group's length suffices (it only grows), so the compiled step is not rebuilt, and
+lengths are rounded up to CAPACITY_STEP so that image-dependent counts (DyMU, MustDrop) share a few sizes.
 
 A decode step is one function of tensors (embed, the LM's layers each with its group's (B, 1, Q, C)
 mask, lm_head): that function is what torch.compile sees, with transformers' own CompileConfig
@@ -100,28 +100,45 @@ class StaticDecoder:
                 "make it longer than the prompt plus the tokens to generate"
             )
         batch = key_valid[0].shape[0]
-        capacities = [-(-(valid.shape[1] + room) // CAPACITY_STEP) * CAPACITY_STEP for valid in key_valid]
+        needed = [-(-(valid.shape[1] + room) // CAPACITY_STEP) * CAPACITY_STEP for valid in key_valid]
+        held = self._held(batch, group_of_layer, like)
+        reuse = held is not None and all(want <= have for want, have in zip(needed, held))
+        capacities = held if reuse else [max(pair) for pair in zip(needed, held or needed)]  # only ever grows
         window = getattr(self.adapter.text_config, "sliding_window", None)
         if window is not None and max(capacities) > window:
             raise SlimVLMError(
                 f"the language model attends within a sliding window of {window} tokens, shorter than the "
                 f"{max(capacities)} this static cache holds; generate without cache_implementation='static'"
             )
-        per_layer = tuple(capacities[group] for group in group_of_layer)
-        key = (batch, per_layer, like.dtype, like.device)
-        if key != self._cache_key:
+        if reuse:
+            reset(self._cache)
+        else:
+            per_layer = tuple(capacities[group] for group in group_of_layer)
             self._cache = None  # free the old one (and the graphs that write it) before allocating
             self._prefill_graphs = GraphCache(self._prefill)
             self._cache = static_cache(self.adapter.text_config, per_layer)
-            self._cache_key = key
-        else:
-            reset(self._cache)
+            self._cache_key = (batch, per_layer, like.dtype, like.device)
         slots = []
         for valid, capacity in zip(key_valid, capacities):
             slot = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
             slot[:, : valid.shape[1]] = valid
             slots.append(slot)
         return self._cache, StaticSteps(slots, [valid.shape[1] for valid in key_valid], group_of_layer)
+
+    def _held(self, batch: int, group_of_layer: tuple[int, ...], like: torch.Tensor) -> list[int] | None:
+        """Per group of layers, the slots the cache held now gives it (its layers' one length), or None where it
+        cannot serve these groups (none yet, another batch, dtype or device, or a group over layers of different
+        lengths). A cache that serves is reused when long enough, so the compiled decode step keeps its shapes,
+        as transformers keeps its own static cache across calls (generate's _prepare_static_cache)."""
+        if self._cache_key is None or (self._cache_key[0], *self._cache_key[2:]) != (batch, like.dtype, like.device):
+            return None
+        per_layer = self._cache_key[1]
+        lengths: dict[int, set[int]] = {}
+        for layer, group in enumerate(group_of_layer):
+            lengths.setdefault(group, set()).add(per_layer[layer])
+        if any(len(held) != 1 for held in lengths.values()):
+            return None
+        return [lengths[group].pop() for group in range(len(lengths))]
 
     def hand_off(self, given, key_valid: list[torch.Tensor], group_of_layer: tuple[int, ...], layers: list,
                  prompt_length: int, like: torch.Tensor) -> tuple[object, StaticSteps]:
