@@ -57,8 +57,8 @@ def test_remove_restores_the_model(fresh):
         reference = model(**inputs).logits
         before = hooks()
         handle = slimvlm.apply(model, ["tome:r=8", "fastv"])
+        assert hooks() != before  # FastV's drop runs in layer hooks during a prefill
         assert not torch.allclose(model(**inputs).logits[:, -1], reference[:, -1])
-        assert hooks() != before
         handle.remove()
         assert "forward" not in model.__dict__
         assert torch.equal(model(**inputs).logits, reference)

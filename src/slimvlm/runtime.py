@@ -24,7 +24,7 @@ from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, ga
                        padding_of_causal_mask, rebuild)
 from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import question_rows
-from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, is_static
+from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, decode_step, is_static
 from .graphs import GraphCache, graphs_wanted
 from .prefill_segments import SegmentedPrefill
 from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
@@ -69,6 +69,14 @@ def per_view(views: list, count) -> tuple[torch.Tensor, list[int]]:
     distinct = {id(view): (row, view) for row, view in enumerate({id(v): v for v in views}.values())}
     stacked = torch.stack([count(view) for _, view in distinct.values()])
     return stacked, [distinct[id(view)][0] for view in views]
+
+
+def kept_positions(x: torch.Tensor, keep) -> torch.Tensor:
+    """x (B, L, ...) at the positions `logits_to_keep` asks for: the last `keep` (all for 0 or None), or an index."""
+    keep = keep or 0
+    if isinstance(keep, int):
+        return x[:, -keep:] if keep > 0 else x
+    return x[:, keep]
 
 
 def images_of_samples(images_per_sample: tuple[int, ...]) -> list[list[int]]:
@@ -344,8 +352,8 @@ class Runtime:
             self._hand_off_to_static(session, given, rebuilt.embeds)
         elif segmented:
             session.cache = self._filled(target, session.cache) if use_cache else None
-            if self._in_llm:
-                self._install_layer_hooks()  # the eager decode steps' masks
+        if self._in_llm and not self._unmerge:
+            self._llm_hooks.remove()  # decode steps call the layers in turn with their masks (_decode_layer_by_layer)
         self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
@@ -519,9 +527,10 @@ class Runtime:
         every_key = steps == 1 and new_valid is None  # one real query: it sees all of an unpadded view's keys
         if new_valid is None:
             new_valid = torch.ones_like(input_ids, dtype=torch.bool)
-        embeds = self.adapter.embed(input_ids)
+        mask_dtype = self.adapter.mask_dtype(self.model.get_input_embeddings().weight.dtype) if self._in_llm else None
         base = session.layer_views[0]
         if self._unmerge:
+            embeds = self.adapter.embed(input_ids)
             first = base.key_valid.shape[1]
             session.copies = self._with_rotary(append_tokens(session.copies, first, steps, positions, new_valid), embeds)
             new = Copies(torch.arange(steps, device=positions.device).expand_as(positions), torch.zeros_like(positions),
@@ -531,10 +540,28 @@ class Runtime:
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
             if view is not base:  # no mask where it would allow everything (a batch-1 step): SDPA attends to all
                 view.decode_mask = None if every_key and not view.padded else attention_mask_4d(
-                    view.key_valid, steps, self.adapter.mask_dtype(embeds.dtype))
+                    view.key_valid, steps, mask_dtype)
+        if self._in_llm and not self._unmerge and not kwargs:
+            base_mask = attention_mask_4d(base.key_valid, steps, mask_dtype) if mask_needed else None
+            logits = self._decode_layer_by_layer(input_ids, positions, base_mask)
+            return self._output(kept_positions(logits, arguments.get("logits_to_keep")), None, session.cache, arguments)
+        if self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off after prefill
+            self._install_layer_hooks()
         mask = base.key_valid.long() if mask_needed else None
-        output = self.adapter.run_llm(embeds, mask, positions, session.cache, True, **kwargs)
+        output = self.adapter.run_llm(self.adapter.embed(input_ids), mask, positions, session.cache, True, **kwargs)
         return self._logits(output.last_hidden_state, session.cache, arguments, None, output)
+
+    def _decode_layer_by_layer(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                               base_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits of a decode step on the dynamic cache after stages 3-4, the LM's layers called in turn, each with
+        its view's mask (decoding.decode_step, uncompiled): no layer hook runs each step (on a GPU at batch 1 the
+        hooks' Python cost 2.6-5 ms a step against 20.5 for the whole step, results/generate/README.md)."""
+        session = self.session
+        views = session.distinct_views()
+        group = {id(view): index for index, view in enumerate(views)}
+        masks = tuple(base_mask if view is session.layer_views[0] else view.decode_mask for view in views)
+        return decode_step(self.adapter.decode_parts(), self.adapter.cache_kwarg, input_ids, masks,
+                           tuple(group[id(view)] for view in session.layer_views), positions, session.cache)
 
     def _new_tokens_valid(self, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
         """Which of a decode step's tokens are real, from the caller's 2D mask in the untouched prompt's
@@ -552,12 +579,7 @@ class Runtime:
         return mask[:, -steps:].bool()
 
     def _logits(self, hidden: torch.Tensor, cache, arguments: dict, labels, output=None, image: dict | None = None):
-        keep = arguments.get("logits_to_keep") or 0
-        if isinstance(keep, int):
-            hidden = hidden[:, -keep:] if keep > 0 else hidden
-        else:
-            hidden = hidden[:, keep]
-        logits = self.adapter.lm_head(hidden)
+        logits = self.adapter.lm_head(kept_positions(hidden, arguments.get("logits_to_keep")))
         loss = None
         if labels is not None:
             loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size)
