@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,26 @@ def spy_on_segments(handle) -> list:
     ran, run = [], handle.runtime._segments.run
     handle.runtime._segments.run = lambda *args: ran.append(args[1:3]) or run(*args)
     return ran
+
+
+@contextlib.contextmanager
+def causal_attention_calls():
+    """Yields a list that receives, per SDPA call of many queries, ("causal" | "masked" | "full"): is_causal
+    without a mask (flash attention on a GPU), a mask of many query rows, or neither (the vision encoder)."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, is_causal=False, **kwargs):
+        if attn_mask is not None and attn_mask.shape[-2] > 1:
+            calls.append("masked")
+        elif attn_mask is None and query.shape[-2] > 1:  # (a decode step's GQA query groups count as rows here)
+            calls.append("causal" if is_causal else "full")
+        return sdpa(query, key, value, attn_mask, *args, is_causal=is_causal, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
 
 
 def remove_slimvlm(model) -> None:

@@ -4,7 +4,7 @@ them: the same text and statistics as the eager hooked prefill. Graphs run here 
 
 import pytest
 import torch
-from conftest import batch, next_batch, next_select, ov_batch, ov_select, qwen_batch, qwen_select, select, spy_on_segments
+from conftest import batch, causal_attention_calls, next_batch, next_select, ov_batch, ov_select, qwen_batch, qwen_select, select, spy_on_segments
 
 import slimvlm
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
@@ -90,6 +90,21 @@ def test_a_batch_1_prefill_replays_the_lm_in_one_segment_per_drop_and_one_more(f
     layers = model.config.text_config.num_hidden_layers
     assert segments == list(zip((0, *drops), (*drops, layers)))  # the LM's own forward did not run
     assert replayed < eager, (replayed, eager)
+
+
+def test_segments_attend_causally_without_a_mask(fresh):
+    """A batch of one holds no padding once rebuilt (its mask's zeros are dropped with the placeholders'
+    surplus), so its segments run SDPA with is_causal and no mask (flash attention on a GPU; the rows that pad
+    a segment's input come last): a prompt given with padding generates the text the LM gives it."""
+    model, processor = fresh
+    padded = {key: value[:1] for key, value in batch(processor, 2, seed=5).items()}
+    assert not padded["attention_mask"].all()
+    with torch.no_grad(), slimvlm.apply(model, "fastv") as handle, HostReads() as reads, \
+            graphs_replayed_as_launches(reads), causal_attention_calls() as calls:
+        segments = spy_on_segments(handle)
+        model(**padded)
+    assert segments and calls.count("causal") == model.config.text_config.num_hidden_layers and "masked" not in calls
+    assert_segments_generate_what_the_lm_does(model, padded, "fastv")
 
 
 def test_a_batch_2_prefill_keeps_the_hooked_path(fresh):

@@ -7,7 +7,7 @@ import torch
 from transformers import CompileConfig, StaticCache
 
 import slimvlm
-from conftest import batch, spy_on_segments
+from conftest import batch, causal_attention_calls, spy_on_segments
 from slimvlm.decoding import CAPACITY_STEP
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 from slimvlm.models.compat import cache_kwarg
@@ -59,6 +59,31 @@ def test_a_batch_1_prefill_in_segments_generates_what_the_hooked_one_does(fresh,
     assert static_stats.llm_tokens == dynamic_stats.llm_tokens
     assert static_stats.kv_entries == dynamic_stats.kv_entries
     assert min(static_stats.kv_entries[0]) < max(static_stats.kv_entries[0])  # something was dropped
+
+
+@pytest.mark.parametrize("spec", ["none", "visionzip:dominant=20,contextual=5"])
+def test_the_static_prefill_attends_causally_without_a_mask(fresh, spec):
+    """Each row's real tokens sit first in slimvlm's static cache and its padding after them, so every LM layer's
+    prefill runs SDPA with is_causal and no mask (flash attention on a GPU), as transformers runs the untouched
+    prompt on an empty static cache: left-padded prompts of different lengths."""
+    model, processor = fresh
+    inputs = batch(processor, 3, seed=1)
+    with torch.no_grad(), slimvlm.apply(model, spec), causal_attention_calls() as calls:
+        generate(model, inputs, static=True, new_tokens=2)
+    assert calls.count("causal") == model.config.text_config.num_hidden_layers
+    assert "masked" not in calls
+
+
+@pytest.mark.parametrize("spec", ["none", "visionzip:dominant=20,contextual=5"])
+def test_a_static_cache_on_eager_attention_generates_what_the_dynamic_cache_does(tiny_dir, tiny, spec):
+    """Eager attention reads every slot of the static cache: its prefill's additive mask follows the slots' order."""
+    from transformers import LlavaForConditionalGeneration
+
+    _, processor = tiny
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    inputs = batch(processor, 3, seed=1)
+    with torch.no_grad(), slimvlm.apply(model, spec):
+        assert_same_generation(generate(model, inputs, static=True), generate(model, inputs, static=False))
 
 
 def test_none_on_a_static_cache_is_the_untouched_model(fresh):

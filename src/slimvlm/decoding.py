@@ -24,7 +24,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .errors import SlimVLMError
 from .graphs import GraphCache
-from .sequence import attention_mask_4d
+from .sequence import attention_mask_4d, gather_rows
 
 CAPACITY_STEP = 64
 
@@ -151,15 +151,37 @@ class StaticDecoder:
 
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, steps: StaticSteps, mask_dtype, graphs: bool) -> torch.Tensor:
         """The LM's last hidden states (B, L, D) over the reduced prompt, its entries written to the
-        cache start() gave; replayed from a CUDA graph per width when `graphs` (its output buffer is
-        the graph's: use it before the next prefill)."""
-        mask = attention_mask_4d(steps.key_valid[0], embeds.shape[1], mask_dtype, first_query=0)
+        cache start() gave, each row's real tokens in the first slots and its padding after them (steps
+        learns the new order): causal attention over them then needs no mask, and SDPA runs it with
+        is_causal (its flash kernel), as transformers runs the untouched prompt on an empty static cache.
+        Replayed from a CUDA graph per width when `graphs` (its output buffer is the graph's: use it
+        before the next prefill)."""
+        slots = steps.key_valid[0]
         if not graphs:
-            return self._prefill(embeds, mask, positions)
-        return self._prefill_graphs(embeds, mask, positions, after_warmup=lambda: reset(self._cache))
+            hidden, ordered = self._prefill(embeds, slots, positions, mask_dtype)
+        else:
+            hidden, ordered = self._prefill_graphs(embeds, slots, positions, key=(mask_dtype,),
+                                                   after_warmup=lambda: reset(self._cache))
+        slots[:, : embeds.shape[1]] = ordered
+        return hidden
 
-    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.adapter.run_llm(embeds, mask, positions, self._cache, True).last_hidden_state
+    def _prefill(self, embeds: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, mask_dtype):
+        """(hidden states in the prompt's order, the slots' validity in the cache's order)."""
+        width = embeds.shape[1]
+        valid = slots[:, :width]
+        at = torch.arange(width, device=valid.device)
+        first = valid.long().argmax(dim=1, keepdim=True)  # compacted rows: real tokens are one run from here
+        order = (at + first) % width
+        ordered = valid.gather(1, order)
+        mask = None  # SDPA: is_causal (a padding row sees real ones; no real row sees padding)
+        if mask_dtype is not None:  # eager attention reads every slot: its mask says which hold what
+            mask = attention_mask_4d(torch.cat([ordered, slots[:, width:]], dim=1), width, mask_dtype, first_query=0)
+        hidden = gather_rows(embeds, order)
+        parts = self.adapter.decode_parts()
+        position_embeddings = self.adapter.position_embeddings(hidden, gather_rows(positions, order))
+        hidden = _decoder_layers(parts.body, parts, hidden, (mask,), (0,) * len(parts.layers), None,
+                                 position_embeddings, self.adapter.cache_kwarg, self._cache).last_hidden_state
+        return gather_rows(hidden, (at - first) % width), ordered
 
     def step(self, input_ids: torch.Tensor, masks: tuple[torch.Tensor, ...], group_of_layer: tuple[int, ...],
              position_ids: torch.Tensor, cache) -> torch.Tensor:

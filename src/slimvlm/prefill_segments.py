@@ -7,7 +7,7 @@ runtime runs the layers itself. Each segment is a function of tensors (its input
 embeddings and, where the next layer drops tokens, the question rows to score) that writes its layers' keys
 and values to a scratch static cache and returns its output hidden states and the attention rows the method
 asked for. On a GPU it replays from a CUDA graph per segment and shape; its inputs are padded to a multiple of
-CAPACITY_STEP (padding rows see only themselves, and no real row sees them) so that a few graphs cover every
+CAPACITY_STEP (at their end: no real row sees them) so that a few graphs cover every
 prompt, and its outputs cut back, so the sequence the runtime keeps has no padding. What stays eager is the
 drop between segments (the method's choice and the compaction, whose width is read back) and moving the
 entries to the cache decoding continues on.
@@ -81,7 +81,9 @@ class SegmentedPrefill:
         width = hidden.shape[1]
         more = padded_width(width) - width
         slots = F.pad(key_valid, (0, self._capacity - width))  # no real query sees a slot past the prompt's
-        mask = attention_mask_4d(slots, width + more, mask_dtype, first_query=0)
+        mask = None  # SDPA: is_causal (flash attention); a batch of one holds no padding but these rows, last
+        if mask_dtype is not None:
+            mask = attention_mask_4d(slots, width + more, mask_dtype, first_query=0)
         cos, sin = (F.pad(part, (0, 0, 0, more)) for part in position_embeddings)
         inputs = (F.pad(hidden, (0, 0, 0, more)), mask, cos, sin, query_index,
                   None if query_index is None else slots[:, : width + more])
