@@ -268,6 +268,8 @@ def test_generate_shrinks_the_cache_and_batched_equals_one_by_one(fresh, cache_k
     with torch.no_grad(), slimvlm.apply(model, spec) as handle:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
         stats = handle.stats
+        views = handle.runtime.session.distinct_views()
+        assert len(views) == 2 and handle.runtime.session.view_of(1) is views[1]  # layers 1-3 hold one set: one view
         visual = stats.visual_tokens
         assert all(v < 576 for v in visual) and len(set(visual)) > 1  # LSM merged, per image
         for b in range(3):

@@ -729,17 +729,21 @@ class Runtime:
             return
         facts = read_together([torch.cat([(cut != sequence.valid).any()[None], kept_range(cut)])
                                for sequence, _, cut in cuts.values()])
+        shared = None  # where every cut layer keeps one set (cache_keeps_one_set), the view they share
         for (key, indices), (dropping, fewest, most) in zip(groups.items(), facts):
-            if not dropping:
-                continue
-            sequence, _, cut = cuts[key]
-            gather, valid, padded = compaction(cut, known=(fewest, most))
-            view = View(sequence=sequence.gather(gather, valid), key_valid=valid, padded=padded)
-            at = gather[:, None, :, None]
-            for index in indices:
-                cache_layer = layers[index]
-                cache_layer.keys = cache_layer.keys.gather(2, at.expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
-                cache_layer.values = cache_layer.values.gather(2, at.expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
+            view = session.view_of(indices[0])  # a group that drops nothing holds the set already
+            if dropping:
+                sequence, _, cut = cuts[key]
+                gather, valid, padded = compaction(cut, known=(fewest, most))
+                view = View(sequence=sequence.gather(gather, valid), key_valid=valid, padded=padded)
+                at = gather[:, None, :, None]
+                for index in indices:
+                    cache_layer = layers[index]
+                    cache_layer.keys = cache_layer.keys.gather(2, at.expand(-1, cache_layer.keys.shape[1], -1, cache_layer.keys.shape[3]))
+                    cache_layer.values = cache_layer.values.gather(2, at.expand(-1, cache_layer.values.shape[1], -1, cache_layer.values.shape[3]))
+            if method.cache_keeps_one_set:
+                shared = shared or view
+                view = shared
             session.set_view(indices, view)
 
     # ---- statistics --------------------------------------------------------------------------

@@ -154,6 +154,7 @@ class MustDrop(Method):
     description = "MustDrop: local spatial merge + CLS key set in the encoder, dual-attention filter in prefill, KV cache policy (Liu et al. 2024)"
     stages = frozenset({Stage.ENCODE, Stage.PREFILL, Stage.DECODE})
     encoder_state = ("_important", "_survivors")
+    cache_keeps_one_set = True  # the text and the final survivors (or S): each prefill view holds them all
 
     def __init__(
         self,
