@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Queued for a GPU call (not run yet: no device was lent in the session that wrote it), about 9 minutes.
+# Run once at a9bd06f (381 s; results/generate/README.md "The static prefill with is_causal and no mask").
 # After the static prefill moved each row's real tokens first and attends with is_causal and no mask, and
 # MustDrop's cut layers share one cache view: the GPU tests, a profile of the eager batch-1 decode step of
 # FastV and MustDrop beside the untouched model, their eager batch-1 rows in one run, and LLaVA-OneVision-7B's
