@@ -102,6 +102,22 @@ def test_divprune_batch_with_padding_chooses_what_each_image_chooses_alone():
         assert mask[image].nonzero().flatten().tolist() == alone
 
 
+def test_divprune_dispatches_three_ops_per_pick_at_batch_1_and_four_past_it():
+    """At batch 1 on a GPU the greedy loop is paid in launches, one per op (640 picks of a video)."""
+    from slimvlm.device_reads import HostReads
+
+    def ops(batch: int, keep: int) -> int:
+        features = torch.randn(batch, 300, 8, generator=torch.Generator().manual_seed(0))
+        valid = torch.ones(batch, 300, dtype=torch.bool)
+        with HostReads() as reads:
+            max_min_diverse(features, valid, [keep] * batch, [300] * batch)
+        assert reads.total == 0
+        return reads.ops
+
+    assert ops(1, 150) - ops(1, 50) == 3 * 100
+    assert ops(2, 150) - ops(2, 50) == 4 * 100
+
+
 def test_visionzip_hand_example():
     # 1 CLS + 6 patches on a 2x3 grid; CLS attends most to patches 4 and 1
     x = torch.arange(7, dtype=torch.float32).view(1, 7, 1) * 10

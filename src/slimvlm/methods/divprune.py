@@ -17,11 +17,12 @@ def max_min_diverse(features: torch.Tensor, valid: torch.Tensor, keep: list[int]
     each time the token farthest from everything chosen so far (distance = 1 - cosine similarity).
     An image with keep >= its count keeps them all.
 
-    All images advance together, five kernels per greedy step and nothing read back to the host (the
-    counts come from it), so the loop can replay from a CUDA graph: a per-image loop reading each
-    argmax back costs a sync per chosen token, which dominated training steps at batch 32 on a GPU
-    (results/README.md, DualSpeed). An image that needs fewer steps than another takes its first
-    keep[b] picks (the greedy order does not depend on the budget).
+    All images advance together, three kernels per greedy step (four past batch 1) and nothing read
+    back to the host (the counts come from it): a per-image loop reading each argmax back costs a sync
+    per chosen token, which dominated training steps at batch 32 on a GPU (results/README.md,
+    DualSpeed), and at batch 1 the loop is paid in launches (640 picks of a video: results/generate).
+    An image that needs fewer steps than another takes its first keep[b] picks (the greedy order does
+    not depend on the budget).
 
     A chosen token is never chosen again: where many tokens are identical (a flat background),
     every distance left can be 0, and the authors' argmax would pick an already chosen token and
@@ -32,20 +33,28 @@ def max_min_diverse(features: torch.Tensor, valid: torch.Tensor, keep: list[int]
     if steps == 0:
         return valid.clone()
     device = features.device
-    normed = torch.nn.functional.normalize(features.float(), dim=-1)
-    distance = 1.0 - normed @ normed.transpose(1, 2)  # (B, N, N)
+    # a choice, not a value: no gradient flows through it (and the in-place loop could not record one)
+    normed = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+    distance = 1.0 - normed @ normed.transpose(1, 2)  # (B, N, N), in [0, 2]
+    # -1 on the diagonal: taking the minimum with a chosen token's row marks it chosen (its own distance), no scatter
+    distance.diagonal(dim1=1, dim2=2).fill_(-1.0)
     flat = distance.view(-1, n)  # row i of image b is flat[b * n + i]; far faster than distance[rows, i]
-    row_start = torch.arange(batch, device=device) * n
-    # column j's second-smallest distance over the valid rows (the smallest is j itself)
+    row_start = torch.arange(batch, device=device) * n if batch > 1 else None
+
+    def rows(pick: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, pick if row_start is None else pick + row_start)
+
+    # column j's second-smallest distance over the valid rows (the smallest is j itself, -1)
     nearest_other = distance.masked_fill(~valid[:, :, None], float("inf")).topk(2, dim=1, largest=False).values[:, 1]
-    picks = torch.empty(batch, steps, dtype=torch.long, device=device)
-    picks[:, 0] = nearest_other.masked_fill(~valid, float("-inf")).argmax(dim=1)
-    # distance to the nearest chosen token; -1 marks the chosen (distances lie in [0, 2]), -inf padding
-    nearest = flat.index_select(0, row_start + picks[:, 0]).masked_fill(~valid, float("-inf"))
+    picks = torch.empty(steps, batch, dtype=torch.long, device=device)
+    pick_at = picks.unbind(0)  # views made once: the loop dispatches kernels alone
+    torch.argmax(nearest_other.masked_fill(~valid, float("-inf")), dim=1, out=pick_at[0])
+    # distance to the nearest chosen token: -1 for the chosen, -inf for padding
+    nearest = rows(pick_at[0]).masked_fill(~valid, float("-inf"))
     for step in range(1, steps):
-        nearest.scatter_(1, picks[:, step - 1 : step], -1.0)
-        picks[:, step] = nearest.argmax(dim=1)
-        nearest = torch.minimum(nearest, flat.index_select(0, row_start + picks[:, step]))
+        torch.argmax(nearest, dim=1, out=pick_at[step])
+        torch.minimum(nearest, rows(pick_at[step]), out=nearest)
+    picks = picks.T
     # one budget for all (the usual case) needs no host-to-device copy, which a CUDA graph cannot hold
     budgets = keep[0] if len(set(keep)) == 1 else torch.tensor(keep, device=device)[:, None]
     taken = (torch.arange(steps, device=device)[None, :] < budgets).expand(batch, -1)
