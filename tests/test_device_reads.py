@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import batch, select
 
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 import slimvlm
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches, read_together
@@ -119,6 +119,27 @@ def test_a_batch_1_decode_step_costs_what_the_untouched_models_does(fresh, spec)
     with slimvlm.apply(model, spec):
         method_ops, method_reads = decode_step(model, inputs)
     assert method_reads == reads and method_ops <= ops + 6, (method_ops, ops)
+
+
+def test_a_decode_step_given_an_all_ones_mask_runs_as_one_given_none(fresh):
+    """generate() of transformers < 5.25 passes its 2D mask every step: one read finds the new column all ones,
+    and the layers after FastV's drop attend without the per-view masks a padded step builds (tens of ops)."""
+    model, processor = fresh
+    inputs = select(batch(processor, 1), 0)
+    runs = []
+    with torch.no_grad(), slimvlm.apply(model, "fastv"):
+        for given_mask in (False, True):
+            cache = DynamicCache(config=model.config.text_config)
+            token = model(**inputs, use_cache=True, **{cache_kwarg(model.forward): cache}).logits[:, -1:].argmax(-1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+            with HostReads() as reads:
+                step = model(input_ids=token, use_cache=True, **{cache_kwarg(model.forward): cache},
+                             **({"attention_mask": mask} if given_mask else {}))
+            runs.append((step.logits, reads))
+    (plain, plain_reads), (masked, masked_reads) = runs
+    assert torch.equal(masked, plain)
+    assert masked_reads.total == plain_reads.total + 1
+    assert masked_reads.ops <= plain_reads.ops + 5, (masked_reads.ops, plain_reads.ops)
 
 
 def static_prefill_launches(model, inputs, **extra) -> HostReads:

@@ -566,7 +566,9 @@ class Runtime:
     def _new_tokens_valid(self, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
         """Which of a decode step's tokens are real, from the caller's 2D mask in the untouched prompt's
         frame; None when all are (no mask, or the 4D mask generate() builds for a static cache, whose
-        frame slimvlm rebuilds from its own bookkeeping)."""
+        frame slimvlm rebuilds from its own bookkeeping). Where a None lets the dynamic cache's layers attend
+        without a mask (an unpadded batch), one read asks whether the given columns are all ones, as
+        transformers asks before dropping its own mask (generate() of transformers < 5.25 passes it each step)."""
         if mask is None or mask.dim() == 4:
             return None
         session = self.session
@@ -576,7 +578,10 @@ class Runtime:
                 f"attention_mask has {mask.shape[1]} columns, expected {expected} (prompt + generated tokens); "
                 "pass the mask generate() maintains, or none"
             )
-        return mask[:, -steps:].bool()
+        new_valid = mask[:, -steps:].bool()
+        if session.static is None and not session.padded and not self._unmerge and bool(new_valid.all()):
+            return None
+        return new_valid
 
     def _logits(self, hidden: torch.Tensor, cache, arguments: dict, labels, output=None, image: dict | None = None):
         logits = self.adapter.lm_head(kept_positions(hidden, arguments.get("logits_to_keep")))
