@@ -8,6 +8,7 @@ import torch
 
 import slimvlm
 from conftest import QWEN_GRIDS, QWEN_KINDS, QWEN_VIDEO_GRIDS, qwen_batch, qwen_model, qwen_prompts, qwen_select
+from slimvlm.models.qwen2_vl import equal_segments
 from slimvlm.registry import methods
 
 TOKENS = [t * h * w // 4 for t, h, w in QWEN_GRIDS]  # 24 and 16
@@ -378,6 +379,13 @@ def reference_received(model, inputs, kind: str) -> tuple[torch.Tensor, torch.Te
         window, _ = get_vision_window_index(inputs[grids], 2, visual.window_size, visual.patch_size)
         scores, keys = scores[window.argsort()], keys[window.argsort()]
     return scores, keys
+
+
+def test_visionzip_scores_runs_ofequal_segments_together():
+    # cu_seqlens of three segments of 4 patches (frames of a video), three of 6, then one of 4 (an image)
+    bounds = [0, 4, 8, 12, 18, 24, 30, 34]
+    assert equal_segments(bounds, 2) == [(0, 4, 2), (8, 4, 1), (12, 6, 2), (24, 6, 1), (30, 4, 1)]
+    assert equal_segments(bounds, 8) == [(0, 4, 3), (12, 6, 3), (30, 4, 1)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
