@@ -84,6 +84,28 @@ def test_divprune_greedy_max_min_hand_example():
     assert diverse_indices(features, 9) == [0, 1, 2, 3, 4]
 
 
+def authors_divprune(features: torch.Tensor, keep: int) -> list[int]:
+    """The authors' greedy loop as published (DivPrune, CVPR'25), for distinct tokens: the first pick has the
+    farthest nearest neighbour (second-smallest of its column), each next the largest min-distance to the picks."""
+    normed = F.normalize(features, dim=-1)
+    distance = 1.0 - normed @ normed.T
+    picks: list[int] = []
+    for _ in range(keep):
+        if not picks:
+            scores = distance.topk(2, dim=0, largest=False).values[1]
+        else:
+            scores = distance[picks].min(dim=0).values
+        picks.append(int(scores.argmax()))
+    return sorted(picks)
+
+
+def test_divprune_chooses_what_the_authors_loop_chooses():
+    generator = torch.Generator().manual_seed(1)
+    for n, keep in ((40, 1), (40, 7), (200, 56), (300, 150)):
+        features = torch.randn(n, 16, generator=generator)
+        assert diverse_indices(features, keep) == authors_divprune(features, keep)
+
+
 def test_divprune_meets_its_budget_on_identical_tokens():
     features = torch.cat([torch.ones(6, 2), torch.tensor([[1.0, -1.0]])])  # a flat background + one object
     assert diverse_indices(features, 4) == [0, 1, 2, 6]
