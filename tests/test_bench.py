@@ -1,13 +1,18 @@
 """The FLOPs formula against a hand count on a tiny config; the bench and its CLI on the tiny model."""
 
 import json
+import time
 from pathlib import Path
+
+import torch
+from conftest import batch, select
 
 import slimvlm.models.loading
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from slimvlm.bench import flops
+from slimvlm.bench.generate import time_generate
 from slimvlm.bench.run import parse_methods
 from slimvlm.cli import main
 from slimvlm.runtime import Stats
@@ -104,7 +109,6 @@ def test_cli_reports_bad_input(capsys):
 
 
 def test_projector_tokens_are_counted_before_stage_2(fresh):
-    import torch
 
     import slimvlm
     from conftest import batch
@@ -130,7 +134,7 @@ def test_bench_generate_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
     # per batch size and path: the untouched model (the reference of the ratios) first, then each method
     assert rows == [(b, p, m) for b in (1, 2) for p in ("eager", "static") for m in ("untouched", "none", "divprune:budget=64")]
     for r in payload["results"]:
-        assert r["total_ms"] >= r["ttft_ms"] > 0
+        assert r["total_ms"] >= r["ttft_ms"] > 0 and r["first_call_ms"] > 0
         assert r["decode_ms_per_token"] == (r["total_ms"] - r["ttft_ms"]) / 2
         assert abs(r["tokens_per_s"] - r["batch_size"] * 3 / r["total_ms"] * 1000) < 1e-6
         if r["method"] == "untouched":
@@ -139,6 +143,23 @@ def test_bench_generate_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
     assert {r["kv_visual_mean"] for r in payload["results"] if r["method"] == "divprune:budget=64"} == {64}
     assert main(["bench-generate", "--model", str(tiny_dir), "--paths", "fast", "--device", "cpu"]) == 2
     assert "--paths 'fast'" in capsys.readouterr().err
+
+
+def test_bench_generate_reports_the_first_calls_time_apart_from_the_medians(fresh, monkeypatch):
+    """The first generate() after apply pays for compiling and capturing: reported alone, out of the medians."""
+    model, processor = fresh
+    original, calls = model.generate, []
+
+    def slow_first(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", slow_first)
+    with torch.inference_mode():
+        timed = time_generate(model, select(batch(processor, 1), 0), 2, "eager", warmup=1, repeats=2)
+    assert timed["first_call_ms"] >= 300 > timed["total_ms"]
 
 
 def test_bench_cli_on_tiny_llava_next(tiny_next_dir, tmp_path):
@@ -213,8 +234,6 @@ def test_bench_clis_on_tiny_qwen(tmp_path):
 
 
 def test_qwen25_vl_7b_shape():
-    import torch
-
     from slimvlm.bench.shapes import MODEL_CLASSES, shape_config
 
     config = shape_config("qwen2.5-vl-7b")

@@ -81,8 +81,10 @@ def _bench_generate(args: argparse.Namespace) -> None:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
             "video_frames": args.video_frames, "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats, "versions": _versions(),
-            "timed": "model.generate, greedy, exactly new_tokens new tokens; TTFT = generate(max_new_tokens=1); "
-                     "medians; paths: eager = dynamic cache, static = cache_implementation='static' (compiled decode)",
+            "timed": "model.generate, greedy, exactly new_tokens new tokens; TTFT = when the first new token reaches "
+                     "the host, in the same calls; medians of the repeats after warmup; first_call_ms = the first "
+                     "call's whole time (compiling, graph captures); paths: eager = dynamic cache, static = "
+                     "cache_implementation='static' (compiled decode)",
             "command": _command(args), "results": [r.as_dict() for r in results],
         }, quiet)
 

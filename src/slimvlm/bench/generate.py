@@ -39,6 +39,9 @@ class GenerateResult:
     total_ratio: float = 1.0
     tokens_per_s_ratio: float = 1.0
     kv_visual_mean: float | None = None  # per sample, visual KV entries the last LLM layer keeps after prefill
+    # the first call's whole time after apply (or for the untouched model), before any warm-up: what compiling
+    # the decode step, capturing CUDA graphs and building attention kernels cost the user's first generate()
+    first_call_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +67,8 @@ class _FirstTokenClock:
 def time_generate(model, inputs: dict, new_tokens: int, path: str, warmup: int, repeats: int) -> dict:
     """Median TTFT and whole-call milliseconds of model.generate on `path`, greedy, exactly
     `new_tokens` new tokens (EOS cannot end it early), both read in the same calls (TTFT when the
-    first token reaches the host), and the whole call's peak memory."""
+    first token reaches the host), the first call's whole time (a warm-up's, or the first timed
+    call's without one), and the whole call's peak memory."""
     extra = PATHS[path]
     device = model.device
 
@@ -80,11 +84,11 @@ def time_generate(model, inputs: dict, new_tokens: int, path: str, warmup: int, 
         synchronize(device)
         return (clock.first - begin) * 1000, (time.perf_counter() - begin) * 1000
 
-    for _ in range(warmup):
-        timed()
-    ttfts, totals = zip(*(timed() for _ in range(repeats)))
+    calls = [timed() for _ in range(warmup + repeats)]
+    ttfts, totals = zip(*calls[warmup:])
     peak = peak_memory_bytes(generate, device)
-    return {"ttft_ms": statistics.median(ttfts), "total_ms": statistics.median(totals), "peak_memory_bytes": peak}
+    return {"ttft_ms": statistics.median(ttfts), "total_ms": statistics.median(totals), "peak_memory_bytes": peak,
+            "first_call_ms": calls[0][1]}
 
 
 def bench_generate(
@@ -150,12 +154,14 @@ def _add_ratios(results: list[GenerateResult]) -> None:
 
 
 def format_table(results: list[GenerateResult]) -> str:
-    header = ["batch", "path", "method", "vis tok", "KV vis", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB"]
+    header = ["batch", "path", "method", "vis tok", "KV vis", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB",
+              "1st call s"]
     rows = [[
         str(r.batch_size), r.path, r.method, f"{r.visual_tokens_mean:.0f}",
         "-" if r.kv_visual_mean is None else f"{r.kv_visual_mean:.0f}",
         f"{r.ttft_ms:.1f}", f"{r.ttft_ratio:.2f}", f"{r.total_ms:.0f}", f"{r.total_ratio:.2f}",
         f"{r.decode_ms_per_token:.2f}", f"{r.tokens_per_s:.0f}", f"{r.tokens_per_s_ratio:.2f}",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
+        "-" if r.first_call_ms is None else f"{r.first_call_ms / 1000:.1f}",
     ] for r in results]
     return text_table(header, rows)
