@@ -106,6 +106,25 @@ def test_divprune_chooses_what_the_authors_loop_chooses():
         assert diverse_indices(features, keep) == authors_divprune(features, keep)
 
 
+def test_divprune_without_the_whole_distance_matrix_chooses_the_same(monkeypatch):
+    """Past MATRIX_BYTES (a long video) each pick's row is computed and the nearest neighbours found in blocks."""
+    from slimvlm.methods import divprune
+
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(3, 50, 8, generator=generator)
+    counts, keeps = [50, 31, 9], [20, 12, 3]
+    valid = torch.arange(50)[None] < torch.tensor(counts)[:, None]
+    features[~valid] = 1e3
+    whole = max_min_diverse(features, valid, keeps, counts)
+    monkeypatch.setattr(divprune, "MATRIX_BYTES", 0)
+    monkeypatch.setattr(divprune, "BLOCK_BYTES", 4 * 3 * 50 * 7)  # blocks of 7 rows: the last one short
+    assert torch.equal(max_min_diverse(features, valid, keeps, counts), whole)
+    for n, keep in ((40, 7), (300, 150)):
+        alone = torch.randn(n, 16, generator=generator)
+        assert diverse_indices(alone, keep) == authors_divprune(alone, keep)
+    assert diverse_indices(torch.cat([torch.ones(6, 2), torch.tensor([[1.0, -1.0]])]), 4) == [0, 1, 2, 6]
+
+
 def test_divprune_meets_its_budget_on_identical_tokens():
     features = torch.cat([torch.ones(6, 2), torch.tensor([[1.0, -1.0]])])  # a flat background + one object
     assert diverse_indices(features, 4) == [0, 1, 2, 6]
