@@ -85,7 +85,7 @@ def test_next_layer_rows_equal_eager_attention_of_the_layer_after_the_features(t
 
 def test_query_rows_after_the_image():
     from slimvlm.sequence import Sequence
-    from slimvlm.stages import query_index
+    from slimvlm.method import query_index
 
     visual = torch.tensor([[False, False, True, True, False, False], [False, True, True, False, False, False]])
     valid = torch.tensor([[True] * 6, [False] + [True] * 5])
@@ -109,7 +109,7 @@ class DropTwice(slimvlm.Method):
         self.seen = []
 
     def prefill_keep(self, layer):
-        from slimvlm.stages import query_index
+        from slimvlm.method import query_index
 
         self.seen.append((layer.query_index, layer.query_valid, *query_index(layer.sequence, self.queries)))
         step = 2 * len(self.seen)

@@ -16,7 +16,7 @@ from slimvlm.calibrate import Thresholds, calibrate_dymu, identity_of, schedule_
 from slimvlm.cli import main
 from slimvlm.methods.dymu import DyMU, best_partners, threshold_merge
 from slimvlm.registry import PRESETS, build
-from slimvlm.stages import EncoderAttention
+from slimvlm.method import EncoderAttention
 from slimvlm.testbed.build import format_prompt, load
 from slimvlm.tokens import VisualTokens
 from conftest import QUESTIONS, images

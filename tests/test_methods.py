@@ -9,7 +9,7 @@ from slimvlm.methods.tome import ToMe, bipartite_matching, merge_count
 from slimvlm.methods.visionzip import VisionZip, contextual_groups
 from slimvlm.methods.baselines import Pool, UniformKeep, uniform_indices
 from slimvlm.sequence import Sequence
-from slimvlm.stages import EncoderAttention, PrefillLayer, PromptContext
+from slimvlm.method import EncoderAttention, PrefillLayer, PromptContext
 from slimvlm.tokens import VisualTokens
 
 

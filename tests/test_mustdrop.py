@@ -13,7 +13,7 @@ from slimvlm.errors import SlimVLMError
 from slimvlm.methods.mustdrop import MustDrop, dual_attention_drop, important_tokens, parse_layers, window_similarity
 from slimvlm.registry import PRESETS, build
 from slimvlm.sequence import Sequence
-from slimvlm.stages import EncoderAttention, PrefillLayer, Stage
+from slimvlm.method import EncoderAttention, PrefillLayer, Stage
 from slimvlm.tokens import VisualTokens
 
 

@@ -10,7 +10,7 @@ import torch
 
 from slimvlm.methods.dymu import DyMU
 from slimvlm.methods.tome import ToMe
-from slimvlm.stages import EncoderAttention
+from slimvlm.method import EncoderAttention
 from slimvlm.tokens import VisualTokens
 
 

@@ -4,7 +4,7 @@ from . import methods as _builtin_methods  # noqa: F401  registers the built-in 
 from .api import Handle, apply  # `slimvlm.methods` below is the listing function, not the subpackage
 from .errors import SlimVLMError
 from .registry import PRESETS, methods
-from .stages import Method, Stage
+from .method import Method, Stage
 from .tokens import VisualTokens
 
 __all__ = ["apply", "Handle", "methods", "PRESETS", "Method", "Stage", "VisualTokens", "SlimVLMError"]

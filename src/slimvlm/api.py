@@ -10,7 +10,7 @@ from .errors import SlimVLMError
 from .models import adapter_for
 from .registry import build, check_compatible
 from .runtime import Runtime, Stats
-from .stages import Method
+from .method import Method
 
 _ATTRIBUTE = "_slimvlm_handle"
 

@@ -36,7 +36,7 @@ from .errors import SlimVLMError
 from .methods.dymu import best_partners, merge_assign
 from .methods.tome import merge_published
 from .models import adapter_for
-from .stages import EncoderAttention, Method, Stage
+from .method import EncoderAttention, Method, Stage
 from .tokens import VisualTokens
 
 FORMAT = 1

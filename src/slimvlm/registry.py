@@ -12,7 +12,7 @@ import typing
 from typing import Any
 
 from .errors import SlimVLMError
-from .stages import Method, Stage
+from .method import Method, Stage
 
 _METHODS: dict[str, type[Method]] = {}
 

@@ -22,7 +22,7 @@ from .hooks import HookSet, capture_outputs
 from .device_reads import read_together
 from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range, is_placeholder,
                        padding_of_causal_mask, rebuild)
-from .stages import Method, PrefillLayer, PromptContext, Stage, query_index
+from .method import Method, PrefillLayer, PromptContext, Stage, query_index
 from .attention import question_rows
 from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, decode_step, is_static
 from .graphs import GraphCache, graphs_wanted

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..api import apply
 from . import flops
 from ..runtime import Stats
-from ..stages import Method
+from ..method import Method
 from ..testbed.build import format_prompt
 
 __all__ = [

@@ -21,7 +21,7 @@ import torch
 from ..errors import SlimVLMError
 from ..models import adapter_for
 from ..registry import build, check_compatible, parse_spec
-from ..stages import Stage
+from ..method import Stage
 from . import flops as flops_mod
 from .table import text_table
 from .timing import median_ms, peak_memory_bytes

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..stages import Method, PromptContext, Stage, check_budget, check_ratio
+from ..method import Method, PromptContext, Stage, check_budget, check_ratio
 from ..tokens import VisualTokens
 
 

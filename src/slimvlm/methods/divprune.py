@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register
-from ..stages import PromptContext
+from ..method import PromptContext
 from ..tokens import VisualTokens
 from .baselines import BudgetMethod
 

@@ -45,7 +45,7 @@ import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..stages import EncoderAttention, Method, Stage
+from ..method import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 from .tome import merge_published, spatial_order
 

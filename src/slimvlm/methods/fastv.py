@@ -12,7 +12,7 @@ import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..stages import Method, PrefillLayer, Stage, check_ratio
+from ..method import Method, PrefillLayer, Stage, check_ratio
 
 
 def lowest_attention_drop(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:

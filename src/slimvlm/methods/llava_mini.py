@@ -46,7 +46,7 @@ from ..errors import SlimVLMError
 from ..models import adapter_for
 from ..registry import register
 from ..sequence import IGNORE_INDEX
-from ..stages import Method, PromptContext, Stage, check_budget
+from ..method import Method, PromptContext, Stage, check_budget
 from ..tokens import VisualTokens
 
 WEIGHTS_FILE = "llava_mini.safetensors"

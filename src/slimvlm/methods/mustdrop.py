@@ -50,7 +50,7 @@ import torch
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import Sequence
-from ..stages import EncoderAttention, Method, PrefillLayer, Stage, check_ratio
+from ..method import EncoderAttention, Method, PrefillLayer, Stage, check_ratio
 from ..tokens import VisualTokens
 from .visionzip import received_attention
 

@@ -29,7 +29,7 @@ from ..attention import QUERY_CHUNK
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import gather_rows
-from ..stages import EncoderAttention, Method, Stage
+from ..method import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..attention import apply_rope
 from ..registry import register
 from ..sequence import Sequence
-from ..stages import Method, Stage
+from ..method import Method, Stage
 from ..tokens import VisualTokens
 
 

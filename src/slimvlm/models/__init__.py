@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import SlimVLMError
-from .language import LanguageModelAdapter
+from .adapter import LanguageModelAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter

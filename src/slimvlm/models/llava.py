@@ -14,9 +14,9 @@ from ..attention import attention_rows
 from ..errors import SlimVLMError
 from ..graphs import GraphCache
 from ..hooks import capture_outputs
-from ..stages import EncoderAttention, Method
+from ..method import EncoderAttention, Method
 from ..tokens import VisualTokens
-from .language import LanguageModelAdapter
+from .adapter import LanguageModelAdapter
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 

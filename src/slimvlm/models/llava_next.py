@@ -23,10 +23,10 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from ..errors import SlimVLMError
-from ..stages import Method, Stage
+from ..method import Method, Stage
 from ..tokens import VisualTokens
 from .anyres import ImageLayout, pack
-from .language import images_in_prompt_order
+from .adapter import images_in_prompt_order
 from .llava import LlavaAdapter
 
 

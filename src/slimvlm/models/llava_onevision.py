@@ -29,7 +29,7 @@ from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionCausalLMOutputWithPast
 
 from ..errors import SlimVLMError
-from ..stages import Method, Stage
+from ..method import Method, Stage
 from ..tokens import VisualTokens
 from .anyres import ImageLayout
 from .llava_next import LlavaNextAdapter

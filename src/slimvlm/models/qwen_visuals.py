@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlimVLMError
-from .language import images_in_prompt_order, items_in_prompt_order
+from .adapter import images_in_prompt_order, items_in_prompt_order
 
 
 @dataclass(frozen=True)

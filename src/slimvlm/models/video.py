@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SlimVLMError
-from ..stages import Method
+from ..method import Method
 from ..tokens import VisualTokens
 from .compat import modality_outputs
-from .language import items_in_prompt_order, placeholder_runs
+from .adapter import items_in_prompt_order, placeholder_runs
 
 
 @dataclass(frozen=True)

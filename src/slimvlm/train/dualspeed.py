@@ -38,7 +38,7 @@ from ..api import apply
 from ..errors import SlimVLMError
 from ..registry import build
 from ..sequence import IGNORE_INDEX
-from ..stages import Method, PromptContext, Stage
+from ..method import Method, PromptContext, Stage
 from ..tokens import CLS_ORIGIN, VisualTokens
 
 ISOLATOR_FILE = "dualspeed_isolator.safetensors"
