@@ -39,15 +39,18 @@ tokens go to the LLM as they are.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..method import EncoderAttention, Method, Stage
+from ..method import BudgetSpec, EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 from .tome import merge_published, spatial_order
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 
 def best_partners(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +130,12 @@ class DyMU(Method):
             self.thresholds, self.calibration, self.taus = None, None, []  # the model's own, found at apply
         else:
             self._use(thresholds)
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, targets: Sequence[int] = (), **context: Any) -> BudgetSpec:
+        """Thresholds are calibrated per model (`slimvlm calibrate`): the target nearest the budget among
+        `targets`, those the model folder ships (`shipped_thresholds`); None if it ships none."""
+        return f"dymu:target={min(targets, key=lambda t: (abs(t - budget), t))}" if targets else None
 
     def _use(self, thresholds) -> None:
         from ..calibrate import Thresholds  # calibrate imports this module
