@@ -29,7 +29,7 @@ def test_demo_covers_every_method_at_both_budgets(tiny, tmp_path):
 
 
 def test_budget_rules_give_the_testbed_the_specs_the_demo_has_always_run():
-    from slimvlm.calibrate import shipped_thresholds
+    from slimvlm.methods.dymu import shipped_thresholds
     from slimvlm.models.loading import TESTBED
     from slimvlm.testbed.build import load
 
@@ -61,7 +61,7 @@ def test_a_method_without_a_budget_rule_is_refused_not_skipped(tiny):
 
 
 def test_demo_takes_the_shipped_dymu_target_nearest_each_budget(tiny, tmp_path):
-    from slimvlm.calibrate import shipped_thresholds
+    from slimvlm.methods.dymu import shipped_thresholds
 
     (tmp_path / "dymu").mkdir()
     for name in ("target_96.json", "target_195.json", "target_x.json", "notes.json"):
@@ -75,7 +75,7 @@ def test_demo_takes_the_shipped_dymu_target_nearest_each_budget(tiny, tmp_path):
 
 def test_testbed_ships_dymu_thresholds_calibrated_for_it():
     from slimvlm import apply
-    from slimvlm.calibrate import shipped_thresholds
+    from slimvlm.methods.dymu import shipped_thresholds
     from slimvlm.models.loading import TESTBED
     from slimvlm.testbed.build import load
 

@@ -7,8 +7,8 @@ from typing import Sequence
 
 from .bench.evaluate import MethodResult, evaluate, format_table, from_sample, write_json
 from .bench.report import plot_accuracy_vs_tokens, plot_source_maps, plot_tokens_vs_complexity
-from .calibrate import shipped_thresholds
 from .method import BudgetSpec
+from .methods.dymu import shipped_thresholds
 from .models import adapter_for
 from .registry import registered
 
