@@ -46,7 +46,7 @@ def select(inputs: dict, index: int) -> dict:
 
 def dymu_thresholds(model, target: int):
     """DyMU thresholds calibrated on 16 random crops of the model's crop size: enough for DyMU to run on it."""
-    from slimvlm.calibrate import calibrate_dymu
+    from slimvlm.methods.dymu import calibrate_dymu
 
     side = model.config.vision_config.image_size
     crops = torch.randn(16, 3, side, side, generator=torch.Generator().manual_seed(0))

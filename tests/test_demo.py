@@ -28,8 +28,40 @@ def test_demo_covers_every_method_at_both_budgets(tiny, tmp_path):
     assert main(["demo", "--model", str(tmp_path / "missing"), "--device", "cpu"]) == 2
 
 
+def test_budget_rules_give_the_testbed_the_specs_the_demo_has_always_run():
+    from slimvlm.methods.dymu import shipped_thresholds
+    from slimvlm.models.loading import TESTBED
+    from slimvlm.testbed.build import load
+
+    model, _ = load(TESTBED)  # 576 tokens per image, 23 encoder layers run
+    targets = sorted(shipped_thresholds(TESTBED))
+    assert budget_specs(model, 64, targets) == {
+        "random": "random:budget=64", "uniform": "uniform:budget=64", "pool": "pool:budget=64", "tome": "tome:r=103",
+        "vtu": ["tome:r=103", "vtu"], "fastv": "fastv:k=2,ratio=0.8889", "visionzip": "visionzip:dominant=54,contextual=10",
+        "divprune": "divprune:budget=64", "mustdrop": "mustdrop-64", "dymu": "dymu:target=96", "llava-mini": None,
+    }
+    assert budget_specs(model, 192, targets) == {
+        "random": "random:budget=192", "uniform": "uniform:budget=192", "pool": "pool:budget=196", "tome": "tome:r=77",
+        "vtu": ["tome:r=77", "vtu"], "fastv": "fastv:k=2,ratio=0.6667", "visionzip": "visionzip:dominant=162,contextual=30",
+        "divprune": "divprune:budget=192", "mustdrop": "mustdrop-192", "dymu": "dymu:target=195", "llava-mini": None,
+    }
+
+
+def test_a_method_without_a_budget_rule_is_refused_not_skipped(tiny):
+    import pytest
+
+    from slimvlm.method import Method
+    from slimvlm.models import adapter_for
+
+    class Ruleless(Method):
+        name = "ruleless"
+
+    with pytest.raises(NotImplementedError, match="'ruleless' has no budget rule; override Ruleless.spec_for_budget"):
+        Ruleless.spec_for_budget(adapter_for(tiny[0]), 64)
+
+
 def test_demo_takes_the_shipped_dymu_target_nearest_each_budget(tiny, tmp_path):
-    from slimvlm.calibrate import shipped_thresholds
+    from slimvlm.methods.dymu import shipped_thresholds
 
     (tmp_path / "dymu").mkdir()
     for name in ("target_96.json", "target_195.json", "target_x.json", "notes.json"):
@@ -43,7 +75,7 @@ def test_demo_takes_the_shipped_dymu_target_nearest_each_budget(tiny, tmp_path):
 
 def test_testbed_ships_dymu_thresholds_calibrated_for_it():
     from slimvlm import apply
-    from slimvlm.calibrate import shipped_thresholds
+    from slimvlm.methods.dymu import shipped_thresholds
     from slimvlm.models.loading import TESTBED
     from slimvlm.testbed.build import load
 

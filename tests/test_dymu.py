@@ -12,9 +12,9 @@ from transformers import LlavaForConditionalGeneration
 
 import slimvlm
 from slimvlm import SlimVLMError
-from slimvlm.calibrate import Thresholds, calibrate_dymu, identity_of, schedule_for, calibration_scenes, token_counts
 from slimvlm.cli import main
-from slimvlm.methods.dymu import DyMU, best_partners, threshold_merge
+from slimvlm.methods.dymu import (DyMU, Thresholds, best_partners, calibrate_dymu, calibration_scenes, identity_of,
+                                  schedule_for, threshold_merge, token_counts)
 from slimvlm.registry import PRESETS, build
 from slimvlm.method import EncoderAttention
 from slimvlm.testbed.build import format_prompt, load
@@ -244,6 +244,17 @@ def test_vtu_option_sets_the_stages(threshold_file):
     assert not plain.virtual_unmerge and {s.name for s in plain.stages} == {"ENCODE"}
     assert DyMU.virtual_unmerge is False and DyMU.proportional_attention
     assert slimvlm.methods()["dymu"]["options"] == {"thresholds": None, "target": None, "vtu": True}
+
+
+def test_calibration_keeps_its_old_import_path():
+    from slimvlm import calibrate
+    from slimvlm.methods.dymu import calibration, images, schedule, thresholds
+
+    homes = {**vars(calibration), **vars(images), **vars(schedule), **vars(thresholds)}
+    for name in ("FORMAT", "RUNTIME_KEYS", "FACTS", "SHIPPED", "shipped_thresholds", "identity_of", "constant_schedule",
+                 "schedule_for", "Thresholds", "BatchLevelMerge", "ImageFolder", "calibration_scenes", "calibrate_dymu",
+                 "token_counts", "summary"):
+        assert getattr(calibrate, name) is homes[name]
 
 
 # ---- the command ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextCausalLM
 
 import slimvlm
 from conftest import assert_visual_tokens, dymu_thresholds, next_batch, next_model, next_select
-from slimvlm.calibrate import calibrate_dymu
+from slimvlm.methods.dymu import calibrate_dymu
 from slimvlm.methods.dymu import DyMU
 from slimvlm.registry import methods
 

@@ -220,7 +220,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from .calibrate import ImageFolder, calibrate_dymu, summary, calibration_scenes, token_counts
+    from .methods.dymu import ImageFolder, calibrate_dymu, calibration_scenes, summary, token_counts
     from .models.loading import load_model, resolve_device
 
     if args.method != "dymu":

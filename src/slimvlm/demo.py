@@ -2,52 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 from .bench.evaluate import MethodResult, evaluate, format_table, from_sample, write_json
 from .bench.report import plot_accuracy_vs_tokens, plot_source_maps, plot_tokens_vs_complexity
-from .calibrate import shipped_thresholds
+from .method import BudgetSpec
+from .methods.dymu import shipped_thresholds
 from .models import adapter_for
-from .registry import methods
+from .registry import registered
 
 BUDGETS = (64, 192)
 
 
-Spec = str | list[str] | None
-
-
-def budget_specs(model, budget: int, targets: Sequence[int] = ()) -> dict[str, Spec]:
-    """For each registered method, the spec (or composition) that leaves about `budget` visual
-    tokens per image; None for a method that needs a calibration file or weights the demo does
-    not have. `targets`: those of DyMU's thresholds the model folder ships (`shipped_thresholds`)."""
+def budget_specs(model, budget: int, targets: Sequence[int] = ()) -> dict[str, BudgetSpec]:
+    """For each registered method but the untouched model (the demo's baseline), the spec (or
+    composition) its budget rule (Method.spec_for_budget) gives for about `budget` visual tokens per
+    image; None for a method that needs a calibration file or weights the demo does not have.
+    `targets`: those of DyMU's thresholds the model folder ships (`shipped_thresholds`)."""
     adapter = adapter_for(model)
-    tokens = adapter.tokens_per_image
-    layers = adapter.vision_layers_run
-    side = round(math.sqrt(budget))
-    dominant = round(budget * 54 / 64)
-    tome = f"tome:r={math.ceil((tokens - budget) / layers)}"
-    specs: dict[str, Spec] = {
-        "random": f"random:budget={budget}",
-        "uniform": f"uniform:budget={budget}",
-        "pool": f"pool:budget={side * side}",
-        "tome": tome,
-        "vtu": [tome, "vtu"],  # a stage-3 companion of merging: the same merges, attended as unmerged
-        "fastv": f"fastv:k=2,ratio={round(1 - budget / tokens, 4)}",
-        "visionzip": f"visionzip:dominant={dominant},contextual={budget - dominant}",
-        "divprune": f"divprune:budget={budget}",
-        # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
-        "mustdrop": f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}",
-        # calibrated per model (`slimvlm calibrate`): the shipped target nearest the budget, else skipped
-        "dymu": f"dymu:target={min(targets, key=lambda t: (abs(t - budget), t))}" if targets else None,
-        # trained together with its own fine-tuned model: run apart, by llava_mini_runs
-        "llava-mini": None,
-    }
-    missing = set(methods()) - set(specs) - {"none"}
-    if missing:
-        raise RuntimeError(f"the demo has no budget rule for {sorted(missing)}; add one in demo.budget_specs")
-    return specs
+    return {name: cls.spec_for_budget(adapter, budget, targets=targets) for name, cls in registered().items() if name != "none"}
 
 
 def llava_mini_runs(model, processor, items, batch_size: int) -> list[MethodResult]:

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
 from .errors import SlimVLMError
 from .sequence import Sequence, compaction
 from .tokens import VisualTokens
+
+if TYPE_CHECKING:
+    from .models.adapter import LanguageModelAdapter
+
+# what a budget rule gives: a spec, a composition of specs, or None where the method cannot be set to a budget
+BudgetSpec = str | list[str] | None
 
 
 class Stage(IntEnum):
@@ -153,6 +159,15 @@ class Method:
     def options(self) -> dict:
         """The options this instance was built with (for reports)."""
         return dict(self._options) if hasattr(self, "_options") else {}
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        """The budget rule: the spec (or composition) that leaves about `budget` visual tokens per image on
+        the adapter's model, so that the demo compares every method at the same budgets; None where the
+        method cannot be set to a budget here (it needs weights or a calibration the model folder lacks).
+        `context`: what the caller knows beyond the model (`targets`: the DyMU calibrations it ships).
+        A method states its own rule: without one it is refused, not silently left out."""
+        raise NotImplementedError(f"method {cls.name!r} has no budget rule; override {cls.__name__}.spec_for_budget")
 
     # stage 1 -----------------------------------------------------------------
     def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:

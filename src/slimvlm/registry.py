@@ -59,11 +59,16 @@ def _ensure_loaded() -> None:
     importlib.import_module(f"{__package__}.methods")  # importing registers the built-in methods
 
 
+def registered() -> dict[str, type[Method]]:
+    """Every registered method's class, by name (sorted)."""
+    _ensure_loaded()
+    return dict(sorted(_METHODS.items()))
+
+
 def methods() -> dict[str, dict[str, Any]]:
     """Every registered method: its one-line description, stages and options with defaults."""
-    _ensure_loaded()
     out = {}
-    for name, cls in sorted(_METHODS.items()):
+    for name, cls in registered().items():
         out[name] = {
             "description": cls.description,
             "stages": [stage.name.lower() for stage in sorted(cls.stages)],

@@ -6,7 +6,7 @@ testbed scenes, per batch size, and reports the tokens that leave the projector 
 class token excluded with LLaVA's 'default' selection) and the analytic FLOPs of the two stages.
 
 DyMU needs thresholds calibrated for the model: a dymu spec without `thresholds=` is calibrated
-here (slimvlm.calibrate.calibrate_dymu on training-split testbed scenes, disjoint from the
+here (slimvlm.methods.dymu.calibrate_dymu on training-split testbed scenes, disjoint from the
 test-split scenes timed) for its target, and the result records that it was.
 """
 
@@ -74,7 +74,7 @@ def calibrate_specs(model, runs: list[list[str]], images: int, out_dir: str | Pa
     """Give every dymu spec without thresholds a file calibrated here for its target, on `images`
     training-split testbed scenes. Returns the runs with `thresholds=FILE` added and, per file
     made, what was done."""
-    from ..calibrate import calibrate_dymu, calibration_scenes
+    from ..methods.dymu import calibrate_dymu, calibration_scenes
 
     made: dict[int, dict] = {}
     resolved = []

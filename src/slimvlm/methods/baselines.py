@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..method import Method, PromptContext, Stage, check_budget, check_ratio
+from ..method import BudgetSpec, Method, PromptContext, Stage, check_budget, check_ratio
 from ..tokens import VisualTokens
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 
 @register
@@ -29,6 +33,10 @@ class BudgetMethod(Method):
             raise SlimVLMError(f"{self.name}: give exactly one of budget (tokens per image) or ratio (fraction kept)")
         self.budget = budget
         self.ratio = check_ratio("ratio", ratio) if ratio is not None else None
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        return f"{cls.name}:budget={budget}"
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if self.budget is not None:
@@ -94,6 +102,11 @@ class Pool(BudgetMethod):
     description = "2D average pooling of the visual-token grid down to a budget (a square number of tokens)"
     capturable = True
     needs_patch_grid = True
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        side = round(math.sqrt(budget))  # the square nearest the budget
+        return f"pool:budget={side * side}"
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if math.isqrt(tokens_per_image) ** 2 != tokens_per_image:

@@ -8,11 +8,16 @@ keep their positions.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..method import Method, PrefillLayer, Stage, check_ratio
+from ..method import BudgetSpec, Method, PrefillLayer, Stage, check_ratio
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 
 def lowest_attention_drop(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -38,6 +43,10 @@ class FastV(Method):
         self.k = int(k)
         self.ratio = check_ratio("ratio", ratio)
         self.drop_layers = (self.k,)
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        return f"fastv:k=2,ratio={round(1 - budget / adapter.tokens_per_image, 4)}"
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if self.k >= num_llm_layers:

@@ -38,15 +38,16 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import SlimVLMError
-from ..models import adapter_for
+from ..models import LanguageModelAdapter, adapter_for
 from ..registry import register
 from ..sequence import IGNORE_INDEX
-from ..method import Method, PromptContext, Stage, check_budget
+from ..method import BudgetSpec, Method, PromptContext, Stage, check_budget
 from ..tokens import VisualTokens
 
 WEIGHTS_FILE = "llava_mini.safetensors"
@@ -363,6 +364,10 @@ class LlavaMini(Method):
         self._projector: nn.Module | None = None
         self._checked: nn.Module | None = None
         self.trained_here = False  # set by the training wrapper: untrained modules there are expected
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        return None  # trained together with its own fine-tuned model: the demo runs it apart (demo.llava_mini_runs)
 
     # ---- building ------------------------------------------------------------------------------
     def build(self, model) -> LlavaMiniModules:

@@ -44,15 +44,19 @@ Differences from the authors' code, all forced or chosen (see the module's tests
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import Sequence
-from ..method import EncoderAttention, Method, PrefillLayer, Stage, check_ratio
+from ..method import BudgetSpec, EncoderAttention, Method, PrefillLayer, Stage, check_ratio
 from ..tokens import VisualTokens
 from .visionzip import received_attention
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 CACHE_KEEP = ("final", "important")
 
@@ -220,6 +224,11 @@ class MustDrop(Method):
         self._important: torch.Tensor | None = None
         self._survivors: torch.Tensor | None = None
         self._last_keep: tuple | None = None  # (what it was made from, decode_keep's mask)
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
+        return f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}"
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if self.filter:

@@ -13,12 +13,18 @@ sort leaves them to the device).
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from ..errors import SlimVLMError
 from ..registry import register
-from ..method import EncoderAttention, Method, Stage
+from ..method import BudgetSpec, EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 
 def bipartite_matching(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor, r: int) -> torch.Tensor:
@@ -85,6 +91,11 @@ class ToMe(Method):
             raise SlimVLMError(f"tome: r={r} must be >= 0 (tokens merged per layer)")
         self.r = int(r)
         self.proportional_attention = bool(proportional_attention)
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        # the tokens over the budget, merged evenly over the encoder layers run (rounded up)
+        return f"tome:r={math.ceil((adapter.tokens_per_image - budget) / adapter.vision_layers_run)}"
 
     def encode_layer(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
         n = tokens.x.shape[1]

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import torch
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..attention import QUERY_CHUNK
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import gather_rows
-from ..method import EncoderAttention, Method, Stage
+from ..method import BudgetSpec, EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 
 
@@ -93,6 +96,11 @@ class VisionZip(Method):
         # them: int(dominant_ratio x N) dominant tokens (at least 1), max(int(contextual_ratio x N), 1) contextual
         self.dominant_ratio = dominant_ratio
         self.contextual_ratio = contextual_ratio
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        dominant = round(budget * 54 / 64)  # the paper's split at 64 tokens: 54 dominant, 10 contextual
+        return f"visionzip:dominant={dominant},contextual={budget - dominant}"
 
     def budgets(self, n: int) -> tuple[int, int]:
         """(dominant, contextual) tokens for a view of n tokens."""

@@ -17,6 +17,7 @@ mean over copies of the ordinary attention layer run on the explicitly unmerged 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,12 @@ import torch.nn.functional as F
 from ..attention import apply_rope
 from ..registry import register
 from ..sequence import Sequence
-from ..method import Method, Stage
+from ..method import BudgetSpec, Method, Stage
 from ..tokens import VisualTokens
+from .tome import ToMe
+
+if TYPE_CHECKING:
+    from ..models.adapter import LanguageModelAdapter
 
 
 @dataclass
@@ -142,3 +147,8 @@ class VirtualUnmerge(Method):
     description = "virtual token unmerging: LLM attention as if merged tokens were unmerged, via RoPE (DyMU)"
     stages = frozenset({Stage.PREFILL})
     virtual_unmerge = True
+
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
+        # a stage-3 companion of merging: the same merges, attended as unmerged
+        return [ToMe.spec_for_budget(adapter, budget), "vtu"]

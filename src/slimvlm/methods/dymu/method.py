@@ -10,7 +10,7 @@ never takes part. Tokens follow the published order between layers (unmerged A, 
 methods/tome.py), also after a layer that merged nothing, and return to spatial order at the output. Simple images have many near-duplicate patches and keep few tokens, busy images
 keep many: the count varies per image (VisualTokens pads the batch).
 
-The thresholds come from a calibration pass (`slimvlm calibrate`, see slimvlm.calibrate): for a
+The thresholds come from a calibration pass (`slimvlm calibrate`, see calibration.py): for a
 target average of `target` tokens, layer l merges r_l tokens per image on average (the authors'
 constant schedule, r_total = tokens - target split evenly over the layers run); on batches of
 images it ranks the A tokens of the WHOLE batch, merges the top B * r_l and takes as tau_l the
@@ -39,50 +39,18 @@ tokens go to the LLM as they are.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-import torch
+from ...errors import SlimVLMError
+from ...method import BudgetSpec, EncoderAttention, Method, Stage
+from ...registry import register
+from ...tokens import VisualTokens
+from ..tome import merge_published, spatial_order
+from .matching import threshold_merge
+from .thresholds import SHIPPED, Thresholds
 
-from ..errors import SlimVLMError
-from ..registry import register
-from ..method import EncoderAttention, Method, Stage
-from ..tokens import VisualTokens
-from .tome import merge_published, spatial_order
-
-
-def best_partners(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite split, every edge scored: metric (B, N, C) per-token features, valid (B, N)
-    real tokens, protect (B, N) tokens that never merge away. Returns, per A token (even index),
-    its best cosine similarity to a valid B token (odd index), -inf for protected or padding A
-    tokens, and that B partner's position among the B tokens: (best (B, NA), partner (B, NA))."""
-    metric = metric.float()  # thresholds near 1 need more than bfloat16's 3 digits
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = (a @ b.transpose(-1, -2)).clamp(-1.0, 1.0)  # rounding can push a cosine past 1
-    scores = scores.masked_fill(~valid[:, None, 1::2], float("-inf"))
-    best, partner = scores.max(dim=-1)
-    best = best.masked_fill(protect[:, ::2] | ~valid[:, ::2], float("-inf"))
-    return best, partner
-
-
-def merge_assign(merge: torch.Tensor, partner: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-edge decisions -> a token -> group assignment for VisualTokens.regroup: merge (B, NA) True
-    where A token 2i joins its B partner 2 * partner[i] + 1; every other token keeps its index."""
-    batch = merge.shape[0]
-    assign = torch.arange(n, device=merge.device).expand(batch, n).clone()
-    a_index = 2 * torch.arange(merge.shape[1], device=merge.device).expand(batch, -1)
-    target = torch.where(merge, 2 * partner + 1, a_index)
-    assign[:, ::2] = target
-    return assign
-
-
-def threshold_merge(metric: torch.Tensor, valid: torch.Tensor, protect: torch.Tensor, threshold: float) -> torch.Tensor:
-    """DToMe at inference: every A token whose best similarity is strictly greater than `threshold`
-    merges into its B partner. Returns the assignment (B, N)."""
-    if metric.shape[1] < 2:
-        return torch.arange(metric.shape[1], device=metric.device).expand(metric.shape[0], -1).clone()
-    best, partner = best_partners(metric, valid, protect)
-    return merge_assign(best > threshold, partner, metric.shape[1])
+if TYPE_CHECKING:
+    from ...models.adapter import LanguageModelAdapter
 
 
 def _missing_thresholds(wanted: str, target, out, where: str = "") -> str:
@@ -128,9 +96,13 @@ class DyMU(Method):
         else:
             self._use(thresholds)
 
-    def _use(self, thresholds) -> None:
-        from ..calibrate import Thresholds  # calibrate imports this module
+    @classmethod
+    def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, targets: Sequence[int] = (), **context: Any) -> BudgetSpec:
+        """Thresholds are calibrated per model (`slimvlm calibrate`): the target nearest the budget among
+        `targets`, those the model folder ships (`shipped_thresholds`); None if it ships none."""
+        return f"dymu:target={min(targets, key=lambda t: (abs(t - budget), t))}" if targets else None
 
+    def _use(self, thresholds) -> None:
         if isinstance(thresholds, Thresholds):
             calibration = thresholds
             self.thresholds = calibration.source or "<in memory>"
@@ -152,10 +124,8 @@ class DyMU(Method):
     def check_identity(self, model) -> None:
         """The full check: the file was made for this model's vision tower (config hash, feature layer
         and selection). check_model sees only the layer count and tokens per image. Without
-        thresholds=, the model folder's own for the target are taken (calibrate.shipped_thresholds)."""
+        thresholds=, the model folder's own for the target are taken (thresholds.shipped_thresholds)."""
         if self.deferred:
-            from ..calibrate import SHIPPED
-
             folder = getattr(model, "name_or_path", "") or ""
             path = Path(folder) / SHIPPED.format(target=self.target) if folder else None
             if path is None or not path.is_file():
