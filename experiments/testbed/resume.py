@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from slimvlm.errors import SlimVLMError
 from slimvlm.testbed import build
 
-from .config import SIZES
+from .config import SIZES, TrainConfig
+from .loop import LoopResult
 from .losses import AUX_HEADS_FILE, AuxHeads
 
 
@@ -121,16 +122,31 @@ def load_init(folder: str | Path, tokenizer, size: str) -> InitState:
     return InitState(folder, loaded.state_dict(), aux, chain)
 
 
-def extend_chain(init: InitState | None, run: dict[str, Any], minutes: float, curriculum_steps: int) -> dict[str, Any]:
-    """The chain after this ``run`` (its eval.json record, which the next --init reads): the totals
-    grow by the run's steps, samples and ``minutes``, the curriculum position by its steps if it
-    trained under a curriculum."""
+def extend_chain(init: InitState | None, config: TrainConfig, result: LoopResult, accuracy: float, total_s: float) -> dict[str, Any]:
+    """The chain after this run (its eval.json record, which the next --init reads): the run's own
+    entry appended, the totals grown by its steps, samples and minutes, the curriculum position by
+    its steps if it trained under a curriculum."""
+    run = {
+        "out": str(Path(config.out)),
+        "init": None if init is None else str(init.folder),
+        "steps": result.steps,
+        "samples": result.steps * config.batch_size,
+        "minutes": round(total_s / 60, 2),
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "warmup_steps": config.resolved_warmup(),
+        "curriculum_steps": config.curriculum_steps,
+        "complexity_cap_end": round(result.complexity_cap, 4),
+        "token_dropout": config.token_dropout,
+        "compiled": config.compile and result.compile_error is None,
+        "accuracy": accuracy,
+    }
     prior = init.chain if init is not None else {"steps": 0, "samples": 0, "minutes": 0.0, "runs": []}
     curriculum_offset = init.curriculum_step if init is not None else 0
     return {
         "steps": int(prior["steps"]) + run["steps"],
         "samples": int(prior["samples"]) + run["samples"],
-        "minutes": round(float(prior["minutes"]) + minutes, 2),
-        "curriculum_step": curriculum_offset + (run["steps"] if curriculum_steps > 0 else 0),
+        "minutes": round(float(prior["minutes"]) + total_s / 60, 2),
+        "curriculum_step": curriculum_offset + (run["steps"] if config.curriculum_steps > 0 else 0),
         "runs": [*prior.get("runs", []), run],
     }

@@ -116,22 +116,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
              "lm_loss": None, "aux_loss": None, "lr": None, "final": True, "eval_s": round(final_eval_s, 2), **final})  # fmt: skip
 
     step, samples = result.steps, result.steps * config.batch_size
-    run = {
-        "out": str(out),
-        "init": None if init is None else str(init.folder),
-        "steps": step,
-        "samples": samples,
-        "minutes": round(total_s / 60, 2),
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "warmup_steps": config.resolved_warmup(),
-        "curriculum_steps": config.curriculum_steps,
-        "complexity_cap_end": round(result.complexity_cap, 4),
-        "token_dropout": config.token_dropout,
-        "compiled": config.compile and result.compile_error is None,
-        "accuracy": final["accuracy"],
-    }
-    chain = extend_chain(init, run, total_s / 60, config.curriculum_steps)
+    chain = extend_chain(init, config, result, final["accuracy"], total_s)
     vision, text = SIZES[config.size]
     inner = loaded.model
     info = {
@@ -156,7 +141,7 @@ def train(config: TrainConfig | None = None, **kwargs: Any) -> Path:
         "batch_size": config.batch_size,
         "curriculum_steps": config.curriculum_steps,
         "token_dropout": config.token_dropout,
-        "init": run["init"],
+        "init": None if init is None else str(init.folder),
         "aux_resumed": aux_resumed,
         "chain": chain,
         "compile": config.compile,
