@@ -1,7 +1,8 @@
-"""Training on clips: several image placeholders per sample, collated like the processor does."""
+"""Training data from testbed scenes and clips (several image placeholders per sample), collated like the processor does."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from slimvlm.testbed import build, clips, scenes
@@ -28,6 +29,19 @@ def test_a_mixed_batch_matches_the_processor_and_trains(tiny):
     with torch.no_grad():
         loss = model(**batch).loss
     assert torch.isfinite(loss)
+
+
+def test_scene_dataset_is_deterministic_balanced_and_train_split():
+    data = SceneDataset(16, seed=3)
+    again = SceneDataset(16, seed=3)
+    assert len(data) == 16
+    for i in (0, 5, 15):
+        a, b = data[i], again[i]
+        assert (a.question, a.answer) == (b.question, b.answer) and a.image.tobytes() == b.image.tobytes()
+    assert [data[i].question_type for i in range(8)] == list(scenes.QUESTION_TYPES)
+    assert data[0].id.startswith("train-")
+    with pytest.raises(IndexError):
+        data[16]
 
 
 def test_clip_dataset_is_deterministic_balanced_and_train_split():

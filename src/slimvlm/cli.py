@@ -254,7 +254,7 @@ def _train(args: argparse.Namespace) -> None:
     from .train import DualSpeed, dualspeed_trainer, llava_mini_trainer
     from .train.data import SceneCollator, training_scenes
     from .train.dualspeed import VARIANTS, variant
-    from .train.experiment_dualspeed import freeze_vision, training_arguments
+    from .train.recipe import freeze_vision, training_arguments
 
     device = resolve_device(args.device)
     model, processor = load_model(args.model, device, "float32")

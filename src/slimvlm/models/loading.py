@@ -18,9 +18,14 @@ MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_next_
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a --device names ("auto": CUDA when there is one); SlimVLMError for a name torch
+    does not know, or for CUDA where there is none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise SlimVLMError(f"bad --device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SlimVLMError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return device

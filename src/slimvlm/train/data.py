@@ -9,7 +9,7 @@ import torch
 
 from ..testbed import scenes
 from ..testbed.clips import CLIP_QUESTION_TYPES, ClipSample, make_clip_samples
-from ..testbed.train import Collator, PixelNormalizer
+from ..testbed.batches import Collator, PixelNormalizer
 
 
 class SceneCollator:

@@ -1,8 +1,8 @@
 """Where the time of a stage-1 method goes: the vision tower + projector (what `slimvlm bench-vision`
 times) at batch 1 per method, timed, then profiled for one forward each.
 
-    PYTHONPATH=src python3 scripts/profile_vision_methods.py --device cuda            # H100, ~1 min
-    PYTHONPATH=src python3 scripts/profile_vision_methods.py --device cpu --small     # smoke run
+    PYTHONPATH=src python3 -m experiments.profiling.profile_vision_methods --device cuda            # H100, ~1 min
+    PYTHONPATH=src python3 -m experiments.profiling.profile_vision_methods --device cpu --small     # smoke run
 
 CLIP ViT-L/14-336 of LLaVA-1.5-7B (bench/shapes.py), random weights, bf16 on CUDA. The LLM is never
 run here, so the model is built with one LLM layer (the projector keeps its shape); a dymu spec

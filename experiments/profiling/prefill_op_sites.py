@@ -2,7 +2,7 @@
 the source lines where a method adds them: Qwen2.5-VL's tiny test config (tests/conftest.py) on a 16-frame 644-px
 video (video_grid_thw 8 x 46 x 46: 16,928 patches, 4232 tokens), the grid of `bench-generate --video-frames 16`.
 
-    PYTHONPATH=src OMP_NUM_THREADS=2 python3 scripts/prefill_op_sites.py --methods visionzip-64,divprune:budget=640
+    PYTHONPATH=src OMP_NUM_THREADS=2 python3 -m experiments.profiling.prefill_op_sites --methods visionzip-64,divprune:budget=640
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimvlm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from conftest import qwen_batch, qwen_model  # noqa: E402  (the tests' tiny configs of the real classes)
 
 

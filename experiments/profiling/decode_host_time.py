@@ -1,7 +1,7 @@
 """Host time per eager decode step, untouched model beside slimvlm, on a tiny random LLaVA on the CPU, where
 a step is host time (Python, dispatch): what batch-1 GPU decode is bound by. Medians of 7 generate() calls.
 
-    PYTHONPATH=src python3 scripts/decode_host_time.py [--layers 4] [--methods none,fastv]
+    PYTHONPATH=src python3 -m experiments.profiling.decode_host_time [--layers 4] [--methods none,fastv]
 """
 
 from __future__ import annotations

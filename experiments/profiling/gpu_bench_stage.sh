@@ -2,7 +2,7 @@
 # GPU measurements for issues 4 (DyMU: DToMe overhead, VTU cost per layer) and 5 (MustDrop's
 # output-aware cache), in one go: 4 processes, about 2-2.5 minutes on one H100.
 #
-#   PYTHONPATH=src bash scripts/gpu_bench_stage.sh OUTDIR
+#   PYTHONPATH=src bash experiments/profiling/gpu_bench_stage.sh OUTDIR
 #
 # Writes into OUTDIR (each JSON holds the command that made it, the device and the numbers):
 #   vision_dtome.json          vision tower + projector alone: none / tome:r=16 / dymu-mid (calibrated here), batch 1 and 32
@@ -13,10 +13,10 @@
 #   wall_times.txt             milliseconds each step took
 #
 # Smoke run on a CPU with a tiny model (e.g. from `slimvlm make-tiny models/tiny`):
-#   MODEL=models/tiny DEVICE=cpu DTYPE=float32 PYTHONPATH=src bash scripts/gpu_bench_stage.sh /tmp/smoke
+#   MODEL=models/tiny DEVICE=cpu DTYPE=float32 PYTHONPATH=src bash experiments/profiling/gpu_bench_stage.sh /tmp/smoke
 set -euo pipefail
 
-OUT=${1:?usage: bash scripts/gpu_bench_stage.sh OUTDIR}
+OUT=${1:?usage: bash experiments/profiling/gpu_bench_stage.sh OUTDIR}
 MODEL=${MODEL:-shape:llava-1.5-7b}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}

@@ -4,7 +4,7 @@ For each method: the prefill's median time (CUDA events), then torch.profiler ov
 over the decode steps of one generate() call: kernel launches, host syncs, GPU busy time, and the
 ops with the most host time. Launch-bound batch-1 inference is paid in launches and host time.
 
-    PYTHONPATH=src python3 scripts/profile_generate.py --device cuda [--methods none,visionzip-64] [--out DIR]
+    PYTHONPATH=src python3 -m experiments.profiling.profile_generate --device cuda [--methods none,visionzip-64] [--out DIR]
 """
 
 from __future__ import annotations

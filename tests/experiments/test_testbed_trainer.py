@@ -1,19 +1,30 @@
-"""Tests for slimvlm.testbed.train: collation, label mask, shared-vision forward, a tiny CPU run."""
+"""The testbed trainer (experiments/testbed): batches and targets, losses, schedule, a tiny CPU run and its chain."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from transformers import LlavaForConditionalGeneration
 
+from experiments.testbed import train as train_module
+from experiments.testbed.config import TrainConfig
+from experiments.testbed.curriculum import curriculum_cap, scene_complexity
+from experiments.testbed.dataset import SceneQADataset, shorten_image_span
+from experiments.testbed.loader import fit_loader_to_shm, max_text_tokens
+from experiments.testbed.losses import AUX_HEADS_FILE, GUIDED_LAYER, AuxHeads, forward_losses
+from experiments.testbed.optimizer import lr_factor
+from experiments.testbed.resume import load_init
+from experiments.testbed.targets import AUX_LABELS, GUIDED_GROUPS, patch_target, question_patches, word_bag_matrix
+from experiments.testbed.train import main, train
 from slimvlm.errors import SlimVLMError
 from slimvlm.testbed import build as B
 from slimvlm.testbed import scenes as S
-from slimvlm.testbed import train as T
+from slimvlm.testbed.batches import normalize_pixels
 
 
 @pytest.fixture(scope="module")
@@ -23,48 +34,13 @@ def processor():
 
 @pytest.fixture(scope="module")
 def batch_and_records(processor):
-    ds = T.SceneQADataset(processor, batch_size=5, seed=0, questions_per_scene=3)
+    ds = SceneQADataset(processor, batch_size=5, seed=0, questions_per_scene=3)
     records = ds.records(ds.scene_seeds(0), 5)
     return ds.batch(records), records
 
 
-def _flat(records):
-    return [(i, qt, q, a) for i, r in enumerate(records) for qt, q, a in r.qas]
-
-
-def test_label_mask_covers_exactly_answer_and_eos(processor, batch_and_records):
-    batch, records = batch_and_records
-    tok = processor.tokenizer
-    flat = _flat(records)
-    assert len(flat) == batch["input_ids"].shape[0] == 5
-    assert batch["pixels"].shape[0] == len(records) == 2  # 3 + 2 questions: one render, several questions
-    for row, (_, _, q, a) in enumerate(flat):
-        ids, labels = batch["input_ids"][row], batch["labels"][row]
-        real = int((ids != tok.pad_token_id).sum())
-        assert (ids[real:] == tok.pad_token_id).all()  # right padding
-        kept = (labels != -100).nonzero().flatten().tolist()
-        n_answer = len(tok(a, add_special_tokens=False)["input_ids"])
-        assert kept == list(range(real - n_answer - 1, real))  # the answer tokens, then eos
-        assert tok.convert_ids_to_tokens(labels[kept].tolist()) == a.split() + ["</s>"]
-        assert (labels[kept] == ids[kept]).all()
-        # everything before is the prompt, exactly
-        prompt_len = len(tok(B.format_prompt(q))["input_ids"]) + T.Collator(processor).n_image_tokens - 1
-        assert kept[0] == prompt_len
-
-
-def test_collation_matches_processor(processor, batch_and_records):
-    batch, records = batch_and_records
-    flat = _flat(records)
-    images = [Image.fromarray(records[i].image) for i, *_ in flat]
-    texts = [B.format_training_text(q, a) for _, _, q, a in flat]
-    ref = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="right")
-    assert torch.equal(batch["input_ids"], ref["input_ids"])
-    pixels = T.normalize_pixels(batch["pixels"], processor)[batch["image_index"]]
-    assert torch.equal(pixels, ref["pixel_values"])  # bit-identical to the processor
-
-
 def test_records_are_train_scenes_with_matching_images_and_aux(processor):
-    ds = T.SceneQADataset(processor, batch_size=8, seed=0, questions_per_scene=2)
+    ds = SceneQADataset(processor, batch_size=8, seed=0, questions_per_scene=2)
     records = ds.records(ds.scene_seeds(1), 8)
     test_seeds = {S.scene_seed(0, "test", k) for k in range(1000)}
     for r in records:
@@ -81,11 +57,11 @@ def test_records_are_train_scenes_with_matching_images_and_aux(processor):
 
 
 def test_question_patches_point_at_the_named_objects():
-    pair = lambda c, sh: 1 + T.AUX_LABELS.index(f"{c} {sh}")  # noqa: E731
-    word = 1 + T.AUX_LABELS.index("word:cat")
+    pair = lambda c, sh: 1 + AUX_LABELS.index(f"{c} {sh}")  # noqa: E731
+    word = 1 + AUX_LABELS.index("word:cat")
     patches = np.array([0, pair("red", "circle"), pair("blue", "circle"), pair("red", "square"), word, 0])
-    ask = lambda q: [g.nonzero()[0].tolist() for g in T.question_patches(q, patches)]  # noqa: E731
-    assert T.GUIDED_GROUPS == 2
+    ask = lambda q: [g.nonzero()[0].tolist() for g in question_patches(q, patches)]  # noqa: E731
+    assert GUIDED_GROUPS == 2
     assert ask("what color is the square?") == [[3], [3]]  # one object: every head group reads it
     assert ask("what shape is the blue object?") == [[2], [2]]
     assert ask("how many circles are there?") == [[1, 2], [1, 2]]
@@ -100,17 +76,17 @@ def test_question_patches_point_at_the_named_objects():
 
 
 def test_word_bag_names_what_covers_a_patch(processor):
-    bag = T.word_bag_matrix(processor.tokenizer)
+    bag = word_bag_matrix(processor.tokenizer)
     vocab = processor.tokenizer.convert_ids_to_tokens
     assert bag[0].sum() == 0  # background names nothing
-    red_circle = 1 + T.AUX_LABELS.index("red circle")
+    red_circle = 1 + AUX_LABELS.index("red circle")
     assert sorted(vocab(bag[red_circle].nonzero().flatten().tolist())) == ["circle", "red"]
-    cat = 1 + T.AUX_LABELS.index("word:cat")
+    cat = 1 + AUX_LABELS.index("word:cat")
     assert vocab(bag[cat].nonzero().flatten().tolist()) == ["cat"]
 
 
 def test_question_types_stay_balanced(processor):
-    ds = T.SceneQADataset(processor, batch_size=8, seed=3, questions_per_scene=3)
+    ds = SceneQADataset(processor, batch_size=8, seed=3, questions_per_scene=3)
     seeds = ds.scene_seeds(0)
     for _ in range(40):
         ds._questions(next(seeds), 3)
@@ -121,11 +97,11 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
     batch, _ = batch_and_records
     torch.manual_seed(0)
     config = B.llava_config(processor.tokenizer, B.TINY_VISION, B.TINY_TEXT)
-    model = T.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    head = T.AuxHeads(config.vision_config.hidden_size, T.word_bag_matrix(processor.tokenizer))
-    pixels = T.normalize_pixels(batch["pixels"], processor)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    head = AuxHeads(config.vision_config.hidden_size, word_bag_matrix(processor.tokenizer))
+    pixels = normalize_pixels(batch["pixels"], processor)
     with torch.no_grad():
-        lm, aux, correct = T.forward_losses(model, head, batch, pixels)
+        lm, aux, correct = forward_losses(model, head, batch, pixels)
         ref = model(
             input_ids=batch["input_ids"],
             pixel_values=pixels[batch["image_index"]],
@@ -155,8 +131,8 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
             output_attentions=True,
         )
         model.set_attn_implementation("sdpa")
-        probs = eager.attentions[T.GUIDED_LAYER]  # (B, heads, T, T)
-        heads_per_group = probs.shape[1] // T.GUIDED_GROUPS
+        probs = eager.attentions[GUIDED_LAYER]  # (B, heads, T, T)
+        heads_per_group = probs.shape[1] // GUIDED_GROUPS
         assert any(not torch.equal(t[0], t[1]) for t in batch["attention_target"])  # a two-object question
         losses = []
         for i, row in enumerate(batch["labels"]):
@@ -180,24 +156,24 @@ def test_shared_vision_forward_equals_stock_forward(processor, batch_and_records
 
 
 def test_lr_schedule():
-    assert T.lr_factor(0, 0.0, 300) == pytest.approx(1 / 300)
-    assert T.lr_factor(299, 0.0, 300) == pytest.approx(1.0)
-    assert T.lr_factor(5000, 0.5, 300) == pytest.approx(0.55)
-    assert T.lr_factor(5000, 1.0, 300) == pytest.approx(0.1)
-    assert T.lr_factor(5000, 2.0, 300) == pytest.approx(0.1)
+    assert lr_factor(0, 0.0, 300) == pytest.approx(1 / 300)
+    assert lr_factor(299, 0.0, 300) == pytest.approx(1.0)
+    assert lr_factor(5000, 0.5, 300) == pytest.approx(0.55)
+    assert lr_factor(5000, 1.0, 300) == pytest.approx(0.1)
+    assert lr_factor(5000, 2.0, 300) == pytest.approx(0.1)
 
 
 def test_bad_input(tmp_path):
     with pytest.raises(SlimVLMError, match="unknown --size"):
-        T.train(out=tmp_path, size="huge", device="cpu")
+        train(out=tmp_path, size="huge", device="cpu")
     with pytest.raises(SlimVLMError, match="--minutes"):
-        T.train(out=tmp_path, size="tiny", device="cpu", minutes=0)
+        train(out=tmp_path, size="tiny", device="cpu", minutes=0)
     with pytest.raises(SlimVLMError, match="--minutes"):
-        T.train(out=tmp_path, size="tiny", device="cpu", minutes=-1)
+        train(out=tmp_path, size="tiny", device="cpu", minutes=-1)
     if not torch.cuda.is_available():
-        with pytest.raises(SlimVLMError, match="CUDA is not available"):
-            T.train(out=tmp_path, size="tiny", device="cuda")
-    assert T.main(["--out", str(tmp_path), "--size", "huge", "--device", "cpu"]) == 2
+        with pytest.raises(SlimVLMError, match="no CUDA device is available"):
+            train(out=tmp_path, size="tiny", device="cuda")
+    assert main(["--out", str(tmp_path), "--size", "huge", "--device", "cpu"]) == 2
     assert not (tmp_path / "train_log.jsonl").exists()
 
 
@@ -211,7 +187,7 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        return T.train(out=tmp_path_factory.mktemp("run") / "model", steps=10, eval_every=5, warmup_steps=2, **TINY_RUN)
+        return train(out=tmp_path_factory.mktemp("run") / "model", steps=10, eval_every=5, warmup_steps=2, **TINY_RUN)
 
 
 def test_tiny_training_run(tiny_run):
@@ -229,17 +205,17 @@ def test_tiny_training_run(tiny_run):
     assert [r["step"] for r in evals] == [0, 5, 10] and evals[-1].get("final")
     assert set(evals[-1]["per_type"]) == set(S.QUESTION_TYPES)
     # the curriculum is on by default: early scenes are simple
-    assert all(r["complexity_cap"] == pytest.approx(T.curriculum_cap(r["step"] - 1, 3000), abs=1e-4) for r in train_lines)
+    assert all(r["complexity_cap"] == pytest.approx(curriculum_cap(r["step"] - 1, 3000), abs=1e-4) for r in train_lines)
     assert max(r["scene_complexity"] for r in train_lines) < 0.35
 
     model, proc = B.load(out)
     assert model.config.vision_config.hidden_size == B.TINY_VISION["hidden_size"]
     assert model.dtype == torch.float32
     assert all(k.startswith(("model.", "lm_head.")) for k in model.state_dict())  # no aux head saved
-    assert (out / T.AUX_HEADS_FILE).is_file()  # ... it is kept beside the model, for --init
+    assert (out / AUX_HEADS_FILE).is_file()  # ... it is kept beside the model, for --init
 
     card = (out / "README.md").read_text()
-    assert "| question type |" in card and "**overall**" in card and "python -m slimvlm.testbed.train" in card
+    assert "| question type |" in card and "**overall**" in card and "python -m experiments.testbed.train" in card
     assert "Curriculum: " in card and "before training (%)" in card
     result = json.loads((out / "eval.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 8 and result["steps"] == 10
@@ -251,7 +227,7 @@ def test_init_continues_the_chain(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     saved, _ = B.load(tiny_run)
     seen = []
-    evaluate = T.evaluate
+    evaluate = train_module.held_out_accuracy
 
     def spy(model, *args, **kwargs):
         if not seen:  # the step-0 evaluation: the weights the second run starts from
@@ -264,9 +240,9 @@ def test_init_continues_the_chain(tiny_run, tmp_path, monkeypatch):
 
         return compiled
 
-    monkeypatch.setattr(T, "evaluate", spy)
-    monkeypatch.setattr(T.torch, "compile", failing_compile)  # --compile falls back to eager training
-    out = T.train(out=tmp_path / "next", init=str(tiny_run), steps=3, eval_every=100, compile=True, **TINY_RUN)
+    monkeypatch.setattr(train_module, "held_out_accuracy", spy)
+    monkeypatch.setattr(torch, "compile", failing_compile)  # --compile falls back to eager training
+    out = train(out=tmp_path / "next", init=str(tiny_run), steps=3, eval_every=100, compile=True, **TINY_RUN)
 
     for k, v in saved.state_dict().items():
         assert torch.equal(seen[0][k], v), k
@@ -296,8 +272,8 @@ def test_init_from_a_folder_without_chain_record(tiny_run, tmp_path, processor):
     record = json.loads((legacy / "eval.json").read_text())
     del record["chain"]  # as written before chains were recorded (no curriculum either)
     (legacy / "eval.json").write_text(json.dumps(record))
-    (legacy / T.AUX_HEADS_FILE).unlink()
-    init = T._load_init(legacy, processor.tokenizer, "tiny")
+    (legacy / AUX_HEADS_FILE).unlink()
+    init = load_init(legacy, processor.tokenizer, "tiny")
     assert init.aux is None
     assert init.chain["steps"] == 10 and init.chain["samples"] == 40 and len(init.chain["runs"]) == 1
     assert init.chain["curriculum_step"] == 0  # its training had no curriculum: the ramp starts again
@@ -305,32 +281,32 @@ def test_init_from_a_folder_without_chain_record(tiny_run, tmp_path, processor):
 
 def test_init_needs_matching_sizes(tiny_run, tiny_dir, tmp_path):
     with pytest.raises(SlimVLMError, match=r"does not fit --size testbed \(it is a --size tiny model\).*hidden_size"):
-        T.train(out=tmp_path / "a", init=str(tiny_run), size="testbed", device="cpu", workers=0, progress=False)
+        train(out=tmp_path / "a", init=str(tiny_run), size="testbed", device="cpu", workers=0, progress=False)
     with pytest.raises(SlimVLMError, match="scene vocabulary"):  # make_tiny's folder: tiny sizes, other words
-        T.train(out=tmp_path / "b", init=str(tiny_dir), size="tiny", device="cpu", workers=0, progress=False)
+        train(out=tmp_path / "b", init=str(tiny_dir), size="tiny", device="cpu", workers=0, progress=False)
     with pytest.raises(SlimVLMError, match="no config.json"):
-        T.train(out=tmp_path / "c", init=str(tmp_path / "missing"), size="tiny", device="cpu")
+        train(out=tmp_path / "c", init=str(tmp_path / "missing"), size="tiny", device="cpu")
     with pytest.raises(SlimVLMError, match="--out must differ"):
-        T.train(out=tiny_run, init=str(tiny_run), size="tiny", device="cpu")
-    assert T.main(["--out", str(tmp_path / "d"), "--init", str(tiny_run), "--device", "cpu"]) == 2
+        train(out=tiny_run, init=str(tiny_run), size="tiny", device="cpu")
+    assert main(["--out", str(tmp_path / "d"), "--init", str(tiny_run), "--device", "cpu"]) == 2
     assert not any((tmp_path / d / "train_log.jsonl").exists() for d in "abcd")
 
 
 def test_curriculum_cap_ramps():
-    assert T.curriculum_cap(0, 3000) == pytest.approx(0.15)
-    assert T.curriculum_cap(1500, 3000) == pytest.approx(0.575)
-    assert T.curriculum_cap(3000, 3000) == 1.0 and T.curriculum_cap(10**6, 3000) == 1.0
-    assert T.curriculum_cap(0, 0) == 1.0 and T.curriculum_cap(50, 0) == 1.0  # 0 disables
-    caps = [T.curriculum_cap(s, 100) for s in range(0, 120, 10)]
+    assert curriculum_cap(0, 3000) == pytest.approx(0.15)
+    assert curriculum_cap(1500, 3000) == pytest.approx(0.575)
+    assert curriculum_cap(3000, 3000) == 1.0 and curriculum_cap(10**6, 3000) == 1.0
+    assert curriculum_cap(0, 0) == 1.0 and curriculum_cap(50, 0) == 1.0  # 0 disables
+    caps = [curriculum_cap(s, 100) for s in range(0, 120, 10)]
     assert caps == sorted(caps)
-    draws = [T.scene_complexity(2 * k, 0.3) for k in range(200)]
+    draws = [scene_complexity(2 * k, 0.3) for k in range(200)]
     assert all(0.0 <= d <= 0.3 for d in draws) and max(draws) > 0.25 and min(draws) < 0.05
-    assert draws == [T.scene_complexity(2 * k, 0.3) for k in range(200)]  # deterministic
-    assert T.scene_complexity(8, 1.0) is None  # cap 1: exactly the standard scene of the seed
+    assert draws == [scene_complexity(2 * k, 0.3) for k in range(200)]  # deterministic
+    assert scene_complexity(8, 1.0) is None  # cap 1: exactly the standard scene of the seed
 
 
 def test_curriculum_shapes_generated_scenes(processor):
-    ds = T.SceneQADataset(processor, batch_size=30, seed=0, questions_per_scene=3, curriculum_steps=4)
+    ds = SceneQADataset(processor, batch_size=30, seed=0, questions_per_scene=3, curriculum_steps=4)
     batches = iter(ds)  # in-process: one worker, so its batch k is global step k
     got = [next(batches) for _ in range(6)]
     caps = [float(b["complexity_cap"]) for b in got]
@@ -341,14 +317,14 @@ def test_curriculum_shapes_generated_scenes(processor):
     assert all(b["pixels"].shape[0] == 10 for b in got)  # always ceil(30 / 3) scenes
     assert max(ds.counts) - min(ds.counts) <= 3  # question types stay balanced under the curriculum
     # a continued chain starts where it left off
-    resumed = T.SceneQADataset(processor, batch_size=30, seed=0, questions_per_scene=3, curriculum_steps=4, step_offset=4)
+    resumed = SceneQADataset(processor, batch_size=30, seed=0, questions_per_scene=3, curriculum_steps=4, step_offset=4)
     assert float(next(iter(resumed))["complexity_cap"]) == 1.0
 
 
 def test_compile_pads_to_one_width(processor):
     tok = processor.tokenizer
-    longest = T.max_text_tokens(tok)
-    ds = T.SceneQADataset(processor, batch_size=8, seed=0, questions_per_scene=3)
+    longest = max_text_tokens(tok)
+    ds = SceneQADataset(processor, batch_size=8, seed=0, questions_per_scene=3)
     seeds = ds.scene_seeds(0)
     for _ in range(30):
         for r in ds.records(seeds, 8):
@@ -357,37 +333,37 @@ def test_compile_pads_to_one_width(processor):
     ds.collate.min_width = longest + ds.collate.n_image_tokens - 1
     widths = {ds.batch(ds.records(seeds, 8))["input_ids"].shape[1] for _ in range(5)}
     assert widths == {ds.collate.min_width}
-    command = T.TrainConfig(out="x", init="prev", compile=True, curriculum_steps=0).command()
+    command = TrainConfig(out="x", init="prev", compile=True, curriculum_steps=0).command()
     assert "--init prev" in command and "--compile" in command and "--curriculum-steps 0" in command
-    assert "--compile" not in T.TrainConfig(out="x").command()
+    assert "--compile" not in TrainConfig(out="x").command()
 
 
 def test_loader_shrinks_to_fit_small_shm(monkeypatch):
     class Small:
         f_bavail, f_frsize = 64 * 1024 * 1024 // 4096, 4096  # Docker's default 64 MB /dev/shm
 
-    monkeypatch.setattr(T.os, "statvfs", lambda path: Small())
-    workers, prefetch = T._fit_loader_to_shm(14, 4, 11 * 2**20)
+    monkeypatch.setattr(os, "statvfs", lambda path: Small())
+    workers, prefetch = fit_loader_to_shm(14, 4, 11 * 2**20)
     assert prefetch == 2 and workers == 1
-    assert T._fit_loader_to_shm(0, 4, 11 * 2**20) == (0, 4)
+    assert fit_loader_to_shm(0, 4, 11 * 2**20) == (0, 4)
 
 
 def test_patch_targets_mark_what_covers_each_patch():
     big = S.SceneObject("square", "red", x=14 * 5 + 7, y=14 * 2 + 7, size=40)
     tiny = S.SceneObject("circle", "blue", x=14 * 20 + 3, y=14 * 20 + 3, size=8)  # covers no patch centre
     word = S.WORDS[0]
-    target = T.patch_target([big, tiny], [(word, (200.0, 100.0))], [24]).reshape(24, 24)
-    red_square = 1 + T.AUX_LABELS.index("red square")
+    target = patch_target([big, tiny], [(word, (200.0, 100.0))], [24]).reshape(24, 24)
+    red_square = 1 + AUX_LABELS.index("red square")
     assert target[2, 5] == red_square and target[1, 4] == red_square and target[4, 5] == 0
-    assert target[20, 20] == 1 + T.AUX_LABELS.index("blue circle")
-    assert target[100 // 14, 200 // 14] == 1 + T.AUX_LABELS.index(f"word:{word}")
+    assert target[20, 20] == 1 + AUX_LABELS.index("blue circle")
+    assert target[100 // 14, 200 // 14] == 1 + AUX_LABELS.index(f"word:{word}")
     assert (target > 0).sum() < 30
 
 
 def test_shorten_image_span_keeps_text_labels_and_targets_aligned(processor, batch_and_records):
     batch, _ = batch_and_records
     image_id = processor.tokenizer.convert_tokens_to_ids(B.SPECIAL_TOKENS["image"])
-    short = T.shorten_image_span(batch, 10, image_id, np.random.default_rng(0))
+    short = shorten_image_span(batch, 10, image_id, np.random.default_rng(0))
     n = int((batch["input_ids"][0] == image_id).sum())
     assert short["input_ids"].shape[1] == batch["input_ids"].shape[1] - (n - 10)
     for i in range(len(batch["input_ids"])):
@@ -400,20 +376,20 @@ def test_shorten_image_span_keeps_text_labels_and_targets_aligned(processor, bat
         assert keep.tolist() == sorted(set(keep.tolist())) and int(keep.max()) < n
         assert short["attention_target"][i].tolist() == batch["attention_target"][i][:, keep].tolist()
     with pytest.raises(ValueError, match="keep"):
-        T.shorten_image_span(batch, n + 1, image_id, np.random.default_rng(0))
+        shorten_image_span(batch, n + 1, image_id, np.random.default_rng(0))
 
 
 def test_forward_losses_on_a_shortened_span(processor, batch_and_records):
     batch, _ = batch_and_records
     image_id = processor.tokenizer.convert_tokens_to_ids(B.SPECIAL_TOKENS["image"])
-    short = T.shorten_image_span(batch, 12, image_id, np.random.default_rng(1))
+    short = shorten_image_span(batch, 12, image_id, np.random.default_rng(1))
     torch.manual_seed(0)
     config = B.llava_config(processor.tokenizer, B.TINY_VISION, B.TINY_TEXT)
-    model = T.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    head = T.AuxHeads(config.vision_config.hidden_size)
-    pixels = T.normalize_pixels(batch["pixels"], processor)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    head = AuxHeads(config.vision_config.hidden_size)
+    pixels = normalize_pixels(batch["pixels"], processor)
     with torch.no_grad():
-        lm, _, _ = T.forward_losses(model, head, short, pixels)
+        lm, _, _ = forward_losses(model, head, short, pixels)
         # reference: the chosen projected patches written into the shortened span by hand
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         features = model.model.multi_modal_projector(hidden)[batch["image_index"]]

@@ -1,6 +1,6 @@
 """The DualSpeed paper's experiment on the testbed: baseline fine-tuning, naive pruning and DualSpeed.
 
-    python -m slimvlm.train.experiment_dualspeed --model models/tb --out results/dualspeed --device cuda
+    python -m experiments.dualspeed --model models/tb --out results/dualspeed --device cuda
 
 Three runs start from the same checkpoint and train the same number of steps on the same batches,
 in the same order, with the same seeds, learning rate and batch size; they differ only in their
@@ -36,35 +36,11 @@ from typing import Any
 
 import torch
 
-from ..errors import SlimVLMError
-from .dualspeed import VARIANTS, DualSpeed, dualspeed_trainer, variant
+from slimvlm.errors import SlimVLMError
+from slimvlm.train.dualspeed import VARIANTS, DualSpeed, dualspeed_trainer, variant
+from slimvlm.train.recipe import freeze_vision, training_arguments
 
 RUNS = ("baseline", "naive-pruning", "dualspeed")
-
-
-def freeze_vision(model) -> int:
-    """Freeze the vision encoder (as LLaVA's instruction tuning does; the projector and the LLM
-    train). Returns the number of frozen parameters."""
-    from ..models import adapter_for
-
-    frozen = 0
-    for parameter in adapter_for(model).vision.parameters():
-        parameter.requires_grad_(False)
-        frozen += parameter.numel()
-    return frozen
-
-
-def training_arguments(output_dir: str | Path, steps: int, batch_size: int, lr: float, seed: int, device: torch.device, **extra: Any):
-    """The TrainingArguments of `slimvlm train` and of this experiment (bf16 autocast on CUDA)."""
-    from transformers import TrainingArguments
-
-    options: dict[str, Any] = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
-        seed=seed, data_seed=seed, report_to=[], remove_unused_columns=False, save_strategy="no",
-        logging_steps=max(1, steps // 20), use_cpu=device.type == "cpu", bf16=device.type == "cuda",
-    )
-    options.update(extra)
-    return TrainingArguments(**options)
 
 
 class BatchList(torch.utils.data.Dataset):
@@ -90,7 +66,7 @@ class BatchList(torch.utils.data.Dataset):
 def prepare_batches(processor, samples: int, batch_size: int, seed: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """`samples` train-split scenes collated into batches of `batch_size` (the last partial batch
     dropped), moved to `device`."""
-    from .data import SceneCollator, training_scenes
+    from slimvlm.train.data import SceneCollator, training_scenes
 
     if samples < batch_size:
         raise SlimVLMError(f"--samples {samples} is less than one batch of {batch_size}")
@@ -138,7 +114,7 @@ def train_run(
     warmup: int, train_vision: bool, out: Path, dual_options: dict[str, Any],
 ):
     """Load the checkpoint, train one run, return (model, processor, dual, timing and loss record)."""
-    from ..models.loading import load_model
+    from slimvlm.models.loading import load_model
 
     model, processor = load_model(model_spec, device, "float32")
     if not train_vision:
@@ -179,7 +155,7 @@ def train_run(
 
 def evaluate_run(model, processor, dual: DualSpeed, items: list, pruner: str, batch_size: int) -> dict[str, Any]:
     """Held-out accuracy with all tokens and with pruned tokens (+ the isolator where the run has one)."""
-    from ..bench.evaluate import evaluate
+    from slimvlm.bench.evaluate import evaluate
 
     full = evaluate(model, processor, items, "none", batch_size=batch_size, progress=False)
     pruned = evaluate(model, processor, items, dual.inference_method() if dual.isolator is not None else pruner,
@@ -250,9 +226,9 @@ def _answers(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def run_experiment(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    from ..bench.evaluate import from_sample
-    from ..models.loading import load_model, resolve_device
-    from ..testbed.scenes import make_samples
+    from slimvlm.bench.evaluate import from_sample
+    from slimvlm.models.loading import load_model, resolve_device
+    from slimvlm.testbed.scenes import make_samples
 
     device = resolve_device(args.device)
     for flag in ("steps", "batch_size", "samples", "eval_samples"):
@@ -322,7 +298,7 @@ def run_experiment(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slimvlm.train.experiment_dualspeed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.dualspeed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="testbed", help="'testbed' or a model folder with its processor (the starting checkpoint)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md (and DualSpeed's isolator)")
     p.add_argument("--steps", type=int, default=300, help="training steps per run")
@@ -352,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not args.runs:
         print(f"error: --runs takes {', '.join(RUNS)}, not {unknown or 'nothing'}", file=sys.stderr)
         return 2
-    command = "python -m slimvlm.train.experiment_dualspeed " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.dualspeed " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         payload = run_experiment(args, command)
     except SlimVLMError as error:

@@ -1,9 +1,9 @@
 """One LLaVA-Mini training step on the testbed, taken apart: is a step held by the host or by the
 data? (results/README.md, LLaVA-Mini "Training speed": the GPU sat at 20-70% while training.)
 
-    PYTHONPATH=src python3 scripts/profile_llava_mini_step.py --device cuda --batch-size 64 --workers 14
-    PYTHONPATH=src python3 scripts/profile_llava_mini_step.py --device cuda --batch-size 64 --clip-frames 4
-    PYTHONPATH=src python3 scripts/profile_llava_mini_step.py --device cpu --batch-size 4 --steps 2 --workers 2
+    PYTHONPATH=src python3 -m experiments.profiling.profile_llava_mini_step --device cuda --batch-size 64 --workers 14
+    PYTHONPATH=src python3 -m experiments.profiling.profile_llava_mini_step --device cuda --batch-size 64 --clip-frames 4
+    PYTHONPATH=src python3 -m experiments.profiling.profile_llava_mini_step --device cpu --batch-size 4 --steps 2 --workers 2
 
 Prints, for the experiment's setting (modules + projector + LLM trained, tower frozen, bf16
 autocast on CUDA): the host reads of device values in one forward + backward (slimvlm.device_reads.HostReads:

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 import slimvlm
+from experiments import llava_mini as exp
 from slimvlm.errors import SlimVLMError
-from slimvlm.testbed import scenes
-from slimvlm.train import experiment_llava_mini as exp
-from slimvlm.train.data import SceneDataset
 
 
 def test_runner_trains_each_budget_saves_weights_and_reports(tiny_dir, tmp_path):
@@ -40,13 +38,13 @@ def test_runner_trains_each_budget_saves_weights_and_reports(tiny_dir, tmp_path)
         card = (out / f"c{budget}" / "README.md").read_text()  # the weights folder's model card
         assert f"# LLaVA-Mini modules, C = {budget}," in card and "llava-mini:weights=THIS_FOLDER" in card
         overall = f"| **overall** | {100 * rows['none']['accuracy']:.1f} | **{100 * r['accuracy']:.1f}** (retention"
-        assert overall in card and "2 steps x batch 2" in card and "Command: `python -m slimvlm.train.experiment_llava_mini --model" in card
+        assert overall in card and "2 steps x batch 2" in card and "Command: `python -m experiments.llava_mini --model" in card
         loaded = slimvlm.registry.build(f"llava-mini:weights={out / f'c{budget}'}")
         assert (loaded.budget, loaded.layers) == (budget, 1)
     none = rows["none"]
     assert none["visual_tokens_mean"] == 576 and none["flops_ratio"] == 1.0 and none["kv_bytes_per_image"] == 576 * per_token
     table = (out / "results.md").read_text()
-    assert "| llava-mini:budget=4,layers=1 | 4 |" in table and "Command: `python -m slimvlm.train.experiment_llava_mini" in table
+    assert "| llava-mini:budget=4,layers=1 | 4 |" in table and "Command: `python -m experiments.llava_mini" in table
 
 
 def test_time_limit_stops_training(tiny_dir, tmp_path):
@@ -104,19 +102,6 @@ def test_baseline_specs_and_budgets():
             exp.parse_budgets(bad)
     with pytest.raises(SlimVLMError):
         exp.baseline_specs([4], ["tome"])
-
-
-def test_scene_dataset_is_deterministic_balanced_and_train_split():
-    data = SceneDataset(16, seed=3)
-    again = SceneDataset(16, seed=3)
-    assert len(data) == 16
-    for i in (0, 5, 15):
-        a, b = data[i], again[i]
-        assert (a.question, a.answer) == (b.question, b.answer) and a.image.tobytes() == b.image.tobytes()
-    assert [data[i].question_type for i in range(8)] == list(scenes.QUESTION_TYPES)
-    assert data[0].id.startswith("train-")
-    with pytest.raises(IndexError):
-        data[16]
 
 
 def test_init_continues_a_budget_from_the_weights_a_run_wrote(tiny_dir, tmp_path):

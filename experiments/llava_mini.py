@@ -1,6 +1,6 @@
 """LLaVA-Mini at several budgets on the testbed: train, save, evaluate, compare (issue 6, item 5).
 
-    python -m slimvlm.train.experiment_llava_mini --model models/tb --out reports/llava_mini \
+    python -m experiments.llava_mini --model models/tb --out reports/llava_mini \
         --budgets 1,4,16,64 --steps 400 --batch-size 32 --eval-samples 400 --device cuda
 
 For each budget C: a fresh copy of the model; LLaVA-Mini's compressor (C queries) and pre-fusion
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from ..bench import flops as flops_mod
-from ..bench.evaluate import MethodResult, evaluate, from_sample
-from ..bench.shapes import shape_config
-from ..errors import SlimVLMError, exit_code
+from slimvlm.bench import flops as flops_mod
+from slimvlm.bench.evaluate import MethodResult, evaluate, from_sample
+from slimvlm.bench.shapes import shape_config
+from slimvlm.errors import SlimVLMError, exit_code
 
 SHAPE_7B = "llava-1.5-7b"
 KV_BYTES = 2  # bf16 cache, as served
@@ -191,10 +191,10 @@ def train_budget(args, budget: int, device: torch.device, folder: Path) -> tuple
     when the LLM was trained) to `folder`; return the trained model and the training record."""
     from transformers import TrainingArguments
 
-    from ..methods.llava_mini import LlavaMini
-    from ..models.loading import load_model
-    from .data import ClipDataset, OneKindBatches, SceneCollator, SceneDataset
-    from .llava_mini import llava_mini_trainer
+    from slimvlm.methods.llava_mini import LlavaMini
+    from slimvlm.models.loading import load_model
+    from slimvlm.train.data import ClipDataset, OneKindBatches, SceneCollator, SceneDataset
+    from slimvlm.train.llava_mini import llava_mini_trainer
 
     model, processor = load_model(str(start_model(args)), device, "float32")
     model.train()
@@ -359,8 +359,8 @@ def format_card(budget: int, rows: list[dict], settings: dict, args) -> str:
 
 
 def run(args) -> dict:
-    from ..models.loading import load_model, resolve_device
-    from ..testbed.scenes import make_samples
+    from slimvlm.models.loading import load_model, resolve_device
+    from slimvlm.testbed.scenes import make_samples
 
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -370,7 +370,7 @@ def run(args) -> dict:
     if args.init is not None:  # refused before any run: several budgets, or weights of another budget / depth
         if len(budgets) != 1:
             raise SlimVLMError(f"--init continues one budget's weights; give that budget alone in --budgets, not {args.budgets!r}")
-        from ..methods.llava_mini import LlavaMini
+        from slimvlm.methods.llava_mini import LlavaMini
 
         LlavaMini(budget=budgets[0], layers=args.layers, weights=args.init)
     out = Path(args.out)
@@ -397,7 +397,7 @@ def run(args) -> dict:
         print(f"{spec}: accuracy {result.accuracy:.3f}", flush=True)
     clip_items, clip_baseline = [], None
     if args.clip_samples:
-        from ..testbed.clips import make_clip_samples
+        from slimvlm.testbed.clips import make_clip_samples
 
         clip_items = [from_sample(s) for s in make_clip_samples(args.clip_samples, seed=args.seed, split="test", frames=args.clip_frames)]
         clip_baseline = evaluate(model, processor, clip_items, "none", batch_size=max(1, args.eval_batch_size // args.clip_frames),
@@ -429,7 +429,7 @@ def run(args) -> dict:
         "llm_lr": args.llm_lr, "layers": args.layers, "freeze_llm": args.freeze_llm, "eval_samples": args.eval_samples,
         "seed": args.seed, "max_train_seconds": args.max_train_seconds, "save_dtype": args.save_dtype, "init": args.init,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": "python -m slimvlm.train.experiment_llava_mini " + shlex.join(args.argv),
+        "command": "python -m experiments.llava_mini " + shlex.join(args.argv),
         "total_s": round(time.perf_counter() - started, 2),
         "timings": timings,
     }
@@ -444,7 +444,7 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slimvlm.train.experiment_llava_mini", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.llava_mini", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a local LLaVA model folder with its processor (e.g. models/tb)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the weights (c<C>/)")
     p.add_argument("--budgets", default="1,4,16,64")
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.train_clip_fraction < 1.0:
         print(f"error: --train-clip-fraction={args.train_clip_fraction} must be in [0, 1)", file=sys.stderr)
         return 2
-    return exit_code(lambda: run(args), "slimvlm.train.experiment_llava_mini")
+    return exit_code(lambda: run(args), "experiments.llava_mini")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ nothing), for a prefill on the dynamic cache (generate()'s default), on a Static
 generate(cache_implementation="static") hands one over), and per eager decode step (generate(10 new tokens)
 less generate(2), over the 8 steps between).
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python3 scripts/host_reads.py [--methods none,mustdrop-64] [--where]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python3 -m experiments.profiling.host_reads [--methods none,mustdrop-64] [--where]
 """
 
 from __future__ import annotations
