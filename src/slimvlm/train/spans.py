@@ -1,0 +1,109 @@
+"""Training forwards on batches whose every row holds one image's placeholders as one span at one place.
+
+LLaVA's training data and the testbed's collator put each sample's image at a fixed place of a fixed
+prompt template and pad the rows on the right. On such a batch a stage-2 method's tokens replace the
+span by plain slicing: every row keeps one length, the LM runs with no mask (under the causal mask no
+real token sees the trailing pads, which carry no label), nothing is read back to the host and every
+shape is known ahead, so a step compiles. That is what lets a pruned training step cost less than a
+full one (DualSpeed) and LLaVA-Mini train fast. Everything else (several images, left padding, images
+at different places) goes through the runtime's general rebuild (`slimvlm.apply`); the tests hold the
+two equal on the batches both take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SlimVLMError
+from ..models import adapter_for
+from ..sequence import IGNORE_INDEX
+from ..tokens import VisualTokens
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where every row of a batch holds its image: placeholder columns start .. start + length - 1."""
+
+    start: int
+    length: int
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, image_token_id: int) -> "ImageSpan":
+        """The span of a batch, checked: one read from the device. A collator that builds the rows knows it
+        already and can hand it over instead (`image_start` in the batch), saving the read."""
+        placeholders = input_ids == image_token_id
+        count, first, last = torch.stack([placeholders.sum(dim=1), placeholders.int().argmax(dim=1),
+                                          input_ids.shape[1] - 1 - placeholders.flip(1).int().argmax(dim=1)]).tolist()
+        span = cls(first[0], count[0])
+        if count[0] == 0 or any(c != span.length for c in count) or any(f != span.start for f in first) or any(
+                e != span.start + span.length - 1 for e in last):
+            raise SlimVLMError(
+                "this batch's rows do not each hold one image as one run of placeholders at the same column "
+                f"(placeholders per row {count}, first at {first}); collate one image per sample at a fixed place "
+                "(right padding), or train through slimvlm.apply, which takes any layout"
+            )
+        return span
+
+    def splice(self, rows: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """rows (B, L, ...) with the span replaced by visual (B, K, ...): (B, L - length + K, ...)."""
+        return torch.cat([rows[:, : self.start], visual.to(rows.dtype), rows[:, self.start + self.length :]], dim=1)
+
+    def splice_labels(self, labels: torch.Tensor, visual_tokens: int) -> torch.Tensor:
+        """The labels of a spliced row: no loss on the `visual_tokens` that fill the span."""
+        fill = labels.new_full((labels.shape[0], visual_tokens), IGNORE_INDEX)
+        return self.splice(labels, fill)
+
+    def text(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (B, L, ...) with the span cut out: each row's text, in order."""
+        return torch.cat([rows[:, : self.start], rows[:, self.start + self.length :]], dim=1)
+
+
+def batch_span(batch: dict, image_token_id: int) -> ImageSpan:
+    """The batch's span: from its `image_start` (an int the collator set; no read), else found on the device."""
+    start = batch.get("image_start")
+    if start is None:
+        return ImageSpan.of(batch["input_ids"], image_token_id)
+    return ImageSpan(int(start), int(batch["image_tokens"]))
+
+
+def visual_tokens(model, pixel_values: torch.Tensor, image_sizes=None) -> VisualTokens:
+    """Stages 1-2 with no method: each image's tokens as the LLM would take them (the vision tower to its
+    feature layer, the feature selection, the projector and the family's packing)."""
+    adapter = adapter_for(model)
+    tokens, _ = adapter.encode(adapter.views(pixel_values, image_sizes, False), None)
+    return adapter.pack(adapter.project(tokens))
+
+
+def dense(tokens: VisualTokens) -> torch.Tensor:
+    """(B, K, D): the tokens of images that all hold K of them (what a span of one length can take)."""
+    counts = tokens.host_counts()
+    if len(set(counts)) > 1 or counts[0] != tokens.x.shape[1]:
+        raise SlimVLMError(f"images with different token counts ({sorted(set(counts))}) do not fit one span length; "
+                           "train through slimvlm.apply")
+    return tokens.x
+
+
+def lm_logits(model, embeds: torch.Tensor) -> torch.Tensor:
+    """The LM's logits (B, L, V) over right-padded rows of input embeddings, positions 0.. and no mask."""
+    adapter = adapter_for(model)
+    hidden = adapter.run_llm(embeds, None, None, None, False).last_hidden_state
+    return adapter.lm_head(hidden)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each labelled token given the positions before it (as transformers' causal LM loss)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def answer_kl(teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Mean over the positions that predict a labelled token of KL(softmax(teacher / tau) || softmax(student / tau)),
+    teacher and student (B, L, V) aligned with labels (B, L); masked, not indexed, so that no shape depends on the
+    labels."""
+    predicts = (labels[:, 1:] != IGNORE_INDEX).float()
+    log_t = F.log_softmax(teacher[:, :-1].float() / tau, dim=-1)
+    log_s = F.log_softmax(student[:, :-1].float() / tau, dim=-1)
+    per_position = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+    return (per_position * predicts).sum() / predicts.sum().clamp_min(1.0)
