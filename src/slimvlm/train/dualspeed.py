@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..api import apply
@@ -40,6 +39,7 @@ from ..registry import build
 from ..sequence import IGNORE_INDEX
 from ..method import Method, PromptContext, Stage
 from ..tokens import CLS_ORIGIN, VisualTokens
+from .distillation import answer_logits, distillation_kl
 
 ISOLATOR_FILE = "dualspeed_isolator.safetensors"
 _MASK64 = (1 << 64) - 1
@@ -131,23 +131,6 @@ class ModeIsolator(Method):
 
     def __repr__(self) -> str:
         return f"{self.name}(length={self.length}, pruner={self.pruner!r})"
-
-
-def _answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits of the positions that predict a labelled token (next-token shift), row-major."""
-    predicts = labels[:, 1:] != IGNORE_INDEX
-    return logits[:, :-1][predicts]
-
-
-def distillation_kl(teacher: torch.Tensor, student: torch.Tensor, tau: float) -> torch.Tensor:
-    """Mean over positions of KL(softmax(teacher / tau) || softmax(student / tau)), in float32."""
-    if teacher.shape != student.shape:
-        raise SlimVLMError(f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student.shape)} do not align")
-    if teacher.shape[0] == 0:
-        return student.sum() * 0.0
-    log_t = F.log_softmax(teacher.float() / tau, dim=-1)
-    log_s = F.log_softmax(student.float() / tau, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
 class DualSpeed:
@@ -309,8 +292,8 @@ class DualSpeed:
         else:
             with torch.no_grad():
                 _, teacher_logits, teacher_labels = self.fast_forward(batch)
-            teacher = _answer_logits(teacher_logits, teacher_labels)
-            student = _answer_logits(student_logits, labels)
+            teacher = answer_logits(teacher_logits, teacher_labels)
+            student = answer_logits(student_logits, labels)
             kl = distillation_kl(teacher, student, self.tau)
             total = ce + self.lam * self.tau**2 * kl
         if not details:

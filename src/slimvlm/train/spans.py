@@ -96,14 +96,3 @@ def lm_logits(model, embeds: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each labelled token given the positions before it (as transformers' causal LM loss)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-
-
-def answer_kl(teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
-    """Mean over the positions that predict a labelled token of KL(softmax(teacher / tau) || softmax(student / tau)),
-    teacher and student (B, L, V) aligned with labels (B, L); masked, not indexed, so that no shape depends on the
-    labels."""
-    predicts = (labels[:, 1:] != IGNORE_INDEX).float()
-    log_t = F.log_softmax(teacher[:, :-1].float() / tau, dim=-1)
-    log_s = F.log_softmax(student[:, :-1].float() / tau, dim=-1)
-    per_position = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
-    return (per_position * predicts).sum() / predicts.sum().clamp_min(1.0)
