@@ -57,6 +57,7 @@ from torch import nn
 
 from ..errors import SlimVLMError
 from ..models import adapter_for
+from ..models.adapter import run_causal
 from ..registry import register
 from ..sequence import IGNORE_INDEX
 from ..method import Method, PromptContext, Stage, check_budget
@@ -69,7 +70,6 @@ INITS = ("lm-silenced", "lm", "random")
 # of the weights' norm: a float16 copy of float32 weights moves the sums by up to 0.2% (double rounding), a
 # bfloat16 copy not at all; fine-tuning moved the testbed projector's by 0.6-5.7% (one sum past this is enough)
 SIGNATURE_TOLERANCE = 0.01
-CAUSAL_WITHOUT_MASK = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})  # is_causal when no mask is given
 
 
 class UntrainedModulesWarning(UserWarning):
@@ -323,22 +323,8 @@ class LlavaMiniModules(nn.Module):
 
     def prefuse(self, sequence: torch.Tensor, rotary) -> torch.Tensor:
         """Run the pre-fusion layers over sequence (B, n, D), each row's real tokens first and its
-        padding after them, rotary positions 0..n-1. Causal attention alone keeps every real token
-        from the padding (it sees only earlier tokens), so SDPA and flash attention run their
-        causal kernels with no mask; only eager attention, which has no causality without a mask,
-        is given one."""
-        batch, length, _ = sequence.shape
-        device = sequence.device
-        x = sequence.to(self.queries.dtype)
-        positions = torch.arange(length, device=device).expand(batch, -1)
-        embeddings = rotary(x, positions)
-        mask = None
-        if self.attention_implementation not in CAUSAL_WITHOUT_MASK:
-            mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=device).triu(1)[None, None]
-        for layer in self.prefusion:
-            out = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
-            x = out[0] if isinstance(out, tuple) else out
-        return x
+        padding after them, causal at rotary positions 0..n-1 (models/adapter.py: run_causal)."""
+        return run_causal(self.prefusion, sequence.to(self.queries.dtype), rotary, self.attention_implementation)
 
 
 def with_compressed(full: VisualTokens, compressed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

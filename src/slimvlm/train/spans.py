@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import SlimVLMError
 from ..models import adapter_for
+from ..models.adapter import run_causal
 from ..sequence import IGNORE_INDEX
 from ..tokens import VisualTokens
 
@@ -87,10 +88,13 @@ def dense(tokens: VisualTokens) -> torch.Tensor:
 
 
 def lm_logits(model, embeds: torch.Tensor) -> torch.Tensor:
-    """The LM's logits (B, L, V) over right-padded rows of input embeddings, positions 0.. and no mask."""
+    """The LM's logits (B, L, V) over right-padded rows of input embeddings, positions 0.. and no mask: its
+    decoder layers, norm and head as its own forward runs them, without the forward's read of whether the
+    mask can be dropped (models/adapter.py: run_causal)."""
     adapter = adapter_for(model)
-    hidden = adapter.run_llm(embeds, None, None, None, False).last_hidden_state
-    return adapter.lm_head(hidden)
+    lm = adapter.language_model
+    hidden = run_causal(adapter.llm_layers, embeds, adapter.position_embeddings, adapter.text_config._attn_implementation)
+    return adapter.lm_head(lm.norm(hidden))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
