@@ -40,7 +40,7 @@ from ..sequence import IGNORE_INDEX
 from ..method import Method, PromptContext, Stage
 from ..tokens import VisualTokens
 from .distillation import answer_logits, answer_weights, distillation_kl
-from .spans import batch_span, causal_lm_loss, dense, lm_logits, visual_tokens
+from .spans import batch_span, causal_lm_loss, lm_logits, row_tokens
 
 ISOLATOR_FILE = "dualspeed_isolator.safetensors"
 _MASK64 = (1 << 64) - 1
@@ -283,11 +283,7 @@ class DualSpeed:
         """A mode on a batch whose rows hold one image at one place (train/spans.py): the span replaced by the
         method's tokens (all of them without one), with no host read: (CE, logits, labels)."""
         span = batch_span(batch, self.model.config.image_token_id)
-        tokens = visual_tokens(self.model, batch["pixel_values"])
-        if method is not None:
-            context = PromptContext(input_ids=None, image_of_sample=[[i] for i in range(tokens.batch_size)])
-            tokens = method.project(tokens, context)
-        visual = dense(tokens)
+        visual = row_tokens(self.model, batch, method).x
         rows = span.splice(self.model.get_input_embeddings()(batch["input_ids"]), visual)
         labels = span.splice_labels(batch["labels"], visual.shape[1])
         logits = lm_logits(self.model, rows)

@@ -33,7 +33,7 @@ from ..methods.llava_mini import LlavaMini
 from ..models import adapter_for
 from ..registry import build
 from .distillation import answer_logits, answer_weights, distillation_kl
-from .spans import batch_span, causal_lm_loss, dense, lm_logits, visual_tokens
+from .spans import batch_span, causal_lm_loss, lm_logits, row_tokens
 from .trainer import module_trainer
 
 
@@ -91,8 +91,7 @@ class LlavaMiniModule(nn.Module):
     def direct_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, L', V), their labels) of the direct forward: the span of each row replaced by its C tokens."""
         span = batch_span(batch, self.model.config.image_token_id)
-        full = visual_tokens(self.model, batch["pixel_values"])
-        dense(full)
+        full = row_tokens(self.model, batch)
         embeds = adapter_for(self.model).embed(batch["input_ids"])
         rows = self._method.train_rows(full, span, embeds, batch["labels"])
         return lm_logits(self.model, rows), span.splice_labels(batch["labels"], self._method.budget)
@@ -105,8 +104,7 @@ class LlavaMiniModule(nn.Module):
         span = batch_span(batch, self.model.config.image_token_id)
         with torch.no_grad():  # the teacher's rows: the span holds its own image's every token
             teacher = self._teacher[0]
-            rows = span.splice(adapter_for(teacher).embed(batch["input_ids"]),
-                               dense(visual_tokens(teacher, batch["pixel_values"])))
+            rows = span.splice(adapter_for(teacher).embed(batch["input_ids"]), row_tokens(teacher, batch).x)
             taught = lm_logits(teacher, rows)[:, span.start + span.length :]
         after = span.start + self._method.budget  # the text after the visual tokens lines up in both
         kl = distillation_kl(taught[:, :-1], logits[:, after:-1], self.tau, answer_weights(labels[:, after:]))

@@ -12,7 +12,7 @@ two equal on the batches both take.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from ..errors import SlimVLMError
 from ..models import adapter_for
 from ..models.adapter import run_causal
 from ..sequence import IGNORE_INDEX
+from ..method import PromptContext
 from ..tokens import VisualTokens
 
 
@@ -78,13 +79,24 @@ def visual_tokens(model, pixel_values: torch.Tensor, image_sizes=None) -> Visual
     return adapter.pack(adapter.project(tokens))
 
 
-def dense(tokens: VisualTokens) -> torch.Tensor:
-    """(B, K, D): the tokens of images that all hold K of them (what a span of one length can take)."""
+def row_tokens(model, batch: dict, method=None) -> VisualTokens:
+    """Each row's image tokens, through a stage-2 `method` if given (its project(), per image), for images that
+    all end with the same number (what a span of one length takes). batch['pixel_values'] holds one image a row,
+    or the images that rows share through batch['image_index'] (the testbed collator's: a scene's questions
+    share its image, which the vision tower and the method then run on once)."""
+    tokens = visual_tokens(model, batch["pixel_values"], batch.get("image_sizes"))
+    if method is not None:
+        context = PromptContext(input_ids=None, image_of_sample=[[i] for i in range(tokens.batch_size)])
+        tokens = method.project(tokens, context)
     counts = tokens.host_counts()
     if len(set(counts)) > 1 or counts[0] != tokens.x.shape[1]:
         raise SlimVLMError(f"images with different token counts ({sorted(set(counts))}) do not fit one span length; "
                            "train through slimvlm.apply")
-    return tokens.x
+    index = batch.get("image_index")
+    if index is None:
+        return tokens
+    return replace(tokens, x=tokens.x[index], size=tokens.size[index], origin=tokens.origin[index],
+                   patch_to_token=tokens.patch_to_token[index], known=[counts[0]] * index.shape[0], view_slots=None)
 
 
 def lm_logits(model, embeds: torch.Tensor) -> torch.Tensor:
