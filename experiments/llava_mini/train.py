@@ -80,7 +80,7 @@ def parse_students(text: str) -> list[Student]:
 
 
 def build_student(student: Student, base: torch.nn.Module, args) -> None:
-    student.model = copy.deepcopy(base).train()
+    student.model = copy.deepcopy(base).train().requires_grad_(True)  # the base is frozen: it teaches
     adapter_for(student.model).vision.requires_grad_(False)  # the paper keeps the CLIP encoder frozen
     if not student.train_llm:
         student.model.requires_grad_(False)
