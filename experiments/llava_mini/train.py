@@ -2,11 +2,12 @@
 
     python -m experiments.llava_mini.train --out OUT --students c1,c1:frozen,c16,c64:frozen --samples 600000
 
-Each student is a copy of the testbed model with LLaVA-Mini's modules at one budget C (`cC`), the vision tower
-frozen (the paper's instruction tuning), and either the projector and LLM trained with the modules (default) or
-the modules alone (`:frozen`: the student then runs on the untouched model); `:nodistill` drops the
-distillation from the untouched model (CE + KL(teacher || student) on the answer, the teacher being the model
-the students start from). Every student starts as `pool:budget=C` exactly (methods/llava_mini.py, init).
+Each student is a copy of the testbed model with LLaVA-Mini's modules at one budget C (`cC`), or at several that
+share the model (`c1+c16`: one projector and LLM trained for both, the losses summed, each budget its own
+modules), the vision tower frozen (the paper's instruction tuning), and either the projector and LLM trained with
+the modules (default) or the modules alone (`:frozen`: the student then runs on the untouched model); `:distill`
+adds the distillation from the untouched model (CE + KL(teacher || student) on the answer, the teacher being the
+model the students start from). Every student starts as `pool:budget=C` exactly (methods/llava_mini.py, init).
 
 Speed: the batches come from a pool of scenes rendered once onto the device (experiments/scene_pool.py); the
 frozen vision tower and the teacher run once per batch for all students; each student's step is the direct
@@ -52,29 +53,30 @@ from slimvlm.train.spans import batch_span, causal_lm_loss, lm_logits
 @dataclass
 class Student:
     name: str
-    budget: int
+    budgets: list[int]
     train_llm: bool
     distill: bool
     init: str
     model: torch.nn.Module = None
-    method: LlavaMini = None
+    methods: list[LlavaMini] = field(default_factory=list)
     optimizer: torch.optim.Optimizer = None
-    step_ms: list[float] = field(default_factory=list)
+    step_ms: list = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
 
 
 def parse_students(text: str) -> list[Student]:
-    """'c1,c1:frozen,c16:nodistill,c4:init=lm' -> students."""
+    """'c1,c1+c16,c1:frozen,c16:distill,c4:init=lm' -> students."""
     students = []
     for spec in filter(None, (part.strip() for part in text.split(","))):
         head, *flags = spec.split(":")
-        if not head.startswith("c") or not head[1:].isdigit():
-            raise SystemExit(f"--students: {spec!r} must start with c<budget>")
+        budgets = head.split("+")
+        if not all(b.startswith("c") and b[1:].isdigit() for b in budgets):
+            raise SystemExit(f"--students: {spec!r} must start with c<budget>[+c<budget>...]")
         options = dict(flag.split("=", 1) if "=" in flag else (flag, True) for flag in flags)
-        unknown = set(options) - {"frozen", "nodistill", "init"}
+        unknown = set(options) - {"frozen", "distill", "init"}
         if unknown:
             raise SystemExit(f"--students: {spec!r} has unknown flags {sorted(unknown)}")
-        students.append(Student(spec, int(head[1:]), "frozen" not in options, "nodistill" not in options,
+        students.append(Student(spec, [int(b[1:]) for b in budgets], "frozen" not in options, "distill" in options,
                                 options.get("init", "lm-silenced")))
     return students
 
@@ -84,14 +86,17 @@ def build_student(student: Student, base: torch.nn.Module, args) -> None:
     adapter_for(student.model).vision.requires_grad_(False)  # the paper keeps the CLIP encoder frozen
     if not student.train_llm:
         student.model.requires_grad_(False)
-    student.method = LlavaMini(budget=student.budget, layers=args.layers, seed=args.seed, init=student.init)
-    modules = student.method.build(student.model)
-    student.method.trained_here = True
-    groups = [{"params": list(modules.parameters()), "lr": args.lr}]
+    student.methods = [LlavaMini(budget=budget, layers=args.layers, seed=args.seed, init=student.init)
+                       for budget in student.budgets]
+    groups = []
+    for method in student.methods:
+        groups.append({"params": list(method.build(student.model).parameters()), "lr": args.lr})
+        method.trained_here = True
     if student.train_llm:
         groups.append({"params": [p for p in student.model.parameters() if p.requires_grad], "lr": args.llm_lr})
     student.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0,
                                           fused=next(base.parameters()).is_cuda)
+    student.rates = [group["lr"] for group in groups]
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -115,21 +120,25 @@ def shared_inputs(teacher, pixel_values: torch.Tensor, batch: dict, span, distil
         return encoded, lm_logits(teacher, rows)[:, span.start + span.length :]
 
 
-def student_logits(student: Student, encoded: VisualTokens, batch: dict, span) -> tuple[torch.Tensor, torch.Tensor]:
+def student_logits(student: Student, method: LlavaMini, encoded: VisualTokens, batch: dict,
+                   span) -> tuple[torch.Tensor, torch.Tensor]:
     adapter = adapter_for(student.model)
     projected = adapter.project(encoded)
     full = VisualTokens.from_patches(projected.x[batch["image_index"]], projected.grid, has_cls=False)
-    rows = student.method.train_rows(full, span, adapter.embed(batch["input_ids"]), batch["labels"])
-    return lm_logits(student.model, rows), span.splice_labels(batch["labels"], student.budget)
+    rows = method.train_rows(full, span, adapter.embed(batch["input_ids"]), batch["labels"])
+    return lm_logits(student.model, rows), span.splice_labels(batch["labels"], method.budget)
 
 
 def student_loss(student: Student, encoded, taught, batch: dict, span, tau: float) -> torch.Tensor:
-    logits, labels = student_logits(student, encoded, batch, span)
-    loss = causal_lm_loss(logits, labels)
-    if student.distill and taught is not None:
-        after = span.start + student.budget
-        loss = loss + tau**2 * distillation_kl(taught[:, :-1], logits[:, after:-1], tau, answer_weights(labels[:, after:]))
-    return loss
+    """The sum over the student's budgets of CE (+ the distillation, where it distils)."""
+    total = 0.0
+    for method in student.methods:
+        logits, labels = student_logits(student, method, encoded, batch, span)
+        total = total + causal_lm_loss(logits, labels)
+        if student.distill and taught is not None:
+            after = span.start + method.budget
+            total = total + tau**2 * distillation_kl(taught[:, :-1], logits[:, after:-1], tau, answer_weights(labels[:, after:]))
+    return total
 
 
 def train_step(students: list[Student], teacher, normalizer, batch: dict, span, factor: float, args, timed: bool) -> None:
@@ -142,7 +151,7 @@ def train_step(students: list[Student], teacher, normalizer, batch: dict, span, 
         if timed and args.device_type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        for group, lr in zip(student.optimizer.param_groups, (args.lr, args.llm_lr)):
+        for group, lr in zip(student.optimizer.param_groups, student.rates):
             group["lr"] = lr * factor
         with autocast:
             loss = student_loss(student, encoded, taught, batch, span, args.tau)
@@ -157,13 +166,13 @@ def train_step(students: list[Student], teacher, normalizer, batch: dict, span, 
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(student: Student, rows: dict, types: torch.Tensor, span, autocast) -> dict:
+def teacher_forced_accuracy(student: Student, method: LlavaMini, rows: dict, types: torch.Tensor, span, autocast) -> dict:
     """Accuracy of the first answer token given the prompt, overall and per question type (one read)."""
     student.model.eval()
     with autocast:
         encoded, _ = adapter_for(student.model).encode(rows["pixel_values"], None)
-        logits, labels = student_logits(student, encoded, {**rows, "image_index": torch.arange(len(types), device=types.device)},
-                                        span)
+        batch = {**rows, "image_index": torch.arange(len(types), device=types.device)}
+        logits, labels = student_logits(student, method, encoded, batch, span)
     student.model.train()
     first = (labels != IGNORE_INDEX).int().argmax(dim=1)  # the first answer token's column
     predicted = logits.gather(1, (first - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0].argmax(dim=-1)
@@ -171,7 +180,7 @@ def teacher_forced_accuracy(student: Student, rows: dict, types: torch.Tensor, s
     per_type = torch.zeros(len(QUESTION_TYPES), device=hit.device).index_add_(0, types, hit)
     counts = torch.bincount(types, minlength=len(QUESTION_TYPES)).clamp_min(1)
     values = torch.cat([hit.mean()[None], per_type / counts]).tolist()
-    return {"accuracy": values[0], "per_type": dict(zip(QUESTION_TYPES, values[1:]))}
+    return {"budget": method.budget, "accuracy": values[0], "per_type": dict(zip(QUESTION_TYPES, values[1:]))}
 
 
 def eval_rows(processor, samples: int, seed: int, device) -> tuple[dict, torch.Tensor, list]:
@@ -236,12 +245,14 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     def record(step: int) -> None:
+        shown = []
         for student in students:
-            point = {"step": step, "samples": step * per_step,
-                     **teacher_forced_accuracy(student, rows, types, span, autocast)}
-            student.curve.append(point)
-        print(f"step {step} ({step * per_step} samples): " + ", ".join(
-            f"{s.name} {100 * s.curve[-1]['accuracy']:.1f}" for s in students), flush=True)
+            for method in student.methods:
+                point = {"step": step, "samples": step * per_step,
+                         **teacher_forced_accuracy(student, method, rows, types, span, autocast)}
+                student.curve.append(point)
+                shown.append(f"{student.name} c{method.budget} {100 * point['accuracy']:.1f}")
+        print(f"step {step} ({step * per_step} samples): " + ", ".join(shown), flush=True)
 
     record(0)
     train_started = time.perf_counter()
@@ -271,27 +282,32 @@ def run(args) -> dict:
                             "clips": clip_reference.accuracy if clip_reference else None}
     for student in students:
         student.model.eval()
-        times = [s.elapsed_time(e) for s, e in student.step_ms] if student.step_ms else []
-        scored = evaluate(student.model, processor, eval_items, student.method, batch_size=args.eval_batch_size)
-        clip_score = evaluate(student.model, processor, clips, student.method,
-                              batch_size=args.eval_batch_size // 4) if clips else None
-        folder = out / student.name.replace(":", "-").replace("=", "-")
-        student.method.save(folder, torch.bfloat16)
+        times = [start.elapsed_time(end) for start, end in student.step_ms]
+        folder = out / student.name.replace(":", "-").replace("=", "-").replace("+", "-")
         if student.train_llm:
-            trained = {name: p.detach().to(torch.bfloat16).cpu().contiguous()
-                       for name, p in student.model.state_dict().items() if "vision_tower" not in name}
             from safetensors.torch import save_file
 
+            trained = {name: p.detach().to(torch.bfloat16).cpu().contiguous()
+                       for name, p in student.model.state_dict().items() if "vision_tower" not in name}
+            folder.mkdir(parents=True, exist_ok=True)
             save_file(trained, str(folder / "model_trained_parts.safetensors"))
-        results["students"].append({
-            "name": student.name, "budget": student.budget, "train_llm": student.train_llm, "distill": student.distill,
-            "init": student.init, "steps": student.curve[-1]["step"], "samples": student.curve[-1]["samples"],
-            "step_ms_median": sorted(times)[len(times) // 2] if times else None,
-            "accuracy": scored.accuracy, "per_type": scored.accuracy_by_type(),
-            "clips": clip_score.accuracy if clip_score else None, "curve": student.curve,
-        })
-        print(f"{student.name}: generate() accuracy {100 * scored.accuracy:.1f}"
-              + (f", clips {100 * clip_score.accuracy:.1f}" if clip_score else ""), flush=True)
+        for method in student.methods:
+            scored = evaluate(student.model, processor, eval_items, method, batch_size=args.eval_batch_size)
+            clip_score = evaluate(student.model, processor, clips, method,
+                                  batch_size=args.eval_batch_size // 4) if clips else None
+            method.save(folder / f"c{method.budget}", torch.bfloat16)
+            curve = [point for point in student.curve if point["budget"] == method.budget]
+            results["students"].append({
+                "name": student.name, "budget": method.budget, "train_llm": student.train_llm, "distill": student.distill,
+                "init": student.init, "shared_with": [b for b in student.budgets if b != method.budget],
+                "steps": curve[-1]["step"], "samples": curve[-1]["samples"],
+                "step_ms_median": sorted(times)[len(times) // 2] if times else None,
+                "accuracy": scored.accuracy, "per_type": scored.accuracy_by_type(),
+                "clips": clip_score.accuracy if clip_score else None, "curve": curve,
+            })
+            print(f"{student.name} c{method.budget}: generate() accuracy {100 * scored.accuracy:.1f}"
+                  + (f", clips {100 * clip_score.accuracy:.1f}" if clip_score else ""), flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # after each: a cut call keeps them
     results["settings"]["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'results.json'}")
@@ -302,7 +318,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.llava_mini.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="testbed")
     p.add_argument("--out", required=True)
-    p.add_argument("--students", default="c1,c1:frozen,c1:nodistill,c4:frozen,c16,c16:frozen,c64:frozen")
+    p.add_argument("--students", default="c1+c16")
     p.add_argument("--samples", type=int, default=600_000, help="training samples per student")
     p.add_argument("--scenes", type=int, default=40_000, help="scenes rendered into the pool")
     p.add_argument("--scenes-per-batch", type=int, default=86, help="each with its 3 questions")

@@ -58,8 +58,9 @@ def training_batch(model, batch_size: int, text_tokens: int, answer_tokens: int,
 
 
 def make_trainable(model, lora_rank: int) -> torch.nn.Module:
-    """The vision tower frozen, the projector trained, the LLM in full (lora_rank 0) or through LoRA adapters on
-    its attention and MLP projections (peft; alpha = 2 * rank, as LLaVA's LoRA recipe). Returns the model."""
+    """The vision tower frozen, the projector trained, the LLM in full (lora_rank 0: its head included) or through
+    LoRA adapters on its attention and MLP projections (peft; alpha = 2 * rank, as LLaVA's LoRA recipe; the LLM's
+    own weights and head frozen). Returns the model."""
     adapter = adapter_for(model)
     model.requires_grad_(True)
     adapter.vision.requires_grad_(False)
@@ -69,6 +70,7 @@ def make_trainable(model, lora_rank: int) -> torch.nn.Module:
         except ImportError:
             raise SlimVLMError("--lora needs peft: pip install peft (or slimvlm[train]); --lora 0 trains the LLM in full") from None
         adapter.language_model.requires_grad_(False)
+        adapter.lm_head.requires_grad_(False)  # the LLM's own weights stay: its adapters train
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         inject_adapter_in_model(config, adapter.language_model)
