@@ -103,8 +103,8 @@ def check_signature(saved: dict | None, projector: nn.Module, folder) -> None:
     if abs(mine["norm"] - saved["norm"]) > tolerance or any(abs(a - b) > tolerance for a, b in zip(mine["sums"], saved["sums"])):
         raise SlimVLMError(
             f"the LLaVA-Mini modules in {folder} were trained with another model (this model's projector is not the one "
-            "they were saved with); load the model they were trained with (`slimvlm train` saves it in the same folder, "
-            f"the LLaVA-Mini experiment in {Path(folder) / 'model'})"
+            "they were saved with); load the model they were trained with: for the modules a model folder ships, "
+            "slimvlm.methods.llava_mini.shipped_model(FOLDER); `slimvlm train` saves its model beside its modules"
         )
 
 
@@ -377,21 +377,41 @@ def prefusion_sequence(text_embeds: torch.Tensor, text: torch.Tensor, visual: to
     return features[source[:, :width]], text_place, in_image_order, lengths
 
 
-SHIPPED = "llava_mini"  # a model folder's trained LLaVA-Mini: <folder>/llava_mini/c<C>/ (modules + model/)
+SHIPPED = "llava_mini"  # a model folder's trained LLaVA-Mini: <folder>/llava_mini/c<C>/ per budget, model.safetensors
+SHIPPED_MODEL = "model.safetensors"  # beside them: the weights (projector, LLM) trained with them, over the folder's own
 
 
 def shipped_weights(folder: str | Path | None) -> dict[int, Path]:
-    """The LLaVA-Mini weights a model folder ships, by budget: `llava_mini/c<C>/` holding the
-    modules and, in `model/`, the model they were trained with (the testbed ships C = 1)."""
+    """The LLaVA-Mini modules a model folder ships, by budget: `llava_mini/c<C>/`. They run on `shipped_model`."""
     found: dict[int, Path] = {}
     root = Path(folder) / SHIPPED if folder else None
     if root is None or not root.is_dir():
         return found
     for path in sorted(root.glob("c*")):
         budget = path.name.removeprefix("c")
-        if budget.isdigit() and (path / CONFIG_FILE).is_file() and (path / "model" / "config.json").is_file():
+        if budget.isdigit() and (path / CONFIG_FILE).is_file():
             found[int(budget)] = path
     return found
+
+
+def shipped_model(folder: str | Path, device: torch.device | str = "cpu", dtype: str = "float32") -> nn.Module:
+    """The model a folder's shipped LLaVA-Mini modules run on: the folder's own, with `llava_mini/model.safetensors`
+    loaded over it where the folder ships one (the projector and LLM trained with the modules; the vision tower,
+    frozen in training, is the folder's). One file for all the budgets that were trained on one model."""
+    from safetensors.torch import load_file
+
+    from ..models.loading import load_model
+
+    model, _ = load_model(str(folder), torch.device(device), dtype)
+    path = Path(folder) / SHIPPED / SHIPPED_MODEL
+    if path.is_file():
+        trained = load_file(str(path))
+        missing, unexpected = model.load_state_dict(trained, strict=False)
+        if unexpected or any("vision_tower" not in name for name in missing):
+            raise SlimVLMError(f"{path} does not hold the trained parts of the model in {folder} "
+                               f"(unexpected: {unexpected[:3]}, missing beyond the vision tower: "
+                               f"{[n for n in missing if 'vision_tower' not in n][:3]})")
+    return model
 
 
 @register
