@@ -200,3 +200,24 @@ def test_trains_with_transformers_trainer(tiny_dir, tmp_path):
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(dual.isolator.detach(), before)  # the isolator is among the trained parameters
     assert "forward" not in model.__dict__
+
+
+def test_the_direct_modes_equal_the_applied_ones_with_no_host_read(fresh):
+    """On rows that hold one image at one place (the collator says where), each mode replaces the span in place
+    (train/spans.py): the same losses and answer logits as the general path through slimvlm.apply, the slow
+    step's distillation included, and nothing read back to the host."""
+    from slimvlm.device_reads import HostReads
+    from slimvlm.train.data import SceneCollator, training_scenes
+
+    model, processor = fresh
+    rows = SceneCollator(processor)(training_scenes(3, seed=7))
+    general = {k: v for k, v in rows.items() if k not in ("image_start", "image_tokens")}
+    ds = DualSpeed(model, pruner="divprune:ratio=0.1", isolator_length=4, lam=0.7, tau=2.0)
+    for mode in ("fast", "slow"):
+        step = step_of(ds, mode)
+        with torch.no_grad():
+            with HostReads() as reads:
+                direct, _ = ds.loss(rows, step, details=False)
+            applied, _ = ds.loss(general, step, details=False)
+        assert reads.total == 0, reads.where.most_common(3)
+        assert torch.allclose(direct, applied, atol=1e-5), mode

@@ -9,7 +9,8 @@ import slimvlm
 from conftest import batch, select
 from slimvlm.bench import flops
 from slimvlm.errors import SlimVLMError
-from slimvlm.methods.llava_mini import LlavaMini, prefusion_sequence, projector_signature, sincos_2d
+from slimvlm.methods.llava_mini import (LlavaMini, cell_grid, patch_cells, prefusion_sequence, projector_signature,
+                                         sincos_2d, with_compressed)
 from slimvlm.tokens import VisualTokens
 
 
@@ -36,16 +37,35 @@ def test_prefusion_sequence_on_a_hand_example():
     """Per sample: its images' real tokens in its own image order, then its text tokens, left-aligned."""
     # three images with 2, 1 and 3 real tokens (feature = 10 * image + token + 1, padding 0)
     x = torch.tensor([[11, 12, 0], [21, 0, 0], [31, 32, 33]], dtype=torch.float32)[..., None]
-    size = (x[..., 0] > 0).float()
-    visual = VisualTokens(x=x, size=size, origin=torch.zeros(3, 3, dtype=torch.long),
-                          patch_to_token=torch.zeros(3, 3, dtype=torch.long), grid=(1, 3), has_cls=False)
+    counts = torch.tensor([2, 1, 3])
     text_embeds = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.float32)[..., None]
     text = torch.tensor([[False, True, False, True], [True, True, True, False]])
     # sample 0 has image 2; sample 1 has images 1 then 0
-    sequence, place, lengths = prefusion_sequence(text_embeds, text, visual, [[2], [1, 0]])
+    sequence, place, visual_place, lengths = prefusion_sequence(text_embeds, text, x, counts, [[2], [1, 0]])
     assert lengths == [5, 6]
     assert sequence[..., 0].tolist() == [[31, 32, 33, 2, 4, 0], [21, 11, 12, 5, 6, 7]]
     assert place.tolist() == [[6, 3, 6, 4], [3, 4, 5, 6]]  # 6: not a text token here
+    # per image (batch order): where its tokens sit in its sample's row, 6 past its count
+    assert visual_place.tolist() == [[1, 2, 6], [0, 6, 6], [0, 1, 2]]
+
+
+def test_with_compressed_on_a_hand_example():
+    """Each image's real tokens, then its compressed ones, then padding."""
+    x = torch.tensor([[11, 12, 0], [21, 0, 0]], dtype=torch.float32)[..., None]
+    full = VisualTokens(x=x, size=(x[..., 0] > 0).float(), origin=torch.zeros(2, 3, dtype=torch.long),
+                        patch_to_token=torch.zeros(2, 3, dtype=torch.long), grid=(1, 3), has_cls=False)
+    compressed = torch.tensor([[[1], [2]], [[3], [4]]], dtype=torch.float32)
+    joined, counts = with_compressed(full, compressed)
+    assert joined[..., 0].tolist() == [[11, 12, 1, 2, 0], [21, 3, 4, 0, 0]]
+    assert counts.tolist() == [4, 3]
+
+
+def test_cells_split_the_grid_as_pool_does():
+    assert cell_grid(1) == (1, 1) and cell_grid(4) == (2, 2) and cell_grid(6) == (2, 3) and cell_grid(7) == (1, 7)
+    # a 4 x 4 grid into 2 x 2 cells: each quadrant one cell, raster order
+    assert patch_cells((4, 4), 4).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    # 3 x 3 into 2 x 2: bins of rows (0, 0, 1) and columns (0, 0, 1), as adaptive pooling's floor bins
+    assert patch_cells((3, 3), 4).view(3, 3).tolist() == [[0, 0, 1], [0, 0, 1], [2, 2, 3]]
 
 
 @pytest.mark.parametrize("budget", [1, 4, 16])
@@ -69,10 +89,10 @@ def test_prefusion_layers_are_in_the_stats_and_the_flops(fresh):
     with torch.no_grad(), slimvlm.apply(model, "llava-mini:budget=2,layers=3") as handle:
         model(**inputs)
         stats = handle.stats
-    assert stats.fusion_tokens == [[576 + text[0], 576 + text[1]]] * 3  # every patch, then the text
+    assert stats.fusion_tokens == [[576 + 2 + text[0], 576 + 2 + text[1]]] * 3  # every patch, the compressed, the text
     _, llm = flops.shapes(model.config)
     counted = flops.count(model.config, stats)
-    assert counted.fusion == 3 * sum(flops.llm_layer_prefill_flops(llm, 576 + n) for n in text)
+    assert counted.fusion == 3 * sum(flops.llm_layer_prefill_flops(llm, 576 + 2 + n) for n in text)
     assert counted.prefill == counted.vision + counted.projector + counted.fusion + counted.llm_prefill
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=2") as handle:
         model(**inputs)
@@ -82,7 +102,7 @@ def test_prefusion_layers_are_in_the_stats_and_the_flops(fresh):
 def test_batched_generate_equals_one_by_one(fresh):
     model, processor = fresh
     inputs = batch(processor, 3, seed=1)
-    method = LlavaMini(budget=4, layers=2)
+    method = LlavaMini(budget=4, layers=2, init="random")
     with torch.no_grad(), slimvlm.apply(model, method) as handle:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
         assert handle.stats.visual_tokens == [4, 4, 4]
@@ -97,14 +117,14 @@ def test_batched_generate_equals_one_by_one(fresh):
 def test_fuse_changes_the_text_and_gradients_reach_the_modules(fresh):
     model, processor = fresh
     inputs = batch(processor, 2)
-    method = LlavaMini(budget=4, layers=2)
+    method = LlavaMini(budget=4, layers=2, init="random")
     method.build(model)
     seen = {}
     original_fuse = method.fuse
 
     def fuse(text_embeds, tokens, context):
         out = original_fuse(text_embeds, tokens, context)
-        seen["before"], seen["after"], seen["context"] = text_embeds.detach(), out.detach(), context
+        seen["before"], seen["after"], seen["context"] = text_embeds.detach(), out[0].detach(), context
         return out
 
     method.fuse = fuse
@@ -133,14 +153,14 @@ def test_labelled_tokens_are_left_out_of_the_prefusion(fresh):
     not in the sequence at all (the authors treat labelled tokens as padding in pre-fusion)."""
     model, processor = fresh
     one = select(batch(processor, 1), 0)
-    method = LlavaMini(budget=4, layers=2, seed=1)
+    method = LlavaMini(budget=4, layers=2, seed=1, init="random")
     method.build(model)
     seen = []
     original_fuse = method.fuse
 
     def fuse(text_embeds, tokens, context):
         out = original_fuse(text_embeds, tokens, context)
-        seen.append((text_embeds.detach(), out.detach()))
+        seen.append((text_embeds.detach(), out[0].detach()))
         return out
 
     method.fuse = fuse
@@ -175,7 +195,7 @@ def test_prefusion_without_a_mask_equals_eager_attention_with_one(fresh):
     model, processor = fresh
     inputs = batch(processor, 3, seed=2)
     inputs["attention_mask"][0, :5] = 0  # more left padding in one row: rows of different lengths
-    method = LlavaMini(budget=2, layers=2, seed=4)
+    method = LlavaMini(budget=2, layers=2, seed=4, init="random")
     logits = {}
     for implementation in ("sdpa", "eager"):
         model.set_attn_implementation(implementation)
@@ -189,7 +209,7 @@ def test_prefusion_without_a_mask_equals_eager_attention_with_one(fresh):
 def test_fusion_depends_on_the_image(fresh):
     model, processor = fresh
     a, b = batch(processor, 1, seed=0), batch(processor, 1, seed=5)
-    method = LlavaMini(budget=1, layers=1)
+    method = LlavaMini(budget=1, layers=1, init="random")
     with torch.no_grad(), slimvlm.apply(model, method):
         first = model(**a).logits[:, -1]
         b = dict(b, input_ids=a["input_ids"], attention_mask=a["attention_mask"])
@@ -200,7 +220,7 @@ def test_fusion_depends_on_the_image(fresh):
 def test_save_and_load_round_trip(fresh, tmp_path):
     model, processor = fresh
     inputs = batch(processor, 2)
-    trained = LlavaMini(budget=4, layers=2, seed=3)
+    trained = LlavaMini(budget=4, layers=2, seed=3, init="random")
     with torch.no_grad(), slimvlm.apply(model, trained):
         with torch.no_grad():
             trained.modules.queries.add_(0.5)  # any change from the seeded init
@@ -212,7 +232,7 @@ def test_save_and_load_round_trip(fresh, tmp_path):
     with torch.no_grad(), slimvlm.apply(model, loaded):
         again = model(**inputs).logits
     assert torch.equal(reference, again)
-    other = LlavaMini(budget=4, layers=2, seed=9)  # load() into a built instance
+    other = LlavaMini(budget=4, layers=2, seed=9, init="random")  # load() into a built instance
     other.build(model)
     other.load(tmp_path)
     with torch.no_grad(), slimvlm.apply(model, other):

@@ -5,6 +5,7 @@ import torch
 
 import slimvlm
 from conftest import images
+from slimvlm.device_reads import HostReads
 from slimvlm.errors import SlimVLMError
 from slimvlm.methods.llava_mini import LlavaMini
 from slimvlm.testbed.build import format_prompt, load
@@ -130,3 +131,73 @@ def test_module_trainer_draws_batches_in_the_given_sampler_order(tmp_path):
     drawn = [batch["x"].long().tolist() for batch in trainer.get_train_dataloader()]
     expected = list(sampler)
     assert drawn == [expected[i : i + 4] for i in range(0, 12, 4)]
+
+
+def _scene_batch(processor, count: int = 3):
+    """Right-padded training rows of testbed scenes, one image each at one place (the collator says where)."""
+    from slimvlm.train.data import SceneCollator, training_scenes
+
+    batch = SceneCollator(processor)(training_scenes(count, seed=5))
+    assert batch["image_start"] >= 0 and batch["image_tokens"] == 576
+    return batch
+
+
+def test_the_direct_forward_equals_the_applied_method(fresh):
+    """The span replaced in place (train/spans.py) gives what slimvlm.apply gives on the same rows: logits at every
+    real position and the loss, with the answer left out of the pre-fusion."""
+    from slimvlm.train.llava_mini import LlavaMiniModule
+
+    model, processor = fresh
+    batch = _scene_batch(processor)
+    module = LlavaMiniModule(LlavaMini(budget=4, layers=2, init="random", seed=1), model)
+    general = {k: v for k, v in batch.items() if k not in ("image_start", "image_tokens")}
+    with torch.no_grad():
+        logits, labels = module.direct_logits(batch)
+        direct_loss = module(**batch)
+        with slimvlm.apply(model, module.method) as handle:
+            applied = model(**general, use_cache=False)
+            applied_labels = handle.labels
+        applied_loss = module(**general)
+    real = (batch["attention_mask"].sum(dim=1) - 576 + 4).tolist()
+    assert torch.equal(labels, applied_labels)
+    for row, length in enumerate(real):
+        assert torch.allclose(logits[row, :length], applied.logits[row, :length], atol=1e-5)
+    assert torch.allclose(direct_loss, applied_loss, atol=1e-6)
+
+
+def test_distillation_is_the_same_on_both_paths_and_adds_to_the_loss(tiny_dir):
+    import copy
+
+    from slimvlm.train.llava_mini import LlavaMiniModule
+
+    model, processor = load(tiny_dir)
+    batch = _scene_batch(processor)
+    general = {k: v for k, v in batch.items() if k not in ("image_start", "image_tokens")}
+    method = LlavaMini(budget=1, layers=1, init="random", seed=2)
+    plain = LlavaMiniModule(method, model)
+    taught = LlavaMiniModule(method, model, teacher=copy.deepcopy(model), distill=0.5, tau=2.0)
+    with torch.no_grad():
+        with HostReads() as reads:
+            ce, direct = plain(**batch), taught(**batch)
+        applied = taught(**general)
+    assert reads.total == 0, reads.where.most_common(3)  # the direct forward never waits for the device
+    assert torch.allclose(direct, applied, atol=1e-5)
+    assert float(direct) > float(ce) + 1e-3  # CE + 0.5 * 4 * KL, KL > 0: one token is not the whole image
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16])
+def test_untrained_modules_start_as_pooling(fresh, budget):
+    """Zero queries over each cell, identity values and outputs, pre-fusion layers copied from the LM with their
+    outputs silenced: before any training, llava-mini:budget=C gives what pool:budget=C gives."""
+    from conftest import batch
+
+    model, processor = fresh
+    inputs = batch(processor, 2)
+    with torch.no_grad():
+        with slimvlm.apply(model, f"pool:budget={budget}"):
+            pooled = model(**inputs).logits
+        with pytest.warns(UserWarning), slimvlm.apply(model, f"llava-mini:budget={budget},layers=2"):
+            mini = model(**inputs).logits
+    assert torch.allclose(mini, pooled, atol=1e-5)
+    with pytest.warns(UserWarning), slimvlm.apply(model, f"llava-mini:budget={budget},layers=2,init=lm"):
+        assert not torch.allclose(model(**inputs).logits, pooled, atol=1e-3)  # copied whole, the layers act

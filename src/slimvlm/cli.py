@@ -1,4 +1,4 @@
-"""The command line: slimvlm bench | bench-generate | bench-vision | bench-layer | eval | demo | calibrate | train | methods | make-tiny."""
+"""The command line: slimvlm bench | bench-generate | bench-vision | bench-layer | bench-train | eval | demo | calibrate | train | methods | make-tiny."""
 
 from __future__ import annotations
 
@@ -177,6 +177,32 @@ def _bench_layer(args: argparse.Namespace) -> None:
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
             "timed": f"LLM decoder layer {args.layer} alone, prefill, no KV cache", "warmup": args.warmup,
             "repeats": args.repeats, "command": _command(args), "results": [r.as_dict() for r in results],
+        })
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    from .bench.train import bench_train, format_table, make_trainable, training_batch
+    from .models.loading import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, device, args.dtype)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    make_trainable(model, args.lora)
+    batch = training_batch(model, args.batch_size, args.text_tokens, args.answer_tokens)
+    results = bench_train(model, batch, args.p, args.slow_prob, args.steps, args.warmup, args.repeats, seed=args.seed)
+    print(format_table(results))
+    if args.json:
+        _write_json(args.json, {
+            "model": args.model, "device": _device_name(device), "dtype": args.dtype, "batch_size": args.batch_size,
+            "text_tokens": args.text_tokens, "answer_tokens": args.answer_tokens, "lora": args.lora,
+            "gradient_checkpointing": args.gradient_checkpointing, "versions": _versions(),
+            "timed": "one training step (DualSpeed.loss on the direct forward, backward, AdamW) under bf16 autocast on a "
+                     "GPU: step_ms = median of --repeats after --warmup per mode (CUDA events); run_s = --steps steps in "
+                     "the recipe's mode order, wall-clock between device synchronisations; expected speed-up = untouched "
+                     "step / ((1 - r) fast + r slow)",
+            "command": _command(args), "results": [r.as_dict() for r in results],
         })
 
 
@@ -380,6 +406,21 @@ def parser() -> argparse.ArgumentParser:
     layer.add_argument("--text-tokens", type=int, default=64)
     _timing_options(layer, warmup=3, repeats=10, json_help="write the results here")
     layer.set_defaults(run=_bench_layer)
+
+    bench_train = sub.add_parser("bench-train", help="training-step time of the untouched recipe, NaivePrune and "
+                                 "DualSpeed side by side (steps/s, samples/s, speed-up, peak memory)")
+    bench_train.add_argument("--model", default="testbed", help=SHAPE_MODEL_HELP)
+    bench_train.add_argument("--batch-size", type=int, default=16)
+    bench_train.add_argument("--text-tokens", type=int, default=128, help="text tokens per sample around the image")
+    bench_train.add_argument("--answer-tokens", type=int, default=64, help="the last text tokens, labelled")
+    bench_train.add_argument("--p", type=float, default=0.9, help="pruning ratio of the fast mode (DivPrune)")
+    bench_train.add_argument("--slow-prob", type=float, default=0.1, help="DualSpeed's slow-mode probability r")
+    bench_train.add_argument("--lora", type=int, default=0, help="LoRA rank of the LLM's projections (peft); 0: train it in full")
+    bench_train.add_argument("--gradient-checkpointing", action="store_true", help="as LLaVA's training recipes run")
+    bench_train.add_argument("--steps", type=int, default=20, help="steps of each recipe's whole run")
+    bench_train.add_argument("--seed", type=int, default=0)
+    _timing_options(bench_train, warmup=2, repeats=5, json_help="write the results here")
+    bench_train.set_defaults(run=_bench_train)
 
     evaluation = sub.add_parser("eval", help="accuracy and retention per method on testbed scenes or your own VQA JSONL")
     evaluation.add_argument("--model", default="testbed", help="'testbed' or a local model folder with its processor")

@@ -25,15 +25,17 @@ def budget_specs(model, budget: int, targets: Sequence[int] = ()) -> dict[str, B
 
 
 def llava_mini_runs(model, processor, items, batch_size: int) -> list[MethodResult]:
-    """LLaVA-Mini at each budget the model folder ships weights for (`llava_mini/c<C>/`), each on
-    the model it was trained with (the folder's `model/`), on the same items as the other methods,
-    so that its row compares with the untouched model's."""
-    from .methods.llava_mini import shipped_weights
-    from .models.loading import load_model
+    """LLaVA-Mini at each budget the model folder ships modules for (`llava_mini/c<C>/`), on the model they were
+    trained with (`shipped_model`: the folder's, with the projector and LLM trained alongside), on the same items
+    as the other methods, so that its row compares with the untouched model's."""
+    from .methods.llava_mini import shipped_model, shipped_weights
 
+    shipped = shipped_weights(model.name_or_path)
+    if not shipped:
+        return []
+    own = shipped_model(model.name_or_path, model.device, str(model.dtype).removeprefix("torch."))
     results = []
-    for budget, folder in shipped_weights(model.name_or_path).items():
-        own, _ = load_model(str(folder / "model"), model.device, str(model.dtype).removeprefix("torch."))
+    for budget, folder in shipped.items():
         result = evaluate(own, processor, items, f"llava-mini:weights={folder}", batch_size=batch_size)
         result.method = f"llava-mini:budget={budget} (own model)"
         results.append(result)

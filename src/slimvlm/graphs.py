@@ -13,6 +13,7 @@ drops (prefill_segments.py).
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Callable, Iterator
 
 import torch
@@ -36,6 +37,22 @@ def own_cublas_workspace() -> Iterator[None]:
         yield
     finally:
         torch._C._cuda_clearCublasWorkspaces()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a graph is captured: a collection there can free an earlier
+    handle's graphs, and a graph destroyed during another's capture invalidates it (seen on an H100: the third
+    of several `slimvlm.apply` evaluations in one process failed with cudaErrorStreamCaptureInvalidated after
+    "operation not permitted when stream is capturing (function reset)"). Collected before, paused during."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class GraphCache:
@@ -76,7 +93,7 @@ class GraphCache:
             self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         graph = torch.cuda.CUDAGraph()
         try:
-            with own_cublas_workspace(), torch.cuda.graph(graph, pool=self._pool):
+            with own_cublas_workspace(), collector_paused(), torch.cuda.graph(graph, pool=self._pool):
                 output = self.fn(*static_inputs, *key)
         except RuntimeError as error:  # e.g. an op that reads the device or copies from the host
             raise SlimVLMError(

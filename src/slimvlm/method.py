@@ -183,10 +183,11 @@ class Method:
         """On the projected visual tokens, before they enter the LLM."""
         return tokens
 
-    def fuse(self, text_embeds: torch.Tensor, tokens: VisualTokens, context: PromptContext) -> torch.Tensor:
-        """After `project`: the text embeddings (B, L, D) the LLM will see, e.g. with the visual
-        information fused into them before the visual tokens are compressed (LLaVA-Mini)."""
-        return text_embeds
+    def fuse(self, text_embeds: torch.Tensor, tokens: VisualTokens,
+             context: PromptContext) -> tuple[torch.Tensor, VisualTokens]:
+        """After `project`: the text embeddings (B, L, D) and the visual tokens the LLM will see, e.g. with
+        the visual information fused into the text before the visual tokens are compressed (LLaVA-Mini)."""
+        return text_embeds, tokens
 
     def fusion_tokens(self) -> list[list[int]]:
         """Per layer of the LM's shape that the last `fuse` ran outside the LLM, per sample, the

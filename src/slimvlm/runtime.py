@@ -318,7 +318,7 @@ class Runtime:
         context.labels = arguments.get("labels")
         text_embeds = context.text_embeds
         for method in self._by_stage[Stage.PROJECT]:
-            text_embeds = method.fuse(text_embeds, tokens, context)
+            text_embeds, tokens = method.fuse(text_embeds, tokens, context)
         fusion = [layer for method in self._by_stage[Stage.PROJECT] for layer in method.fusion_tokens()]
 
         rebuilt = rebuild(

@@ -77,6 +77,28 @@ def items_in_prompt_order(runs: Iterable[tuple[Hashable, int]], counts: dict[Has
     return order
 
 
+CAUSAL_WITHOUT_MASK = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})  # is_causal when no mask is given
+
+
+def run_causal(layers, x: torch.Tensor, rotary: Callable, implementation: str) -> torch.Tensor:
+    """Decoder layers over x (B, n, D), each row's real tokens first and its padding after them, rotary
+    positions 0..n-1 (`rotary(like, positions)` gives the layers' position embeddings). Causal attention alone
+    keeps every real token from the padding (it sees only earlier tokens), so SDPA and flash attention run
+    their causal kernels with no mask, and nothing asks the device whether the mask could be dropped (a host
+    read, each layer call of transformers' own forward); only eager attention, which has no causality without
+    a mask, is given one."""
+    batch, length, _ = x.shape
+    positions = torch.arange(length, device=x.device).expand(batch, -1)
+    embeddings = rotary(x, positions)
+    mask = None
+    if implementation not in CAUSAL_WITHOUT_MASK:
+        mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)[None, None]
+    for layer in layers:
+        out = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
 @dataclass(frozen=True)
 class AttentionParts:
     """What the attention-row probe needs of one LLM layer."""

@@ -1,6 +1,7 @@
 """Training-time methods (stage 5): DualSpeed; training LLaVA-Mini's modules."""
 
-from .dualspeed import DualSpeed, DualSpeedModule, ModeIsolator, distillation_kl, dualspeed_trainer, step_uniform
+from .distillation import distillation_kl
+from .dualspeed import DualSpeed, DualSpeedModule, ModeIsolator, dualspeed_trainer, step_uniform
 from .llava_mini import LlavaMiniModule, llava_mini_trainer
 
 __all__ = [

@@ -52,6 +52,7 @@ class SceneCollator:
             "attention_mask": (out["input_ids"] != self.pad_id).long(),
             **pixels,
             "labels": out["labels"],
+            **image_span(out["input_ids"], self.collate.image_token_id),
         }
 
     def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,6 +63,21 @@ class SceneCollator:
         pixels = batch.pop("pixels")
         batch["pixel_values"] = self.normalizer(pixels.device)(pixels)
         return batch
+
+
+def image_span(input_ids: torch.Tensor, image_token_id: int) -> dict[str, int]:
+    """{image_start, image_tokens}: where every row holds its one image, when they all hold it at one place
+    (slimvlm.train.spans takes the direct forward then); {} otherwise (clips, several images). Read on the
+    CPU, where the collator builds the rows."""
+    placeholders = input_ids == image_token_id
+    counts = placeholders.sum(dim=1)
+    first = placeholders.int().argmax(dim=1)
+    if int(counts[0]) == 0 or not bool((counts == counts[0]).all() & (first == first[0]).all()):
+        return {}
+    start, length = int(first[0]), int(counts[0])
+    if not bool(placeholders[:, start : start + length].all()):
+        return {}
+    return {"image_start": start, "image_tokens": length}
 
 
 def training_scenes(count: int, seed: int = 0) -> list[scenes.Sample]:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..api import apply
@@ -39,7 +38,9 @@ from ..errors import SlimVLMError
 from ..registry import build
 from ..sequence import IGNORE_INDEX
 from ..method import Method, PromptContext, Stage
-from ..tokens import CLS_ORIGIN, VisualTokens
+from ..tokens import VisualTokens
+from .distillation import answer_logits, answer_weights, distillation_kl
+from .spans import batch_span, causal_lm_loss, lm_logits, row_tokens
 
 ISOLATOR_FILE = "dualspeed_isolator.safetensors"
 _MASK64 = (1 << 64) - 1
@@ -110,15 +111,14 @@ class ModeIsolator(Method):
         length = self.length
         if dim != self.prompt.shape[1]:
             raise SlimVLMError(f"the isolator has width {self.prompt.shape[1]} but the visual tokens have {dim}")
-        if self.tokens_per_image is not None and int(tokens.counts.max()) + length > self.tokens_per_image:
+        if self.tokens_per_image is not None and max(tokens.host_counts()) + length > self.tokens_per_image:
             raise SlimVLMError(
-                f"{int(tokens.counts.max())} kept tokens + {length} isolator tokens exceed the {self.tokens_per_image} "
+                f"{max(tokens.host_counts())} kept tokens + {length} isolator tokens exceed the {self.tokens_per_image} "
                 "placeholder slots of an image; prune more or shorten the isolator"
             )
         device = tokens.x.device
         prompt = self.prompt.to(device=device, dtype=tokens.x.dtype)
         origin = torch.arange(length, device=device) - length - 1  # -length-1 .. -2
-        assert int(origin.max()) < CLS_ORIGIN
         shifted = torch.where(tokens.patch_to_token >= 0, tokens.patch_to_token + length, tokens.patch_to_token)
         return VisualTokens(
             x=torch.cat([prompt.expand(batch, -1, -1), tokens.x], dim=1),
@@ -127,27 +127,11 @@ class ModeIsolator(Method):
             patch_to_token=shifted,
             grid=tokens.grid,
             has_cls=False,
+            known=None if tokens.known is None else [count + length for count in tokens.known],
         )
 
     def __repr__(self) -> str:
         return f"{self.name}(length={self.length}, pruner={self.pruner!r})"
-
-
-def _answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits of the positions that predict a labelled token (next-token shift), row-major."""
-    predicts = labels[:, 1:] != IGNORE_INDEX
-    return logits[:, :-1][predicts]
-
-
-def distillation_kl(teacher: torch.Tensor, student: torch.Tensor, tau: float) -> torch.Tensor:
-    """Mean over positions of KL(softmax(teacher / tau) || softmax(student / tau)), in float32."""
-    if teacher.shape != student.shape:
-        raise SlimVLMError(f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student.shape)} do not align")
-    if teacher.shape[0] == 0:
-        return student.sum() * 0.0
-    log_t = F.log_softmax(teacher.float() / tau, dim=-1)
-    log_s = F.log_softmax(student.float() / tau, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
 class DualSpeed:
@@ -276,6 +260,8 @@ class DualSpeed:
 
     def fast_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fast mode: (CE loss, logits of the reduced sequence, its remapped labels)."""
+        if "image_start" in batch:
+            return self._direct(batch, self._method)
         inputs, labels = self._inputs(batch)
         handle = apply(self.model, self._method)
         try:
@@ -287,9 +273,33 @@ class DualSpeed:
 
     def slow_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The slow mode's student run: the untouched model on all tokens: (CE, logits, labels)."""
+        if "image_start" in batch:
+            return self._direct(batch, None)
         inputs, labels = self._inputs(batch)
         output = self.model(**inputs)
         return self._loss_function(output.logits, labels), output.logits, labels
+
+    def _direct(self, batch: dict, method: Method | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A mode on a batch whose rows hold one image at one place (train/spans.py): the span replaced by the
+        method's tokens (all of them without one), with no host read: (CE, logits, labels)."""
+        span = batch_span(batch, self.model.config.image_token_id)
+        visual = row_tokens(self.model, batch, method).x
+        rows = span.splice(self.model.get_input_embeddings()(batch["input_ids"]), visual)
+        labels = span.splice_labels(batch["labels"], visual.shape[1])
+        logits = lm_logits(self.model, rows)
+        return causal_lm_loss(logits, labels), logits, labels
+
+    def _kl(self, batch: dict, teacher: torch.Tensor, teacher_labels: torch.Tensor, student: torch.Tensor,
+            labels: torch.Tensor) -> torch.Tensor:
+        """The slow mode's distillation on the answer. On a direct batch the text after the visual tokens lines up
+        in both runs (masked, no read); otherwise the answer's logits are indexed out of each."""
+        if "image_start" not in batch:
+            return distillation_kl(answer_logits(teacher, teacher_labels), answer_logits(student, labels), self.tau)
+        span = batch_span(batch, self.model.config.image_token_id)
+        kept = teacher.shape[1] - (student.shape[1] - span.length)  # the fast run's visual tokens
+        taught = teacher[:, span.start + kept : -1]
+        return distillation_kl(taught, student[:, span.start + span.length : -1], self.tau,
+                               answer_weights(labels[:, span.start + span.length :]))
 
     def loss(self, batch: dict, step: int, details: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
         """The step's loss and {'mode', 'ce', 'kl', 'loss'} (floats; kl is None in fast mode).
@@ -309,9 +319,7 @@ class DualSpeed:
         else:
             with torch.no_grad():
                 _, teacher_logits, teacher_labels = self.fast_forward(batch)
-            teacher = _answer_logits(teacher_logits, teacher_labels)
-            student = _answer_logits(student_logits, labels)
-            kl = distillation_kl(teacher, student, self.tau)
+            kl = self._kl(batch, teacher_logits, teacher_labels, student_logits, labels)
             total = ce + self.lam * self.tau**2 * kl
         if not details:
             return total, {"mode": mode}

@@ -1,0 +1,168 @@
+"""DualSpeed on the testbed where tokens are the cost: baseline, NaivePrune and DualSpeed on the same batches,
+and a sweep of the pruning ratio p and the slow-mode probability r (issue 27, item 3).
+
+    python -m experiments.dualspeed.testbed --out OUT --samples 500000
+
+Every run starts from the testbed model and fine-tunes its projector and LLM (the vision tower frozen, as
+LLaVA's instruction tuning), on the same batches in the same order: a pool of scenes rendered once onto the
+device (experiments/scene_pool.py), so that a run's wall-clock is its training steps, not the CPU drawing
+scenes. A step is `DualSpeed.loss` on the direct forward (slimvlm/train/spans.py: no host reads), bf16
+autocast, fused AdamW. Runs: `baseline` (every step on all 576 tokens), `naive` (every step on DivPrune's
+(1 - p) * 576 tokens, no isolator), `dualspeed` (fast steps on the pruned tokens with the mode isolator, slow
+steps with probability r on all tokens with self-distillation from the fast mode), at --p/--r, then the sweep
+(--sweep-p x --sweep-r). Each run is timed alone, a device synchronisation at both ends, and then scored on
+held-out scenes with all tokens and with pruned tokens (its fast mode: pruner + isolator; the pruner alone
+for the others), through slimvlm.apply + generate() (slimvlm.bench.evaluate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.scene_pool import render_pool
+from slimvlm.bench.evaluate import evaluate, from_sample
+from slimvlm.models import adapter_for
+from slimvlm.models.loading import load_model, resolve_device
+from slimvlm.testbed.scenes import make_samples
+from slimvlm.testbed.train import PixelNormalizer
+from slimvlm.train.dualspeed import DualSpeed, variant
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup, then a cosine from 1 to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
+def runs(args) -> list[tuple[str, dict]]:
+    """(name, DualSpeed options) of every run: the three of the paper at --p/--r, then the sweep."""
+    def options(name: str, p: float, r: float) -> dict:
+        return variant(name, pruner=f"divprune:ratio={round(1 - p, 4)}", r=r, seed=args.seed)
+
+    main = [("baseline", options("baseline", args.p, args.r)), (f"naive p={args.p}", options("naive-pruning", args.p, 0.0)),
+            (f"dualspeed p={args.p} r={args.r}", options("dualspeed", args.p, args.r))]
+    sweep = [(f"dualspeed p={p} r={r}", options("dualspeed", p, r)) for p in args.sweep_p for r in args.sweep_r
+             if (p, r) != (args.p, args.r)]
+    return main + sweep
+
+
+def train_run(name: str, options: dict, base, pool, normalizer, args, device) -> tuple[torch.nn.Module, DualSpeed, dict]:
+    model = copy.deepcopy(base).train().requires_grad_(True)  # the base is frozen: it scores and stays
+    adapter_for(model).vision.requires_grad_(False)
+    dual = DualSpeed(model, **options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params, "lr": args.lr}] + ([{"params": dual.parameters(), "lr": args.isolator_lr}] if dual.parameters() else [])
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0, fused=device.type == "cuda")
+    rates = [group["lr"] for group in optimizer.param_groups]
+    per_step = args.scenes_per_batch * pool.questions_per_scene
+    steps = args.samples // per_step
+    batches = pool.batches(args.scenes_per_batch, seed=args.seed)  # the same batches, in the same order, for every run
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    modes = {"fast": 0, "slow": 0}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for step in range(steps):
+        batch = next(batches)
+        batch = {**batch, "pixel_values": normalizer(batch.pop("pixels"))}
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate * lr_factor(step, steps, args.warmup)
+        with autocast:
+            loss, info = dual.loss(batch, step, details=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        modes[info["mode"]] += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    record = {"run": name, "options": options, "steps": steps, "samples": steps * per_step, "train_s": round(seconds, 2),
+              "samples_per_s": round(steps * per_step / seconds, 1), "fast_steps": modes["fast"], "slow_steps": modes["slow"],
+              "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    model.eval()
+    return model, dual, record
+
+
+def score(model, dual: DualSpeed, processor, items, batch_size: int) -> dict:
+    """Held-out accuracy with all tokens, and with pruned tokens (its fast mode, and the pruner alone)."""
+    out = {"full": evaluate(model, processor, items, "none", batch_size=batch_size).accuracy}
+    pruner = dual.inference_method(isolator=False)
+    out["pruned"] = evaluate(model, processor, items, dual.inference_method(), batch_size=batch_size).accuracy
+    if dual.isolator is not None and pruner.stages:
+        out["pruner_alone"] = evaluate(model, processor, items, pruner, batch_size=batch_size).accuracy
+    return out
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    started = time.perf_counter()
+    base, processor = load_model(args.model, device, "float32")
+    base.eval().requires_grad_(False)
+    pool = render_pool(processor, args.scenes, device, seed=args.seed, workers=args.workers)
+    normalizer = PixelNormalizer(processor, device)
+    items = [from_sample(s) for s in make_samples(args.eval_samples, seed=args.seed, split="test")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"settings": {**{k: v for k, v in vars(args).items() if k != "argv"},
+                            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                            "command": "python -m experiments.dualspeed.testbed " + shlex.join(args.argv)},
+               "start": {"full": evaluate(base, processor, items, "none", batch_size=args.eval_batch_size).accuracy},
+               "runs": []}
+    for name, options in runs(args)[: args.max_runs]:
+        model, dual, record = train_run(name, options, base, pool, normalizer, args, device)
+        record.update(score(model, dual, processor, items, args.eval_batch_size))
+        results["runs"].append(record)
+        print(json.dumps({k: record[k] for k in ("run", "train_s", "samples_per_s", "full", "pruned")}), flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # after every run: a cut call keeps them
+        del model, dual
+    results["settings"]["total_s"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.dualspeed.testbed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="testbed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int, default=500_000, help="training samples per run")
+    p.add_argument("--p", type=float, default=0.9, help="pruning ratio of the fast mode")
+    p.add_argument("--r", type=float, default=0.1, help="probability of a slow step")
+    p.add_argument("--sweep-p", type=lambda t: [float(x) for x in t.split(",")], default=[0.75, 0.9, 0.95])
+    p.add_argument("--sweep-r", type=lambda t: [float(x) for x in t.split(",")], default=[0.05, 0.1, 0.2])
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (the main three first)")
+    p.add_argument("--scenes", type=int, default=40_000)
+    p.add_argument("--scenes-per-batch", type=int, default=86, help="each with its 3 questions")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--isolator-lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=14)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
