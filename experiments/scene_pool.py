@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from slimvlm.testbed.train import SceneQADataset, max_text_tokens
+from experiments.testbed.dataset import SceneQADataset
+from experiments.testbed.loader import max_text_tokens
 from slimvlm.train.spans import ImageSpan
 
 

@@ -33,7 +33,7 @@ from slimvlm.bench.evaluate import evaluate, from_sample
 from slimvlm.models import adapter_for
 from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.testbed.scenes import make_samples
-from slimvlm.testbed.train import PixelNormalizer
+from slimvlm.testbed.batches import PixelNormalizer
 from slimvlm.train.dualspeed import DualSpeed, variant
 
 

@@ -43,7 +43,7 @@ from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.sequence import IGNORE_INDEX
 from slimvlm.testbed.clips import make_clip_samples
 from slimvlm.testbed.scenes import QUESTION_TYPES, make_samples
-from slimvlm.testbed.train import PixelNormalizer
+from slimvlm.testbed.batches import PixelNormalizer
 from slimvlm.tokens import VisualTokens
 from slimvlm.train.data import SceneCollator
 from slimvlm.train.distillation import answer_weights, distillation_kl
