@@ -10,65 +10,27 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SlimVLMError
-from .models.compat import cache_kwarg
-from .hooks import HookSet, capture_outputs
-from .device_reads import read_together
-from .sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range, is_placeholder,
+from ..errors import SlimVLMError
+from ..models.compat import cache_kwarg
+from ..hooks import HookSet, capture_outputs
+from ..device_reads import read_together
+from ..sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range, is_placeholder,
                        padding_of_causal_mask, rebuild)
-from .method import Method, PrefillLayer, PromptContext, Stage, query_index
-from .attention import question_rows
-from .decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, decode_step, is_static
-from .graphs import GraphCache, graphs_wanted
-from .prefill_segments import SegmentedPrefill
-from .methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
-
-
-@dataclass
-class Stats:
-    """What the last forward/generate did.
-
-    visual_tokens: per image, tokens that reached the LLM. sources: per image, for each patch
-    (raster order) the visual token it ended in, -1 if dropped (the source map; LLaVA-NeXT: for each
-    slot of the image's layout, models/anyres.py; Qwen2-VL: for each 2 x 2 unit; -1 past an image's own;
-    Qwen2-VL's, LLaVA-NeXT-Video's and LLaVA-OneVision's images and videos are items in prompt order, each an "image" here; a
-    LLaVA-NeXT-Video or LLaVA-OneVision video's slots are its frames' pooled tokens, then OneVision's newline, models/video.py).
-    kv_entries / kv_visual_entries: per sample, per LLM layer, cache entries after prefill (all /
-    visual). vision_tokens: per vision layer run, per encoder view (an image; LLaVA-NeXT: each crop;
-    LLaVA-NeXT-Video: each crop and each video frame;
-    Qwen2-VL: each attention segment, an image or video frame or in 2.5's windowed blocks a window, 0 past a
-    layer's last), tokens at its input. llm_tokens: per LLM layer, per sample, tokens in prefill. attention_tokens:
-    the same for the tokens each layer's attention runs over (more than llm_tokens under virtual
-    unmerging). projector_tokens: per encoder view, tokens through the projector. prompt_tokens: per
-    sample, the untouched prompt's length.
-    fusion_tokens: per stage-2 fusion layer (LLaVA-Mini's pre-fusion: layers of the LM's shape run
-    before the LLM), per sample, the tokens it ran over.
-    """
-
-    visual_tokens: list[int] = field(default_factory=list)
-    sources: list[list[int]] = field(default_factory=list)
-    kv_entries: list[list[int]] = field(default_factory=list)
-    kv_visual_entries: list[list[int]] = field(default_factory=list)
-    vision_tokens: list[list[int]] = field(default_factory=list)
-    llm_tokens: list[list[int]] = field(default_factory=list)
-    attention_tokens: list[list[int]] = field(default_factory=list)
-    projector_tokens: list[int] = field(default_factory=list)
-    prompt_tokens: list[int] = field(default_factory=list)
-    fusion_tokens: list[list[int]] = field(default_factory=list)
-
-
-def per_view(views: list, count) -> tuple[torch.Tensor, list[int]]:
-    """`count(view)` (a (B,) tensor) for each distinct view, stacked (V, B), and per layer the row of its
-    view: computed once per view, as layers share views."""
-    distinct = {id(view): (row, view) for row, view in enumerate({id(v): v for v in views}.values())}
-    stacked = torch.stack([count(view) for _, view in distinct.values()])
-    return stacked, [distinct[id(view)][0] for view in views]
+from ..method import Method, PrefillLayer, PromptContext, Stage, query_index
+from ..attention import question_rows
+from ..decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, decode_step, is_static
+from .. import graphs as cuda_graphs
+from ..graphs import GraphCache
+from ..prefill_segments import SegmentedPrefill
+from ..methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
+from .session import Session, View
+from .stats import Stats, recorded, tokens_per_layer
 
 
 def kept_positions(x: torch.Tensor, keep) -> torch.Tensor:
@@ -83,55 +45,6 @@ def images_of_samples(images_per_sample: tuple[int, ...]) -> list[list[int]]:
     """Per sample, the indices of its images in the batch's."""
     starts = [sum(images_per_sample[:sample]) for sample in range(len(images_per_sample))]
     return [list(range(start, start + count)) for start, count in zip(starts, images_per_sample)]
-
-
-@dataclass
-class View:
-    """The sequence as some LLM layers see it: stage 3 shortens it for the layers after a drop,
-    stage 4 for the cache of a layer. Layers that share a view share one mask per step."""
-
-    sequence: Sequence
-    key_valid: torch.Tensor  # (B, K): the cache entries these layers hold, valid or padding
-    position_embeddings: tuple | None = None
-    prefill_mask: torch.Tensor | None = None  # the hooked prefill's, set after a drop
-    decode_mask: torch.Tensor | None = None
-    padded: bool = True  # some row holds fewer entries than the widest (known on the host when the view was cut)
-
-
-@dataclass
-class Session:
-    """One prompt's state from prefill through its decode steps."""
-
-    cache: object
-    prompt_length: int
-    next_position: torch.Tensor
-    layer_views: list[View]
-    tokens: object = None  # the VisualTokens that entered the LLM
-    given_cache: object = None  # the cache the caller passed in, where slimvlm swapped in one of its own
-    static: StaticSteps | None = None  # decoding on slimvlm's static cache
-    padded: bool = True  # whether the reduced prompt has padding (then every step needs a mask)
-    decoded: int = 0  # tokens decoded so far
-    labels: torch.Tensor | None = None  # the prefill's labels in the frame of its current sequence
-    right_padded: bool = False  # the caller pads on the right: rows stay packed to the left
-    copies: Copies | None = None  # virtual unmerging: the full sequence's keys as copies
-    query_copies: Copies | None = None
-    decoding: bool = False
-    rows: dict = field(default_factory=dict)
-    queries: dict = field(default_factory=dict)  # per kind of query rows: (the sequence they index, index, valid)
-
-    def view_of(self, layer: int) -> View:
-        return self.layer_views[layer]
-
-    def is_base(self, layer: int) -> bool:
-        """Layers that see what layer 0 sees get transformers' own mask, made from our 2D mask."""
-        return self.layer_views[layer] is self.layer_views[0]
-
-    def distinct_views(self) -> list[View]:
-        return list({id(view): view for view in self.layer_views}.values())
-
-    def set_view(self, layers: range | list[int], view: View) -> None:
-        for layer in layers:
-            self.layer_views[layer] = view
 
 
 class Runtime:
@@ -299,7 +212,7 @@ class Runtime:
             self._check_static()
         # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (decoding.py)
         hand_off = on_static and self._in_llm
-        graphs = graphs_wanted(self.cuda_graphs, input_ids.device)
+        graphs = cuda_graphs.graphs_wanted(self.cuda_graphs, input_ids.device)  # looked up at each call: device_reads swaps it
         # at batch 1 with CUDA graphs, where a prefill is paid in launches, the runtime runs the LM in segments
         # between drops replayed from graphs (prefill_segments.py): on the dynamic cache, and on the static one for
         # stages 3-4 (stage 1-2 methods replay the whole LM there). Not where the caller asks the LM's own outputs,
@@ -343,7 +256,7 @@ class Runtime:
         else:
             output, hidden = self._prefill_llm(rebuilt, session, graphs, kwargs)
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
-        prefill_tokens = per_view(session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
+        prefill_tokens = tokens_per_layer(session)
         session.padded = rebuilt.padded
         if use_cache:
             for method in self._decode_methods:
@@ -354,7 +267,7 @@ class Runtime:
             session.cache = self._filled(target, session.cache) if use_cache else None
         if self._in_llm and not self._unmerge:
             self._llm_hooks.remove()  # decode steps call the layers in turn with their masks (_decode_layer_by_layer)
-        self._record(tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
+        self._read_stats = recorded(self.session, tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
         if not use_cache:
             self.session = None
         return self._logits(hidden, session.cache, arguments, self.labels, output, adapter.visual_outputs(tokens))
@@ -750,42 +663,6 @@ class Runtime:
                 shared = shared or view
                 view = shared
             session.set_view(indices, view)
-
-    # ---- statistics --------------------------------------------------------------------------
-    def _record(self, tokens, vision_trace, projected: list[int] | torch.Tensor, prefill_tokens: tuple[torch.Tensor, list[int]],
-                prompt_length: int, fusion: list[list[int]]) -> None:
-        """Keep on the device what the statistics need (the views change at the next prefill); `stats` reads
-        it in one transfer when asked."""
-        entries = per_view(self.session.layer_views, lambda v: v.sequence.valid.sum(dim=1))
-        visual = per_view(self.session.layer_views, lambda v: v.sequence.visual_counts())
-        copies = self.session.copies.valid.sum(dim=1) if self._unmerge else None
-        counts = tokens.counts if tokens.known is None else None
-        known = tokens.known
-        device = tokens.x.device
-        trace = torch.stack(vision_trace).to(device) if vision_trace else torch.zeros(0, 0, dtype=torch.long, device=device)
-        parts = [tokens.patch_to_token.clone(), trace, prefill_tokens[0], entries[0], visual[0]]  # clone: a graph reuses its outputs
-        projected_on_device = projected.clone() if isinstance(projected, torch.Tensor) else None
-        parts += [t for t in (counts, projected_on_device, copies) if t is not None]
-
-        def read() -> Stats:
-            sources, vision, llm, kv, kv_visual, *rest = read_together(parts)
-            visual_tokens = rest.pop(0) if counts is not None else list(known)
-            projector_tokens = rest.pop(0) if projected_on_device is not None else projected
-            per_layer = [llm[row] for row in prefill_tokens[1]]
-            return Stats(
-                visual_tokens=visual_tokens,
-                sources=sources,
-                kv_entries=[list(sample) for sample in zip(*(kv[row] for row in entries[1]))],
-                kv_visual_entries=[list(sample) for sample in zip(*(kv_visual[row] for row in visual[1]))],
-                vision_tokens=vision,
-                llm_tokens=per_layer,
-                attention_tokens=[rest[0]] * len(per_layer) if copies is not None else per_layer,
-                projector_tokens=projector_tokens,
-                prompt_tokens=[prompt_length] * len(per_layer[0]),
-                fusion_tokens=fusion,
-            )
-
-        self._read_stats = read
 
     # ---- virtual unmerging ---------------------------------------------------------------------
     def _with_rotary(self, copies: Copies, like: torch.Tensor) -> Copies:
