@@ -1,4 +1,4 @@
-"""Batch-1 prefill in segments between drops (prefill_segments.py) on the dynamic cache, where CUDA graphs replay
+"""Batch-1 prefill in segments between drops (runtime/segments.py) on the dynamic cache, where CUDA graphs replay
 them: the same text and statistics as the eager hooked prefill. Graphs run here as the functions they capture
 (device_reads.graphs_replayed_as_launches), which also refuses a read inside one."""
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..attention import apply_rope
-from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
@@ -88,6 +87,19 @@ class AttentionParts:
     num_kv_heads: int
     head_dim: int
     scaling: float
+
+
+@dataclass(frozen=True)
+class DecodeParts:
+    """What one decode step runs of an LM: token embedding, the LM body (the module whose outputs
+    transformers captures), its decoder layers, final norm and rotary embedding, and the head."""
+
+    embed: torch.nn.Module
+    body: torch.nn.Module
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    rotary: torch.nn.Module
+    head: torch.nn.Module
 
 
 class LanguageModelAdapter:
@@ -171,7 +183,7 @@ class LanguageModelAdapter:
         return self.model.get_input_embeddings()(input_ids)
 
     def decode_parts(self) -> DecodeParts:
-        """What one decode step runs (decoding.decode_step), layer by layer."""
+        """What one decode step runs (runtime/decode_step.py), layer by layer."""
         lm = self.language_model
         return DecodeParts(self.model.get_input_embeddings(), lm, lm.layers, lm.norm, lm.rotary_emb, self.lm_head)
 

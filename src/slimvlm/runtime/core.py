@@ -24,10 +24,11 @@ from ..sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, g
                        padding_of_causal_mask, rebuild)
 from ..method import Method, PrefillLayer, PromptContext, Stage, query_index
 from ..attention import question_rows
-from ..decoding import CAPACITY_STEP, StaticDecoder, StaticSteps, decode_step, is_static
+from .decode_step import decode_step
+from .static_cache import CAPACITY_STEP, StaticDecoder, is_static
 from .. import graphs as cuda_graphs
 from ..graphs import GraphCache
-from ..prefill_segments import SegmentedPrefill
+from .segments import SegmentedPrefill
 from ..methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
 from .session import Session, View
 from .stats import Stats, recorded, tokens_per_layer
@@ -116,7 +117,7 @@ class Runtime:
         named = {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
         # torch.compile (generate() compiles the model's call for a static cache) must not trace the
-        # bookkeeping: it runs eagerly, and the decode step it calls is compiled on its own (decoding.py)
+        # bookkeeping: it runs eagerly, and the decode step it calls is compiled on its own (decode_step.py)
         @torch.compiler.disable
         def forward(*args, **kwargs):
             if args:
@@ -210,11 +211,11 @@ class Runtime:
         on_static = bool(use_cache) and is_static(given)
         if on_static:
             self._check_static()
-        # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (decoding.py)
+        # stages 3-4 on a static cache: the prefill's entries are handed over to slimvlm's static cache (static_cache.py)
         hand_off = on_static and self._in_llm
         graphs = cuda_graphs.graphs_wanted(self.cuda_graphs, input_ids.device)  # looked up at each call: device_reads swaps it
         # at batch 1 with CUDA graphs, where a prefill is paid in launches, the runtime runs the LM in segments
-        # between drops replayed from graphs (prefill_segments.py): on the dynamic cache, and on the static one for
+        # between drops replayed from graphs (segments.py): on the dynamic cache, and on the static one for
         # stages 3-4 (stage 1-2 methods replay the whole LM there). Not where the caller asks the LM's own outputs,
         # nor on an LM that attends within a sliding window (the segments' masks are causal over the whole prompt)
         # or whose attention takes no mask of slimvlm's (flash attention); nor without graphs, where the segments'
@@ -316,7 +317,7 @@ class Runtime:
 
     def _prefill_in_segments(self, rebuilt, session: Session, graphs: bool) -> torch.Tensor:
         """The LM's last hidden states over the rebuilt prompt, its layers run in segments between the prefill
-        method's drops (prefill_segments.py), each replayed from a CUDA graph when `graphs`; the drops run
+        method's drops (segments.py), each replayed from a CUDA graph when `graphs`; the drops run
         between them as the hooks would run them. session.cache holds the entries until they move on."""
         sequence = rebuilt.sequence
         hidden = rebuilt.embeds
@@ -467,7 +468,7 @@ class Runtime:
     def _decode_layer_by_layer(self, input_ids: torch.Tensor, positions: torch.Tensor,
                                base_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of a decode step on the dynamic cache after stages 3-4, the LM's layers called in turn, each with
-        its view's mask (decoding.decode_step, uncompiled): no layer hook runs each step (on a GPU at batch 1 the
+        its view's mask (decode_step.py, uncompiled): no layer hook runs each step (on a GPU at batch 1 the
         hooks' Python cost 2.6-5 ms a step against 20.5 for the whole step, results/generate/README.md)."""
         session = self.session
         views = session.distinct_views()
