@@ -127,7 +127,7 @@ class QwenVLAdapter(LanguageModelAdapter):
                 f"{method.name} works on one square patch grid per image, but Qwen2-VL gives each image its own grid "
                 "(dynamic resolution); use uniform, random or divprune"
             )
-        if getattr(method, "virtual_unmerge", False):
+        if method.virtual_unmerge:
             raise SlimVLMError(
                 f"{method.name} unmerges the tokens a stage-1 method merged, which Qwen2-VL refuses (and rotates "
                 "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method"

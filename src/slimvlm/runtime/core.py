@@ -29,9 +29,9 @@ from .static_cache import CAPACITY_STEP, StaticDecoder, is_static
 from .. import graphs as cuda_graphs
 from ..graphs import GraphCache
 from .segments import SegmentedPrefill
-from ..methods.vtu import Copies, append_tokens, unmerged_copies, virtual_unmerge_attention
 from .session import Session, View
 from .stats import Stats, recorded, tokens_per_layer
+from .unmerge import UnmergeCore, prompt_copies, step_copies
 
 
 def kept_positions(x: torch.Tensor, keep) -> torch.Tensor:
@@ -74,7 +74,7 @@ class Runtime:
         self._decode_methods = self._by_stage[Stage.DECODE]
         # stages 3-4 act inside the LLM through layer hooks; their layers end prefill holding different entries
         self._in_llm = bool(self._prefill_methods or self._decode_methods)
-        self._unmerge = any(getattr(m, "virtual_unmerge", False) for m in methods)
+        self._unmerge = any(m.virtual_unmerge for m in methods)
         self._undo: list = []
         window = getattr(adapter.text_config, "sliding_window", None)
         self._windowed = window is not None
@@ -88,8 +88,9 @@ class Runtime:
             if self._decode_methods:
                 raise SlimVLMError("virtual unmerging cannot be combined with a stage-4 method that edits the KV cache")
             self.keep_positions = True  # the copies sit at the patches' own positions
+            core = UnmergeCore(lambda: self.session)
             for layer in range(len(adapter.llm_layers)):
-                self._undo.append(adapter.override_attention(layer, _UnmergeCore(self)))
+                self._undo.append(adapter.override_attention(layer, core))
         elif self._in_llm:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
             self._install_layer_hooks()
@@ -299,7 +300,7 @@ class Runtime:
             right_padded=right_padded,
         )
         if self._unmerge:
-            self.session.copies = self._with_rotary(unmerged_copies(sequence, tokens), rebuilt.embeds)
+            self.session.copies = prompt_copies(self.adapter, sequence, tokens, rebuilt.embeds)
             self.session.query_copies = self.session.copies
         return self.session
 
@@ -444,12 +445,8 @@ class Runtime:
         mask_dtype = self.adapter.mask_dtype(self.model.get_input_embeddings().weight.dtype) if self._in_llm else None
         base = session.layer_views[0]
         if self._unmerge:
-            embeds = self.adapter.embed(input_ids)
-            first = base.key_valid.shape[1]
-            session.copies = self._with_rotary(append_tokens(session.copies, first, steps, positions, new_valid), embeds)
-            new = Copies(torch.arange(steps, device=positions.device).expand_as(positions), torch.zeros_like(positions),
-                         positions, new_valid)
-            session.query_copies = self._with_rotary(new, embeds)
+            session.copies, session.query_copies = step_copies(self.adapter, session.copies, base.key_valid.shape[1],
+                                                               positions, new_valid, self.adapter.embed(input_ids))
         for view in session.distinct_views():
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
             if view is not base:  # no mask where it would allow everything (a batch-1 step): SDPA attends to all
@@ -664,23 +661,3 @@ class Runtime:
                 shared = shared or view
                 view = shared
             session.set_view(indices, view)
-
-    # ---- virtual unmerging ---------------------------------------------------------------------
-    def _with_rotary(self, copies: Copies, like: torch.Tensor) -> Copies:
-        copies.cos, copies.sin = self.adapter.rotary(like, copies.rotation)
-        return copies
-
-
-class _UnmergeCore:
-    """The attention core the adapter runs in every LLM layer while virtual unmerging is on."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def active(self) -> bool:
-        session = self.runtime.session
-        return session is not None and session.copies is not None
-
-    def __call__(self, module, queries, keys, values) -> torch.Tensor:
-        session = self.runtime.session
-        return virtual_unmerge_attention(module, queries, keys, values, session.query_copies, session.copies)

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..methods.vtu import Copies
 from ..sequence import Sequence
 from .static_cache import StaticSteps
+from .unmerge import Copies
 
 
 @dataclass
