@@ -44,9 +44,10 @@ def labelled_steps(model):
     """Label the prefill's steps (vision, projection, rebuild, LLM, statistics, logits) in the trace."""
     from slimvlm.models.llava import LlavaAdapter
     from slimvlm.runtime import core
+    from slimvlm.runtime.outputs import Outputs
 
     targets = [(LlavaAdapter, "encode"), (LlavaAdapter, "project"), (LlavaAdapter, "run_llm"), (core, "rebuild"),
-               (core, "recorded"), (core.Runtime, "_logits"), (core.Runtime, "_check_unsupported"),
+               (core, "recorded"), (Outputs, "from_hidden"), (core, "refuse_unsupported"),
                (core, "tokens_per_layer"), (type(model.model.vision_tower), "forward"),
                (type(model.model.language_model), "forward")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in targets]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,30 +20,18 @@ from ..hooks import HookSet, capture_outputs
 from ..device_reads import read_together
 from ..sequence import (IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range, is_placeholder,
                        padding_of_causal_mask, rebuild)
-from ..method import Method, PrefillLayer, PromptContext, Stage, query_index
+from ..method import Method, PrefillLayer, Stage, query_index
 from ..attention import question_rows
 from .decode_step import decode_step
 from .static_cache import CAPACITY_STEP, StaticDecoder, is_static
 from .. import graphs as cuda_graphs
-from ..graphs import GraphCache
+from .outputs import Outputs, kept_positions
+from .prompt import prompt_shape, refuse_unsupported
 from .segments import SegmentedPrefill
 from .session import Session, View
 from .stats import Stats, recorded, tokens_per_layer
 from .unmerge import UnmergeCore, prompt_copies, step_copies
-
-
-def kept_positions(x: torch.Tensor, keep) -> torch.Tensor:
-    """x (B, L, ...) at the positions `logits_to_keep` asks for: the last `keep` (all for 0 or None), or an index."""
-    keep = keep or 0
-    if isinstance(keep, int):
-        return x[:, -keep:] if keep > 0 else x
-    return x[:, keep]
-
-
-def images_of_samples(images_per_sample: tuple[int, ...]) -> list[list[int]]:
-    """Per sample, the indices of its images in the batch's."""
-    starts = [sum(images_per_sample[:sample]) for sample in range(len(images_per_sample))]
-    return [list(range(start, start + count)) for start, count in zip(starts, images_per_sample)]
+from .vision import VisionStages
 
 
 class Runtime:
@@ -66,7 +52,7 @@ class Runtime:
         self._prefill_methods = self._by_stage[Stage.PREFILL]
         self._llm_hooks = HookSet()  # stage 3-4 hooks on the LLM layers
         self._static = StaticDecoder(model, adapter, compile)
-        self._vision_graphs = GraphCache(self._vision)  # stages 1-2 in one graph, when every method is capturable
+        self.vision = VisionStages(adapter, self._by_stage[Stage.ENCODE], self._by_stage[Stage.PROJECT])
         self._segments = SegmentedPrefill(adapter)
         for method in methods:
             adapter.check_method(method)
@@ -94,6 +80,8 @@ class Runtime:
         elif self._in_llm:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
             self._install_layer_hooks()
+        self._cache_name = cache_kwarg(model.forward)
+        self.outputs = Outputs(model, adapter, self._cache_name)
         self._install_forward()
         undo = adapter.patch_generate()  # a family whose inputs generate() cannot repeat per sequence as it is
         if undo is not None:
@@ -111,7 +99,6 @@ class Runtime:
     def _install_forward(self) -> None:
         original = self.model.forward
         signature = inspect.signature(original)
-        self._cache_name = cache_kwarg(original)
         # without 'mm_encoder_outputs' in the signature, generate() hands us pixel_values
         params = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
         ours = inspect.Signature(params, return_annotation=signature.return_annotation)
@@ -180,24 +167,8 @@ class Runtime:
         return original(**arguments, **kwargs)
 
 
-    def _check_unsupported(self, arguments: dict) -> None:
-        if arguments.get("inputs_embeds") is not None:
-            raise SlimVLMError("pass input_ids (with the image placeholders), not inputs_embeds, when slimvlm is applied")
-        if arguments.get("input_ids") is None:
-            raise SlimVLMError("input_ids are required with pixel_values")
-        for name, configured in (  # the LLaVA families' (Qwen's configs have none)
-            ("vision_feature_layer", getattr(self.adapter.config, "vision_feature_layer", None)),
-            ("vision_feature_select_strategy", getattr(self.adapter.config, "vision_feature_select_strategy", None)),
-        ):
-            given = arguments.get(name)
-            if given is not None and given != configured:
-                raise SlimVLMError(f"{name}={given!r} differs from the model's config ({configured!r}); set it in the config")
-        cache = arguments.get(self._cache_name)
-        if cache is not None and cache.get_seq_length() > 0:
-            raise SlimVLMError("images after a non-empty KV cache are not supported; start a new cache for each prompt")
-
     def _prefill(self, arguments: dict, kwargs: dict, visuals: tuple):
-        self._check_unsupported(arguments)
+        refuse_unsupported(self.adapter, arguments, self._cache_name)
         arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
             *visuals, kwargs.pop("interpolate_pos_encoding", False))
         adapter = self.adapter
@@ -227,18 +198,13 @@ class Runtime:
             self._llm_hooks.remove()  # the segments run the drops themselves; decode steps get them back
         elif self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off by a static-cache generate()
             self._install_layer_hooks()
-        images_per_sample, right_padded, placeholders = self._prompt_shape(input_ids, arguments.get("attention_mask"))
-        tokens, vision_trace, projected, context = self._run_vision(
-            arguments["pixel_values"], input_ids, arguments.get("attention_mask"), tuple(images_per_sample), graphs)
-        context.labels = arguments.get("labels")
-        text_embeds = context.text_embeds
-        for method in self._by_stage[Stage.PROJECT]:
-            text_embeds = method.fuse(text_embeds, tokens, context)
-        fusion = [layer for method in self._by_stage[Stage.PROJECT] for layer in method.fusion_tokens()]
-
+        images_per_sample, right_padded, placeholders = prompt_shape(adapter, input_ids, arguments.get("attention_mask"))
+        visual = self.vision.run(arguments["pixel_values"], input_ids, arguments.get("attention_mask"),
+                                 arguments.get("labels"), tuple(images_per_sample), graphs)
+        tokens = visual.tokens
         rebuilt = rebuild(
             input_ids,
-            text_embeds,
+            visual.text_embeds,
             arguments.get("attention_mask"),
             adapter.prompt_positions(input_ids, arguments.get("attention_mask"), arguments.get("position_ids")),
             arguments.get("labels"),
@@ -269,10 +235,11 @@ class Runtime:
             session.cache = self._filled(target, session.cache) if use_cache else None
         if self._in_llm and not self._unmerge:
             self._llm_hooks.remove()  # decode steps call the layers in turn with their masks (_decode_layer_by_layer)
-        self._read_stats = recorded(self.session, tokens, vision_trace, projected, prefill_tokens, input_ids.shape[1], fusion)
+        self._read_stats = recorded(self.session, tokens, visual.trace, visual.projected, prefill_tokens, input_ids.shape[1],
+                                    visual.fusion)
         if not use_cache:
             self.session = None
-        return self._logits(hidden, session.cache, arguments, self.labels, output, adapter.visual_outputs(tokens))
+        return self.outputs.from_hidden(hidden, session.cache, arguments, self.labels, output, adapter.visual_outputs(tokens))
 
     def _start_session(self, rebuilt, tokens, given, use_cache: bool, on_static: bool, prompt_length: int,
                        right_padded: bool) -> Session:
@@ -365,47 +332,6 @@ class Runtime:
             self.adapter.cache_layers(session.cache), session.prompt_length, like)
         self._llm_hooks.remove()
 
-    def _run_vision(self, pixel_values, input_ids, attention_mask, images_per_sample: tuple[int, ...], graphs: bool):
-        """Stages 1-2 (see _vision) and the prompt context, stages 1-2 replayed as one CUDA graph when graphs are on
-        and every method is capturable: a graph per pixel shape and images per sample, whatever the prompt's
-        length (the prompt's tensors stay out of it)."""
-        stages_1_2 = self._by_stage[Stage.ENCODE] + self._by_stage[Stage.PROJECT]
-        context = PromptContext(input_ids=input_ids, attention_mask=attention_mask, text_embeds=self.adapter.embed(input_ids),
-                                image_of_sample=images_of_samples(images_per_sample))
-        # a method whose counts follow the image keeps its width in a graph (padding what it merges): worth it at
-        # batch 1, where the encoder is paid in launches; at larger batches it runs eagerly on fewer tokens
-        keeping_width_pays = input_ids.shape[0] == 1 or not any(method.varying_lengths for method in stages_1_2)
-        if (graphs and self.adapter.vision_capturable and all(method.capturable for method in stages_1_2)
-                and keeping_width_pays):
-            tokens, trace, projected, states = self._vision_graphs(pixel_values, key=(images_per_sample, True))
-            for method, state in zip(stages_1_2, states):  # a replay runs no Python: what the methods set, again
-                vars(method).update(state)
-            tokens = replace(tokens)  # every replay returns the captured object: counts read later must be this one's
-        else:
-            tokens, trace, projected, _ = self._vision(pixel_values, images_per_sample, False, context, graphs)
-        return tokens, trace, projected, context
-
-    def _vision(self, pixel_values, images_per_sample: tuple[int, ...], keep_width: bool,
-                context: PromptContext | None = None, graphs: bool = False):
-        """Stages 1-2 up to the visual tokens the LLM gets: the vision tower with the stage-1 method, the
-        projector, the stage-2 methods' project(). Returns (tokens, vision trace, tokens per image through the
-        projector, per method of stages 1-2 the attributes it set (Method.encoder_state)). keep_width: for a
-        CUDA graph, methods keep the token tensor's width where their counts follow the image. context: the
-        prompts; None inside a graph, where stage-2 methods get their images' places alone (a capturable
-        method reads no prompt tensor: a replay would read the captured ones)."""
-        adapter = self.adapter
-        stage1 = self._by_stage[Stage.ENCODE]
-        tokens, trace = adapter.encode(pixel_values, stage1[0] if stage1 else None, graphs, keep_width)
-        tokens = adapter.project(tokens, keep_cls=any(m.feeds_cls for m in stage1))
-        projected = adapter.projector_counts(tokens)
-        tokens = adapter.pack(tokens)
-        context = context or PromptContext(input_ids=None, image_of_sample=images_of_samples(images_per_sample))
-        for method in self._by_stage[Stage.PROJECT]:
-            tokens = method.project(tokens, context)
-        states = [{name: getattr(method, name) for name in method.encoder_state}
-                  for method in stage1 + self._by_stage[Stage.PROJECT]]
-        return tokens, trace, projected, states
-
     def _check_static(self) -> None:
         """Refuse, before any work, what transformers' static cache cannot hold."""
         if self._unmerge:
@@ -437,7 +363,7 @@ class Runtime:
         if session.static is not None:
             masks = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
             logits = self._static.step(input_ids, masks, session.static.group_of_layer, positions, session.cache)
-            return self._output(logits, None, session.cache, arguments)
+            return self.outputs.from_logits(logits, None, session.cache, arguments)
         mask_needed = new_valid is not None or session.padded or self._unmerge  # later layers: their views' masks
         every_key = steps == 1 and new_valid is None  # one real query: it sees all of an unpadded view's keys
         if new_valid is None:
@@ -455,12 +381,13 @@ class Runtime:
         if self._in_llm and not self._unmerge and not kwargs:
             base_mask = attention_mask_4d(base.key_valid, steps, mask_dtype) if mask_needed else None
             logits = self._decode_layer_by_layer(input_ids, positions, base_mask)
-            return self._output(kept_positions(logits, arguments.get("logits_to_keep")), None, session.cache, arguments)
+            return self.outputs.from_logits(kept_positions(logits, arguments.get("logits_to_keep")), None, session.cache,
+                                            arguments)
         if self._in_llm and not self._unmerge and not self._llm_hooks:  # taken off after prefill
             self._install_layer_hooks()
         mask = base.key_valid.long() if mask_needed else None
         output = self.adapter.run_llm(self.adapter.embed(input_ids), mask, positions, session.cache, True, **kwargs)
-        return self._logits(output.last_hidden_state, session.cache, arguments, None, output)
+        return self.outputs.from_hidden(output.last_hidden_state, session.cache, arguments, None, output)
 
     def _decode_layer_by_layer(self, input_ids: torch.Tensor, positions: torch.Tensor,
                                base_mask: torch.Tensor | None) -> torch.Tensor:
@@ -493,34 +420,6 @@ class Runtime:
         if session.static is None and not session.padded and not self._unmerge and bool(new_valid.all()):
             return None
         return new_valid
-
-    def _logits(self, hidden: torch.Tensor, cache, arguments: dict, labels, output=None, image: dict | None = None):
-        logits = self.adapter.lm_head(kept_positions(hidden, arguments.get("logits_to_keep")))
-        loss = None
-        if labels is not None:
-            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.adapter.text_config.vocab_size)
-        extra = dict(image or {})
-        if output is not None:
-            extra.update(hidden_states=output.hidden_states, attentions=output.attentions)
-        return self._output(logits, loss, cache, arguments, **extra)
-
-    def _output(self, logits: torch.Tensor, loss, cache, arguments: dict, **extra):
-        """What the untouched model returns: its output class (a tuple when return_dict=False), with the
-        LM's hidden states and attentions (of the reduced sequence) and the visual tokens the LLM got."""
-        result = self.adapter.output_class(loss=loss, logits=logits, **{self._cache_name: cache}, **extra)
-        return result if arguments.get("return_dict", True) is not False else result.to_tuple()
-
-    def _prompt_shape(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], bool, int]:
-        """Per sample, its images; whether the caller pads on the right (the rebuilt rows keep that side, so
-        that `none` returns logits where the untouched model does); the placeholders in all. One read from
-        the device."""
-        columns = [is_placeholder(input_ids, self.adapter.placeholder_ids).sum(dim=1)]
-        if mask is not None:
-            columns += [mask[:, 0].long(), mask[:, -1].long()]
-        read = torch.stack(columns).tolist()
-        images = self.adapter.images_per_sample(read[0])
-        right_padded = mask is not None and all(read[1]) and not all(read[2])
-        return images, right_padded, sum(read[0])
 
     # ---- stage 3: LLM layers during prefill ---------------------------------------------------
     def _install_row_probe(self, method: Method, drop_layer: int) -> None:
