@@ -43,12 +43,12 @@ def profile(fn) -> tuple[dict, str]:
 def labelled_steps(model):
     """Label the prefill's steps (vision, projection, rebuild, LLM, statistics, logits) in the trace."""
     from slimvlm.models.llava import LlavaAdapter
-    from slimvlm.runtime import core
+    from slimvlm.runtime import core, prefill
     from slimvlm.runtime.outputs import Outputs
 
     targets = [(LlavaAdapter, "encode"), (LlavaAdapter, "project"), (LlavaAdapter, "run_llm"), (core, "rebuild"),
                (core, "recorded"), (Outputs, "from_hidden"), (core, "refuse_unsupported"),
-               (core, "tokens_per_layer"), (type(model.model.vision_tower), "forward"),
+               (prefill, "tokens_per_layer"), (type(model.model.vision_tower), "forward"),
                (type(model.model.language_model), "forward")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
     for owner, name, original in saved:

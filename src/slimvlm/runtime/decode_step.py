@@ -3,7 +3,7 @@
 The step is embed, the LM's layers each with its group's (B, 1, Q, C) mask, lm_head (groups: LLM layers
 that hold the same cache entries, static_cache.py). Compiled with transformers' own CompileConfig
 (inductor, CUDA graphs) on slimvlm's static cache; run eagerly, layer by layer, on the dynamic cache after
-stages 3-4 (core.py).
+stages 3-4 (decode.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sequence import Sequence
+from .plan import Plan
 from .static_cache import StaticSteps
 from .unmerge import Copies
 
@@ -28,6 +29,7 @@ class View:
 class Session:
     """One prompt's state from prefill through its decode steps."""
 
+    plan: Plan  # its prefill's; each decode step follows it (Plan.step)
     cache: object
     prompt_length: int
     next_position: torch.Tensor
@@ -41,7 +43,6 @@ class Session:
     right_padded: bool = False  # the caller pads on the right: rows stay packed to the left
     copies: Copies | None = None  # virtual unmerging: the full sequence's keys as copies
     query_copies: Copies | None = None
-    decoding: bool = False
     rows: dict = field(default_factory=dict)
     queries: dict = field(default_factory=dict)  # per kind of query rows: (the sequence they index, index, valid)
 
