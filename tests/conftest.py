@@ -54,10 +54,10 @@ def dymu_thresholds(model, target: int):
 
 
 def spy_on_segments(handle) -> list:
-    """The (first, last) layers of each batch-1 prefill segment (prefill_segments.py) the handle's runtime runs
+    """The (first, last) layers of each batch-1 prefill segment (runtime/segments.py) the handle's runtime runs
     from now on."""
-    ran, run = [], handle.runtime._segments.run
-    handle.runtime._segments.run = lambda *args: ran.append(args[1:3]) or run(*args)
+    ran, run = [], handle.runtime.llm_prefill.segments.run
+    handle.runtime.llm_prefill.segments.run = lambda *args: ran.append(args[1:3]) or run(*args)
     return ran
 
 

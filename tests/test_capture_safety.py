@@ -37,7 +37,7 @@ def test_capturable_stages_read_nothing_back(fresh, spec, monkeypatch):
         for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
             monkeypatch.setattr(torch.Tensor, name, refuse)
         with NoHostTraffic():  # as a CUDA graph runs them: widths kept where counts follow the image
-            tokens, *_ = runtime._vision(inputs["pixel_values"], tuple(images), True)
+            tokens, *_ = runtime.vision.encode(inputs["pixel_values"], tuple(images), True)
         monkeypatch.undo()
         varying = any(method.varying_lengths for method in runtime.methods)
         assert (tokens.known is None) == varying  # MustDrop's merge: counted after the graph, by the rebuild
@@ -51,7 +51,7 @@ def test_a_method_that_reads_back_is_caught(fresh, monkeypatch):
         monkeypatch.setattr(torch.Tensor, "tolist", refuse)
         monkeypatch.setattr(torch.Tensor, "item", refuse)
         with pytest.raises(AssertionError, match="read back"):
-            handle.runtime._vision(inputs["pixel_values"], (1,), True)
+            handle.runtime.vision.encode(inputs["pixel_values"], (1,), True)
     assert not build(spec).capturable
 
 
@@ -68,7 +68,7 @@ def test_the_vision_graph_is_one_per_pixel_shape_whatever_the_prompt(fresh, monk
     signatures = []
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=40") as handle, HostReads() as reads, \
             graphs_replayed_as_launches(reads):
-        vision = handle.runtime._vision_graphs
+        vision = handle.runtime.vision.graphs
         replay = GraphCache.__call__  # the helper's: it runs the function
         monkeypatch.setattr(GraphCache, "__call__", lambda cache, *args, **kwargs: (
             signatures.append((tuple(t.shape for t in args), kwargs.get("key"))) if cache is vision else None)

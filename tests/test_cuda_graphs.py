@@ -60,7 +60,7 @@ def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
 @pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-64", "mustdrop:filter=false,cache_keep=important",
                                   "mustdrop-64:threshold=0.0"])  # the last merges windows, a different number per image
 def test_batch_1_prefill_segments_replayed_from_graphs_generate_what_eager_does(tiny_cuda, spec, cache):
-    """At batch 1 the LM's layers run in segments between drops replayed from CUDA graphs (prefill_segments.py):
+    """At batch 1 the LM's layers run in segments between drops replayed from CUDA graphs (runtime/segments.py):
     prompts in turn, each replaying what the others captured where widths agree."""
     model, processor = tiny_cuda
     prompts = [on_cuda(select(batch(processor, 2, seed=seed), row)) for seed in (3, 4) for row in (0, 1)]

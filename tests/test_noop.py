@@ -57,8 +57,11 @@ def test_remove_restores_the_model(fresh):
         reference = model(**inputs).logits
         before = hooks()
         handle = slimvlm.apply(model, ["tome:r=8", "fastv"])
-        assert hooks() != before  # FastV's drop runs in layer hooks during a prefill
+        during = []  # FastV's drop runs in layer hooks during a prefill, on the layers only while it runs
+        spy = model.model.language_model.register_forward_pre_hook(lambda *_: during.append(hooks()))
         assert not torch.allclose(model(**inputs).logits[:, -1], reference[:, -1])
+        spy.remove()
+        assert during and during[0] != before and hooks() == before
         handle.remove()
         assert "forward" not in model.__dict__
         assert torch.equal(model(**inputs).logits, reference)

@@ -1,4 +1,4 @@
-"""Batch-1 prefill in segments between drops (prefill_segments.py) on the dynamic cache, where CUDA graphs replay
+"""Batch-1 prefill in segments between drops (runtime/segments.py) on the dynamic cache, where CUDA graphs replay
 them: the same text and statistics as the eager hooked prefill. Graphs run here as the functions they capture
 (device_reads.graphs_replayed_as_launches), which also refuses a read inside one."""
 
@@ -160,5 +160,5 @@ def test_prompts_of_any_length_reuse_the_scratch_cache_of_the_longest(fresh):
             scratch = []
             for inputs, want in zip(prompts, expected):
                 torch.testing.assert_close(model(**inputs).logits[:, -1], want, atol=1e-5, rtol=1e-5)
-                scratch.append(handle.runtime._segments._scratch)
+                scratch.append(handle.runtime.llm_prefill.segments._scratch)
     assert scratch[0] is scratch[1] is scratch[2]

@@ -8,7 +8,7 @@ from transformers import CompileConfig, StaticCache
 
 import slimvlm
 from conftest import batch, causal_attention_calls, spy_on_segments
-from slimvlm.decoding import CAPACITY_STEP
+from slimvlm.runtime.static_cache import CAPACITY_STEP
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 from slimvlm.models.compat import cache_kwarg
 from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
@@ -42,7 +42,7 @@ def test_static_cache_generates_what_the_dynamic_cache_does(fresh, spec):
 @pytest.mark.parametrize("spec", STAGE_3_4 + ["mustdrop:filter=false,cache_keep=important"], ids=str)
 def test_a_batch_1_prefill_in_segments_generates_what_the_hooked_one_does(fresh, spec):
     """At batch 1 on a static cache with CUDA graphs (run here as the functions they capture) stage-3/4 prefill
-    runs in segments between drops (prefill_segments.py): the same text, the same tokens per layer and cache
+    runs in segments between drops (runtime/segments.py): the same text, the same tokens per layer and cache
     entries as the hooked prefill on the dynamic cache without graphs."""
     model, processor = fresh
     inputs = batch(processor, 1, seed=3)
@@ -197,7 +197,7 @@ def test_padding_of_a_causal_mask():
 def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fresh):
     """slimvlm's static cache only grows, per group of layers: a shorter reduced prompt (MustDrop's and DyMU's
     counts follow the image) reuses it, as transformers reuses its own across calls."""
-    from slimvlm.decoding import StaticDecoder
+    from slimvlm.runtime.static_cache import StaticDecoder
     from slimvlm.models import adapter_for
 
     model, _ = fresh

@@ -5,7 +5,7 @@ import torch
 
 import slimvlm
 from slimvlm.attention import apply_rope
-from slimvlm.methods.vtu import Copies, virtual_unmerge_attention
+from slimvlm.runtime.unmerge import Copies, virtual_unmerge_attention
 from conftest import batch, select
 
 

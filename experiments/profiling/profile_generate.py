@@ -42,12 +42,13 @@ def profile(fn) -> tuple[dict, str]:
 @contextlib.contextmanager
 def labelled_steps(model):
     """Label the prefill's steps (vision, projection, rebuild, LLM, statistics, logits) in the trace."""
-    import slimvlm.runtime as runtime
     from slimvlm.models.llava import LlavaAdapter
+    from slimvlm.runtime import core, prefill
+    from slimvlm.runtime.outputs import Outputs
 
-    targets = [(LlavaAdapter, "encode"), (LlavaAdapter, "project"), (LlavaAdapter, "run_llm"), (runtime, "rebuild"),
-               (runtime.Runtime, "_record"), (runtime.Runtime, "_logits"), (runtime.Runtime, "_check_unsupported"),
-               (runtime, "per_view"), (type(model.model.vision_tower), "forward"),
+    targets = [(LlavaAdapter, "encode"), (LlavaAdapter, "project"), (LlavaAdapter, "run_llm"), (core, "rebuild"),
+               (core, "recorded"), (Outputs, "from_hidden"), (core, "refuse_unsupported"),
+               (prefill, "tokens_per_layer"), (type(model.model.vision_tower), "forward"),
                (type(model.model.language_model), "forward")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
     for owner, name, original in saved:

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import graphs
+from .graphs import GraphCache
+
 
 def read_together(tensors: list[torch.Tensor]) -> list:
     """The values of several tensors as (nested) lists, in one transfer: one host sync, not one each."""
@@ -94,10 +97,8 @@ def graphs_replayed_as_launches(counted: HostReads) -> Iterator[None]:
     it launches them: one op per replay (the function runs, its ops uncounted). As on a GPU, each input shape's
     first call keeps its inputs' buffers and its output, and later calls write their inputs into those buffers and
     return that same output object with its tensors overwritten. A graphed function that reads the device raises:
-    it could not be captured. A measuring tool, like HostReads: it swaps the runtime's graph switch while active."""
-    from . import runtime
-    from .graphs import GraphCache
-
+    it could not be captured. A measuring tool, like HostReads: it swaps graphs.graphs_wanted (the switch the runtime
+    looks up at each call) while active."""
     captured: dict = {}
 
     def replay(cache: GraphCache, *inputs, key: tuple = (), after_warmup=None):
@@ -118,13 +119,13 @@ def graphs_replayed_as_launches(counted: HostReads) -> Iterator[None]:
         counted.ops = ops + 1
         return output
 
-    wanted, call = runtime.graphs_wanted, GraphCache.__call__
-    runtime.graphs_wanted = lambda setting, device: setting is not False and not torch.is_grad_enabled()
+    wanted, call = graphs.graphs_wanted, GraphCache.__call__
+    graphs.graphs_wanted = lambda setting, device: setting is not False and not torch.is_grad_enabled()
     GraphCache.__call__ = replay
     try:
         yield
     finally:
-        runtime.graphs_wanted, GraphCache.__call__ = wanted, call
+        graphs.graphs_wanted, GraphCache.__call__ = wanted, call
 
 
 def overwrite(kept, new) -> None:

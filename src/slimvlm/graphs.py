@@ -7,7 +7,7 @@ sequence of kernels with one launch and the same kernels as eager. slimvlm can r
 vision tower, projector and capturable methods as one graph; else the encoder layers before the first
 one a method acts at) and the LLM prefill over the reduced sequence: on a static cache (its width rounded up
 so that few graphs cover all prompts), and at batch 1 on either cache in segments between a stage-3 method's
-drops (prefill_segments.py).
+drops (runtime/segments.py).
 """
 
 from __future__ import annotations

@@ -44,16 +44,13 @@ def capture_inputs(module: nn.Module) -> Iterator[dict]:
 
 
 class HookSet:
-    """Hooks installed for the lifetime of a handle, removed together."""
+    """Hooks installed together, removed together."""
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def add(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         self._handles.append(handle)
-
-    def __bool__(self) -> bool:
-        return bool(self._handles)
 
     def remove(self) -> None:
         for handle in self._handles:

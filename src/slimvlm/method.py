@@ -142,6 +142,9 @@ class Method:
     # stage 1: encode_output also acts on a tower's merged outputs (Qwen-VL's 2 x 2 merger) given each merged
     # token's keys and received attention (EncoderAttention.received), with no attention rows
     at_merged_tokens: ClassVar[bool] = False
+    # stage 3: virtual token unmerging (runtime/unmerge.py): every LLM layer's attention runs over the merged tokens'
+    # copies, one per patch each covers, as if a stage-1 merge had not happened; a runtime mode the method asks for
+    virtual_unmerge: ClassVar[bool] = False
     # stage 4: every layer whose cache decode_keep cuts keeps the same entries of the prompt (one set of tokens,
     # whatever sequence the layer saw in prefill): those layers then share one cache view, one mask per step
     cache_keeps_one_set: ClassVar[bool] = False

@@ -5,7 +5,7 @@ Each case runs the whole model once with slimvlm applied (so the layer's inputs,
 embeddings and, for VTU, the runtime's copies are exactly what the library makes), captures the
 inputs of decoder layer `layer` with a forward pre-hook, then times that layer alone on them (no
 KV cache) while the method stays applied: the VTU case runs the library's own attention override
-(models/llava.py override_attention + methods/vtu.py virtual_unmerge_attention).
+(models/adapter.py override_attention + runtime/unmerge.py virtual_unmerge_attention).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..attention import apply_rope
-from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
@@ -112,6 +111,19 @@ class AttentionParts:
     scaling: float
 
 
+@dataclass(frozen=True)
+class DecodeParts:
+    """What one decode step runs of an LM: token embedding, the LM body (the module whose outputs
+    transformers captures), its decoder layers, final norm and rotary embedding, and the head."""
+
+    embed: torch.nn.Module
+    body: torch.nn.Module
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    rotary: torch.nn.Module
+    head: torch.nn.Module
+
+
 class LanguageModelAdapter:
     """A VLM's LM: `language_model` (embedding, decoder layers, norm, rotary), `lm_head`, the config's
     image placeholder. Subclasses set the vision side (views, encode, project, pack, check_method)."""
@@ -193,7 +205,7 @@ class LanguageModelAdapter:
         return self.model.get_input_embeddings()(input_ids)
 
     def decode_parts(self) -> DecodeParts:
-        """What one decode step runs (decoding.decode_step), layer by layer."""
+        """What one decode step runs (runtime/decode_step.py), layer by layer."""
         lm = self.language_model
         return DecodeParts(self.model.get_input_embeddings(), lm, lm.layers, lm.norm, lm.rotary_emb, self.lm_head)
 

@@ -37,13 +37,12 @@ from torch import nn
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
 
 from ..attention import QUERY_CHUNK, rotate_half
-from ..decoding import DecodeParts
 from ..errors import SlimVLMError
 from ..hooks import capture_inputs
 from ..method import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 from .compat import modality_outputs, multimodal_output_class
-from .adapter import LanguageModelAdapter, images_in_prompt_order
+from .adapter import DecodeParts, LanguageModelAdapter, images_in_prompt_order
 from .qwen_visuals import KINDS, VIDEO, VisualItems, visual_items
 
 # the most tokens a visual item can give: a video of the Qwen2-VL video processor's max_frames (768, so 384
@@ -128,7 +127,7 @@ class QwenVLAdapter(LanguageModelAdapter):
                 f"{method.name} works on one square patch grid per image, but Qwen2-VL gives each image its own grid "
                 "(dynamic resolution); use uniform, random or divprune"
             )
-        if getattr(method, "virtual_unmerge", False):
+        if method.virtual_unmerge:
             raise SlimVLMError(
                 f"{method.name} unmerges the tokens a stage-1 method merged, which Qwen2-VL refuses (and rotates "
                 "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method"

@@ -73,7 +73,6 @@ class DyMU(Method):
     stages = frozenset({Stage.ENCODE, Stage.PREFILL})
     proportional_attention = True
     varying_lengths = True
-    virtual_unmerge: ClassVar[bool] = False
 
     def __init__(self, thresholds: str | None = None, target: int | None = None, vtu: bool = True) -> None:
         """thresholds: a JSON file written by `slimvlm calibrate` (or a Thresholds object); target: the

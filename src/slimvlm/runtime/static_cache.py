@@ -9,9 +9,8 @@ of layers gets its own length: the prefill's entries are handed over. The cache 
 size stays and each group's length suffices (it only grows), so the compiled step is not rebuilt, and
 lengths are rounded up to CAPACITY_STEP so that image-dependent counts (DyMU, MustDrop) share a few sizes.
 
-A decode step is one function of tensors (embed, the LM's layers each with its group's (B, 1, Q, C)
-mask, lm_head): that function is what torch.compile sees, with transformers' own CompileConfig
-(inductor, CUDA graphs). The bookkeeping around it is a slice assignment per group and an add.
+Each decode step runs decode_step.py's function of tensors, compiled; the bookkeeping around it is a slice
+assignment per group and an add.
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils.output_capturing import capture_outputs
 
-from .errors import SlimVLMError
-from .graphs import GraphCache
-from .sequence import attention_mask_4d, gather_rows
+from ..errors import SlimVLMError
+from ..graphs import GraphCache
+from ..sequence import attention_mask_4d, gather_rows
+from .decode_step import compiled_decode_step, decode_step, decoder_layers
 
 CAPACITY_STEP = 64
 
@@ -179,8 +177,8 @@ class StaticDecoder:
         hidden = gather_rows(embeds, order)
         parts = self.adapter.decode_parts()
         position_embeddings = self.adapter.position_embeddings(hidden, gather_rows(positions, order))
-        hidden = _decoder_layers(parts.body, parts, hidden, (mask,), (0,) * len(parts.layers), None,
-                                 position_embeddings, self.adapter.cache_kwarg, self._cache).last_hidden_state
+        hidden = decoder_layers(parts.body, parts, hidden, (mask,), (0,) * len(parts.layers), None,
+                                position_embeddings, self.adapter.cache_kwarg, self._cache).last_hidden_state
         return gather_rows(hidden, (at - first) % width), ordered
 
     def step(self, input_ids: torch.Tensor, masks: tuple[torch.Tensor, ...], group_of_layer: tuple[int, ...],
@@ -228,53 +226,3 @@ def fill(cache, layers: list) -> None:
     targets += [t.values[:, :, : s.values.shape[2]] for t, s in zip(cache.layers, layers)]
     torch._foreach_copy_(targets, [s.keys for s in layers] + [s.values for s in layers])
     torch._foreach_add_([t.cumulative_length for t in cache.layers], [s.keys.shape[2] for s in layers])
-
-
-@dataclass(frozen=True)
-class DecodeParts:
-    """What one decode step runs of an LM: token embedding, the LM body (the module whose outputs
-    transformers captures), its decoder layers, final norm and rotary embedding, and the head."""
-
-    embed: torch.nn.Module
-    body: torch.nn.Module
-    layers: torch.nn.ModuleList
-    norm: torch.nn.Module
-    rotary: torch.nn.Module
-    head: torch.nn.Module
-
-
-def decode_step(parts: DecodeParts, cache_kwarg: str, input_ids, masks, group_of_layer, position_ids, cache) -> torch.Tensor:
-    """One decode step of the LM, layer by layer so that each layer gets its group's mask, as a function of
-    modules and tensors alone: what torch.compile sees. Module-level (not a method of a per-apply object)
-    so that compiled code is found again when slimvlm is applied anew to the same model."""
-    hidden = parts.embed(input_ids)
-    position_embeddings = parts.rotary(hidden, position_ids=position_ids)
-    hidden = _decoder_layers(parts.body, parts, hidden, masks, group_of_layer, position_ids, position_embeddings,
-                             cache_kwarg, cache).last_hidden_state
-    return parts.head(hidden)
-
-
-@capture_outputs  # as transformers runs an LM body: its output-capture hooks (installed on the layers once
-# output_hidden_states was asked for) read a collector this sets, in a way torch.compile can trace
-def _decoder_layers(body, parts: DecodeParts, hidden, masks, group_of_layer, position_ids, position_embeddings,
-                    cache_kwarg: str, cache) -> BaseModelOutputWithPast:
-    for layer, group in zip(parts.layers, group_of_layer):
-        hidden = layer(hidden, attention_mask=masks[group], position_ids=position_ids,
-                       position_embeddings=position_embeddings, use_cache=True, **{cache_kwarg: cache})
-    return BaseModelOutputWithPast(last_hidden_state=parts.norm(hidden))
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def compiled_decode_step(model):
-    """decode_step compiled with the model's generation_config.compile_config (transformers' default:
-    inductor with CUDA graphs), one compiled function per distinct config."""
-    from transformers import CompileConfig
-
-    config = getattr(model.generation_config, "compile_config", None) or CompileConfig()
-    options = config.to_dict()
-    key = repr(sorted(options.items(), key=lambda item: item[0]))
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(decode_step, **options)
-    return _COMPILED[key]

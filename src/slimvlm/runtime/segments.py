@@ -1,7 +1,7 @@
 """The LLM prefill at batch 1 with CUDA graphs, run in segments of layers between a stage-3 method's drops,
-each replayed from a graph (where runtime.py takes this path: Runtime._prefill).
+each replayed from a graph (where the runtime takes this path: plan.py; the loop over segments: prefill.py).
 
-Elsewhere the LM's own forward runs the prefill (with layer hooks for stages 3-4: runtime.py). At batch 1 a
+Elsewhere the LM's own forward runs the prefill (with layer hooks for stages 3-4: prefill_layers.py). At batch 1 a
 prefill is paid in kernel launches, and that forward launches every op of every layer one by one; here the
 runtime runs the layers itself. Each segment is a function of tensors (its input hidden states, mask, rotary
 embeddings and, where the next layer drops tokens, the question rows to score) that writes its layers' keys
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import question_rows
-from .decoding import CAPACITY_STEP
-from .graphs import GraphCache
-from .hooks import capture_outputs
-from .sequence import attention_mask_4d
+from ..attention import question_rows
+from ..graphs import GraphCache
+from ..hooks import capture_outputs
+from ..sequence import attention_mask_4d
+from .static_cache import CAPACITY_STEP
+
 
 @dataclass
 class LayerEntries:

@@ -1,0 +1,52 @@
+"""One decode step of the LM as a function of modules and tensors: what torch.compile sees.
+
+The step is embed, the LM's layers each with its group's (B, 1, Q, C) mask, lm_head (groups: LLM layers
+that hold the same cache entries, static_cache.py). Compiled with transformers' own CompileConfig
+(inductor, CUDA graphs) on slimvlm's static cache; run eagerly, layer by layer, on the dynamic cache after
+stages 3-4 (decode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.output_capturing import capture_outputs
+
+from ..models.adapter import DecodeParts
+
+
+def decode_step(parts: DecodeParts, cache_kwarg: str, input_ids, masks, group_of_layer, position_ids, cache) -> torch.Tensor:
+    """One decode step of the LM, layer by layer so that each layer gets its group's mask, as a function of
+    modules and tensors alone: what torch.compile sees. Module-level (not a method of a per-apply object)
+    so that compiled code is found again when slimvlm is applied anew to the same model."""
+    hidden = parts.embed(input_ids)
+    position_embeddings = parts.rotary(hidden, position_ids=position_ids)
+    hidden = decoder_layers(parts.body, parts, hidden, masks, group_of_layer, position_ids, position_embeddings,
+                            cache_kwarg, cache).last_hidden_state
+    return parts.head(hidden)
+
+
+@capture_outputs  # as transformers runs an LM body: its output-capture hooks (installed on the layers once
+# output_hidden_states was asked for) read a collector this sets, in a way torch.compile can trace
+def decoder_layers(body, parts: DecodeParts, hidden, masks, group_of_layer, position_ids, position_embeddings,
+                   cache_kwarg: str, cache) -> BaseModelOutputWithPast:
+    for layer, group in zip(parts.layers, group_of_layer):
+        hidden = layer(hidden, attention_mask=masks[group], position_ids=position_ids,
+                       position_embeddings=position_embeddings, use_cache=True, **{cache_kwarg: cache})
+    return BaseModelOutputWithPast(last_hidden_state=parts.norm(hidden))
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_decode_step(model):
+    """decode_step compiled with the model's generation_config.compile_config (transformers' default:
+    inductor with CUDA graphs), one compiled function per distinct config."""
+    from transformers import CompileConfig
+
+    config = getattr(model.generation_config, "compile_config", None) or CompileConfig()
+    options = config.to_dict()
+    key = repr(sorted(options.items(), key=lambda item: item[0]))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(decode_step, **options)
+    return _COMPILED[key]

@@ -1,0 +1,131 @@
+"""The LLM over a rebuilt prompt, by the plan's path, up to the cache its decode steps continue on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .plan import Cache, Plan, Prefill
+from .prefill_layers import LayerEdits
+from .segments import SegmentedPrefill
+from .session import Session, View
+from .static_cache import StaticDecoder
+from .stats import tokens_per_layer
+from .unmerge import prompt_copies
+
+
+class LlmPrefill:
+    """The prefill's LLM part on one applied model: slimvlm's static cache, the segments' scratch cache and graphs,
+    the stage-3/4 edits, whether virtual unmerging is on."""
+
+    def __init__(self, adapter, static: StaticDecoder, edits: LayerEdits, unmerge: bool) -> None:
+        self.adapter = adapter
+        self.static = static
+        self.segments = SegmentedPrefill(adapter)
+        self.edits = edits
+        self.unmerge = unmerge
+
+    def start_session(self, plan: Plan, rebuilt, tokens, given, prompt_length: int, right_padded: bool) -> Session:
+        """The prompt's state for prefill and decoding: its cache (the caller's, slimvlm's own static
+        one, or a new dynamic one), its views of the sequence, where positions continue."""
+        sequence = rebuilt.sequence
+        static = None
+        if plan.cache is Cache.NONE:
+            cache = None
+        elif plan.cache is Cache.STATIC:
+            layers = len(self.adapter.llm_layers)
+            cache, static = self.static.start(given, [sequence.valid], (0,) * layers, prompt_length, rebuilt.embeds)
+        elif plan.cache is Cache.DYNAMIC and given is not None:
+            cache = given
+        else:  # a new dynamic cache: none was given, or a static one that the prefill's entries are handed to
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.adapter.text_config)
+        session = Session(
+            plan=plan,
+            cache=cache,
+            prompt_length=prompt_length,
+            next_position=sequence.next_position(),
+            layer_views=[View(sequence=sequence, key_valid=sequence.valid)] * len(self.adapter.llm_layers),
+            tokens=tokens,
+            given_cache=given,
+            static=static,
+            padded=rebuilt.padded,
+            labels=rebuilt.labels,
+            right_padded=right_padded,
+        )
+        if self.unmerge:
+            session.copies = session.query_copies = prompt_copies(self.adapter, sequence, tokens, rebuilt.embeds)
+        return session
+
+    def run(self, plan: Plan, rebuilt, session: Session, given, kwargs: dict):
+        """(the LM's output or None, its last hidden states, the tokens per layer (stats.tokens_per_layer)) over
+        the rebuilt prompt by the plan's path; then the cache decoding continues on: stage 4's cuts, and the
+        entries moved where the plan says."""
+        sequence = rebuilt.sequence
+        target = session.cache  # the dynamic cache decoding continues on, where the segments' entries move to
+        output = None
+        if plan.prefill is Prefill.SEGMENTS:
+            hidden = self._in_segments(rebuilt, session, plan.graphs)
+        elif plan.prefill is Prefill.STATIC:
+            mask_dtype = self.adapter.mask_dtype(rebuilt.embeds.dtype)
+            hidden = self.static.prefill(rebuilt.embeds, sequence.positions, session.static, mask_dtype, plan.graphs)
+        else:
+            output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
+                                          session.cache is not None, **kwargs)
+            hidden = output.last_hidden_state
+        layer_tokens = tokens_per_layer(session)
+        if plan.cache is not Cache.NONE:
+            self.edits.compress_cache(session)
+        if plan.cache is Cache.HAND_OFF:
+            self._hand_off_to_static(session, given, rebuilt.embeds)
+        elif plan.prefill is Prefill.SEGMENTS:
+            session.cache = self._filled(target, session.cache) if plan.cache is Cache.DYNAMIC else None
+        return output, hidden, layer_tokens
+
+    def _in_segments(self, rebuilt, session: Session, graphs: bool) -> torch.Tensor:
+        """The LM's last hidden states over the rebuilt prompt, its layers run in segments between the prefill
+        method's drops (segments.py), each replayed from a CUDA graph when `graphs`; the drops run
+        between them as the hooks would run them. session.cache holds the entries until they move on."""
+        sequence = rebuilt.sequence
+        hidden = rebuilt.embeds
+        mask_dtype = self.adapter.mask_dtype(hidden.dtype)
+        prompt_embeddings = self.adapter.position_embeddings(hidden, sequence.positions)
+        session.cache = self.segments.start(*sequence.valid.shape, hidden)
+        method = self.edits.drop_methods[0] if self.edits.drop_methods else None  # one method per stage (registry.py)
+        drops = tuple(method.drop_layers) if method is not None else ()
+        layers = len(self.adapter.llm_layers)
+        start = 0
+        for end in (*drops, layers):
+            view = session.view_of(start)
+            index = valid = None
+            if end < layers and method.queries is not None:
+                index, valid = self.edits.query_rows(session, view.sequence, method.queries)
+                more = (1 << (index.shape[1] - 1).bit_length()) - index.shape[1]  # a power of two: a few graphs for
+                # questions of any length
+                index, valid = F.pad(index, (0, more)), F.pad(valid, (0, more))
+            hidden, rows = self.segments.run(session.cache, start, end, hidden, view.key_valid,
+                                             view.position_embeddings or prompt_embeddings, mask_dtype, index,
+                                             end == layers, graphs)
+            if end < layers:
+                if index is not None:
+                    session.rows[method.name, end] = (rows, index, valid)
+                hidden = self.edits.drop(session, method, end, hidden, prompt_embeddings)
+            start = end
+        return hidden
+
+    def _filled(self, cache, entries):
+        """The dynamic cache `cache` holding the segments' entries, each layer's copied (the scratch cache they
+        sit in is the next prefill's)."""
+        for index, layer in enumerate(self.adapter.cache_layers(entries)):
+            cache.update(layer.keys, layer.values, index)
+        return cache
+
+    def _hand_off_to_static(self, session: Session, given, like: torch.Tensor) -> None:
+        """Move the prefill's dynamic cache into slimvlm's static one, a length per group of layers that
+        hold the same entries: the static decode step gives each layer its group's mask itself."""
+        groups = session.distinct_views()
+        group_index = {id(view): group for group, view in enumerate(groups)}
+        session.cache, session.static = self.static.hand_off(
+            given, [view.key_valid for view in groups], tuple(group_index[id(view)] for view in session.layer_views),
+            self.adapter.cache_layers(session.cache), session.prompt_length, like)

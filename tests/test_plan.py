@@ -1,0 +1,52 @@
+"""The runtime's plan of a call (runtime/plan.py): which prefill, cache and decode path each case takes."""
+
+import pytest
+
+from slimvlm.errors import SlimVLMError
+from slimvlm.runtime.plan import Cache, Decode, Prefill, plan_prefill
+
+# stage-3/4 methods on an SDPA LM, on a GPU at inference, at batch 1, on generate()'s dynamic cache
+USUAL = dict(edits_layers=True, unmerge=False, windowed=False, takes_masks=True, graphs=True, batch=1,
+             lm_outputs_asked=False, use_cache=True, static_given=False)
+
+
+def plan(**changes):
+    return plan_prefill(**{**USUAL, **changes})
+
+
+@pytest.mark.parametrize("changes, prefill, cache, decode, layer_hooks", [
+    ({}, Prefill.SEGMENTS, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, False),
+    (dict(graphs=False), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
+    (dict(batch=2), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
+    (dict(lm_outputs_asked=True), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
+    (dict(takes_masks=False), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
+    (dict(use_cache=False), Prefill.SEGMENTS, Cache.NONE, Decode.LAYER_BY_LAYER, False),
+    (dict(static_given=True), Prefill.SEGMENTS, Cache.HAND_OFF, Decode.STATIC, False),
+    (dict(static_given=True, batch=2), Prefill.LM, Cache.HAND_OFF, Decode.STATIC, True),
+    (dict(edits_layers=False), Prefill.SEGMENTS, Cache.DYNAMIC, Decode.LM, False),
+    (dict(edits_layers=False, batch=2), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
+    (dict(edits_layers=False, static_given=True), Prefill.STATIC, Cache.STATIC, Decode.STATIC, False),
+    (dict(edits_layers=False, static_given=True, lm_outputs_asked=True), Prefill.LM, Cache.STATIC, Decode.STATIC,
+     False),
+    (dict(edits_layers=False, unmerge=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
+    (dict(edits_layers=False, windowed=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
+])
+def test_a_prefill_takes_one_path_decided_by_its_conditions(changes, prefill, cache, decode, layer_hooks):
+    planned = plan(**changes)
+    assert (planned.prefill, planned.cache, planned.decode, planned.layer_hooks) == (prefill, cache, decode, layer_hooks)
+
+
+def test_a_decode_step_follows_its_prompts_plan():
+    layer_by_layer = plan(graphs=False)
+    assert layer_by_layer.step(lm_outputs_asked=False).decode is Decode.LAYER_BY_LAYER
+    assert not layer_by_layer.step(lm_outputs_asked=False).layer_hooks  # the step masks each layer itself
+    with_outputs = layer_by_layer.step(lm_outputs_asked=True)  # only the LM's own forward takes them
+    assert (with_outputs.prefill, with_outputs.decode, with_outputs.layer_hooks) == (None, Decode.LM, True)
+    static = plan(graphs=False, static_given=True).step(lm_outputs_asked=True)
+    assert (static.decode, static.layer_hooks) == (Decode.STATIC, False)  # hooks would be traced into the step
+
+
+def test_virtual_unmerging_on_a_static_cache_is_refused():
+    with pytest.raises(SlimVLMError, match="static cache"):
+        plan(edits_layers=False, unmerge=True, static_given=True)
+    assert plan(edits_layers=False, unmerge=True, static_given=True, use_cache=False).cache is Cache.NONE
