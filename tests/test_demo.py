@@ -6,6 +6,8 @@ from slimvlm.cli import main
 from slimvlm.demo import BUDGETS, budget_specs
 from slimvlm.registry import methods
 
+SHIPPED_BUDGETS = [1]  # the LLaVA-Mini budgets the testbed folder ships (src/slimvlm/testbed/weights/llava_mini)
+
 
 def test_eval_cli_writes_summary_and_records(tiny_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
