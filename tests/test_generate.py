@@ -121,7 +121,7 @@ class FuseMean(slimvlm.Method):
     def fuse(self, text_embeds, tokens, context):
         self.images = context.image_of_sample
         shift = torch.stack([sum(self.means[i] for i in images) for images in context.image_of_sample])
-        return text_embeds + shift[:, None, :]
+        return text_embeds + shift[:, None, :], tokens
 
 
 def test_stage2_methods_can_fuse_visual_information_into_the_text(fresh):
@@ -134,7 +134,7 @@ def test_stage2_methods_can_fuse_visual_information_into_the_text(fresh):
 
     class NoFuse(FuseMean):
         def fuse(self, text_embeds, tokens, context):
-            return text_embeds
+            return text_embeds, tokens
 
     with torch.no_grad(), slimvlm.apply(model, NoFuse()):
         plain = model(**inputs).logits[:, -1]
