@@ -1,5 +1,5 @@
 """Methods that declare themselves capturable run stages 1-2 without reading the device back or copying
-host values to it: what a CUDA graph needs (tests/test_cuda_graphs.py replays them on a GPU)."""
+host values to it: what a CUDA graph needs (tests/runtime/test_cuda_graphs.py replays them on a GPU)."""
 
 import pytest
 import torch
