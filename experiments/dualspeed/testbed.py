@@ -20,28 +20,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from experiments.runner import command, common_options, entry
 from experiments.scene_pool import render_pool
+from experiments.testbed.optimizer import lr_factor
 from slimvlm.bench.evaluate import evaluate, from_sample
+from slimvlm.bench.timing import synchronize
 from slimvlm.models import adapter_for
 from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.testbed.scenes import make_samples
 from slimvlm.testbed.batches import PixelNormalizer
 from slimvlm.train.dualspeed import DualSpeed, variant
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then a cosine from 1 to 0.1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
 
 def runs(args) -> list[tuple[str, dict]]:
@@ -69,15 +62,15 @@ def train_run(name: str, options: dict, base, pool, normalizer, args, device) ->
     batches = pool.batches(args.scenes_per_batch, seed=args.seed)  # the same batches, in the same order, for every run
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     modes = {"fast": 0, "slow": 0}
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for step in range(steps):
         batch = next(batches)
         batch = {**batch, "pixel_values": normalizer(batch.pop("pixels"))}
         for group, rate in zip(optimizer.param_groups, rates):
-            group["lr"] = rate * lr_factor(step, steps, args.warmup)
+            group["lr"] = rate * lr_factor(step, step / steps, args.warmup)
         with autocast:
             loss, info = dual.loss(batch, step, details=False)
         loss.backward()
@@ -85,8 +78,7 @@ def train_run(name: str, options: dict, base, pool, normalizer, args, device) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         modes[info["mode"]] += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - started
     record = {"run": name, "options": options, "steps": steps, "samples": steps * per_step, "train_s": round(seconds, 2),
               "samples_per_s": round(steps * per_step / seconds, 1), "fast_steps": modes["fast"], "slow_steps": modes["slow"],
@@ -119,7 +111,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {**{k: v for k, v in vars(args).items() if k != "argv"},
                             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                            "command": "python -m experiments.dualspeed.testbed " + shlex.join(args.argv)},
+                            "command": command("experiments.dualspeed.testbed", args)},
                "start": {"full": evaluate(base, processor, items, "none", batch_size=args.eval_batch_size).accuracy},
                "runs": []}
     for name, options in runs(args)[: args.max_runs]:
@@ -135,33 +127,21 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.dualspeed.testbed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="testbed")
-    p.add_argument("--out", required=True)
+    p = common_options(argparse.ArgumentParser(prog="python -m experiments.dualspeed.testbed", description=__doc__.split("\n\n")[0]),
+                       scenes=40_000)
     p.add_argument("--samples", type=int, default=500_000, help="training samples per run")
     p.add_argument("--p", type=float, default=0.9, help="pruning ratio of the fast mode")
     p.add_argument("--r", type=float, default=0.1, help="probability of a slow step")
     p.add_argument("--sweep-p", type=lambda t: [float(x) for x in t.split(",")], default=[0.75, 0.9, 0.95])
     p.add_argument("--sweep-r", type=lambda t: [float(x) for x in t.split(",")], default=[0.05, 0.1, 0.2])
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (the main three first)")
-    p.add_argument("--scenes", type=int, default=40_000)
-    p.add_argument("--scenes-per-batch", type=int, default=86, help="each with its 3 questions")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--isolator-lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=400)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=14)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    run(args)
-    return 0
+    return entry(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def install(folder: Path, model_file: Path | None, modules: dict[int, Path], lay
     return placed
 
 
-def card(budget: int, scored, clips, untouched, clip_untouched, run: dict | None, folder: Path, command: str) -> str:
+def card(budget: int, scored, clips, untouched, clip_untouched, run: dict | None, command: str) -> str:
     rows = [f"| {t} | {100 * untouched.accuracy_by_type()[t]:.1f} | {100 * scored.accuracy_by_type()[t]:.1f} |"
             for t in QUESTION_TYPES if t in scored.accuracy_by_type()]
     trained = next((s for s in (run or {}).get("students", []) if s["budget"] == budget), None)
@@ -56,7 +56,7 @@ def card(budget: int, scored, clips, untouched, clip_untouched, run: dict | None
              "and 4 modality pre-fusion layers (slimvlm/methods/llava_mini.py). They run on the testbed model with "
              f"`../{SHIPPED_MODEL}` over it: the projector and LLM trained with them (the vision tower frozen).", "",
              "```python", "from slimvlm.methods.llava_mini import shipped_model",
-             "model = shipped_model(TESTBED_FOLDER)", f'slimvlm.apply(model, "llava-mini:weights=THIS_FOLDER")', "```", "",
+             "model = shipped_model(TESTBED_FOLDER)", 'slimvlm.apply(model, "llava-mini:weights=THIS_FOLDER")', "```", "",
              "`slimvlm demo` runs it beside the other methods.", ""]
     if trained:
         settings = run["settings"]
@@ -72,7 +72,7 @@ def card(budget: int, scored, clips, untouched, clip_untouched, run: dict | None
     lines += [f"## Held-out accuracy ({len(scored.records)} test-split scenes, seed 0; generate(), weights as shipped)", "",
               "| question type | untouched (576 tokens) % | C = " + str(budget) + " % |", "| --- | ---: | ---: |", *rows,
               f"| **overall** | {100 * untouched.accuracy:.1f} | **{100 * scored.accuracy:.1f}** "
-              f"(retention {100 * scored.accuracy / untouched.accuracy:.1f}) |", ""]
+              + (f"(retention {100 * scored.accuracy / untouched.accuracy:.1f}) |" if untouched.accuracy else "|"), ""]
     if clips is not None:
         lines += [f"Clips of 4 frames ({len(clips.records)}): {100 * clips.accuracy:.1f}% with {budget} token(s) per frame, "
                   f"the untouched model {100 * clip_untouched.accuracy:.1f}% on the same clips.", ""]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         scored = evaluate(own, processor, items, f"llava-mini:weights={path}", batch_size=args.batch_size)
         clip_scored = evaluate(own, processor, clips, f"llava-mini:weights={path}",
                                batch_size=max(1, args.batch_size // 4)) if clips else None
-        (path / "README.md").write_text(card(budget, scored, clip_scored, untouched, clip_untouched, run, folder, command))
+        (path / "README.md").write_text(card(budget, scored, clip_scored, untouched, clip_untouched, run, command))
         summary[f"c{budget}"] = {"accuracy": scored.accuracy, "per_type": scored.accuracy_by_type(),
                                  "clips": clip_scored.accuracy if clip_scored else None}
         print(f"C={budget}: {100 * scored.accuracy:.1f}% (untouched {100 * untouched.accuracy:.1f}%)", flush=True)

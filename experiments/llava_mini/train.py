@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from experiments.runner import command, common_options, entry
 from experiments.scene_pool import render_pool
+from experiments.testbed.optimizer import lr_factor
 from slimvlm.bench.evaluate import evaluate, from_sample
+from slimvlm.bench.timing import synchronize
 from slimvlm.methods.llava_mini import LlavaMini
 from slimvlm.models import adapter_for
 from slimvlm.models.loading import load_model, resolve_device
@@ -47,7 +47,7 @@ from slimvlm.testbed.batches import PixelNormalizer
 from slimvlm.tokens import VisualTokens
 from slimvlm.train.data import SceneCollator
 from slimvlm.train.distillation import answer_weights, distillation_kl
-from slimvlm.train.spans import batch_span, causal_lm_loss, lm_logits
+from slimvlm.train.spans import causal_lm_loss, lm_logits
 
 
 @dataclass
@@ -97,14 +97,6 @@ def build_student(student: Student, base: torch.nn.Module, args) -> None:
     student.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0,
                                           fused=next(base.parameters()).is_cuda)
     student.rates = [group["lr"] for group in groups]
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then a cosine from 1 to 0.1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def shared_inputs(teacher, pixel_values: torch.Tensor, batch: dict, span, distilling: bool):
@@ -191,11 +183,6 @@ def eval_rows(processor, samples: int, seed: int, device) -> tuple[dict, torch.T
     return rows, types, items
 
 
-def synchronize(args) -> None:
-    if args.device_type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_alone(base, processor, pool, span, normalizer, args) -> dict:
     """samples/s of one C=1 student trained alone for --alone-steps steps (after 10 warm-up steps), batches
     from the pool; the student is thrown away."""
@@ -205,10 +192,10 @@ def time_alone(base, processor, pool, span, normalizer, args) -> dict:
     teacher = base
     for step in range(10 + args.alone_steps):
         if step == 10:
-            synchronize(args)
+            synchronize(torch.device(args.device_type))
             started = time.perf_counter()
         train_step([student], teacher, normalizer, next(batches), span, 1.0, args, timed=False)
-    synchronize(args)
+    synchronize(torch.device(args.device_type))
     seconds = time.perf_counter() - started
     samples = args.alone_steps * args.scenes_per_batch * pool.questions_per_scene
     return {"steps": args.alone_steps, "samples": samples, "seconds": round(seconds, 2),
@@ -257,7 +244,7 @@ def run(args) -> dict:
     record(0)
     train_started = time.perf_counter()
     for step in range(steps):
-        train_step(students, base, normalizer, next(batches), span, lr_factor(step, steps, args.warmup), args,
+        train_step(students, base, normalizer, next(batches), span, lr_factor(step, step / steps, args.warmup), args,
                    timed=step >= 10)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             record(step + 1)
@@ -266,11 +253,11 @@ def run(args) -> dict:
             if students[0].curve[-1]["step"] != step + 1:
                 record(step + 1)
             break
-    synchronize(args)
+    synchronize(torch.device(args.device_type))
     train_seconds = time.perf_counter() - train_started
     results = {"students": [], "settings": {**{k: v for k, v in vars(args).items() if k != "argv"},
                                             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                                            "command": "python -m experiments.llava_mini.train " + shlex.join(args.argv),
+                                            "command": command("experiments.llava_mini.train", args),
                                             "pool_seconds": round(rendered, 1), "train_seconds": round(train_seconds, 1)},
                "alone": alone}
     eval_items = [from_sample(s) for s in items]
@@ -315,35 +302,23 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.llava_mini.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="testbed")
-    p.add_argument("--out", required=True)
+    p = common_options(argparse.ArgumentParser(prog="python -m experiments.llava_mini.train", description=__doc__.split("\n\n")[0]),
+                       scenes=40_000)
     p.add_argument("--students", default="c1+c16")
     p.add_argument("--samples", type=int, default=600_000, help="training samples per student")
-    p.add_argument("--scenes", type=int, default=40_000, help="scenes rendered into the pool")
-    p.add_argument("--scenes-per-batch", type=int, default=86, help="each with its 3 questions")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4, help="LLaVA-Mini's modules")
     p.add_argument("--llm-lr", type=float, default=1e-4, help="projector and LLM, where they train")
     p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=50_000, help="samples between learning-curve points")
-    p.add_argument("--eval-samples", type=int, default=400)
-    p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--clip-samples", type=int, default=100)
     p.add_argument("--alone-steps", type=int, default=0)
     p.add_argument("--max-train-seconds", type=float, default=float("inf"))
-    p.add_argument("--workers", type=int, default=14)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    run(args)
-    return 0
+    return entry(parser, run, argv)
 
 
 if __name__ == "__main__":

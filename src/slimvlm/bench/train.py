@@ -128,7 +128,6 @@ def bench_train(model, batch: dict, p: float, r: float, steps: int, warmup: int,
             samples_per_s=round(steps * batch_size / run_s[0], 2), expected_speedup=None, measured_speedup=None,
             peak_memory_bytes=peak,
         ))
-        del optimizer, dual
     untouched = results[0]
     for result in results:
         mix = (1 - result.options["r"]) * result.step_ms.get("fast", 0.0) + result.options["r"] * result.step_ms.get("slow", 0.0)

@@ -36,7 +36,6 @@ from torch import nn
 from ..api import apply
 from ..errors import SlimVLMError
 from ..registry import build
-from ..sequence import IGNORE_INDEX
 from ..method import Method, PromptContext, Stage
 from ..tokens import VisualTokens
 from .distillation import answer_logits, answer_weights, distillation_kl
