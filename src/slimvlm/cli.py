@@ -276,6 +276,8 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    import copy
+
     from .models.loading import load_model, resolve_device
     from .train import DualSpeed, dualspeed_trainer, llava_mini_trainer
     from .train.data import SceneCollator, training_scenes
@@ -307,8 +309,9 @@ def _train(args: argparse.Namespace) -> None:
         from .methods.llava_mini import LlavaMini
 
         method = LlavaMini(budget=args.budget, layers=args.layers)
+        teacher = copy.deepcopy(model).eval() if args.distill else None  # the untouched model, before training
         trainer = llava_mini_trainer(method, model, training, data, collator, train_llm=not args.freeze_llm,
-                                     prepare_batch=collator.on_device)
+                                     teacher=teacher, prepare_batch=collator.on_device)
         trainer.train(resume_from_checkpoint=resume)
         if trainer.is_world_process_zero():
             method.save(out)
@@ -479,6 +482,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--budget", type=int, default=64, help="llava-mini: visual tokens per image")
     train.add_argument("--layers", type=int, default=4, help="llava-mini: pre-fusion layers")
     train.add_argument("--freeze-llm", action="store_true", help="llava-mini: train only its modules")
+    train.add_argument("--distill", action="store_true",
+                       help="llava-mini: add KL from the untouched model on the answer (off: it trailed on the testbed)")
     train.add_argument("--freeze-vision", action="store_true", help="freeze the vision encoder (as LLaVA instruction tuning)")
     train.add_argument("--save-steps", type=int, default=0,
                        help="write a checkpoint (safetensors + JSON) to OUT/trainer/checkpoint-<step> every N steps (0: none)")

@@ -27,6 +27,12 @@ def test_train_dualspeed_and_llava_mini(tiny_dir, tmp_path):
     assert main(["train", "--method", "llava-mini", "--budget", "4", "--layers", "1", "--out", str(tmp_path / "mini"), *common]) == 0
     model, _ = load(tmp_path / "mini")
     assert (tmp_path / "mini" / "llava_mini.safetensors").exists()
+    assert main(["train", "--method", "llava-mini", "--budget", "4", "--layers", "1", "--distill", "--out",
+                 str(tmp_path / "taught"), *common]) == 0
+    from safetensors.torch import load_file
+
+    plain, taught = load_file(tmp_path / "mini" / "llava_mini.safetensors"), load_file(tmp_path / "taught" / "llava_mini.safetensors")
+    assert any(not torch.equal(plain[key], taught[key]) for key in plain)  # the teacher's KL moved the modules
     assert main(["train", "--method", "tome", "--out", str(tmp_path / "x"), *common]) == 2
 
 
