@@ -77,6 +77,15 @@ def table(runs: list[dict], untouched: dict) -> str:
     return "\n".join(lines)
 
 
+def save(fig, ax, path: Path, legend_size: int) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(runs: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for index, run in enumerate(runs):
@@ -86,12 +95,7 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
                     label=f"run {index + 1}: {student['name']} C={student['budget']}")
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("held-out accuracy % (first answer token, teacher-forced)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path, legend_size=7)
 
 
 def plot_tokens(runs: list[dict], baselines: dict, path: Path) -> Path:
@@ -109,12 +113,7 @@ def plot_tokens(runs: list[dict], baselines: dict, path: Path) -> Path:
     ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
     ax.set_xlabel("visual tokens per image")
     ax.set_ylabel("held-out accuracy % (400 scenes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path, legend_size=8)
 
 
 def curve_from_log(text: str) -> list[dict]:
