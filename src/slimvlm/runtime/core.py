@@ -28,6 +28,9 @@ from .unmerge import UnmergeCore
 from .vision import VisionStages
 
 
+_ABSENT = object()  # no instance-level forward before apply: the class's ran
+
+
 class Runtime:
     """Installed on one model by slimvlm.apply; `remove()` restores the model exactly."""
 
@@ -72,7 +75,7 @@ class Runtime:
         elif self._edits_layers:
             adapter.mask_dtype(torch.float32)  # refuses attention implementations it cannot mask
         static = StaticDecoder(model, adapter, compile)
-        self._cache_name = cache_kwarg(model.forward)
+        self._cache_name = cache_kwarg(type(model).forward)
         self.outputs = Outputs(model, adapter, self._cache_name)
         self.vision = VisionStages(adapter, by_stage[Stage.ENCODE], by_stage[Stage.PROJECT])
         self.layer_edits = LayerEdits(adapter, drop_methods, by_stage[Stage.DECODE], lambda: self.session)
@@ -93,8 +96,16 @@ class Runtime:
 
     # ---- installation ------------------------------------------------------------------------
     def _install_forward(self) -> None:
-        original = self.model.forward
-        signature = inspect.signature(original)
+        """Wrap the forward the model has now, whoever set it. Under an accelerate hook (add_hook_to_module, as
+        device_map="auto" installs them) the module's forward runs the hook's pre- and post-forward around
+        `_old_forward`: slimvlm wraps that one, so the hook runs on every path (inputs to the execution device,
+        outputs back)."""
+        hooked = getattr(self.model, "_hf_hook", None) is not None and "_old_forward" in self.model.__dict__
+        self._slot = "_old_forward" if hooked else "forward"
+        self._previous = self.model.__dict__.get(self._slot, _ABSENT)  # a user's wrapper, torch.compile's, a hook's
+        original = getattr(self.model, self._slot)
+        # the model's own parameters, whatever a wrapper in between declares (*args, **kwargs, say)
+        signature = inspect.signature(type(self.model).forward.__get__(self.model))
         # without 'mm_encoder_outputs' in the signature, generate() hands us pixel_values
         params = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
         ours = inspect.Signature(params, return_annotation=signature.return_annotation)
@@ -115,14 +126,29 @@ class Runtime:
         functools.update_wrapper(forward, original)
         forward.__signature__ = ours
         del forward.__wrapped__
-        self.model.forward = forward
+        setattr(self.model, self._slot, forward)
+        # generate() reads the signature of the forward it calls: under a hook that is the hook's wrapper, which
+        # shows the model's own (with mm_encoder_outputs); it must show ours, or generate() computes the image
+        # features itself and hands them over in place of the pixels
+        self._outer = self.model.forward if hooked else None
+        if self._outer is not None:
+            self._outer_signature = self._outer.__dict__.get("__signature__", _ABSENT)
+            self._outer.__signature__ = ours
 
     def remove(self) -> None:
+        """Undo every change, and put back exactly the forward that was there before apply()."""
         for undo in self._undo:
             undo()
         self._undo.clear()
-        if "forward" in self.model.__dict__:
-            del self.model.forward
+        if self._previous is _ABSENT:
+            self.model.__dict__.pop(self._slot, None)
+        else:
+            setattr(self.model, self._slot, self._previous)
+        if self._outer is not None:
+            if self._outer_signature is _ABSENT:
+                del self._outer.__signature__
+            else:
+                self._outer.__signature__ = self._outer_signature
         self.session = None
 
     # ---- each call -----------------------------------------------------------------------------
@@ -139,7 +165,7 @@ class Runtime:
             arguments["attention_mask"] = masks.get("full_attention", next(iter(masks.values())))
         visuals = self.adapter.visual_inputs(arguments)
         cache = arguments.get(self._cache_name)
-        if kwargs.get("mm_encoder_outputs") is not None:
+        if arguments.get("mm_encoder_outputs") is not None or kwargs.get("mm_encoder_outputs") is not None:
             raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
         session = self.session
         if visuals is not None:
