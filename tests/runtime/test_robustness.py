@@ -164,30 +164,6 @@ def test_images_of_another_size_are_refused(fresh):
             model(**small, interpolate_pos_encoding=True)
 
 
-def test_continuing_from_a_reduced_cache_is_refused(fresh):
-    model, processor = fresh
-    inputs = batch(processor, 1)
-    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=32"):
-        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-        cache = getattr(first, slimvlm.models.compat.cache_kwarg(model.forward))
-        follow = torch.cat([first.sequences, inputs["input_ids"][:, -4:]], dim=1)  # the conversation goes on
-        with pytest.raises(slimvlm.SlimVLMError, match="continuing from a KV cache"):
-            model.generate(input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2,
-                           **{slimvlm.models.compat.cache_kwarg(model.forward): cache})
-    name = slimvlm.models.compat.cache_kwarg(model.forward)
-
-    def two_turns():
-        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-        follow = torch.cat([first.sequences, inputs["input_ids"][:, -4:]], dim=1)
-        return model.generate(input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2,
-                              do_sample=False, **{name: getattr(first, name)})
-
-    with torch.no_grad():
-        untouched = two_turns()
-        with slimvlm.apply(model, "none"):  # nothing reduced: the cache is in the prompt's frame and continues
-            assert torch.equal(two_turns(), untouched)
-
-
 def sliding_window_model(tiny_dir, window: int):
     from transformers import LlavaForConditionalGeneration, MistralConfig
 

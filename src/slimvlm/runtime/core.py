@@ -15,6 +15,7 @@ from ..errors import SlimVLMError
 from ..method import Method, Stage
 from ..models.compat import cache_kwarg
 from ..sequence import padding_of_causal_mask, rebuild
+from .conversations import Conversations
 from .decode import Decoder
 from .outputs import Outputs
 from .plan import Cache, Plan, plan_prefill
@@ -44,7 +45,8 @@ class Runtime:
         self._stats = Stats()
         self._read_stats = None  # the last forward's statistics, read from the device when asked for
         self.labels: torch.Tensor | None = None  # the last prefill's labels, remapped to its sequence
-        self.session: Session | None = None  # the prompt being served: decode steps continue it
+        self.session: Session | None = None  # the prompt being served now (the layer hooks read it)
+        self.conversations = Conversations()  # every cache a prefill filled, and its session
         for method in methods:
             adapter.check_method(method)
             method.check_identity(model)
@@ -167,16 +169,19 @@ class Runtime:
         cache = arguments.get(self._cache_name)
         if arguments.get("mm_encoder_outputs") is not None or kwargs.get("mm_encoder_outputs") is not None:
             raise SlimVLMError("pass pixel_values, not mm_encoder_outputs, to a model slimvlm is applied to")
-        session = self.session
-        if visuals is not None:
-            plan = self._read_prompt(arguments, kwargs, visuals)
-            run = functools.partial(self._prefill, plan, arguments, kwargs)
-        elif session is not None and cache is not None and (cache is session.cache or cache is session.given_cache):
+        session = self.conversations.of(cache)
+        if session is not None:  # a decode step, or a follow-up turn, of a conversation a prefill here started
+            self.session = session
             plan = session.plan.step(lm_outputs_asked=bool(kwargs))
             run = functools.partial(self.decoder.step, plan, session, arguments, kwargs)
+        elif visuals is not None:
+            plan = self._read_prompt(arguments, kwargs, visuals)
+            run = functools.partial(self._prefill, plan, arguments, kwargs)
         else:
             self.session = None
-            return original(**arguments, **kwargs)
+            output = original(**arguments, **kwargs)
+            self.conversations.untouched(getattr(output, self._cache_name, None))
+            return output
         with self.layer_edits.hooks(plan):  # the layer hooks are on for this call alone, where its plan has them
             return run()
 
@@ -222,8 +227,10 @@ class Runtime:
         )
         given = arguments.get(self._cache_name)
         session = self.session = self.llm_prefill.start_session(plan, rebuilt, visual.tokens, given,
-                                                                input_ids.shape[1], right_padded)
+                                                                input_ids, right_padded)
         output, hidden, layer_tokens = self.llm_prefill.run(plan, rebuilt, session, given, kwargs)
+        if plan.cache is not Cache.NONE:
+            self.conversations.started(session)
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
         self._read_stats = recorded(session, visual.tokens, visual.trace, visual.projected, layer_tokens,
                                     input_ids.shape[1], visual.fusion)

@@ -31,15 +31,11 @@ class Decoder:
         input_ids = arguments.get("input_ids")
         if input_ids is None:
             raise SlimVLMError("decode steps need input_ids when slimvlm is applied")
+        input_ids = self._new_tokens(session, input_ids, arguments.get("attention_mask"))
         steps = input_ids.shape[1]
-        if steps > 1 and bool(is_placeholder(input_ids, self.adapter.placeholder_ids).any()):  # one-token steps need no look
-            raise SlimVLMError(
-                "continuing from a KV cache that slimvlm reduced is not supported: the cache holds the reduced "
-                "sequence, the new input the image's placeholders; call generate() again with the whole "
-                "conversation and pixel_values, and no cache"
-            )
         new_valid = self._new_tokens_valid(plan, session, arguments.get("attention_mask"), steps)
         session.decoded += steps
+        session.conversation = torch.cat([session.conversation, input_ids], dim=1)
         positions = session.next_position[:, None]  # (B, 1), or (B, 1, A) one per rotary axis
         if steps > 1:
             at = torch.arange(steps, device=input_ids.device)
@@ -83,6 +79,40 @@ class Decoder:
         masks = tuple(base_mask if view is session.layer_views[0] else view.decode_mask for view in views)
         return decode_step(self.adapter.decode_parts(), self.adapter.cache_kwarg, input_ids, masks,
                            tuple(group[id(view)] for view in session.layer_views), positions, session.cache)
+
+    def _new_tokens(self, session: Session, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The tokens of a step the cache does not hold yet. generate() cuts a follow-up turn's ids where the cache's
+        length says, and the reduced cache holds fewer entries than the caller's frame has tokens: the ids then
+        begin with some the cache holds already (the 2D mask, in the caller's frame, tells how many are new); those
+        must be the conversation's own. A one-token step needs no look."""
+        if input_ids.shape[1] == 1:
+            return input_ids
+        if session.static is not None:
+            raise SlimVLMError(
+                "a follow-up turn on slimvlm's static cache is not supported (its capacity was set for the first turn); "
+                "chat on the dynamic cache (generate() without cache_implementation='static'), or start again"
+            )
+        held = session.conversation.shape[1]
+        new = input_ids.shape[1] if mask is None or mask.dim() != 2 else mask.shape[1] - held
+        if not 0 < new <= input_ids.shape[1]:
+            raise SlimVLMError(
+                f"attention_mask has {mask.shape[1]} columns for a conversation of {held} tokens and {input_ids.shape[1]} "
+                "given: pass the whole conversation's mask (generate() keeps it), or none"
+            )
+        overlap = input_ids[:, : input_ids.shape[1] - new]
+        new_ids = input_ids[:, input_ids.shape[1] - new :]
+        checks = [(overlap != session.conversation[:, held - overlap.shape[1] :]).any(),
+                  is_placeholder(new_ids, self.adapter.placeholder_ids).any()]
+        differs, placeholders = torch.stack(checks).tolist()  # one read
+        if differs:
+            raise SlimVLMError("the ids given do not continue the conversation this cache holds; pass the same "
+                               "conversation (its earlier turns as generated) with the cache, or start again without it")
+        if placeholders:
+            raise SlimVLMError(
+                "a follow-up turn brings an image: the cache holds the earlier turns' reduced sequence and slimvlm "
+                "does not add images to it; generate() again with the whole conversation, its images and no cache"
+            )
+        return new_ids
 
     @staticmethod
     def _new_tokens_valid(plan: Plan, session: Session, mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:

@@ -25,10 +25,11 @@ class LlmPrefill:
         self.edits = edits
         self.unmerge = unmerge
 
-    def start_session(self, plan: Plan, rebuilt, tokens, given, prompt_length: int, right_padded: bool) -> Session:
+    def start_session(self, plan: Plan, rebuilt, tokens, given, input_ids: torch.Tensor, right_padded: bool) -> Session:
         """The prompt's state for prefill and decoding: its cache (the caller's, slimvlm's own static
         one, or a new dynamic one), its views of the sequence, where positions continue."""
         sequence = rebuilt.sequence
+        prompt_length = input_ids.shape[1]
         static = None
         if plan.cache is Cache.NONE:
             cache = None
@@ -45,6 +46,7 @@ class LlmPrefill:
             plan=plan,
             cache=cache,
             prompt_length=prompt_length,
+            conversation=input_ids,
             next_position=sequence.next_position(),
             layer_views=[View(sequence=sequence, key_valid=sequence.valid)] * len(self.adapter.llm_layers),
             tokens=tokens,

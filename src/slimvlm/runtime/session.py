@@ -33,6 +33,7 @@ class Session:
     cache: object
     prompt_length: int
     next_position: torch.Tensor
+    conversation: torch.Tensor  # (B, prompt + decoded) the token ids the cache holds, in the caller's frame
     layer_views: list[View]
     tokens: object = None  # the VisualTokens that entered the LLM
     given_cache: object = None  # the cache the caller passed in, where slimvlm swapped in one of its own
