@@ -257,6 +257,27 @@ def test_bad_inputs_are_named(fresh_qwen):
                   image_grid_thw=inputs["image_grid_thw"])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_inputs_are_named_before_generate_computes_positions(fresh_qwen, kind):
+    """generate() computes M-RoPE positions (transformers' get_rope_index) before the first forward: the same bad
+    inputs fail there with slimvlm's errors, not a shape mismatch or a bare StopIteration."""
+    model = fresh_qwen
+    inputs = qwen_batch(model.config, kind=kind)
+    grid = "image_grid_thw" if kind == "image" else "video_grid_thw"
+    placeholder = int((inputs["mm_token_type_ids"][0] > 0).nonzero()[0])
+    one_fewer = {name: torch.cat([value[:, :placeholder], value[:, placeholder + 1 :]], dim=1)
+                 for name, value in inputs.items() if name in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    bad = [({**inputs, grid: inputs[grid].flip(0)}, "not those of whole"),  # grids in the other order
+           ({**inputs, grid: inputs[grid][:1].repeat(2, 1)}, "not those of whole|do not hold the patches"),
+           ({**inputs, **one_fewer}, "not those of whole")]  # a placeholder missing
+    if "second_per_grid_ts" in inputs:
+        bad.append(({**inputs, "second_per_grid_ts": inputs["second_per_grid_ts"][:1]}, "second_per_grid_ts gives 1 value"))
+    with torch.no_grad(), slimvlm.apply(model, "none"):
+        for given, message in bad:
+            with pytest.raises(slimvlm.SlimVLMError, match=message):
+                model.generate(**given, max_new_tokens=1, do_sample=False)
+
+
 def test_bad_video_inputs_are_named(fresh_qwen):
     model = fresh_qwen
     inputs = qwen_batch(model.config, kind="video")

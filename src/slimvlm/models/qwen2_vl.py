@@ -175,7 +175,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         """Beams and several sequences per prompt: generate() repeats every input along dim 0, but Qwen's
         pixel_values (and pixel_values_videos) pack all items' patches along dim 0 (transformers 5.25 repeats
         them pre-encoded, which slimvlm turns off: the runtime encodes), so here each prompt's patches, grids
-        and seconds repeat as a whole."""
+        and seconds repeat as a whole. And the visual inputs are checked before generate() computes positions."""
         model = self.model
         original = model._expand_inputs_for_generation
 
@@ -192,9 +192,23 @@ class QwenVLAdapter(LanguageModelAdapter):
             return input_ids, {**rest, **repeated}
 
         model._expand_inputs_for_generation = expand
+        prepare = model._prepare_position_ids_for_generation
+
+        def checked(inputs_tensor, model_kwargs):
+            """generate() asks transformers' get_rope_index for M-RoPE positions before any forward: bad grids or
+            placeholders fail there (a shape mismatch, a bare StopIteration). The items are read here first, as the
+            forward reads them, so that they fail with slimvlm's errors."""
+            input_ids = model_kwargs.get("input_ids", inputs_tensor)
+            if input_ids is not None and input_ids.dim() == 2 and any(model_kwargs.get(kind.pixels) is not None
+                                                                       for kind in KINDS):
+                visual_items(model_kwargs, self.token_types(input_ids), self.patch_values, self.merge)
+            return prepare(inputs_tensor, model_kwargs)
+
+        model._prepare_position_ids_for_generation = checked
 
         def undo() -> None:
             del model._expand_inputs_for_generation
+            del model._prepare_position_ids_for_generation
 
         return undo
 
