@@ -23,7 +23,7 @@ from conftest import batch
         ("pool:budget=50", "square budget"),
         ("fastv:k=4", "has 4 layers"),
         ("fastv:k=0", "must be >= 1"),
-        ("visionzip:dominant=500,contextual=100", "larger than the 576 patch tokens"),
+        ("visionzip:dominant=500,contextual=100", "keep more tokens than the 576 of the largest visual item"),
         ("tome:r=-1", "must be >= 0"),
     ],
 )

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .errors import SlimVLMError
+from .hooks import APPLIED
 from .models import adapter_for
 from .registry import build, check_compatible
 from .runtime import Runtime, Stats
@@ -42,10 +43,10 @@ class Handle:
         delattr(self.model, _ATTRIBUTE)
 
     def __deepcopy__(self, memo=None):
-        raise SlimVLMError(
-            "a model with slimvlm applied cannot be copied (its hooks and patched forward belong to the original); "
-            "copy it before slimvlm.apply, or call handle.remove() first and apply to the copy"
-        )
+        raise SlimVLMError(APPLIED)
+
+    def __reduce_ex__(self, protocol):
+        raise SlimVLMError(APPLIED)
 
     def __enter__(self) -> "Handle":
         return self

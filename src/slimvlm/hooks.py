@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from .errors import SlimVLMError
+
+APPLIED = ("a model with slimvlm applied cannot be copied or pickled (its patched forward and hooks belong to this "
+           "process's model); copy or save it before slimvlm.apply, or call handle.remove() first and apply again")
+
+
+class Installed:
+    """A function slimvlm sets on a model (or one of its modules) while applied. Copying or pickling the model
+    reaches it first: it refuses by name (a local function would fail there with "Can't pickle local object")."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        raise SlimVLMError(APPLIED)
 
 
 @contextmanager

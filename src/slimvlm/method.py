@@ -230,8 +230,9 @@ def check_ratio(name: str, value: float) -> float:
     return value
 
 
-def check_budget(name: str, budget: int, available: int, item: str = "an image") -> int:
-    """A token budget must be between 1 and the tokens an image (`item`) has."""
+def check_budget(name: str, budget: int, available: int, item: str = "the largest visual item this model takes") -> int:
+    """A token budget must be between 1 and the tokens of `item` (at apply time: the most any visual item of the
+    model can have, an image at its largest layout or a video as long as the LM takes; in a forward: the item's own)."""
     if budget < 1:
         raise SlimVLMError(f"{name}={budget} must be at least 1 token")
     if budget > available:

@@ -137,8 +137,13 @@ def test_stage_2_budgets_are_per_video(fresh_nv, spec, expected):
 def test_a_budget_over_a_videos_tokens_is_refused(fresh_nv):
     model, tokenizer = fresh_nv
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=60"):
-        with pytest.raises(slimvlm.SlimVLMError, match="larger than the 48 tokens"):
+        with pytest.raises(slimvlm.SlimVLMError, match="larger than the 48 tokens of a visual item of this input"):
             model(**video_batch(model, tokenizer, BATCHES["videos"]))
+    # before any input, against the most a video can hold (the LM's positions), and not called an image's
+    most = model.config.text_config.max_position_embeddings
+    with pytest.raises(slimvlm.SlimVLMError, match=f"larger than the {most} tokens of the largest visual item this "
+                                                   "model takes"):
+        slimvlm.apply(model, f"divprune:budget={most + 1}")
 
 
 def test_stats_count_each_video(fresh_nv):

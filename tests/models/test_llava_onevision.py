@@ -160,7 +160,7 @@ def test_a_resized_image_takes_stages_2_to_4_and_refuses_stage_1(fresh_ov, thres
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_grid_methods_are_refused_with_the_fix(fresh_ov, name):
     model, _ = fresh_ov
-    with pytest.raises(slimvlm.SlimVLMError, match=f"{name} works on one square patch grid per image.*use uniform"):
+    with pytest.raises(slimvlm.SlimVLMError, match=f"{name} works on one square patch grid per image, but a LLaVA-OneVision image.*use uniform"):
         slimvlm.apply(model, REFUSED[name])
     assert "forward" not in model.__dict__
 

@@ -485,3 +485,13 @@ def test_bench_generate_leaves_out_the_default_runs_qwen_refuses(tmp_path, capsy
     assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["untouched", "none", "visionzip-64", "divprune-64"]
     assert main(["bench-generate", "--model", str(folder), "--methods", "tome:r=16", "--batch-sizes", "1",
                  "--device", "cpu"]) != 0
+
+
+def test_a_float_grid_is_refused_by_name(fresh_qwen):
+    model = fresh_qwen
+    inputs = qwen_batch(model.config)
+    with torch.no_grad(), slimvlm.apply(model, "none"):
+        with pytest.raises(slimvlm.SlimVLMError, match="image_grid_thw must be whole numbers.*not a torch.float32 tensor"):
+            model(**{**inputs, "image_grid_thw": inputs["image_grid_thw"].float()})
+        with pytest.raises(slimvlm.SlimVLMError, match="image_grid_thw must be whole numbers"):
+            model.generate(**{**inputs, "image_grid_thw": inputs["image_grid_thw"].float()}, max_new_tokens=1)

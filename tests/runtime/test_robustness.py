@@ -50,11 +50,27 @@ def test_an_old_handle_never_removes_a_new_one(fresh):
     assert "forward" not in model.__dict__
 
 
-def test_an_applied_model_is_not_deep_copied(fresh):
-    model, _ = fresh  # a deep copy would run the original's weights, and its remove() would undo the original's
+def test_an_applied_model_is_not_deep_copied_or_pickled(tiny_dir):
+    import pickle
+
+    from slimvlm.testbed.build import load
+
+    model, _ = load(tiny_dir)  # its own: the shared one may carry hooks other tests' transformers calls left
+    # a deep copy would run the original's weights, and its remove() would undo the original's
     with slimvlm.apply(model, ["tome:r=8", "vtu"]):
-        with pytest.raises(slimvlm.SlimVLMError, match="cannot be copied"):
+        with pytest.raises(slimvlm.SlimVLMError, match="cannot be copied or pickled"):
             copy.deepcopy(model)
+        with pytest.raises(slimvlm.SlimVLMError, match="cannot be copied or pickled.*handle.remove"):
+            pickle.dumps(model)
+    assert pickle.loads(pickle.dumps(model)) is not None  # removed: the model pickles as before
+
+
+def test_an_applied_qwen_model_is_not_pickled(fresh_qwen):
+    import pickle
+
+    with slimvlm.apply(fresh_qwen, "divprune:budget=8"):  # Qwen's generate() patches are the first thing pickle meets
+        with pytest.raises(slimvlm.SlimVLMError, match="cannot be copied or pickled"):
+            pickle.dumps(fresh_qwen)
 
 
 def test_pool_is_refused_on_a_model_that_keeps_the_class_token(tiny_dir):

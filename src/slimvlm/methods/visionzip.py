@@ -113,8 +113,9 @@ class VisionZip(Method):
             return  # fractions fit any view
         if self.dominant - 1 + self.contextual > tokens_per_image:
             raise SlimVLMError(
-                f"visionzip: dominant-1 + contextual = {self.dominant - 1 + self.contextual} is larger than the "
-                f"{tokens_per_image} patch tokens of an image; lower the budget"
+                f"visionzip: dominant={self.dominant} and contextual={self.contextual} keep more tokens than the "
+                f"{tokens_per_image} of the largest visual item this model takes (the class token, where the tower "
+                "has one, is one of the dominant); lower the budget"
             )
 
     def encode_output(self, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..attention import apply_rope
 from ..errors import SlimVLMError
+from ..hooks import Installed
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
 from .compat import cache_kwarg, modality_outputs
@@ -129,6 +130,7 @@ class LanguageModelAdapter:
     image placeholder. Subclasses set the vision side (views, encode, project, pack, check_method)."""
 
     family = ""
+    name = ""  # the family as messages name it
     output_class: type = None  # what the untouched model's forward returns
     vision_capturable = False  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
     sizes_argument = "image_sizes"  # the forward argument giving each image's size, handed to views()
@@ -305,7 +307,7 @@ class LanguageModelAdapter:
             output = core(attn, queries, keys, values)
             return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
-        attn.forward = forward
+        attn.forward = Installed(forward)
 
         def undo() -> None:
             del attn.forward

@@ -36,6 +36,7 @@ class LlavaAdapter(LanguageModelAdapter):
     subclass it and override how images become views and views become the LLM's tokens."""
 
     family = "llava"
+    name = "LLaVA"  # in messages
     output_class = LlavaCausalLMOutputWithPast
     vision_capturable = True
     vision_towers = ("CLIPVisionModel", "CLIPVisionTransformer")  # the tower classes the encoder loop knows

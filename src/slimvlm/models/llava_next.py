@@ -36,6 +36,7 @@ class LlavaNextAdapter(LlavaAdapter):
     after views())."""
 
     family = "llava-next"
+    name = "LLaVA-NeXT"  # in messages
     output_class = LlavaNextCausalLMOutputWithPast
     vision_capturable = False  # the packing follows image_sizes and reads each image's count back
 
@@ -50,15 +51,15 @@ class LlavaNextAdapter(LlavaAdapter):
     def _check_config(self, config) -> None:
         if config.vision_feature_select_strategy != "default":
             raise SlimVLMError(
-                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} on LLaVA-NeXT: the model "
+                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} on {self.name}: the model "
                 "lays each tile's tokens out on its patch grid, which a class token does not fit (transformers fails "
-                "too); use 'default', as LLaVA-NeXT checkpoints do"
+                f"too); use 'default', as {self.name} checkpoints do"
             )
 
     def check_method(self, method: Method) -> None:
         if method.needs_patch_grid:
             raise SlimVLMError(
-                f"{method.name} works on one square patch grid per image, but a LLaVA-NeXT image is a base view and "
+                f"{method.name} works on one square patch grid per image, but a {self.name} image is a base view and "
                 "AnyRes tiles cut to its aspect ratio, with image_newline after each row; use uniform, random or "
                 "divprune at stage 2 (or a stage-1 method, which runs per crop)"
             )
@@ -79,7 +80,7 @@ class LlavaNextAdapter(LlavaAdapter):
         padded to the most crops, or the crops of all images stacked; image_sizes (images, 2) as (H, W)."""
         if image_sizes is None:
             raise SlimVLMError(
-                "LLaVA-NeXT lays each image out by its size: pass image_sizes (the processor returns them with pixel_values)"
+                f"{self.name} lays each image out by its size: pass image_sizes (the processor returns them with pixel_values)"
             )
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
         layouts = self.image_layouts([(int(h), int(w)) for h, w in sizes])

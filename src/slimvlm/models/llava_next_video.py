@@ -20,6 +20,7 @@ class LlavaNextVideoAdapter(VideoItems, LlavaNextAdapter):
     """LLaVA-NeXT's adapter with videos pooled by the model's vision_resampler."""
 
     family = "llava-next-video"
+    name = "LLaVA-NeXT-Video"  # in messages
     output_class = LlavaNextVideoCausalLMOutputWithPast
 
     def __init__(self, model: nn.Module) -> None:

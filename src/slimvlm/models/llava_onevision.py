@@ -74,6 +74,7 @@ class OnevisionImages(LlavaNextAdapter):
     """LLaVA-NeXT's adapter on a SigLIP tower with anyres_max resizing (see the module's docstring): images."""
 
     family = "llava-onevision"
+    name = "LLaVA-OneVision"  # in messages
     output_class = LlavaOnevisionCausalLMOutputWithPast
     vision_towers = ("SiglipVisionModel", "SiglipVisionTransformer")
     has_cls = False

@@ -38,7 +38,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_i
 
 from ..attention import QUERY_CHUNK, rotate_half
 from ..errors import SlimVLMError
-from ..hooks import capture_inputs
+from ..hooks import Installed, capture_inputs
 from ..method import EncoderAttention, Method, Stage
 from ..tokens import VisualTokens
 from .compat import modality_outputs, multimodal_output_class
@@ -97,6 +97,7 @@ class QwenVLAdapter(LanguageModelAdapter):
     run as the model runs them (get_image_features); an item's tokens are its merger outputs, one per 2 x 2 unit."""
 
     family = "qwen2-vl"
+    name = "Qwen2-VL"  # in messages
     sizes_argument = "image_grid_thw"
 
     def __init__(self, model: nn.Module) -> None:
@@ -191,7 +192,7 @@ class QwenVLAdapter(LanguageModelAdapter):
                                        input_ids=input_ids, **rest)
             return input_ids, {**rest, **repeated}
 
-        model._expand_inputs_for_generation = expand
+        model._expand_inputs_for_generation = Installed(expand)
         prepare = model._prepare_position_ids_for_generation
 
         def checked(inputs_tensor, model_kwargs):
@@ -204,7 +205,7 @@ class QwenVLAdapter(LanguageModelAdapter):
                 visual_items(model_kwargs, self.token_types(input_ids), self.patch_values, self.merge)
             return prepare(inputs_tensor, model_kwargs)
 
-        model._prepare_position_ids_for_generation = checked
+        model._prepare_position_ids_for_generation = Installed(checked)
 
         def undo() -> None:
             del model._expand_inputs_for_generation

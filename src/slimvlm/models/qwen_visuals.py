@@ -138,6 +138,11 @@ def _given(kind: Kind, arguments: dict, placeholders: list[int], patch_values: i
             f"{kind.pixels})"
         )
     grid = torch.as_tensor(grid)
+    if grid.is_floating_point() or grid.dim() != 2 or grid.shape[1] != 3:
+        raise SlimVLMError(
+            f"{kind.grids} must be whole numbers, one (t, h, w) row per {kind.name} (an integer tensor of shape "
+            f"({kind.name}s, 3), as the processor returns it), not a {grid.dtype} tensor of shape {tuple(grid.shape)}"
+        )
     grids = [tuple(int(n) for n in row) for row in grid.tolist()]
     patches = sum(t * h * w for t, h, w in grids)
     if pixels.dim() != 2 or tuple(pixels.shape) != (patches, patch_values):

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import graphs
 from ..errors import SlimVLMError
+from ..hooks import Installed
 from ..method import Method, Stage
 from ..models.compat import cache_kwarg
 from ..sequence import padding_of_causal_mask, rebuild
@@ -128,7 +129,7 @@ class Runtime:
         functools.update_wrapper(forward, original)
         forward.__signature__ = ours
         del forward.__wrapped__
-        setattr(self.model, self._slot, forward)
+        setattr(self.model, self._slot, Installed(forward))
         # generate() reads the signature of the forward it calls: under a hook that is the hook's wrapper, which
         # shows the model's own (with mm_encoder_outputs); it must show ours, or generate() computes the image
         # features itself and hands them over in place of the pixels
