@@ -56,7 +56,8 @@ def source_maps(model, processor, item, path: Path, targets: Sequence[int] = ())
             continue
         with apply(model, spec) as handle, torch.no_grad():
             model(**inputs)
-            maps[spec if isinstance(spec, str) else "+".join(spec)] = handle.stats.sources[0]
+            per_layer = handle.stats.kv_visual_entries[0]  # what the LLM's layers keep, past stage-3/4 drops
+            maps[spec if isinstance(spec, str) else "+".join(spec)] = (handle.stats.sources[0], sum(per_layer) / len(per_layer))
     return plot_source_maps(item.image, maps, adapter_for(model).grid, path)
 
 

@@ -97,17 +97,20 @@ def outline_merges(image, sources: list[int], grid: tuple[int, int]):
     return pixels.astype("uint8")
 
 
-def plot_source_maps(image, maps: dict[str, list[int]], grid: tuple[int, int], path: Path) -> Path:
-    """One panel per method: which patches each visual token covers (outlines) and which were dropped."""
+def plot_source_maps(image, maps: dict[str, tuple[list[int], float]], grid: tuple[int, int], path: Path) -> Path:
+    """One panel per method: which patches each visual token covers (outlines) and which were dropped before
+    the LLM. maps: per method, (the source map, the visual tokens the LLM's layers keep on average), so that a
+    method that drops inside the LLM too (MustDrop) is not titled by the tokens it hands over alone."""
     columns = min(4, len(maps))
     rows = -(-len(maps) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (name, sources) in zip(axes.flat, maps.items()):
+    for ax, (name, (sources, in_layers)) in zip(axes.flat, maps.items()):
         kept = len({s for s in sources if s >= 0})
         ax.imshow(outline_merges(image, sources, grid))
-        ax.set_title(f"{name}\n{kept} tokens with patches", fontsize=9)
+        inside = "" if round(in_layers) == kept else f"; {in_layers:.0f} per LLM layer on average"
+        ax.set_title(f"{name}\n{kept} tokens with patches{inside}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
