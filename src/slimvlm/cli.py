@@ -340,6 +340,7 @@ def _methods(_args: argparse.Namespace) -> None:
         if info["options"]:
             print(" " * 11 + "options: " + ", ".join(f"{k}={v}" for k, v in info["options"].items()))
     print("\npresets: " + ", ".join(f"{k} ({v})" for k, v in PRESETS.items()))
+    print("\nwhich model families take each method, and what each does there: docs/models.md")
 
 
 def _make_tiny(args: argparse.Namespace) -> None:

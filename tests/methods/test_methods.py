@@ -1,8 +1,10 @@
 """Each method against a small hand-checked example of its paper's algorithm."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from slimvlm.errors import SlimVLMError
 from slimvlm.methods.divprune import max_min_diverse
 from slimvlm.methods.fastv import FastV, lowest_attention_drop
 from slimvlm.methods.tome import ToMe, bipartite_matching, merge_count
@@ -191,3 +193,13 @@ def test_uniform_and_pool():
     expected = F.avg_pool2d(x[0].T.reshape(3, 24, 24), 3).reshape(3, 64).T
     torch.testing.assert_close(pooled.x[0], expected)
     assert pooled.size.tolist() == [[9.0] * 64]
+
+
+def test_divprune_lists_the_papers_ratio_as_its_default_and_a_budget_replaces_it():
+    from slimvlm.registry import build, methods
+
+    assert methods()["divprune"]["options"] == {"budget": None, "ratio": 0.098}
+    assert (build("divprune").budget, build("divprune").ratio) == (None, 0.098)
+    assert (build("divprune:budget=64").budget, build("divprune:budget=64").ratio) == (64, None)
+    with pytest.raises(SlimVLMError, match="give exactly one of budget"):
+        build("divprune:budget=64,ratio=0.098")

@@ -11,6 +11,8 @@ from ..tokens import VisualTokens
 from .baselines import BudgetMethod
 
 
+PAPER_RATIO = 0.098  # the paper's default: 56 of 576 tokens (one object: `slimvlm methods` shows it as the default)
+
 # the (B, N, N) float32 distances are held whole up to this; past it (a long video: 30k tokens would take 3.6 GB)
 # each pick's row is computed from the tokens, and the nearest neighbours in blocks of BLOCK_BYTES
 MATRIX_BYTES = 1 << 30
@@ -101,9 +103,9 @@ class DivPrune(BudgetMethod):
     description = "DivPrune: greedy max-min diversity subset of the projected visual tokens (Alvar et al. CVPR'25)"
     capturable = True
 
-    def __init__(self, budget: int | None = None, ratio: float | None = None) -> None:
-        if budget is None and ratio is None:
-            ratio = 0.098  # the paper's default: 56 of 576 tokens
+    def __init__(self, budget: int | None = None, ratio: float | None = PAPER_RATIO) -> None:
+        if budget is not None and ratio is PAPER_RATIO:  # the default gives way to a budget; a ratio given with it is refused
+            ratio = None
         super().__init__(budget, ratio)
 
     def project(self, tokens: VisualTokens, context: PromptContext) -> VisualTokens:
