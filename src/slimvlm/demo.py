@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from .bench.evaluate import MethodResult, evaluate, format_table, from_sample, write_json
 from .bench.report import plot_accuracy_vs_tokens, plot_source_maps, plot_tokens_vs_complexity
@@ -44,8 +47,6 @@ def llava_mini_runs(model, processor, items, batch_size: int) -> list[MethodResu
 
 def source_maps(model, processor, item, path: Path, targets: Sequence[int] = ()) -> Path:
     """The first held-out image under each method at the small budget: what each token covers."""
-    import torch
-
     from .api import apply
     from .testbed.build import format_prompt
 
@@ -66,6 +67,7 @@ def run_demo(
 ) -> list[MethodResult]:
     from .testbed.scenes import make_samples
 
+    started = time.perf_counter()
     items = [from_sample(s) for s in make_samples(samples, seed=seed, split="test")]
     targets = sorted(shipped_thresholds(model.name_or_path)) if model.name_or_path else []
     runs = ["none"] + [spec for budget in BUDGETS for spec in budget_specs(model, budget, targets).values() if spec is not None]
@@ -85,9 +87,11 @@ def run_demo(
     if varying:
         plots.append(varying)
     plots.append(source_maps(model, processor, items[0], out / "merges.png", targets))
+    where = f"{torch.get_num_threads()} CPU threads" if model.device.type == "cpu" else str(model.device)
+    took = f"{len(results)} runs of {samples} scenes in {time.perf_counter() - started:.0f} s on {where}"
     (out / "README.md").write_text(
-        f"# slimvlm demo\n\n{samples} held-out testbed scenes (seed {seed}), budgets {BUDGETS}.\n\n"
+        f"# slimvlm demo\n\n{samples} held-out testbed scenes (seed {seed}), budgets {BUDGETS}; {took}.\n\n"
         f"```\n{table}\n```\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     )
-    print(f"wrote {out}/summary.json, README.md and " + ", ".join(p.name for p in plots))
+    print(f"wrote {out}/summary.json, README.md and " + ", ".join(p.name for p in plots) + f"; {took}")
     return results
