@@ -241,7 +241,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     from .models.loading import load_model, resolve_device
 
-    model, processor = load_model(args.model, resolve_device(args.device), "float32")
+    model, processor = load_model(args.model, resolve_device(args.device), args.dtype)
     run_demo(model, processor, args.samples, Path(args.out), batch_size=args.batch_size, keep_positions=args.keep_positions)
 
 
@@ -446,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="reports/demo")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--keep-positions", action="store_true", help=KEEP_POSITIONS_HELP)
+    demo.add_argument("--dtype", default="float32",
+                      help="bfloat16 about halves the time on a CPU with bf16 instructions (AVX512-BF16, AMX; 140 s against "
+                           "about 4.5 min on 2 cores), its accuracies within a few points of float32's (up to 4)")
     demo.set_defaults(run=_demo)
 
     calibrate = sub.add_parser("calibrate", help="find DyMU's per-layer merge thresholds for a target token count")
