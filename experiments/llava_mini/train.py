@@ -244,7 +244,8 @@ def run(args) -> dict:
     record(0)
     train_started = time.perf_counter()
     for step in range(steps):
-        train_step(students, base, normalizer, next(batches), span, lr_factor(step, step / steps, args.warmup), args,
+        progress = max(step / steps, (time.perf_counter() - train_started) / args.max_train_seconds)
+        train_step(students, base, normalizer, next(batches), span, lr_factor(step, progress, args.warmup), args,
                    timed=step >= 10)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             record(step + 1)
@@ -279,10 +280,11 @@ def run(args) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             save_file(trained, str(folder / "model_trained_parts.safetensors"))
         for method in student.methods:
+            method.save(folder / f"c{method.budget}", torch.bfloat16)  # before scoring: a cut call keeps them
+        for method in student.methods:
             scored = evaluate(student.model, processor, eval_items, method, batch_size=args.eval_batch_size)
             clip_score = evaluate(student.model, processor, clips, method,
                                   batch_size=args.eval_batch_size // 4) if clips else None
-            method.save(folder / f"c{method.budget}", torch.bfloat16)
             curve = [point for point in student.curve if point["budget"] == method.budget]
             results["students"].append({
                 "name": student.name, "budget": method.budget, "train_llm": student.train_llm, "distill": student.distill,
@@ -313,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50_000, help="samples between learning-curve points")
     p.add_argument("--clip-samples", type=int, default=100)
     p.add_argument("--alone-steps", type=int, default=0)
-    p.add_argument("--max-train-seconds", type=float, default=float("inf"))
+    p.add_argument("--max-train-seconds", type=float, default=float("inf"),
+                   help="stop training after this long; the learning rate's cosine then follows the time too")
     return p
 
 
