@@ -332,6 +332,7 @@ def last_checkpoint(folder) -> str:
 
 
 def _methods(_args: argparse.Namespace) -> None:
+    from .models import families_taking
     from .registry import PRESETS, methods
 
     for name, info in methods().items():
@@ -339,8 +340,10 @@ def _methods(_args: argparse.Namespace) -> None:
         print(f"{name:<10} [{stages}] {info['description']}")
         if info["options"]:
             print(" " * 11 + "options: " + ", ".join(f"{k}={v}" for k, v in info["options"].items()))
+        taking, refusing = families_taking(name)
+        print(" " * 11 + "families: " + ", ".join(taking) + (f" (refused: {', '.join(refusing)})" if refusing else ""))
     print("\npresets: " + ", ".join(f"{k} ({v})" for k, v in PRESETS.items()))
-    print("\nwhich model families take each method, and what each does there: docs/models.md")
+    print("\nfamilies as each method's defaults or first preset run; what each does there: docs/models.md")
 
 
 def _make_tiny(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ through these methods; each family's adapter adds how its images become the LLM'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from ..hooks import Installed
 from ..sequence import gather_rows
 from ..tokens import VisualTokens
 from .compat import cache_kwarg, modality_outputs
+
+if TYPE_CHECKING:
+    from ..method import Method
 
 
 def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str, kind: str = "image") -> list[int]:
@@ -153,6 +156,25 @@ class LanguageModelAdapter:
                     f"the language model {type(language_model).__name__} has no attention.{name}; "
                     "slimvlm supports Llama-family language models (q/k projections with RoPE)"
                 )
+
+    # ---- which methods run here ---------------------------------------------------------------
+    @classmethod
+    def refusal(cls, method: "Method") -> str | None:
+        """Why this family cannot run `method` whatever the checkpoint (what the method needs of the family's
+        images or positions, not their sizes), or None: check_method raises it, `slimvlm methods` lists by it."""
+        return None
+
+    def method_limits(self, method: "Method") -> tuple[int, int, int]:
+        """What `method` may reach here: vision encoder layers, LLM layers, tokens per image."""
+        raise NotImplementedError
+
+    def check_method(self, method: "Method") -> None:
+        """Refuse, before any work, a method this model cannot honour: its kind (refusal), a layer it lacks, a
+        budget over its tokens."""
+        reason = self.refusal(method)
+        if reason is not None:
+            raise SlimVLMError(reason)
+        method.check_model(*self.method_limits(method))
 
     def pack(self, tokens: VisualTokens) -> VisualTokens:
         """Each image's projected views joined into its LLM tokens: one view per image, as it is."""

@@ -84,9 +84,8 @@ class LlavaAdapter(LanguageModelAdapter):
                 "LlavaNextForConditionalGeneration"
             )
 
-    def check_method(self, method: Method) -> None:
-        """Refuse, before any work, a method this model cannot honour (a layer it lacks, a budget over its tokens)."""
-        method.check_model(self.vision_layers_run, len(self.llm_layers), self.tokens_per_image)
+    def method_limits(self, method: Method) -> tuple[int, int, int]:
+        return self.vision_layers_run, len(self.llm_layers), self.tokens_per_image
 
     # ---- images: views in, the LLM's tokens out ---------------------------------------------
     def views(self, pixel_values: torch.Tensor, image_sizes, interpolate: bool) -> torch.Tensor:

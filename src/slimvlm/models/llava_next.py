@@ -56,15 +56,17 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"too); use 'default', as {self.name} checkpoints do"
             )
 
-    def check_method(self, method: Method) -> None:
+    @classmethod
+    def refusal(cls, method: Method) -> str | None:
         if method.needs_patch_grid:
-            raise SlimVLMError(
-                f"{method.name} works on one square patch grid per image, but a {self.name} image is a base view and "
-                "AnyRes tiles cut to its aspect ratio, with image_newline after each row; use uniform, random or "
-                "divprune at stage 2 (or a stage-1 method, which runs per crop)"
-            )
+            return (f"{method.name} works on one square patch grid per image, but a {cls.name} image is a base view and "
+                    "AnyRes tiles cut to its aspect ratio, with image_newline after each row; use uniform, random or "
+                    "divprune at stage 2 (or a stage-1 method, which runs per crop)")
+        return None
+
+    def method_limits(self, method: Method) -> tuple[int, int, int]:
         tokens = self.tokens_per_image if Stage.ENCODE in method.stages else self.max_image_tokens
-        method.check_model(self.vision_layers_run, len(self.llm_layers), tokens)
+        return self.vision_layers_run, len(self.llm_layers), tokens
 
     def layout_of(self, height: int, width: int) -> ImageLayout:
         """The layout the model gives an image of height x width pixels (its own functions decide)."""

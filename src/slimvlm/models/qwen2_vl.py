@@ -114,26 +114,24 @@ class QwenVLAdapter(LanguageModelAdapter):
         self._decode_parts = DecodeParts(model.get_input_embeddings(), self.language_model, self.language_model.layers,
                                          self.language_model.norm, TextRotary(self.language_model.rotary_emb), self.lm_head)
 
-    def check_method(self, method: Method) -> None:
-        """Refuse what cannot act on Qwen's images (see the module's docstring), naming what works instead."""
+    @classmethod
+    def refusal(cls, method: Method) -> str | None:
+        """What cannot act on Qwen's images (see the module's docstring), naming what works instead."""
         if Stage.ENCODE in method.stages and not method.at_merged_tokens:
-            raise SlimVLMError(
-                f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on Qwen2-VL: its "
-                "merger joins each 2x2 block of patches in place into one token and 2.5's window attention is laid out "
-                "on the whole grid; use visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) "
-                "or stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)"
-            )
+            return (f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on {cls.name}: its "
+                    "merger joins each 2x2 block of patches in place into one token and 2.5's window attention is laid out "
+                    "on the whole grid; use visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) "
+                    "or stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)")
         if method.needs_patch_grid:
-            raise SlimVLMError(
-                f"{method.name} works on one square patch grid per image, but Qwen2-VL gives each image its own grid "
-                "(dynamic resolution); use uniform, random or divprune"
-            )
+            return (f"{method.name} works on one square patch grid per image, but {cls.name} gives each image its own grid "
+                    "(dynamic resolution); use uniform, random or divprune")
         if method.virtual_unmerge:
-            raise SlimVLMError(
-                f"{method.name} unmerges the tokens a stage-1 method merged, which Qwen2-VL refuses (and rotates "
-                "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method"
-            )
-        method.check_model(len(self.visual.blocks), len(self.llm_layers), MAX_ITEM_TOKENS)
+            return (f"{method.name} unmerges the tokens a stage-1 method merged, which {cls.name} refuses (and rotates "
+                    "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method")
+        return None
+
+    def method_limits(self, method: Method) -> tuple[int, int, int]:
+        return len(self.visual.blocks), len(self.llm_layers), MAX_ITEM_TOKENS
 
     # ---- what the forward takes besides pixels -------------------------------------------------
     def check_inputs(self, arguments: dict) -> None:
