@@ -16,6 +16,7 @@ from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
 STAGE_1_2 = ["none", "tome:r=8", "divprune:budget=40", "visionzip:dominant=20,contextual=5", "uniform:budget=49",
              "pool:budget=36", "llava-mini:budget=2"]
 STAGE_3_4 = ["fastv", "fastv:k=1,ratio=0.75", "mustdrop-64", ["tome:r=8", "fastv"]]
+UNMERGING = [["tome:r=8", "vtu"]]  # attends over copies in every layer: its prefill never runs in segments
 
 
 def generate(model, inputs, static: bool, new_tokens: int = 5, **extra):
@@ -31,7 +32,7 @@ def assert_same_generation(first, second) -> None:
         assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", STAGE_1_2 + STAGE_3_4, ids=str)
+@pytest.mark.parametrize("spec", STAGE_1_2 + STAGE_3_4 + UNMERGING, ids=str)
 def test_static_cache_generates_what_the_dynamic_cache_does(fresh, spec):
     model, processor = fresh
     inputs = batch(processor, 3, seed=1)  # left-padded prompts of different lengths
@@ -112,7 +113,8 @@ def test_the_static_cache_holds_the_reduced_prompt_and_the_new_tokens(fresh):
     assert second is first  # reused: a compiled step keeps its shapes
 
 
-@pytest.mark.parametrize("spec", ["divprune:budget=40", "mustdrop-64"])  # one group of layers; several
+@pytest.mark.parametrize("spec", ["divprune:budget=40", "mustdrop-64", ["tome:r=8", "vtu"]], ids=str)  # one group of
+# layers; several; copies in every layer
 def test_the_decode_step_compiles_as_one_graph(fresh, spec):
     model, processor = fresh
     inputs = batch(processor, 2)
@@ -158,11 +160,26 @@ def test_after_a_static_generate_the_dynamic_path_still_drops(fresh):
         assert min(handle.stats.kv_visual_entries[0]) < 64
 
 
-def test_virtual_unmerging_on_a_static_cache_is_refused(fresh):
+def test_virtual_unmerging_on_a_static_cache_keeps_one_shape_of_copies(fresh):
+    """The decode step's copies are one tensor shape for the whole call (the compiled step keeps it), a multiple
+    of CAPACITY_STEP columns: the prompt's copies, then one per decode slot, valid once its slot is written."""
     model, processor = fresh
-    with torch.no_grad(), slimvlm.apply(model, ["tome:r=8", "vtu"]):
-        with pytest.raises(slimvlm.SlimVLMError, match="virtual unmerging"):
-            generate(model, batch(processor, 1), static=True)
+    inputs = batch(processor, 2, seed=3)
+    with torch.no_grad(), slimvlm.apply(model, ["tome:r=8", "vtu"]) as handle:
+        shapes = []
+        runtime = handle.runtime
+        original = runtime.decoder.static.step
+
+        def step(*args):
+            shapes.append(tuple(args[-1]["static_copies"].keys.source.shape))
+            return original(*args)
+
+        runtime.decoder.static.step = step
+        generate(model, inputs, static=True, new_tokens=4)
+        prompt_copies = runtime.session.copies.source.shape[1]
+    assert len(shapes) == 3 and len(set(shapes)) == 1  # the first token comes from the prefill
+    width = shapes[0][1]
+    assert width % CAPACITY_STEP == 0 and width >= prompt_copies + 4
 
 
 def test_a_static_cache_without_room_is_refused(fresh):

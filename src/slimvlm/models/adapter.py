@@ -305,15 +305,17 @@ class LanguageModelAdapter:
         return self.position_embeddings(like, positions)
 
     def override_attention(self, layer: int, core) -> callable:
-        """Run LLM layer `layer`'s attention with `core(module, q, k, v, mask) -> (B, L, H, d)`
-        in place of its attention function (projections, RoPE and the KV cache stay the model's).
-        core returns None to let the layer run as usual. Returns the function that undoes it."""
+        """Run LLM layer `layer`'s attention with `core(module, q, k, v, state) -> (B, L, H, d)` in place of its
+        attention function (projections, RoPE and the KV cache stay the model's), where `core.prepare(kwargs)`
+        (the layer call's keyword arguments; it takes out its own) gives a state; None lets the layer run as
+        usual. Returns the function that undoes it."""
         attn = self.llm_layers[layer].self_attn
         original = attn.forward
         cache_name = cache_kwarg(original)
 
         def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-            if not core.active():
+            state = core.prepare(kwargs)
+            if state is None:
                 return original(hidden_states, position_embeddings=position_embeddings,
                                 attention_mask=attention_mask, **kwargs)
             cache = kwargs.get(cache_name)
@@ -326,7 +328,7 @@ class LanguageModelAdapter:
             keys = self.rotate(keys, position_embeddings)
             if cache is not None:
                 keys, values = cache.update(keys, values, attn.layer_idx)
-            output = core(attn, queries, keys, values)
+            output = core(attn, queries, keys, values, state)
             return attn.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
         attn.forward = Installed(forward)

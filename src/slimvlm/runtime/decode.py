@@ -12,7 +12,7 @@ from .outputs import Outputs, kept_positions
 from .plan import Decode, Plan
 from .session import Session
 from .static_cache import StaticDecoder
-from .unmerge import step_copies
+from .unmerge import STATIC_COPIES, step_copies
 
 
 class Decoder:
@@ -43,9 +43,10 @@ class Decoder:
         session.next_position = session.next_position + steps
         if plan.decode is Decode.STATIC:
             masks = session.static.advance(steps, new_valid, self.adapter.mask_dtype(self.model.dtype))
-            logits = self.static.step(input_ids, masks, session.static.group_of_layer, positions, session.cache)
+            copies = None if session.static_copies is None else {STATIC_COPIES: session.static_copies}
+            logits = self.static.step(input_ids, masks, session.static.group_of_layer, positions, session.cache, copies)
             return self.outputs.from_logits(logits, None, session.cache, arguments)
-        unmerging = session.copies is not None
+        unmerging = session.copies is not None  # on the dynamic cache
         mask_needed = new_valid is not None or session.padded or unmerging  # later layers: their views' masks
         every_key = steps == 1 and new_valid is None  # one real query: it sees all of an unpadded view's keys
         if new_valid is None:

@@ -15,24 +15,26 @@ from transformers.utils.output_capturing import capture_outputs
 from ..models.adapter import DecodeParts
 
 
-def decode_step(parts: DecodeParts, cache_kwarg: str, input_ids, masks, group_of_layer, position_ids, cache) -> torch.Tensor:
+def decode_step(parts: DecodeParts, cache_kwarg: str, input_ids, masks, group_of_layer, position_ids, cache,
+                layer_kwargs: dict | None = None) -> torch.Tensor:
     """One decode step of the LM, layer by layer so that each layer gets its group's mask, as a function of
     modules and tensors alone: what torch.compile sees. Module-level (not a method of a per-apply object)
-    so that compiled code is found again when slimvlm is applied anew to the same model."""
+    so that compiled code is found again when slimvlm is applied anew to the same model. layer_kwargs: handed
+    to every layer, for an attention slimvlm installed (VTU's copies on the static cache)."""
     hidden = parts.embed(input_ids)
     position_embeddings = parts.rotary(hidden, position_ids=position_ids)
     hidden = decoder_layers(parts.body, parts, hidden, masks, group_of_layer, position_ids, position_embeddings,
-                            cache_kwarg, cache).last_hidden_state
+                            cache_kwarg, cache, **(layer_kwargs or {})).last_hidden_state
     return parts.head(hidden)
 
 
 @capture_outputs  # as transformers runs an LM body: its output-capture hooks (installed on the layers once
 # output_hidden_states was asked for) read a collector this sets, in a way torch.compile can trace
 def decoder_layers(body, parts: DecodeParts, hidden, masks, group_of_layer, position_ids, position_embeddings,
-                   cache_kwarg: str, cache) -> BaseModelOutputWithPast:
+                   cache_kwarg: str, cache, **layer_kwargs) -> BaseModelOutputWithPast:
     for layer, group in zip(parts.layers, group_of_layer):
         hidden = layer(hidden, attention_mask=masks[group], position_ids=position_ids,
-                       position_embeddings=position_embeddings, use_cache=True, **{cache_kwarg: cache})
+                       position_embeddings=position_embeddings, use_cache=True, **{cache_kwarg: cache}, **layer_kwargs)
     return BaseModelOutputWithPast(last_hidden_state=parts.norm(hidden))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from ..errors import SlimVLMError
 
 
 class Prefill(Enum):
@@ -67,12 +66,9 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
         cache = Cache.NONE
     elif not static_given:
         cache = Cache.DYNAMIC
-    elif unmerge:
-        raise SlimVLMError(
-            "virtual unmerging (vtu, and dymu by default) attends over every merged token's copies in each step, "
-            "which a static cache does not hold; generate without cache_implementation='static', or use dymu:vtu=false"
-        )
-    elif edits_layers:  # the prefill's entries are handed over to slimvlm's static cache (static_cache.py)
+    elif edits_layers or unmerge:  # the prefill's entries are handed over to slimvlm's static cache (static_cache.py);
+        # under virtual unmerging the prefill attends over the copies on the dynamic cache, and each decode step over
+        # copies of one shape for the call (unmerge.StaticCopies)
         cache = Cache.HAND_OFF
     else:
         cache = Cache.STATIC

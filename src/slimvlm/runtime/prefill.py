@@ -9,9 +9,9 @@ from .plan import Cache, Plan, Prefill
 from .prefill_layers import LayerEdits
 from .segments import SegmentedPrefill
 from .session import Session, View
-from .static_cache import StaticDecoder
+from .static_cache import CAPACITY_STEP, StaticDecoder
 from .stats import tokens_per_layer
-from .unmerge import prompt_copies
+from .unmerge import prompt_copies, static_copies
 
 
 class LlmPrefill:
@@ -131,3 +131,7 @@ class LlmPrefill:
         session.cache, session.static = self.static.hand_off(
             given, [view.key_valid for view in groups], tuple(group_index[id(view)] for view in session.layer_views),
             self.adapter.cache_layers(session.cache), session.prompt_length, like)
+        if session.copies is not None:
+            slots = session.static.key_valid[0]  # virtual unmerging edits no layer: one group
+            session.static_copies = static_copies(self.adapter, session.copies, slots, session.static.lengths[0],
+                                                  session.next_position, like, CAPACITY_STEP)

@@ -9,7 +9,7 @@ import torch
 from ..sequence import Sequence
 from .plan import Plan
 from .static_cache import StaticSteps
-from .unmerge import Copies
+from .unmerge import Copies, StaticCopies
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Session:
     right_padded: bool = False  # the caller pads on the right: rows stay packed to the left
     copies: Copies | None = None  # virtual unmerging: the full sequence's keys as copies
     query_copies: Copies | None = None
+    static_copies: StaticCopies | None = None  # the keys' copies in one shape, on slimvlm's static cache
     rows: dict = field(default_factory=dict)
     queries: dict = field(default_factory=dict)  # per kind of query rows: (the sequence they index, index, valid)
 

@@ -182,9 +182,11 @@ class StaticDecoder:
         return gather_rows(hidden, (at - first) % width), ordered
 
     def step(self, input_ids: torch.Tensor, masks: tuple[torch.Tensor, ...], group_of_layer: tuple[int, ...],
-             position_ids: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (B, Q, V) of one decode step; masks: per group of layers, its (B, 1, Q, C) mask."""
-        args = (self.adapter.decode_parts(), self.adapter.cache_kwarg, input_ids, masks, group_of_layer, position_ids, cache)
+             position_ids: torch.Tensor, cache, layer_kwargs: dict | None = None) -> torch.Tensor:
+        """Logits (B, Q, V) of one decode step; masks: per group of layers, its (B, 1, Q, C) mask; layer_kwargs:
+        see decode_step."""
+        args = (self.adapter.decode_parts(), self.adapter.cache_kwarg, input_ids, masks, group_of_layer, position_ids, cache,
+                layer_kwargs)
         if not self._compiling(input_ids.device):
             return decode_step(*args)
         if self._compiled is None:  # looked up once per apply: a step's host time is what it must save

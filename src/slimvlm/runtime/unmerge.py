@@ -12,7 +12,9 @@ its copies' outputs. Projections, MLPs and the KV cache stay at the merged lengt
 itself costs what the full sequence's does.
 
 The runtime installs UnmergeCore in every LLM layer's attention (models/adapter.py override_attention); the
-session holds the copies of its prompt (unmerged_copies) and grows them with each decode step (append_tokens).
+session holds the copies of its prompt (unmerged_copies) and grows them with each decode step (append_tokens) on
+the dynamic cache; on slimvlm's static cache it holds them in one shape for the whole call (StaticCopies), which
+the compiled decode step hands every layer.
 
 The identity that defines it (tested): on the merged sequence, a VTU attention layer gives the
 mean over copies of the ordinary attention layer run on the explicitly unmerged sequence.
@@ -160,6 +162,54 @@ def step_copies(adapter, copies: Copies, first: int, positions: torch.Tensor, va
     return keys, _with_rotary(adapter, queries, like)
 
 
+@dataclass
+class StaticCopies:
+    """VTU's key copies on slimvlm's static cache, of one shape for a whole generate() call so that the compiled
+    decode step keeps it: the prompt's copies, then one column per decode slot of the cache (its source that slot,
+    unrotated, at the position the token decoded there will have), padded to a multiple of `step` columns so that
+    prompts of nearby lengths share a compiled step. `slots` (B, C) is the static cache's slot validity, which each
+    step's bookkeeping updates in place: a column is a key once its slot holds an entry."""
+
+    keys: Copies
+    slots: torch.Tensor
+    query_cos: torch.Tensor  # (B, 1, d): a decode step's query, one copy, unrotated
+    query_sin: torch.Tensor
+
+    def step(self, position_ids: torch.Tensor) -> tuple[Copies, Copies]:
+        """(the step's queries as copies, the keys' copies valid so far) for queries at `position_ids` (B, Q)."""
+        queries = Copies(torch.arange(position_ids.shape[1], device=position_ids.device).expand_as(position_ids),
+                         torch.zeros_like(position_ids), position_ids, torch.ones_like(position_ids, dtype=torch.bool),
+                         self.query_cos.expand(-1, position_ids.shape[1], -1),
+                         self.query_sin.expand(-1, position_ids.shape[1], -1))
+        keys = self.keys
+        valid = keys.valid & self.slots.gather(1, keys.source)
+        return queries, Copies(keys.source, keys.rotation, keys.position, valid, keys.cos, keys.sin)
+
+
+def static_copies(adapter, prompt: Copies, slots: torch.Tensor, first_slot: int, next_position: torch.Tensor,
+                  like: torch.Tensor, step: int) -> StaticCopies:
+    """StaticCopies of a prompt whose copies are `prompt`, decoding into the static cache's `slots` from
+    `first_slot` on, its first new token at `next_position` (B,)."""
+    batch, device = slots.shape[0], slots.device
+    room = slots.shape[1] - first_slot
+    width = -(-(prompt.source.shape[1] + room) // step) * step
+    pad = width - prompt.source.shape[1] - room
+    ahead = torch.arange(room, device=device).expand(batch, room)
+
+    def columns(prompt_part, new_part, pad_value):
+        return torch.cat([prompt_part, new_part, prompt_part.new_full((batch, pad), pad_value)], dim=1)
+
+    keys = Copies(
+        source=columns(prompt.source, first_slot + ahead, 0),
+        rotation=columns(prompt.rotation, torch.zeros_like(ahead), 0),
+        position=columns(prompt.position, next_position[:, None] + ahead, torch.iinfo(torch.long).max),
+        valid=columns(prompt.valid, torch.ones_like(ahead, dtype=torch.bool), False),
+    )
+    _with_rotary(adapter, keys, like)
+    query_cos, query_sin = adapter.rotary(like, torch.zeros(batch, 1, dtype=torch.long, device=device))
+    return StaticCopies(keys, slots, query_cos, query_sin)
+
+
 class Serving(Protocol):
     """What the attention core reads of the session being served (runtime/session.py)."""
 
@@ -167,17 +217,26 @@ class Serving(Protocol):
     query_copies: Copies | None  # this forward's queries' copies
 
 
+STATIC_COPIES = "static_copies"  # the keyword the static decode step hands every layer its StaticCopies by
+
+
 class UnmergeCore:
     """The attention core the adapter runs in every LLM layer while virtual unmerging is on
-    (models/adapter.py override_attention): active while the session being served holds copies."""
+    (models/adapter.py override_attention): on the copies a static decode step hands the layer (a tensor
+    argument of the compiled step), else on those of the session being served, if it holds any."""
 
     def __init__(self, session: Callable[[], Serving | None]) -> None:
         self.session = session
 
-    def active(self) -> bool:
+    def prepare(self, kwargs: dict) -> tuple[Copies, Copies] | None:
+        """(query copies, key copies) of this layer call, or None: the layer runs as the model's."""
+        static = kwargs.pop(STATIC_COPIES, None)
+        if static is not None:
+            return static.step(kwargs["position_ids"])
         session = self.session()
-        return session is not None and session.copies is not None
+        if session is None or session.copies is None:
+            return None
+        return session.query_copies, session.copies
 
-    def __call__(self, module, queries, keys, values) -> torch.Tensor:
-        session = self.session()
-        return virtual_unmerge_attention(module, queries, keys, values, session.query_copies, session.copies)
+    def __call__(self, module, queries, keys, values, copies: tuple[Copies, Copies]) -> torch.Tensor:
+        return virtual_unmerge_attention(module, queries, keys, values, *copies)
