@@ -67,16 +67,23 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _bench_generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .bench.generate import PATHS, bench_generate, format_table
     from .bench.run import synthetic_inputs
+    from .bench.vision import calibrate_specs
     from .models.loading import load_model, resolve_device
 
     device = resolve_device(args.device)
-    model, _ = load_model(args.model, device, args.dtype)
+    model, processor = load_model(args.model, device, args.dtype)
     batch_sizes = _batch_sizes(args.batch_sizes)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or set(paths) - set(PATHS):
         raise SlimVLMError(f"--paths {args.paths!r}: give a comma-separated subset of {', '.join(PATHS)}")
+    out_dir = (Path(args.json).parent if args.json else Path(".")) / "thresholds"
+    runs, calibrations = calibrate_specs(model, _method_runs(model, args.methods, GENERATE_METHODS),
+                                         args.calibration_images, out_dir, processor)
+
     def save(results, quiet: bool = True) -> None:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "text_tokens": args.text_tokens,
@@ -85,11 +92,11 @@ def _bench_generate(args: argparse.Namespace) -> None:
                      "the host, in the same calls; medians of the repeats after warmup; first_call_ms = the first "
                      "call's whole time (compiling, graph captures); paths: eager = dynamic cache, static = "
                      "cache_implementation='static' (compiled decode)",
-            "command": _command(args), "results": [r.as_dict() for r in results],
+            "calibration": calibrations, "command": _command(args), "results": [r.as_dict() for r in results],
         }, quiet)
 
     results = bench_generate(
-        model, _method_runs(model, args.methods, GENERATE_METHODS),
+        model, runs,
         lambda b: synthetic_inputs(model, b, args.text_tokens, video_frames=args.video_frames),
         batch_sizes,
         paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats, on_result=save if args.json else None,
@@ -393,7 +400,9 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--text-tokens", type=int, default=64)
     generate.add_argument("--video-frames", type=int, default=0, help=VIDEO_FRAMES_HELP)
-    _timing_options(generate, 1, 3, "write the results here")
+    generate.add_argument("--calibration-images", type=int, default=32,
+                          help="train-split testbed scenes for a dymu spec without thresholds=, calibrated here")
+    _timing_options(generate, 1, 3, "write the results here (and calibrated thresholds beside it)")
     generate.set_defaults(run=_bench_generate)
 
     vision = sub.add_parser("bench-vision", help="time the vision tower + projector alone per stage-1 method (tokens out, FLOPs)")
