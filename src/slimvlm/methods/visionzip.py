@@ -155,16 +155,21 @@ class VisionZip(Method):
         else:
             assign.scatter_(1, rest, -1)
 
+        # the regroup puts its groups (a dominant token's: its index; contextual token g's: n + g) in the order of
+        # their `order` keys: the features below, computed group by group, go in that order too
+        groups = torch.cat([kept, n + torch.arange(contextual, device=device).expand(batch, -1)], dim=1)
+        placed = order.gather(1, groups).argsort(dim=1, stable=True)
+
         def merged(x: torch.Tensor) -> torch.Tensor:
-            """(B, n, E) -> (B, dominant + contextual, E): the dominant tokens as they are, then each contextual
-            token: its target plus the mean of the tokens joining it."""
+            """(B, n, E) -> (B, dominant + contextual, E) in the regroup's order: the dominant tokens as they are,
+            each contextual token its target plus the mean of the tokens joining it."""
             features = gather_rows(x, kept)
-            if not contextual:
-                return features
-            members = gather_rows(x, rest)
-            joined = members.new_zeros(batch, contextual, x.shape[2]).scatter_add_(
-                1, group[..., None].expand(-1, -1, x.shape[2]), members * joins[None, :, None])
-            return torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
+            if contextual:
+                members = gather_rows(x, rest)
+                joined = members.new_zeros(batch, contextual, x.shape[2]).scatter_add_(
+                    1, group[..., None].expand(-1, -1, x.shape[2]), members * joins[None, :, None])
+                features = torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
+            return gather_rows(features, placed)
 
         regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[dominant + contextual] * batch, at=at)
         layer_features = tokens.layer_features  # Qwen3-VL's DeepStack features, merged as the tokens are
