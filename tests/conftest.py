@@ -322,13 +322,14 @@ QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=90
 
 
 def qwen_model(family: str, seed: int = 0):
-    """A tiny random Qwen2-VL ('qwen2_vl'), Qwen2.5-VL ('qwen2_5_vl') or Qwen3-VL ('qwen3_vl'), float32, SDPA: a
+    """A tiny random Qwen2-VL ('qwen2_vl'), Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl', 'qwen3_vl_moe'), float32, SDPA: a
     4-layer M-RoPE LM (mrope_section sums to head_dim / 2) whose attention is sharp enough that a wrong position
     shows in the logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3; 3 with 16-px patches,
     interleaved M-RoPE and DeepStack features from ViT blocks 0, 1 and 2 added to LM layers 0, 1 and 2 (so a drop at
     layer 2 has features added before and after it)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
     text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -344,13 +345,16 @@ def qwen_model(family: str, seed: int = 0):
             depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1, 3],
             **patches), **QWEN_IDS)
         model_class = Qwen2_5_VLForConditionalGeneration
-    else:
+    else:  # Qwen3-VL, or with 'qwen3_vl_moe' its mixture of experts (4 experts, 2 a token)
         text = dict(text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                         "mrope_section": [4, 2, 2], "mrope_interleaved": True})
-        config = Qwen3VLConfig(text_config=text, vision_config=dict(
-            depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
-            deepstack_visual_indexes=[0, 1, 2], **{**patches, "patch_size": 16}), **QWEN_IDS)
-        model_class = Qwen3VLForConditionalGeneration
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1, 2], **{**patches, "patch_size": 16})
+        config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        if family == "qwen3_vl_moe":
+            text = dict(text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+            config_class, model_class = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+        config = config_class(text_config=text, vision_config=vision, **QWEN_IDS)
     # sharper attention: at the default init it is nearly uniform and positions hardly matter
     return sharpened(model_class._from_config(config, attn_implementation="sdpa").eval())
 
@@ -426,7 +430,7 @@ def qwen_placeholders(config, kind: str, grid: tuple[int, int, int]) -> list[int
     start, end = config.vision_start_token_id, config.vision_end_token_id
     if kind == "image":
         return [start] + [config.image_token_id] * (t * h * w // 4) + [end]
-    if config.model_type != "qwen3_vl":
+    if not config.model_type.startswith("qwen3_vl"):
         return [start] + [config.video_token_id] * (t * h * w // 4) + [end]
     return [token for step in range(t) for token in [QWEN3_TIMESTAMP + step, start] + [config.video_token_id] * (h * w // 4) + [end]]
 

@@ -181,6 +181,11 @@ class LanguageModelAdapter:
         for benchmarks on families that take videos."""
         raise SlimVLMError(f"{type(self.model).__name__} takes no videos here; benchmark it on images (leave out --video-frames)")
 
+    def synthetic_span(self, tokens: int, video_frames: int) -> list[int]:
+        """The ids a synthetic item of `tokens` tokens (a video of `video_frames` frames, where given) takes in a
+        prompt: one run of its placeholders."""
+        return [self.config.video_token_id if video_frames else self.image_token_id] * tokens
+
     def projector_counts(self, projected: VisualTokens) -> list[int] | torch.Tensor:
         """Per encoder view, the tokens its projector ran on, given the tokens project() returned: on the device
         where the host does not know them (the statistics read them when asked)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SlimVLMError
 from .qwen2_vl import QwenVLAdapter
 
 
@@ -36,6 +37,27 @@ class Qwen3VLAdapter(QwenVLAdapter):
     adds_layer_features = True
     whole_tower = ("its merger, and the DeepStack mergers on intermediate blocks, join each 2x2 block of patches in "
                    "place into one token")
+
+    def check_inputs(self, arguments: dict) -> None:
+        super().check_inputs(arguments)
+        asked = arguments.get("output_router_logits")
+        if asked is None:
+            asked = getattr(self.text_config, "output_router_logits", False)
+        if asked:
+            raise SlimVLMError(
+                "output_router_logits: slimvlm runs the LM on the reduced sequence and does not return Qwen3-VL-MoE's "
+                "router logits or their auxiliary loss; pass output_router_logits=False (and leave the text config's "
+                "off) while slimvlm is applied"
+            )
+
+    def synthetic_span(self, tokens: int, video_frames: int) -> list[int]:
+        """A video's temporal steps each a run of its own between <|vision_start|> and <|vision_end|>, as the
+        processor writes them (less the timestamp text before each, which benchmarks do without)."""
+        if not video_frames:
+            return super().synthetic_span(tokens, video_frames)
+        steps = video_frames // self.vision_config.temporal_patch_size
+        frame = [self.config.vision_start_token_id] + [self.config.video_token_id] * (tokens // steps)
+        return (frame + [self.config.vision_end_token_id]) * steps
 
     def layer_features(self, output) -> list[torch.Tensor]:
         """Per item, its tokens' DeepStack features (n, K, D), one per LM layer they are added to."""
