@@ -216,11 +216,14 @@ def nv_model(folder):
 
 def sharpened(model):
     """The model with sharper LM attention: at the default init it is nearly uniform, and attention-ranked drops
-    (fastv, mustdrop) take all or nothing."""
+    (fastv, mustdrop) take all or nothing, and a wrong position hardly shows. Queries and keys scaled by 8, where an
+    LM norms them per head (Qwen3's q_norm, k_norm) by the norms' weights."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
+            attention = layer.self_attn
+            for scaled in (attention.q_norm, attention.k_norm) if hasattr(attention, "q_norm") else (attention.q_proj,
+                                                                                                      attention.k_proj):
+                scaled.weight.mul_(8)
     return model
 
 
@@ -319,10 +322,14 @@ QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=90
 
 
 def qwen_model(family: str, seed: int = 0):
-    """A tiny random Qwen2-VL ('qwen2_vl') or Qwen2.5-VL ('qwen2_5_vl'), float32, SDPA: a 4-layer M-RoPE LM
-    (mrope_section sums to head_dim / 2) whose attention is sharp enough that a wrong position shows in the
-    logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    """A tiny random Qwen2-VL ('qwen2_vl'), Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl', 'qwen3_vl_moe'), float32, SDPA: a
+    4-layer M-RoPE LM (mrope_section sums to head_dim / 2) whose attention is sharp enough that a wrong position
+    shows in the logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3; 3 with 16-px patches,
+    interleaved M-RoPE and DeepStack features from ViT blocks 0, 1 and 2 added to LM layers 0, 1 and 2 (so a drop at
+    layer 2 has features added before and after it)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
     text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -333,17 +340,23 @@ def qwen_model(family: str, seed: int = 0):
         config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2,
                                                                     **patches), **QWEN_IDS)
         model_class = Qwen2VLForConditionalGeneration
-    else:
+    elif family == "qwen2_5_vl":
         config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
             depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1, 3],
             **patches), **QWEN_IDS)
         model_class = Qwen2_5_VLForConditionalGeneration
-    model = model_class._from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():  # sharper attention: at the default init it is nearly uniform and positions hardly matter
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    return model
+    else:  # Qwen3-VL, or with 'qwen3_vl_moe' its mixture of experts (4 experts, 2 a token)
+        text = dict(text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                        "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1, 2], **{**patches, "patch_size": 16})
+        config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        if family == "qwen3_vl_moe":
+            text = dict(text, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+            config_class, model_class = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+        config = config_class(text_config=text, vision_config=vision, **QWEN_IDS)
+    # sharper attention: at the default init it is nearly uniform and positions hardly matter
+    return sharpened(model_class._from_config(config, attn_implementation="sdpa").eval())
 
 
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -391,8 +404,7 @@ def qwen_prompts(config, prompts: list[list[tuple[str, tuple[int, int, int]]]], 
         text = torch.randint(10, 800, (3 + 2 * index + 6 + 2 * (len(items) - 1),), generator=generator).tolist()
         row = text[:3]
         for at, (kind, (t, h, w)) in enumerate(items):
-            placeholder = config.image_token_id if kind == "image" else config.video_token_id
-            row += [config.vision_start_token_id] + [placeholder] * (t * h * w // 4) + [config.vision_end_token_id]
+            row += qwen_placeholders(config, kind, (t, h, w))
             row += text[3 + 2 * at : 5 + 2 * at] if at < len(items) - 1 else text[3 + 2 * at :]
         rows.append(row)
     length = max(map(len, rows))
@@ -406,6 +418,21 @@ def qwen_prompts(config, prompts: list[list[tuple[str, tuple[int, int, int]]]], 
         **inputs,
         "mm_token_type_ids": (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long(),
     }
+
+
+QWEN3_TIMESTAMP = 810  # Qwen3-VL: the text token standing for a video frame's timestamp (step i: 810 + i)
+
+
+def qwen_placeholders(config, kind: str, grid: tuple[int, int, int]) -> list[int]:
+    """An item's tokens as the processor writes them: <|vision_start|>, t h w / 4 placeholders, <|vision_end|>; on
+    Qwen3-VL a video's each temporal step so, after its timestamp (text, QWEN3_TIMESTAMP + step)."""
+    t, h, w = grid
+    start, end = config.vision_start_token_id, config.vision_end_token_id
+    if kind == "image":
+        return [start] + [config.image_token_id] * (t * h * w // 4) + [end]
+    if not config.model_type.startswith("qwen3_vl"):
+        return [start] + [config.video_token_id] * (t * h * w // 4) + [end]
+    return [token for step in range(t) for token in [QWEN3_TIMESTAMP + step, start] + [config.video_token_id] * (h * w // 4) + [end]]
 
 
 def qwen_select(inputs: dict, index: int) -> dict:

@@ -53,10 +53,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def question_rows(adapter, parts, queries: torch.Tensor, keys: torch.Tensor, position_embeddings, index: torch.Tensor,
                   key_valid: torch.Tensor) -> torch.Tensor:
     """(B, H, Q, L) attention probabilities of the queries at index (B, Q) over the valid keys before them, from a
-    layer's projected queries and keys (B, L, H x d) and its rotary embeddings: computed beside SDPA."""
+    layer's projected queries and keys (B, L, H x d) (through its per-head norms where it has them: parts.normed)
+    and its rotary embeddings: computed beside SDPA."""
     batch, length, _ = keys.shape
-    keys = keys.view(batch, length, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
-    queries = queries.view(batch, length, parts.num_heads, parts.head_dim).transpose(1, 2)
+    queries, keys = parts.normed(queries.view(batch, length, parts.num_heads, parts.head_dim),
+                                 keys.view(batch, length, parts.num_kv_heads, parts.head_dim))
+    queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)
     keys = adapter.rotate(keys, position_embeddings)
     cos, sin = adapter.gather_position_embeddings(position_embeddings, index)
     picked = queries.gather(2, index[:, None, :, None].expand(-1, parts.num_heads, -1, parts.head_dim))

@@ -185,6 +185,7 @@ def rebuild(
     width_step: int = 1,
     right_padded: bool = False,
     placeholders: int | None = None,
+    at_origin: bool = False,
 ) -> Rebuilt:
     """Replace each image's placeholder span with its (possibly fewer) visual tokens.
 
@@ -194,7 +195,9 @@ def rebuild(
     token's position.
     width_step: the rebuilt rows' width is a multiple of it (more padding). right_padded: pad the
     rebuilt rows on the right, as the caller did (else on the left). placeholders: the prompts' placeholder
-    tokens, where the caller has read them.
+    tokens, where the caller has read them. at_origin: each token takes its origin's placeholder (origins
+    counting an item's placeholders), not the next of its item's from the first: an item whose placeholders
+    come in several runs (Qwen3-VL's video frames, timestamps between them) keeps each token in its own run.
     """
     batch, length = input_ids.shape
     device = input_ids.device
@@ -206,14 +209,23 @@ def rebuild(
                 f"image {index} has {count} visual tokens after the methods but {room} placeholders in its prompt; "
                 "a method may not give an image more tokens than it had: prune more (or shorten a DualSpeed isolator)"
             )
-    counts = tokens.counts
     safe_image, safe_slot = image.clamp_min(0), slot.clamp_min(0)
-    in_budget = slot < counts[safe_image]
+    if at_origin:
+        spare = max(places)  # a column for padding tokens
+        token_at = torch.full((tokens.batch_size, spare + 1), -1, dtype=torch.long, device=device)
+        token_at.scatter_(1, torch.where(tokens.valid, tokens.origin, spare).clamp(0, spare),
+                          torch.arange(tokens.x.shape[1], device=device).expand(tokens.batch_size, -1))
+        token = token_at[:, :spare][safe_image, safe_slot.clamp_max(spare - 1)]
+        in_budget = token >= 0
+    else:
+        token = slot
+        in_budget = slot < tokens.counts[safe_image]
     keep = (~is_image) | in_budget
     if attention_mask is not None:
         keep &= attention_mask.bool()
 
-    visual_features = tokens.x[safe_image, safe_slot.clamp_max(tokens.x.shape[1] - 1)]
+    token = token.clamp(0, tokens.x.shape[1] - 1)
+    visual_features = tokens.x[safe_image, token]
     use_visual = is_image & in_budget
     embeds = torch.where(use_visual[..., None], visual_features.to(text_embeds.dtype), text_embeds)
 
@@ -221,7 +233,7 @@ def rebuild(
         position_ids = torch.arange(length, device=device)
     position_ids = position_ids.expand(batch, length, *position_ids.shape[2:])
     if keep_positions:
-        origin = tokens.origin[safe_image, safe_slot.clamp_max(tokens.origin.shape[1] - 1)]
+        origin = tokens.origin[safe_image, token]
         at = (torch.arange(length, device=device) - slot + origin).clamp(0, length - 1)  # the origin's placeholder
         kept = use_visual.view(*use_visual.shape, *([1] * (position_ids.dim() - 2)))
         positions = torch.where(kept, gather_rows(position_ids, at), position_ids)
@@ -230,7 +242,7 @@ def rebuild(
         positions = position_ids.gather(1, first) + keep.long().cumsum(dim=1) - 1
 
     index, valid, padded = compaction(keep, width_step, right=right_padded)
-    full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image, token=torch.where(use_visual, slot, -1))
+    full = Sequence(valid=keep, positions=positions, visual=use_visual, image=image, token=torch.where(use_visual, token, -1))
     sequence = full.gather(index, valid)
     new_labels = None
     if labels is not None:

@@ -34,6 +34,9 @@ class VisualTokens:
     counts back stalls the host on the GPU and stops a CUDA graph from covering the work.
     view_slots: for images packed from several encoder views (LLaVA-NeXT), (V, P_view): where each
     view's patch went, image * P + slot, -1 where the packing cut it; None when each image is one view.
+    layer_features: (B, N, K, D) what each token adds to the outputs of the LLM's first K layers (Qwen3-VL's
+    DeepStack features), None where the family has none; a regroup merges them with the weights it merges x
+    with, so that they follow every token a method keeps, drops or merges.
     """
 
     x: torch.Tensor
@@ -45,6 +48,7 @@ class VisualTokens:
     uniform: bool = False
     known: list[int] | None = None
     view_slots: torch.Tensor | None = None
+    layer_features: torch.Tensor | None = None
 
     @classmethod
     def from_patches(cls, x: torch.Tensor, grid: tuple[int, int], has_cls: bool) -> "VisualTokens":
@@ -68,9 +72,11 @@ class VisualTokens:
         )
 
     @classmethod
-    def from_images(cls, images: list[torch.Tensor], **extra) -> "VisualTokens":
+    def from_images(cls, images: list[torch.Tensor], layer_features: list[torch.Tensor] | None = None,
+                    **extra) -> "VisualTokens":
         """Each image's tokens (n_i, D) in the order the LLM takes them, with no patch grid behind them (a
-        packed AnyRes layout, Qwen's merger outputs): token i stands for slot i; padded at the end."""
+        packed AnyRes layout, Qwen's merger outputs): token i stands for slot i; padded at the end.
+        layer_features: each image's (n_i, K, D), where the family has them."""
         counts = [len(image) for image in images]
         device = images[0].device
         slot = torch.arange(max(counts), device=device)
@@ -83,6 +89,8 @@ class VisualTokens:
             grid=None,
             has_cls=False,
             known=counts,
+            layer_features=None if layer_features is None else torch.nn.utils.rnn.pad_sequence(layer_features,
+                                                                                             batch_first=True),
             **extra,
         )
 
@@ -99,8 +107,13 @@ class VisualTokens:
 
         x = torch.cat([torch.nn.functional.pad(part.x, (0, 0, 0, width - part.x.shape[1])) for part in parts])
         known = [count for part in parts for count in part.known] if all(p.known is not None for p in parts) else None
+        layer_features = None
+        if parts[0].layer_features is not None:
+            layer_features = torch.cat([torch.nn.functional.pad(part.layer_features, (0, 0, 0, 0, 0, width - part.x.shape[1]))
+                                        for part in parts])
         return cls(x=x, size=padded("size", width, 0.0), origin=padded("origin", width, PADDING_ORIGIN),
-                   patch_to_token=padded("patch_to_token", patches, -1), grid=None, has_cls=False, known=known)
+                   patch_to_token=padded("patch_to_token", patches, -1), grid=None, has_cls=False, known=known,
+                   layer_features=layer_features)
 
     @property
     def batch_size(self) -> int:
@@ -135,11 +148,12 @@ class VisualTokens:
         """(B, N) True where the token is the class token."""
         return self.origin == CLS_ORIGIN
 
-    def with_features(self, x: torch.Tensor) -> "VisualTokens":
-        """Same tokens, new features (e.g. after an encoder layer or the projector)."""
+    def with_features(self, x: torch.Tensor, layer_features: torch.Tensor | None = None) -> "VisualTokens":
+        """Same tokens, new features (e.g. after an encoder layer or the projector); new layer features where
+        given (a method that computes its merged features itself computes these the same way)."""
         if x.shape[:2] != self.x.shape[:2]:
             raise ValueError(f"features of shape {tuple(x.shape)} do not match tokens {tuple(self.x.shape[:2])}")
-        return replace(self, x=x)
+        return replace(self, x=x) if layer_features is None else replace(self, x=x, layer_features=layer_features)
 
     def attention_bias(self, proportional: bool) -> torch.Tensor | None:
         """Additive (B, 1, 1, N) bias on attention logits: log(size) for ToMe's proportional
@@ -170,14 +184,20 @@ class VisualTokens:
         group = torch.where(kept, assign, torch.zeros_like(assign))
         weight = torch.where(kept, self.size, torch.zeros_like(self.size))
 
-        summed = self.x.new_zeros(batch, num_groups, dim)
-        summed.scatter_add_(1, group[..., None].expand(-1, -1, dim), self.x * weight[..., None].to(self.x.dtype))
         size = weight.new_zeros(batch, num_groups).scatter_add_(1, group, weight)
         origin = torch.full((batch, num_groups), PADDING_ORIGIN, device=self.x.device, dtype=torch.long)
         origin.scatter_reduce_(1, group, torch.where(kept, self.origin, PADDING_ORIGIN), reduce="amin")
         if at is not None:
             origin = at.masked_fill(size == 0, PADDING_ORIGIN)
-        features = summed / size.clamp_min(torch.finfo(torch.float32).tiny)[..., None].to(summed.dtype)
+
+        def merged(values: torch.Tensor) -> torch.Tensor:
+            """(B, N, E) -> (B, num_groups, E): each group's size-weighted mean."""
+            summed = values.new_zeros(batch, num_groups, values.shape[2])
+            summed.scatter_add_(1, group[..., None].expand(-1, -1, values.shape[2]), values * weight[..., None].to(values.dtype))
+            return summed / size.clamp_min(torch.finfo(torch.float32).tiny)[..., None].to(summed.dtype)
+
+        features = merged(self.x)
+        layer_features = None if self.layer_features is None else merged(self.layer_features.flatten(2))
 
         key = origin if order is None else order.masked_fill(size == 0, PADDING_ORIGIN)
         full_order = key.argsort(dim=1, stable=True)
@@ -207,6 +227,8 @@ class VisualTokens:
             has_cls=self.has_cls,
             known=None if counts is None else list(counts),
             view_slots=self.view_slots,
+            layer_features=None if layer_features is None else layer_features.gather(
+                1, order[..., None].expand(-1, -1, layer_features.shape[2])).unflatten(2, self.layer_features.shape[2:]),
         )
 
     def keep(self, mask: torch.Tensor, counts: list[int] | None = None, width: int | None = None) -> "VisualTokens":

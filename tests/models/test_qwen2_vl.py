@@ -75,9 +75,6 @@ def test_none_gives_the_untouched_logits(fresh_qwen, kind):
 def test_none_generates_the_untouched_text(fresh_qwen, kind, static):
     model = fresh_qwen
     inputs = qwen_batch(model.config, kind=kind)
-    if kind == "video":  # the first video's temporal positions run past the text after it: decoding goes on from
-        positions = rope_index(model, inputs)[:, 0]  # the last token, not one past the largest position
-        assert positions.amax() > positions[:, -1].max()
     with torch.no_grad():
         reference = generate(model, inputs, static)
         with slimvlm.apply(model, "none"):
@@ -85,6 +82,13 @@ def test_none_generates_the_untouched_text(fresh_qwen, kind, static):
     assert torch.equal(output.sequences, reference.sequences)
     for ours, theirs in zip(output.scores, reference.scores):
         assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_videos_temporal_positions_run_past_the_text_after_it(fresh_qwen):
+    """So decoding goes on from the prompt's last token, not one past its largest position: the test above checks
+    it on such a video."""
+    positions = rope_index(fresh_qwen, qwen_batch(fresh_qwen.config, kind="video"))[:, 0]
+    assert positions.amax() > positions[:, -1].max()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -287,7 +291,7 @@ def test_bad_video_inputs_are_named(fresh_qwen):
         with pytest.raises(slimvlm.SlimVLMError, match=r"prompt 0 has 24 video placeholder tokens, not those of whole "
                                                        r"videos: by video_grid_thw the videos take 16, 24"):
             model(**{**inputs, "video_grid_thw": inputs["video_grid_thw"].flip(0)})
-        with pytest.raises(slimvlm.SlimVLMError, match=r"pixel_values_videos of shape \(156, 1176\) do not hold the "
+        with pytest.raises(slimvlm.SlimVLMError, match=r"pixel_values_videos of shape \(156, \d+\) do not hold the "
                                                        r"patches video_grid_thw"):
             model(**{**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:-4]})
         if "second_per_grid_ts" in inputs:  # Qwen2.5-VL
@@ -297,8 +301,11 @@ def test_bad_video_inputs_are_named(fresh_qwen):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_static_cache_continues_the_reduced_frame(kind):
+    assert_the_static_cache_continues_the_reduced_frame(qwen_model("qwen2_5_vl", seed=1), kind)
+
+
+def assert_the_static_cache_continues_the_reduced_frame(model, kind: str) -> None:
     """Cached decode steps on the reduced prompt equal recomputing it with each new token (no cache)."""
-    model = qwen_model("qwen2_5_vl", seed=1)
     inputs = qwen_batch(model.config, seed=1, kind=kind)
     with torch.no_grad(), slimvlm.apply(model, "divprune:budget=6"):
         cached = generate(model, inputs, static=True, new_tokens=4)
@@ -308,7 +315,7 @@ def test_the_static_cache_continues_the_reduced_frame(kind):
                         "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, step, dtype=torch.long)], 1)}
             del extended["mm_token_type_ids"]
             logits = model(**extended, use_cache=False).logits[:, -1]
-            assert torch.allclose(logits, cached.scores[step], atol=1e-4)
+            assert torch.allclose(logits.to(cached.scores[step].dtype), cached.scores[step], atol=1e-4)  # float32 scores
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=2), dict(do_sample=True, top_k=5, num_return_sequences=2)],
@@ -439,6 +446,39 @@ def test_visionzip_keeps_the_units_the_last_block_attends_most(fresh_qwen, kind)
 
 
 
+def by_the_methods_rules(values: torch.Tensor, sources: list[int], origins: list[int]) -> torch.Tensor:
+    """An item's tokens from its units' values (U, ...), by hand: a token of one unit is that unit's; one of several
+    (VisionZip's contextual token) is its target's (the unit it sits at: its origin) plus the mean of the others'."""
+    out = []
+    for token, origin in enumerate(origins):
+        others = [unit for unit, source in enumerate(sources) if source == token and unit != origin]
+        out.append(values[origin] + (values[others].mean(0) if others else 0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_visionzip_features_sit_at_their_tokens_places(fresh_qwen, kind):
+    """Each token VisionZip keeps has its unit's merger output, each contextual token its target's plus the mean of
+    the others joining it, wherever the contextual tokens fall among the dominant ones (at their targets' places)."""
+    model = fresh_qwen
+    inputs = qwen_batch(model.config, kind=kind)
+    pixels, grids, _ = QWEN_KINDS[kind]
+    with torch.no_grad():
+        merged = torch.cat(model.model.get_image_features(inputs[pixels], inputs[grids]).pooler_output)
+        with slimvlm.apply(model, "visionzip:dominant=6,contextual=2") as handle:
+            model(**inputs)
+            tokens = handle.runtime.session.tokens
+    merging = tokens.size[:, :-1] > 1
+    assert (merging & (tokens.size[:, 1:] == 1)).any()  # a contextual token before a dominant one
+    start = 0
+    for item, count in enumerate(TOKENS):
+        kept = tokens.host_counts()[item]
+        expected = by_the_methods_rules(merged[start : start + count], handle.stats.sources[item][:count],
+                                        tokens.origin[item, :kept].tolist())
+        torch.testing.assert_close(tokens.x[item, :kept], expected, atol=1e-6, rtol=1e-6)
+        start += count
+
+
 def test_visionzip_stats_count_the_merger_on_every_unit(fresh_qwen):
     with torch.no_grad(), slimvlm.apply(fresh_qwen, "visionzip:dominant=8,contextual=2") as handle:
         fresh_qwen(**qwen_batch(fresh_qwen.config))
@@ -446,15 +486,18 @@ def test_visionzip_stats_count_the_merger_on_every_unit(fresh_qwen):
 
 
 def test_synthetic_videos_run_as_the_untouched_model(fresh_qwen):
-    """The benchmark's videos (--video-frames): frames in pairs, 644-px frames of 23 x 23 tokens per pair."""
+    """The benchmark's videos (--video-frames): frames in pairs, 644-px frames (23 x 23 tokens per pair of 14-px
+    patches; 20 x 20 of 16-px ones, Qwen3-VL's)."""
     from slimvlm.bench.run import synthetic_inputs
+    from slimvlm.models.qwen2_vl import SYNTHETIC_SIDE
 
     inputs = synthetic_inputs(fresh_qwen, 1, 8, video_frames=4)
     with torch.no_grad():
         reference = fresh_qwen(**inputs).logits
         with slimvlm.apply(fresh_qwen, "none") as handle:
             assert torch.equal(fresh_qwen(**inputs).logits, reference)
-    assert handle.stats.visual_tokens == [2 * 23 * 23]
+    side = SYNTHETIC_SIDE // fresh_qwen.config.vision_config.patch_size // 2
+    assert handle.stats.visual_tokens == [2 * side * side]
     with pytest.raises(slimvlm.SlimVLMError, match="takes frames in pairs"):
         synthetic_inputs(fresh_qwen, 1, 8, video_frames=3)
 

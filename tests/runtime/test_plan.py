@@ -30,6 +30,10 @@ def plan(**changes):
      False),
     (dict(edits_layers=False, unmerge=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
     (dict(edits_layers=False, windowed=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
+    # features added to the first layers' outputs (Qwen3-VL's DeepStack): hooks on the LM's own forward
+    (dict(layer_features=True), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
+    (dict(layer_features=True, static_given=True), Prefill.LM, Cache.HAND_OFF, Decode.STATIC, True),
+    (dict(layer_features=True, edits_layers=False, static_given=True), Prefill.LM, Cache.STATIC, Decode.STATIC, False),
 ])
 def test_a_prefill_takes_one_path_decided_by_its_conditions(changes, prefill, cache, decode, layer_hooks):
     planned = plan(**changes)

@@ -72,3 +72,33 @@ def test_drop_cls():
     for field in ("x", "size", "origin", "patch_to_token"):
         assert torch.equal(getattr(tokens, field), getattr(by_regroup, field))
     assert tokens.known == by_regroup.known == [4]
+
+
+def test_layer_features_follow_every_regroup_with_the_weights_of_x():
+    """Per-token features for the LLM's first layers (Qwen3-VL's DeepStack) merge and drop as x does."""
+    x = torch.tensor([[[1.0], [3.0], [4.0], [5.0]]])
+    features = torch.tensor([[10.0, 100.0], [30.0, 300.0], [40.0, 400.0], [50.0, 500.0]])[:, :, None]  # (4, K=2, 1)
+    tokens = VisualTokens.from_images(list(x), [features])
+    merged = tokens.regroup(torch.tensor([[0, 0, -1, 3]]), 4)  # 0 and 1 merge, 2 is dropped, 3 stays
+    again = merged.regroup(torch.tensor([[0, 0]]), 2)  # by size: (2 * 2 + 5) / 3
+    assert merged.x[0, :, 0].tolist() == [2, 5] and merged.layer_features[0, :, :, 0].tolist() == [[20, 200], [50, 500]]
+    assert again.x[0, :, 0].tolist() == [3] and again.layer_features[0, :, :, 0].tolist() == [[30, 300]]
+    both = VisualTokens.cat([merged, again])
+    assert both.layer_features[:, :, 0, 0].tolist() == [[20, 50], [30, 0]]  # padded as x is
+
+
+def test_a_rebuild_can_put_each_token_at_its_origins_placeholder():
+    """An item whose placeholders come in two runs (Qwen3-VL's video frames): packed, its kept tokens fill the first
+    placeholders from the first run on; at_origin, each stays at its own, in its own run."""
+    from slimvlm.sequence import rebuild
+
+    placeholder = 9
+    input_ids = torch.tensor([[5, placeholder, placeholder, 6, placeholder, placeholder, 7]])
+    text = torch.arange(7.0)[None, :, None]
+    tokens = VisualTokens.from_images([torch.tensor([[10.0], [11.0], [12.0], [13.0]])]).keep(
+        torch.tensor([[False, True, False, True]]))
+    packed, kept = (rebuild(input_ids, text, None, None, None, tokens, (placeholder,), [4], keep_positions=True,
+                            at_origin=at_origin) for at_origin in (False, True))
+    assert packed.embeds[0, :, 0].tolist() == [0, 11, 13, 3, 6]
+    assert kept.embeds[0, :, 0].tolist() == [0, 11, 3, 13, 6]
+    assert kept.sequence.positions.tolist() == [[0, 2, 3, 5, 6]] and kept.sequence.token.tolist() == [[-1, 0, -1, 1, -1]]

@@ -7,7 +7,8 @@ One multiply-add counts as 2 FLOPs. Per layer, with n tokens:
   patch embedding, once per image: 2 P (3 p^2) d for P patches of p x p pixels (Qwen: 3 x 2 p^2, two
       frames a patch, P per image from its grid);
   projector (LLaVA MLP, vision width d_v -> LLM width D), per visual token: 2 d_v D + 2 D D; Qwen's merger
-      (4 patches of width d_v joined, an MLP of width 4 d_v to D) per token: 2 (4 d_v)^2 + 2 (4 d_v) D;
+      (4 patches of width d_v joined, an MLP of width 4 d_v to D) per token: 2 (4 d_v)^2 + 2 (4 d_v) D, on
+      Qwen3-VL once more per DeepStack merger (the LM's additions of their outputs are not counted);
   LLM prefill (Llama, width D, H heads and H_kv key/value heads of size h, gated MLP width F), n tokens:
       4 n D H h (q, o) + 4 n D H_kv h (k, v) + 2 H h n (n + 1) (causal attention: n(n+1)/2 query-key
       pairs, 2 h FLOPs for the score and 2 h for the value, per head) + 6 n D F (gate, up, down);
@@ -34,6 +35,7 @@ class VisionShape:
     mlp_matrices: int = 2  # 3 for a gated MLP
     merge: int = 1  # encoder tokens joined into one projector input (Qwen: 2 x 2)
     projector_hidden: int | None = None  # the projector MLP's hidden width; None: the LLM's
+    projectors: int = 1  # projector runs per token (Qwen3-VL: the merger and its DeepStack mergers)
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,10 @@ class LLMShape:
 
 
 def qwen_vision_shape(v) -> VisionShape:
-    """Qwen2-VL's ViT (width embed_dim, MLP embed_dim x mlp_ratio) or Qwen2.5-VL's (width hidden_size, gated MLP)."""
+    """Qwen2-VL's ViT (width embed_dim, MLP embed_dim x mlp_ratio), Qwen2.5-VL's (width hidden_size, gated MLP) or
+    Qwen3-VL's (width hidden_size, plain MLP, a merger per DeepStack block beside the last one's)."""
     qwen2 = hasattr(v, "embed_dim")  # Qwen2-VL's vision hidden_size is the LLM's width
+    deepstack = len(getattr(v, "deepstack_visual_indexes", ()))
     width = v.embed_dim if qwen2 else v.hidden_size
     merge = v.spatial_merge_size**2
     return VisionShape(
@@ -58,17 +62,19 @@ def qwen_vision_shape(v) -> VisionShape:
         patch=v.patch_size,
         channels=v.in_channels * v.temporal_patch_size,
         patches=None,
-        mlp_matrices=2 if qwen2 else 3,
+        mlp_matrices=2 if qwen2 or deepstack else 3,
         merge=merge,
         projector_hidden=merge * width,
+        projectors=1 + deepstack,
     )
 
 
 def shapes(config) -> tuple[VisionShape, LLMShape]:
-    """The sizes the formulas need, read from a LLaVA (-NeXT) or Qwen2-VL (2.5-VL) config."""
+    """The sizes the formulas need, read from a LLaVA (-NeXT) or Qwen2-VL (2.5-VL, 3-VL) config; a mixture of experts'
+    MLP width is its active experts' (num_experts_per_tok x moe_intermediate_size)."""
     v, t = config.vision_config, config.text_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         vision = qwen_vision_shape(v)
     else:
         vision = VisionShape(
@@ -83,7 +89,7 @@ def shapes(config) -> tuple[VisionShape, LLMShape]:
         heads=t.num_attention_heads,
         kv_heads=t.num_key_value_heads,
         head_dim=head_dim,
-        mlp=t.intermediate_size,
+        mlp=t.num_experts_per_tok * t.moe_intermediate_size if hasattr(t, "moe_intermediate_size") else t.intermediate_size,
         vocab=t.vocab_size,
         layers=t.num_hidden_layers,
     )
@@ -101,7 +107,7 @@ def patch_embedding_flops(v: VisionShape, patches: int | None = None) -> int:
 
 def projector_flops(v: VisionShape, t: LLMShape, n: int) -> int:
     hidden = v.projector_hidden or t.width
-    return n * (2 * v.merge * v.width * hidden + 2 * hidden * t.width)
+    return v.projectors * n * (2 * v.merge * v.width * hidden + 2 * hidden * t.width)
 
 
 def llm_layer_prefill_flops(t: LLMShape, n: int, attended: int | None = None) -> int:

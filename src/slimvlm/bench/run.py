@@ -63,7 +63,7 @@ def synthetic_inputs(model, batch_size: int, text_tokens: int, seed: int = 0, vi
     else:
         images, span = adapter.synthetic_images(batch_size, generator)
     before = min(5, text_tokens)
-    image = torch.full((batch_size, span), config.video_token_id if video_frames else config.image_token_id)
+    image = torch.tensor(adapter.synthetic_span(span, video_frames)).expand(batch_size, -1)
     input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
     device, dtype = model.device, model.dtype
     tensors = {**images, **adapter.text_inputs(input_ids)}

@@ -18,6 +18,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -70,24 +72,43 @@ QWEN25_VL_7B = dict(
     image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
     tie_word_embeddings=False,
 )
+# Qwen3-VL-8B-Instruct (Qwen/Qwen3-VL-8B-Instruct, its config.json): a 27-block ViT of width 1152 with 16-px patches
+# whose blocks 8, 16 and 24 feed DeepStack mergers, a merger of 2 x 2 patches to the LM's 4096, a Qwen3-8B-shape LM
+# (36 layers, 32 heads, 8 KV heads of 128, q/k norms) with interleaved M-RoPE sections 24/20/20; the bench's images
+# are 644 px (models/qwen2_vl.py SYNTHETIC_SIDE) cut to 40 x 40 patches of 16 px: 400 visual tokens
+QWEN3_VL_8B = dict(
+    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
+    text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                     tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+)
+QWEN_CONFIGS = {"qwen2.5-vl-7b": Qwen2_5_VLConfig, "qwen3-vl-8b": Qwen3VLConfig}  # built from their spec as it is
 
 SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-next-video-7b": LLAVA_NEXT_VIDEO_7B,
-          "llava-onevision-7b": LLAVA_ONEVISION_7B, "qwen2.5-vl-7b": QWEN25_VL_7B}
+          "llava-onevision-7b": LLAVA_ONEVISION_7B, "qwen2.5-vl-7b": QWEN25_VL_7B, "qwen3-vl-8b": QWEN3_VL_8B}
 MODEL_CLASSES = {
     LlavaConfig: LlavaForConditionalGeneration,
     LlavaNextConfig: LlavaNextForConditionalGeneration,
     LlavaNextVideoConfig: LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig: Qwen3VLForConditionalGeneration,
 }
 
 
-def shape_config(name: str) -> LlavaConfig | LlavaNextConfig | LlavaNextVideoConfig | LlavaOnevisionConfig | Qwen2_5_VLConfig:
+def shape_config(name: str) -> (LlavaConfig | LlavaNextConfig | LlavaNextVideoConfig | LlavaOnevisionConfig
+                                | Qwen2_5_VLConfig | Qwen3VLConfig):
     if name not in SHAPES:
         raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
     spec = SHAPES[name]
-    if name == "qwen2.5-vl-7b":
-        return Qwen2_5_VLConfig(**spec)
+    if name in QWEN_CONFIGS:
+        return QWEN_CONFIGS[name](**spec)
     if name == "llava-onevision-7b":
         return LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(**spec["vision"]),

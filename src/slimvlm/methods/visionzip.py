@@ -126,7 +126,7 @@ class VisionZip(Method):
         if dominant > n:
             raise SlimVLMError(f"visionzip: dominant={dominant} is more than the {n} tokens of a view (a Qwen image or "
                                "video: an item); lower it, or give dominant_ratio")
-        batch, _, dim = tokens.x.shape
+        batch = tokens.x.shape[0]
         device = tokens.x.device
         if attention.received is not None:
             score = attention.received
@@ -141,7 +141,6 @@ class VisionZip(Method):
         by_kind = chosen.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
         kept, rest = by_kind[:, :dominant], by_kind[:, dominant:]
         assign = torch.arange(n, device=device).expand(batch, n).clone()
-        features = gather_rows(tokens.x, kept)
         contextual = min(contextual, rest.shape[1])
         order = torch.cat([tokens.origin, tokens.num_patches + torch.arange(contextual, device=device).expand(batch, -1)], 1)
         at = None
@@ -150,14 +149,30 @@ class VisionZip(Method):
             if attention.positions_kept:  # each contextual token at its target's place and position
                 order = at = torch.cat([tokens.origin, gather_rows(tokens.origin, rest[:, targets])], 1)
             assign.scatter_(1, rest, n + group)
-            members = gather_rows(tokens.x, rest)
-            joins = torch.ones(rest.shape[1], dtype=members.dtype, device=device)
+            joins = torch.ones(rest.shape[1], dtype=tokens.x.dtype, device=device)
             joins.index_fill_(0, targets, 0)  # a target is the contextual token's base, not one of the tokens joining it
-            joined = members.new_zeros(batch, contextual, dim).scatter_add_(
-                1, group[..., None].expand(-1, -1, dim), members * joins[None, :, None])
             count = joins.expand(batch, -1).new_zeros(batch, contextual).scatter_add_(1, group, joins.expand(batch, -1))
-            features = torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
         else:
             assign.scatter_(1, rest, -1)
+
+        # the regroup puts its groups (a dominant token's: its index; contextual token g's: n + g) in the order of
+        # their `order` keys: the features below, computed group by group, go in that order too
+        groups = torch.cat([kept, n + torch.arange(contextual, device=device).expand(batch, -1)], dim=1)
+        placed = order.gather(1, groups).argsort(dim=1, stable=True)
+
+        def merged(x: torch.Tensor) -> torch.Tensor:
+            """(B, n, E) -> (B, dominant + contextual, E) in the regroup's order: the dominant tokens as they are,
+            each contextual token its target plus the mean of the tokens joining it."""
+            features = gather_rows(x, kept)
+            if contextual:
+                members = gather_rows(x, rest)
+                joined = members.new_zeros(batch, contextual, x.shape[2]).scatter_add_(
+                    1, group[..., None].expand(-1, -1, x.shape[2]), members * joins[None, :, None])
+                features = torch.cat([features, members[:, targets] + joined / count.clamp_min(1)[..., None]], dim=1)
+            return gather_rows(features, placed)
+
         regrouped = tokens.regroup(assign, n + contextual, order=order, counts=[dominant + contextual] * batch, at=at)
-        return regrouped.with_features(features)
+        layer_features = tokens.layer_features  # Qwen3-VL's DeepStack features, merged as the tokens are
+        if layer_features is not None:
+            layer_features = merged(layer_features.flatten(2)).unflatten(2, layer_features.shape[2:])
+        return regrouped.with_features(merged(tokens.x), layer_features)

@@ -11,6 +11,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS = {
     "LlavaForConditionalGeneration": LlavaAdapter,
@@ -19,6 +20,8 @@ ADAPTERS = {
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
+    "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
+    "Qwen3VLMoeForConditionalGeneration": Qwen3VLAdapter,
 }
 
 

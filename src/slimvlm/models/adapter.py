@@ -113,6 +113,15 @@ class AttentionParts:
     num_kv_heads: int
     head_dim: int
     scaling: float
+    q_norm: nn.Module | None = None  # per-head norms before RoPE (Qwen3's), where the layer has them
+    k_norm: nn.Module | None = None
+
+    def normed(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected queries and keys split into heads (..., H, d), through the layer's per-head norms where it has
+        them, as its attention takes them to RoPE: scores from unnormed ones would not be the model's."""
+        if self.q_norm is None:
+            return queries, keys
+        return self.q_norm(queries), self.k_norm(keys)
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class LanguageModelAdapter:
     output_class: type = None  # what the untouched model's forward returns
     vision_capturable = False  # stages 1-2 can replay from one CUDA graph (shapes follow from the batch alone)
     sizes_argument = "image_sizes"  # the forward argument giving each image's size, handed to views()
+    tokens_at_origin = False  # each visual token takes its origin's placeholder in the rebuilt prompt (sequence.rebuild)
+    adds_layer_features = False  # visual tokens add features to the LM's first layers' outputs (DeepStack)
 
     def __init__(self, model: nn.Module, language_model: nn.Module) -> None:
         config = model.config
@@ -191,6 +202,11 @@ class LanguageModelAdapter:
         """Random videos of `frames` frames, as the processor would hand them over, and each one's placeholders:
         for benchmarks on families that take videos."""
         raise SlimVLMError(f"{type(self.model).__name__} takes no videos here; benchmark it on images (leave out --video-frames)")
+
+    def synthetic_span(self, tokens: int, video_frames: int) -> list[int]:
+        """The ids a synthetic item of `tokens` tokens (a video of `video_frames` frames, where given) takes in a
+        prompt: one run of its placeholders."""
+        return [self.config.video_token_id if video_frames else self.image_token_id] * tokens
 
     def projector_counts(self, projected: VisualTokens) -> list[int] | torch.Tensor:
         """Per encoder view, the tokens its projector ran on, given the tokens project() returned: on the device
@@ -253,6 +269,8 @@ class LanguageModelAdapter:
             num_kv_heads=self.text_config.num_key_value_heads,
             head_dim=attn.head_dim,
             scaling=attn.scaling,
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
         )
 
     @staticmethod
@@ -310,6 +328,7 @@ class LanguageModelAdapter:
         (the layer call's keyword arguments; it takes out its own) gives a state; None lets the layer run as
         usual. Returns the function that undoes it."""
         attn = self.llm_layers[layer].self_attn
+        parts = self.attention_parts(layer)
         original = attn.forward
         cache_name = cache_kwarg(original)
 
@@ -321,11 +340,11 @@ class LanguageModelAdapter:
             cache = kwargs.get(cache_name)
             input_shape = hidden_states.shape[:-1]
             hidden_shape = (*input_shape, -1, attn.head_dim)
-            queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            queries, keys = parts.normed(attn.q_proj(hidden_states).view(hidden_shape),
+                                         attn.k_proj(hidden_states).view(hidden_shape))
             values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            queries = self.rotate(queries, position_embeddings)
-            keys = self.rotate(keys, position_embeddings)
+            queries = self.rotate(queries.transpose(1, 2), position_embeddings)
+            keys = self.rotate(keys.transpose(1, 2), position_embeddings)
             if cache is not None:
                 keys, values = cache.update(keys, values, attn.layer_idx)
             output = core(attn, queries, keys, values, state)

@@ -14,7 +14,8 @@ TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
 # by the config's model_type; LLaVA-1.5 otherwise (the testbed's and make-tiny's folders)
 MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_next_video": "LlavaNextVideoForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 
 def resolve_device(name: str) -> torch.device:

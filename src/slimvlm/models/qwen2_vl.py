@@ -99,6 +99,10 @@ class QwenVLAdapter(LanguageModelAdapter):
     family = "qwen2-vl"
     name = "Qwen2-VL"  # in messages
     sizes_argument = "image_grid_thw"
+    frames_apart = False  # a video's temporal steps are placeholder runs of their own (qwen_visuals.visual_items)
+    # why stage-1 methods cannot act inside this family's tower
+    whole_tower = ("its merger joins each 2x2 block of patches in place into one token and 2.5's window attention is "
+                   "laid out on the whole grid")
 
     def __init__(self, model: nn.Module) -> None:
         inner = model.model
@@ -118,9 +122,8 @@ class QwenVLAdapter(LanguageModelAdapter):
     def refusal(cls, method: Method) -> str | None:
         """What cannot act on Qwen's images (see the module's docstring), naming what works instead."""
         if Stage.ENCODE in method.stages and not method.at_merged_tokens:
-            return (f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on {cls.name}: its "
-                    "merger joins each 2x2 block of patches in place into one token and 2.5's window attention is laid out "
-                    "on the whole grid; use visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) "
+            return (f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on {cls.name}: "
+                    f"{cls.whole_tower}; use visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) "
                     "or stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)")
         if method.needs_patch_grid:
             return (f"{method.name} works on one square patch grid per image, but {cls.name} gives each image its own grid "
@@ -155,7 +158,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         input_ids = arguments.get("input_ids")
         if input_ids is None:  # nothing to order by: the runtime refuses such a prefill, naming what to pass
             return given[0], None
-        items = visual_items(arguments, self.token_types(input_ids), self.patch_values, self.merge)
+        items = self.visual_items(arguments, input_ids)
         return items.pixels(), items
 
     def positions_kept(self, keep_positions: bool | None) -> bool:
@@ -163,7 +166,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         the grid whatever the count, so there is nothing to renumber; False is refused."""
         if keep_positions is False:
             raise SlimVLMError(
-                "keep_positions=False renumbers visual tokens, which has no meaning under Qwen2-VL's M-RoPE (an "
+                f"keep_positions=False renumbers visual tokens, which has no meaning under {self.name}'s M-RoPE (an "
                 "image's or video's tokens sit at (time, height, width) positions of its grid and the text after it "
                 "starts past the grid, whatever the count); leave keep_positions unset: kept tokens keep their own "
                 "positions"
@@ -179,8 +182,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         original = model._expand_inputs_for_generation
 
         def expand(expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
-            items = None if expand_size == 1 or input_ids is None else visual_items(
-                model_kwargs, self.token_types(input_ids), self.patch_values, self.merge)
+            items = None if expand_size == 1 or input_ids is None else self.visual_items(model_kwargs, input_ids)
             if items is None:
                 return original(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
                                 **model_kwargs)
@@ -200,7 +202,7 @@ class QwenVLAdapter(LanguageModelAdapter):
             input_ids = model_kwargs.get("input_ids", inputs_tensor)
             if input_ids is not None and input_ids.dim() == 2 and any(model_kwargs.get(kind.pixels) is not None
                                                                        for kind in KINDS):
-                visual_items(model_kwargs, self.token_types(input_ids), self.patch_values, self.merge)
+                self.visual_items(model_kwargs, input_ids)
             return prepare(inputs_tensor, model_kwargs)
 
         model._prepare_position_ids_for_generation = Installed(checked)
@@ -210,6 +212,10 @@ class QwenVLAdapter(LanguageModelAdapter):
             del model._prepare_position_ids_for_generation
 
         return undo
+
+    def visual_items(self, arguments: dict, input_ids: torch.Tensor) -> VisualItems | None:
+        """The images and videos of a forward's (or generate()'s) arguments, checked, in prompt order (qwen_visuals)."""
+        return visual_items(arguments, self.token_types(input_ids), self.patch_values, self.merge, self.frames_apart)
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) mm_token_type_ids as the processor makes them: 1 at image placeholders, 2 at video ones."""
@@ -234,7 +240,8 @@ class QwenVLAdapter(LanguageModelAdapter):
         """The patches of every image and video, (sum t h w, C T P P), in prompt order as visual_inputs()
         packed them, taken with the items: what the tower runs on."""
         if interpolate:
-            raise SlimVLMError("interpolate_pos_encoding is not a Qwen2-VL argument (its ViT takes any size); leave it out")
+            raise SlimVLMError(f"interpolate_pos_encoding is not a {self.name} argument (its ViT takes any size); leave it "
+                               "out")
         self.items = items
         return pixel_values
 
@@ -272,7 +279,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         """Videos of `frames` frames of SYNTHETIC_SIDE px (frames / temporal_patch_size steps), a second per step."""
         steps, rest = divmod(frames, self.vision_config.temporal_patch_size)
         if rest or not steps:
-            raise SlimVLMError(f"--video-frames {frames}: Qwen2-VL takes frames in pairs "
+            raise SlimVLMError(f"--video-frames {frames}: {self.name} takes frames in pairs "
                                f"(temporal_patch_size {self.vision_config.temporal_patch_size}); give an even count")
         side = SYNTHETIC_SIDE // self.vision_config.patch_size
         pixels = torch.randn(count * steps * side * side, self.patch_values, generator=generator)
@@ -293,25 +300,31 @@ class QwenVLAdapter(LanguageModelAdapter):
         if pixel_values.dim() != 2 or pixel_values.shape[0] != int(grid.prod(dim=1).sum()):
             raise SlimVLMError(
                 f"pixel_values of shape {tuple(pixel_values.shape)} are not the patches of the items views() took "
-                f"({self.grids}): Qwen2-VL's tower runs on the processor's packed patches with image_grid_thw, not on "
+                f"({self.grids}): {self.name}'s tower runs on the processor's packed patches with image_grid_thw, not on "
                 "fixed-size views (bench-vision's); time it with slimvlm bench or bench-generate"
             )
         if method is None:
-            merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
-            return VisualTokens.from_images(list(merged)), self._segments(grid)
+            output = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device))
+            return VisualTokens.from_images(list(output.pooler_output), self.layer_features(output)), self._segments(grid)
         last = self.visual.blocks[-1].attn
         with capture_inputs(last) as captured:
-            merged = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device)).pooler_output
+            output = self.inner.get_image_features(pixel_values, grid.to(pixel_values.device))
         received, keys = self._merged_attention(last, captured["args"][0], captured["kwargs"], grid)
+        features = self.layer_features(output)
         parts, start = [], 0
-        for item in merged:  # each item alone: its own token count
+        for index, item in enumerate(output.pooler_output):  # each item alone: its own token count
             end = start + len(item)
             attention = EncoderAttention(layer=len(self.visual.blocks) - 1, num_layers=len(self.visual.blocks),
                                          keys=keys[start:end].transpose(0, 1)[None], rows=_no_rows,
                                          received=received[None, start:end], positions_kept=True)
-            parts.append(method.encode_output(attention, VisualTokens.from_images([item])))
+            tokens = VisualTokens.from_images([item], None if features is None else [features[index]])
+            parts.append(method.encode_output(attention, tokens))
             start = end
         return VisualTokens.cat(parts), self._segments(grid)
+
+    def layer_features(self, output) -> list[torch.Tensor] | None:
+        """Per item, what its tokens add to the LM's first layers (VisualTokens.layer_features): none on Qwen2-VL."""
+        return None
 
     def _merged_attention(self, attn: nn.Module, hidden: torch.Tensor, kwargs: dict,
                           grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

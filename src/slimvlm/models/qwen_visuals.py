@@ -103,10 +103,12 @@ class VisualItems:
         return out
 
 
-def visual_items(arguments: dict, types: torch.Tensor, patch_values: int, merge: int) -> VisualItems | None:
+def visual_items(arguments: dict, types: torch.Tensor, patch_values: int, merge: int,
+                 frames_apart: bool = False) -> VisualItems | None:
     """The images and videos of a forward's arguments, checked against each other and against `types`
     (the prompts' mm_token_type_ids, from input_ids) and put in prompt order; None where it brings none.
-    patch_values: values a row of pixels holds; merge: the merger's unit side in patches."""
+    patch_values: values a row of pixels holds; merge: the merger's unit side in patches; frames_apart: each of
+    a video's temporal steps is a run of placeholders of its own (Qwen3-VL writes a timestamp before each)."""
     rows = None
     given = {}
     for kind in KINDS:
@@ -123,9 +125,29 @@ def visual_items(arguments: dict, types: torch.Tensor, patch_values: int, merge:
         return VisualItems(given, [(kind, index) for index in range(len(one.grids))])
     by_type = {kind.type_id: kind for kind in given}
     runs = [(kind, len(list(run))) for row in rows for kind, run in itertools.groupby(row) if kind in by_type]
-    order = items_in_prompt_order(runs, {kind.type_id: one.counts for kind, one in given.items()},
-                                  {kind.type_id: kind.name for kind in given})
-    return VisualItems(given, [(by_type[type_id], index) for type_id, index in order])
+    apart = {kind: frames_apart and kind is VIDEO for kind in given}
+    parts = {kind.type_id: _parts(one, apart[kind], merge) for kind, one in given.items()}
+    names = {kind.type_id: f"{kind.name} frame" if apart[kind] else kind.name for kind in given}
+    order: list[tuple[Kind, int]] = []
+    for type_id, part in items_in_prompt_order(runs, {type_id: counts for type_id, (counts, _) in parts.items()}, names):
+        item = (by_type[type_id], parts[type_id][1][part])
+        if not order or order[-1] != item:
+            order.append(item)
+    if len(set(order)) != len(order):
+        raise SlimVLMError(
+            "a video's frames are split by another image or video; put each video's frames together, as the "
+            "processor writes them"
+        )
+    return VisualItems(given, order)
+
+
+def _parts(given: Given, frames_apart: bool, merge: int) -> tuple[list[int], list[int]]:
+    """(placeholders of each run an item's tokens come in, the item each run belongs to): an item is one run, or
+    with frames_apart one run per temporal step."""
+    if not frames_apart:
+        return given.counts, list(range(len(given.counts)))
+    steps = [(item, h * w // merge**2) for item, (t, h, w) in enumerate(given.grids) for _ in range(t)]
+    return [count for _, count in steps], [item for item, _ in steps]
 
 
 def _given(kind: Kind, arguments: dict, placeholders: list[int], patch_values: int, merge: int) -> Given:

@@ -203,7 +203,7 @@ class Runtime:
             takes_masks=self.adapter.takes_masks(),
             graphs=graphs.graphs_wanted(self.cuda_graphs, input_ids.device),  # looked up here: device_reads swaps it
             batch=input_ids.shape[0], lm_outputs_asked=bool(kwargs), use_cache=bool(use_cache),
-            static_given=is_static(arguments.get(self._cache_name)))
+            static_given=is_static(arguments.get(self._cache_name)), layer_features=self.adapter.adds_layer_features)
 
     def _prefill(self, plan: Plan, arguments: dict, kwargs: dict):
         """Stages 1-2, the rebuilt prompt, the LLM over it by the plan's path (stages 3-4), the statistics."""
@@ -225,6 +225,7 @@ class Runtime:
             width_step=CAPACITY_STEP if plan.cache is Cache.STATIC else 1,  # a few widths, a graph or compile each
             right_padded=right_padded,
             placeholders=placeholders,
+            at_origin=adapter.tokens_at_origin,
         )
         given = arguments.get(self._cache_name)
         session = self.session = self.llm_prefill.start_session(plan, rebuilt, visual.tokens, given,

@@ -53,7 +53,7 @@ class Plan:
 
 
 def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_masks: bool, graphs: bool, batch: int,
-                 lm_outputs_asked: bool, use_cache: bool, static_given: bool) -> Plan:
+                 lm_outputs_asked: bool, use_cache: bool, static_given: bool, layer_features: bool = False) -> Plan:
     """The plan of a prompt with images.
 
     edits_layers: stage-3/4 methods drop tokens or cut cache entries, so LLM layers end prefill holding different
@@ -61,7 +61,9 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
     a sliding window. takes_masks: its attention takes slimvlm's 4D masks (SDPA, eager; not flash attention).
     graphs: CUDA graphs are wanted (graphs.graphs_wanted). batch: the prompts. lm_outputs_asked: the call passes
     arguments for the LM's own forward. use_cache: the prefill keeps a cache. static_given: the caller's cache is a
-    static one (generate(cache_implementation="static"))."""
+    static one (generate(cache_implementation="static")). layer_features: visual tokens add features to the LM's
+    first layers' outputs (Qwen3-VL's DeepStack, added by hooks on those layers: layer_features.py), so the LM's own
+    forward runs the prefill (the segments' graphs and the static prefill's reordered rows would not see them)."""
     if not use_cache:
         cache = Cache.NONE
     elif not static_given:
@@ -79,10 +81,10 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
     # or whose attention takes no mask of slimvlm's (flash attention); nor without graphs, where the segments'
     # attention over the prompt's width (masked) would cost what the drops save
     segments = (graphs and batch == 1 and not lm_outputs_asked and not unmerge and not windowed and takes_masks
-                and cache is not Cache.STATIC)
+                and cache is not Cache.STATIC and not layer_features)
     if segments:
         prefill = Prefill.SEGMENTS  # the segments run the drops themselves
-    elif cache is Cache.STATIC and not lm_outputs_asked:
+    elif cache is Cache.STATIC and not lm_outputs_asked and not layer_features:
         prefill = Prefill.STATIC
     else:
         prefill = Prefill.LM

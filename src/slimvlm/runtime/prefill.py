@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layer_features import layer_features_added
 from .plan import Cache, Plan, Prefill
 from .prefill_layers import LayerEdits
 from .segments import SegmentedPrefill
@@ -73,8 +74,9 @@ class LlmPrefill:
             mask_dtype = self.adapter.mask_dtype(rebuilt.embeds.dtype)
             hidden = self.static.prefill(rebuilt.embeds, sequence.positions, session.static, mask_dtype, plan.graphs)
         else:
-            output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
-                                          session.cache is not None, **kwargs)
+            with layer_features_added(self.adapter.llm_layers, session):  # on the LM's own forward alone (plan.py)
+                output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
+                                              session.cache is not None, **kwargs)
             hidden = output.last_hidden_state
         layer_tokens = tokens_per_layer(session)
         if plan.cache is not Cache.NONE:
