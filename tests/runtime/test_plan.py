@@ -2,7 +2,6 @@
 
 import pytest
 
-from slimvlm.errors import SlimVLMError
 from slimvlm.runtime.plan import Cache, Decode, Prefill, plan_prefill
 
 # stage-3/4 methods on an SDPA LM, on a GPU at inference, at batch 1, on generate()'s dynamic cache
@@ -50,7 +49,7 @@ def test_a_decode_step_follows_its_prompts_plan():
     assert (static.decode, static.layer_hooks) == (Decode.STATIC, False)  # hooks would be traced into the step
 
 
-def test_virtual_unmerging_on_a_static_cache_is_refused():
-    with pytest.raises(SlimVLMError, match="static cache"):
-        plan(edits_layers=False, unmerge=True, static_given=True)
+def test_virtual_unmerging_on_a_static_cache_prefills_on_the_dynamic_one_and_hands_off():
+    unmerging = plan(edits_layers=False, unmerge=True, static_given=True)
+    assert (unmerging.cache, unmerging.prefill, unmerging.decode) == (Cache.HAND_OFF, Prefill.LM, Decode.STATIC)
     assert plan(edits_layers=False, unmerge=True, static_given=True, use_cache=False).cache is Cache.NONE
