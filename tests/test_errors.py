@@ -94,12 +94,13 @@ def test_methods_listing():
 
 def test_slimvlm_methods_names_the_families_each_method_runs_on(capsys):
     from slimvlm.cli import main
-    from slimvlm.models import families_taking
+    from slimvlm.registry import families_taking
 
     llava_families = ["Llava", "LlavaNext", "LlavaNextVideo", "LlavaOnevision"]
-    assert families_taking("tome") == (llava_families, ["Qwen2VL", "Qwen2_5_VL"])  # stage 1 inside Qwen's encoder
-    assert families_taking("divprune") == (llava_families + ["Qwen2VL", "Qwen2_5_VL"], [])
-    assert families_taking("pool")[1] == llava_families[1:] + ["Qwen2VL", "Qwen2_5_VL"]  # one square grid per image
+    qwen = ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3VLMoe"]
+    assert families_taking("tome") == (llava_families, qwen)  # stage 1 inside Qwen's encoder
+    assert families_taking("divprune") == (llava_families + qwen, [])
+    assert families_taking("pool")[1] == llava_families[1:] + qwen  # one square grid per image
     assert main(["methods"]) == 0
     shown = capsys.readouterr().out
-    assert "families: Llava, LlavaNext, LlavaNextVideo, LlavaOnevision (refused: Qwen2VL, Qwen2_5_VL)" in shown
+    assert f"families: {', '.join(llava_families)} (refused: {', '.join(qwen)})" in shown

@@ -38,8 +38,9 @@ def test_the_check_sees_every_form_of_import(tmp_path):
 
 
 def package_imports(root: Path) -> dict[str, set[str]]:
-    """Module -> the modules of the same package it imports (at module level or inside functions); a package's
-    own __init__ counts as the package. Parents a submodule import implies are left out: every module has them."""
+    """Module -> the modules of the same package it imports when it runs (at module level or inside functions,
+    not under `if TYPE_CHECKING:`, which never runs); a package's own __init__ counts as the package. Parents a
+    submodule import implies are left out: every module has them."""
     modules = {}
     for path in root.rglob("*.py"):
         parts = list(path.relative_to(root.parent).with_suffix("").parts)
@@ -48,7 +49,13 @@ def package_imports(root: Path) -> dict[str, set[str]]:
     for name, path in modules.items():
         here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {id(inner) for node in ast.walk(tree)
+                       if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                       for inner in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else [])) \
                     if node.level else (node.module or "")
@@ -105,5 +112,6 @@ def test_the_loop_check_finds_a_loop(tmp_path):
     (package / "sub" / "__init__.py").write_text("")
     (package / "sub" / "b.py").write_text("def f():\n    from ..c import g\n")
     (package / "c.py").write_text("import pkg.a\n")
-    (package / "d.py").write_text("from . import a\n")  # imports into the loop, is not part of it
+    (package / "d.py").write_text("from . import a\nimport pkg.e\n")  # imports into the loop, is not part of it
+    (package / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import d\n")  # never runs
     assert import_loops(package_imports(package)) == [["pkg.a", "pkg.c", "pkg.sub.b"]]

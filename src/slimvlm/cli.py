@@ -339,8 +339,7 @@ def last_checkpoint(folder) -> str:
 
 
 def _methods(_args: argparse.Namespace) -> None:
-    from .models import families_taking
-    from .registry import PRESETS, methods
+    from .registry import PRESETS, families_taking, methods
 
     for name, info in methods().items():
         stages = ",".join(info["stages"]) or "-"

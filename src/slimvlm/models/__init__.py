@@ -25,27 +25,6 @@ ADAPTERS = {
 }
 
 
-def families_taking(method: str) -> tuple[list[str], list[str]]:
-    """The model classes (less "ForConditionalGeneration") that take the registered method `method`, and those
-    that refuse it whatever the checkpoint, judged on the method as its defaults build it (else its first
-    preset, else at budget=64)."""
-    from ..registry import PRESETS, build
-
-    candidates = [method] + [spec for preset, spec in PRESETS.items() if spec.split(":")[0] == method] + [f"{method}:budget=64"]
-    for spec in candidates:
-        try:
-            built = build(spec)
-            break
-        except SlimVLMError:
-            continue
-    else:
-        raise SlimVLMError(f"{method}: none of {candidates} builds; give it a preset")
-    taking, refusing = [], []
-    for name, adapter in ADAPTERS.items():
-        (refusing if adapter.refusal(built) else taking).append(name.removesuffix("ForConditionalGeneration"))
-    return taking, refusing
-
-
 def adapter_for(model: nn.Module) -> LanguageModelAdapter:
     """The adapter of the model's family, or a clear error naming the supported classes."""
     name = type(model).__name__
