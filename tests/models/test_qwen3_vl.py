@@ -77,7 +77,8 @@ def untouched_features(model, inputs, kind: str) -> tuple[torch.Tensor, torch.Te
     pixels, grids = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
     with torch.no_grad():
         output = model.model.get_image_features(inputs[pixels], inputs[grids])
-    return torch.cat(output.pooler_output), torch.stack([torch.cat(layer) for layer in output.deepstack_features], 1)
+    joined = [layer if isinstance(layer, torch.Tensor) else torch.cat(layer) for layer in output.deepstack_features]
+    return torch.cat(output.pooler_output), torch.stack(joined, 1)  # (transformers < 5.25 joins them itself)
 
 
 def expected_by_hand(values: torch.Tensor, sources: list[int], origins: list[int]) -> torch.Tensor:

@@ -60,5 +60,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return (frame + [self.config.vision_end_token_id]) * steps
 
     def layer_features(self, output) -> list[torch.Tensor]:
-        """Per item, its tokens' DeepStack features (n, K, D), one per LM layer they are added to."""
-        return [torch.stack(item, dim=1) for item in zip(*output.deepstack_features)]
+        """Per item, its tokens' DeepStack features (n, K, D), one per LM layer they are added to. transformers
+        before 5.25 hands each layer's features of all items joined: they are split as the items are."""
+        sizes = [len(item) for item in output.pooler_output]
+        per_layer = [torch.split(f, sizes) if isinstance(f, torch.Tensor) else f for f in output.deepstack_features]
+        return [torch.stack(item, dim=1) for item in zip(*per_layer)]

@@ -162,7 +162,7 @@ class Runtime:
                 arguments[name] = kwargs.pop(name)
         if self._cache_name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated alias
             arguments[self._cache_name] = kwargs.pop("past_key_values")
-        self.adapter.check_inputs(arguments)
+        self.adapter.check_inputs({**kwargs, **arguments})  # kwargs too: a release may take an input by **kwargs
         masks = arguments.get("attention_mask")
         if isinstance(masks, dict):  # generate()'s 4D masks per layer type on a static cache (LMs with layer_types)
             arguments["attention_mask"] = masks.get("full_attention", next(iter(masks.values())))
