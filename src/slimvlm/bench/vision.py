@@ -65,7 +65,7 @@ def scene_pixels(model, count: int, processor=None, seed: int = 0, split: str = 
 
     images = [sample.image for sample in make_samples(count, seed=seed, split=split)]
     pixels = image_processor_for(model, processor)(images=images, return_tensors="pt")["pixel_values"]
-    weight = adapter_for(model).vision.embeddings.patch_embedding.weight
+    weight = next(adapter_for(model).vision.parameters())  # the tower's device and dtype
     return pixels.to(device=weight.device, dtype=weight.dtype)
 
 
