@@ -52,9 +52,12 @@ def image_processor_for(model, processor=None):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    size = model.config.vision_config.image_size
+    from ..models.llava import pair
+
+    height, width = pair(model.config.vision_config.image_size)  # InternViT gives (height, width)
     return CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
+        size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width},
+        resample=PILImageResampling.BICUBIC,
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
     )
 
