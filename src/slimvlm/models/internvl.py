@@ -139,8 +139,10 @@ class InternVLAdapter(LlavaAdapter):
                                                 scale_factor=self.config.downsample_ratio)
         projected = self.projector(blocks.reshape(batch, -1, blocks.shape[-1]))
         units = VisualTokens.from_patches(projected, self.units, has_cls=False)
+        if self.patch_unit.device != projected.device:  # moved once, not in a CUDA graph's capture (after its warm-up)
+            self.patch_unit = self.patch_unit.to(projected.device)
         tile = torch.arange(batch, device=projected.device)[:, None] * self.view_tokens
-        return replace(units, view_slots=tile + self.patch_unit.to(projected.device))
+        return replace(units, view_slots=tile + self.patch_unit)
 
     def projector_counts(self, projected: VisualTokens) -> list[int]:
         """Every tile's units: the projector runs on all of them, before a method chooses."""
