@@ -147,7 +147,7 @@ def test_batched_equals_one_by_one(fresh, thresholds, name):
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_what_cannot_act_on_internvl_is_refused_by_name(fresh, name):
-    from slimvlm.models import families_taking
+    from slimvlm.registry import families_taking
 
     spec, message = REFUSED[name]
     with pytest.raises(slimvlm.SlimVLMError, match=message):
