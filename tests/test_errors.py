@@ -98,9 +98,10 @@ def test_slimvlm_methods_names_the_families_each_method_runs_on(capsys):
 
     llava_families = ["Llava", "LlavaNext", "LlavaNextVideo", "LlavaOnevision"]
     qwen = ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3VLMoe"]
-    assert families_taking("tome") == (llava_families, qwen)  # stage 1 inside Qwen's encoder
-    assert families_taking("divprune") == (llava_families + qwen, [])
-    assert families_taking("pool")[1] == llava_families[1:] + qwen  # one square grid per image
+    tome = llava_families + ["InternVL"]  # per tile inside InternViT, unmerged before the pixel shuffle
+    assert families_taking("tome") == (tome, qwen)  # stage 1 inside Qwen's encoder
+    assert families_taking("divprune") == (llava_families + qwen + ["InternVL"], [])
+    assert families_taking("pool")[1] == llava_families[1:] + qwen  # one square grid per image (InternVL: per tile)
     assert main(["methods"]) == 0
     shown = capsys.readouterr().out
-    assert f"families: {', '.join(llava_families)} (refused: {', '.join(qwen)})" in shown
+    assert f"families: {', '.join(tome)} (refused: {', '.join(qwen)})" in shown

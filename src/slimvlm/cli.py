@@ -370,7 +370,8 @@ def _timing_options(command: argparse.ArgumentParser, warmup: int, repeats: int,
 VIDEO_FRAMES_HELP = ("each prompt holds a video of this many random frames in place of its image (LLaVA-NeXT-Video, "
                      "LLaVA-OneVision, Qwen2-VL, Qwen3-VL: even counts); 0: an image")
 SHAPE_MODEL_HELP = ("local folder, 'testbed', or 'shape:llava-1.5-7b' | 'shape:llava-next-7b' | 'shape:llava-next-video-7b' "
-                    "| 'shape:llava-onevision-7b' | 'shape:qwen2.5-vl-7b' | 'shape:qwen3-vl-8b' (random weights)")
+                    "| 'shape:llava-onevision-7b' | 'shape:qwen2.5-vl-7b' | 'shape:qwen3-vl-8b' | 'shape:internvl3-8b' "
+                    "(random weights)")
 
 
 def parser() -> argparse.ArgumentParser:

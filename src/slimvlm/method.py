@@ -58,6 +58,12 @@ class EncoderAttention:
     keep_width: bool = False
 
 
+def no_rows(_query_index: torch.Tensor) -> torch.Tensor:
+    """EncoderAttention.rows of tokens a tower's merge made (Qwen-VL's merger, InternVL's pixel shuffle): they have
+    no attention rows of their own."""
+    raise SlimVLMError("merged tokens have no attention rows of their own; read EncoderAttention.received")
+
+
 @dataclass
 class PromptContext:
     """What stage-2 methods may read besides the visual tokens: the prompts.
@@ -154,6 +160,9 @@ class Method:
     # stage 2: works on each image's tokens as one patch grid (2D pooling, 2D positions), which models whose
     # images are several views (LLaVA-NeXT's base view and tiles, with newlines) do not have
     needs_patch_grid: ClassVar[bool] = False
+    # stage 2: its own modules are laid out on the vision config's patch grid (image_size / patch_size), one
+    # projected token per patch, which a tower that joins patches before the LLM (InternVL's pixel shuffle) breaks
+    grid_from_vision_config: ClassVar[bool] = False
     # stage 3: the LLM layers at whose input it drops tokens; it reads the attention rows
     # (`queries`) of the layer before each
     drop_layers: tuple[int, ...] = ()

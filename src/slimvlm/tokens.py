@@ -33,7 +33,8 @@ class VisualTokens:
     patches; a regroup whose caller knew the counts, or that read them): see host_counts. Reading
     counts back stalls the host on the GPU and stops a CUDA graph from covering the work.
     view_slots: for images packed from several encoder views (LLaVA-NeXT), (V, P_view): where each
-    view's patch went, image * P + slot, -1 where the packing cut it; None when each image is one view.
+    view's patch went, image * P + slot, -1 where the packing cut it (InternVL: the shuffled token its
+    patch joined); None when each image is one view.
     layer_features: (B, N, K, D) what each token adds to the outputs of the LLM's first K layers (Qwen3-VL's
     DeepStack features), None where the family has none; a regroup merges them with the weights it merges x
     with, so that they follow every token a method keeps, drops or merges.
@@ -258,14 +259,16 @@ class VisualTokens:
         return replace(dropped, has_cls=False)
 
     def patches_from_views(self, mask: torch.Tensor) -> torch.Tensor:
-        """A per-view patch mask (V, P_view), e.g. a set a stage-1 method chose in each view, moved to
-        the images' patches (B, P) (see view_slots); as it is when each image is one view."""
+        """A per-view patch mask (V, P_view) of bools, e.g. a set a stage-1 method chose in each view, moved to
+        the images' patches (B, P) (see view_slots): a patch is set where any view patch landing on it is (one
+        lands on each of LLaVA-NeXT's slots, four on each of InternVL's shuffled tokens); as it is when each
+        image is one view."""
         if self.view_slots is None:
             return mask
-        moved = torch.zeros(self.batch_size * self.num_patches, dtype=mask.dtype, device=mask.device)
+        hits = torch.zeros(self.batch_size * self.num_patches, dtype=torch.int32, device=mask.device)
         lands = self.view_slots >= 0
-        moved[self.view_slots[lands]] = mask[lands]
-        return moved.view(self.batch_size, self.num_patches)
+        hits.index_add_(0, self.view_slots[lands], mask[lands].int())
+        return (hits > 0).view(self.batch_size, self.num_patches)
 
     def split(self) -> list[torch.Tensor]:
         """Per image, its real tokens' features (N_i, D), in spatial order."""

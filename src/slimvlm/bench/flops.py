@@ -8,7 +8,8 @@ One multiply-add counts as 2 FLOPs. Per layer, with n tokens:
       frames a patch, P per image from its grid);
   projector (LLaVA MLP, vision width d_v -> LLM width D), per visual token: 2 d_v D + 2 D D; Qwen's merger
       (4 patches of width d_v joined, an MLP of width 4 d_v to D) per token: 2 (4 d_v)^2 + 2 (4 d_v) D, on
-      Qwen3-VL once more per DeepStack merger (the LM's additions of their outputs are not counted);
+      Qwen3-VL once more per DeepStack merger (the LM's additions of their outputs are not counted); InternVL's
+      (4 patches of width d_v joined by the pixel shuffle, an MLP to D) per token: 2 (4 d_v) D + 2 D D;
   LLM prefill (Llama, width D, H heads and H_kv key/value heads of size h, gated MLP width F), n tokens:
       4 n D H h (q, o) + 4 n D H_kv h (k, v) + 2 H h n (n + 1) (causal attention: n(n+1)/2 query-key
       pairs, 2 h FLOPs for the score and 2 h for the value, per head) + 6 n D F (gate, up, down);
@@ -69,13 +70,24 @@ def qwen_vision_shape(v) -> VisionShape:
     )
 
 
+def internvl_vision_shape(config) -> VisionShape:
+    """InternViT (a plain MLP) over each tile's patches, then the pixel shuffle: 1 / downsample_ratio squared patches
+    of width d_v joined into one projector input, an MLP to the LLM's width."""
+    v = config.vision_config
+    (height, width), (patch, patch_width) = v.image_size, v.patch_size
+    return VisionShape(width=v.hidden_size, mlp=v.intermediate_size, patch=patch, channels=v.num_channels,
+                       patches=(height // patch) * (width // patch_width), merge=round(1 / config.downsample_ratio) ** 2)
+
+
 def shapes(config) -> tuple[VisionShape, LLMShape]:
-    """The sizes the formulas need, read from a LLaVA (-NeXT) or Qwen2-VL (2.5-VL, 3-VL) config; a mixture of experts'
+    """The sizes the formulas need, read from a LLaVA (-NeXT), Qwen2-VL (2.5-VL, 3-VL) or InternVL config; a mixture of experts'
     MLP width is its active experts' (num_experts_per_tok x moe_intermediate_size)."""
     v, t = config.vision_config, config.text_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         vision = qwen_vision_shape(v)
+    elif config.model_type == "internvl":
+        vision = internvl_vision_shape(config)
     else:
         vision = VisionShape(
             width=v.hidden_size,

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -88,10 +90,27 @@ QWEN3_VL_8B = dict(
     image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
     tie_word_embeddings=False,
 )
-QWEN_CONFIGS = {"qwen2.5-vl-7b": Qwen2_5_VLConfig, "qwen3-vl-8b": Qwen3VLConfig}  # built from their spec as it is
+# InternVL3-8B (OpenGVLab/InternVL3-8B-hf, its config.json): InternViT-300M-448px-V2.5 (24 layers of width 1024, layer
+# scale, no q/k norms, mean pooling: no final norm), a pixel shuffle of 2 x 2 patches and an MLP projector to a
+# Qwen2.5-7B-shape LM; each 448-px tile (and an image's thumbnail) is 32 x 32 patches, 256 visual tokens
+INTERNVL3_8B = dict(
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=[448, 448], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
+                       norm_type="layer_norm", layer_norm_eps=1e-6, layer_scale_init_value=0.1, use_mean_pooling=True,
+                       hidden_act="gelu"),
+    text_config=dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768,
+                     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                     use_sliding_window=False, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645),
+    image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
+    vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+)
+# built from their spec as it is
+SPEC_CONFIGS = {"qwen2.5-vl-7b": Qwen2_5_VLConfig, "qwen3-vl-8b": Qwen3VLConfig, "internvl3-8b": InternVLConfig}
 
 SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-next-video-7b": LLAVA_NEXT_VIDEO_7B,
-          "llava-onevision-7b": LLAVA_ONEVISION_7B, "qwen2.5-vl-7b": QWEN25_VL_7B, "qwen3-vl-8b": QWEN3_VL_8B}
+          "llava-onevision-7b": LLAVA_ONEVISION_7B, "qwen2.5-vl-7b": QWEN25_VL_7B, "qwen3-vl-8b": QWEN3_VL_8B,
+          "internvl3-8b": INTERNVL3_8B}
 MODEL_CLASSES = {
     LlavaConfig: LlavaForConditionalGeneration,
     LlavaNextConfig: LlavaNextForConditionalGeneration,
@@ -99,16 +118,17 @@ MODEL_CLASSES = {
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
     Qwen3VLConfig: Qwen3VLForConditionalGeneration,
+    InternVLConfig: InternVLForConditionalGeneration,
 }
 
 
 def shape_config(name: str) -> (LlavaConfig | LlavaNextConfig | LlavaNextVideoConfig | LlavaOnevisionConfig
-                                | Qwen2_5_VLConfig | Qwen3VLConfig):
+                                | Qwen2_5_VLConfig | Qwen3VLConfig | InternVLConfig):
     if name not in SHAPES:
         raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
     spec = SHAPES[name]
-    if name in QWEN_CONFIGS:
-        return QWEN_CONFIGS[name](**spec)
+    if name in SPEC_CONFIGS:
+        return SPEC_CONFIGS[name](**spec)
     if name == "llava-onevision-7b":
         return LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(**spec["vision"]),

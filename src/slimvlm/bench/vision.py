@@ -52,9 +52,12 @@ def image_processor_for(model, processor=None):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    size = model.config.vision_config.image_size
+    from ..models.llava import pair
+
+    height, width = pair(model.config.vision_config.image_size)  # InternViT gives (height, width)
     return CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
+        size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width},
+        resample=PILImageResampling.BICUBIC,
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
     )
 
@@ -65,7 +68,7 @@ def scene_pixels(model, count: int, processor=None, seed: int = 0, split: str = 
 
     images = [sample.image for sample in make_samples(count, seed=seed, split=split)]
     pixels = image_processor_for(model, processor)(images=images, return_tensors="pt")["pixel_values"]
-    weight = adapter_for(model).vision.embeddings.patch_embedding.weight
+    weight = next(adapter_for(model).vision.parameters())  # the tower's device and dtype
     return pixels.to(device=weight.device, dtype=weight.dtype)
 
 

@@ -428,6 +428,7 @@ class LlavaMini(Method):
     description = "LLaVA-Mini: C learnable queries compress each image; pre-fusion layers fuse vision into the text (Zhang et al. '25)"
     stages = frozenset({Stage.PROJECT})
     needs_patch_grid = True  # its keys carry the 2D positions of one patch grid
+    grid_from_vision_config = True  # that grid is the vision config's, a projected token per patch
 
     def __init__(self, budget: int | None = None, layers: int | None = None, weights: str | None = None, seed: int = 0,
                  init: str = "lm-silenced") -> None:

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import SlimVLMError
 from .adapter import LanguageModelAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
@@ -22,6 +23,7 @@ ADAPTERS = {
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
     "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLAdapter,
+    "InternVLForConditionalGeneration": InternVLAdapter,
 }
 
 

@@ -4,6 +4,7 @@ Llama-family LM. The only module in slimvlm that knows this family's module name
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +29,51 @@ def attention_off_cudnn(active: bool) -> contextlib.AbstractContextManager:
     if not active:
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def pair(value) -> tuple[int, int]:
+    """A config's size as (height, width): CLIP and SigLIP give one number, InternViT a pair."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class EncoderBlock:
+    """One pre-norm ViT layer as the encoder loop runs it: x + attention(norm_before(x)), then
+    x + mlp(norm_after(x)), each branch scaled where the tower has layer scale (InternViT's lambda_1,
+    lambda_2). Queries and keys are what the attention scores: after its q/k norms, where it has them."""
+
+    attention: nn.Module  # called as attention(hidden_states=, attention_mask=); has num_heads and scale
+    norm_before: nn.Module
+    norm_after: nn.Module
+    mlp: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    attention_scale: torch.Tensor | None = None
+    mlp_scale: torch.Tensor | None = None
+
+    def attend(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The attention branch's output, to add to the residual."""
+        out = self.attention(hidden_states=self.norm_before(hidden), attention_mask=bias)[0]
+        return out if self.attention_scale is None else self.attention_scale * out
+
+    def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP branch's output, to add to the residual."""
+        out = self.mlp(self.norm_after(hidden))
+        return out if self.mlp_scale is None else self.mlp_scale * out
+
+    def scored(self) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are the queries and keys the attention scores (to capture in a forward)."""
+        return (self.q_proj if self.q_norm is None else self.q_norm, self.k_proj if self.k_norm is None else self.k_norm)
+
+    def queries(self, normed: torch.Tensor) -> torch.Tensor:
+        queries = self.q_proj(normed)
+        return queries if self.q_norm is None else self.q_norm(queries)
+
+    def keys(self, normed: torch.Tensor) -> torch.Tensor:
+        keys = self.k_proj(normed)
+        return keys if self.k_norm is None else self.k_norm(keys)
 
 
 class LlavaAdapter(LanguageModelAdapter):
@@ -56,13 +102,14 @@ class LlavaAdapter(LanguageModelAdapter):
         super().__init__(model, inner.language_model)
         self.projector = inner.multi_modal_projector
         self.vision_config = config.vision_config
+        self.blocks = self._blocks()
 
         layer = config.vision_feature_layer
         if not isinstance(layer, int):
             raise SlimVLMError(
                 f"vision_feature_layer={layer} (several layers) is not supported yet; use a model with one feature layer"
             )
-        total = self.vision_config.num_hidden_layers
+        total = len(self.blocks)
         # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k
         self.vision_layers_run = layer if layer >= 0 else total + 1 + layer
         if not 1 <= self.vision_layers_run <= total:
@@ -70,10 +117,17 @@ class LlavaAdapter(LanguageModelAdapter):
         self.select_strategy = config.vision_feature_select_strategy
         if self.select_strategy not in ("default", "full"):
             raise SlimVLMError(f"vision_feature_select_strategy={self.select_strategy!r} is not supported; use 'default' or 'full'")
-        side = self.vision_config.image_size // self.vision_config.patch_size
-        self.grid = (side, side)
-        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" and self.has_cls else 0)
+        self.view_size = pair(self.vision_config.image_size)  # (height, width) pixels of a view
+        patch = pair(self.vision_config.patch_size)
+        self.grid = (self.view_size[0] // patch[0], self.view_size[1] // patch[1])
+        self.tokens_per_image = self.grid[0] * self.grid[1] + (1 if self.select_strategy == "full" and self.has_cls else 0)
+        self.view_tokens = self.tokens_per_image  # a view's placeholders: its tokens after the projector
         self._prefix_graphs: dict[int, GraphCache] = {}  # by the number of untouched encoder layers
+
+    def _blocks(self) -> list[EncoderBlock]:
+        """The vision tower's layers as the encoder loop runs them (CLIP's and SigLIP's names)."""
+        return [EncoderBlock(layer.self_attn, layer.layer_norm1, layer.layer_norm2, layer.mlp, layer.self_attn.q_proj,
+                             layer.self_attn.k_proj) for layer in self.vision.encoder.layers]
 
     def _check_config(self, config) -> None:
         """Refuse a checkpoint of another family loaded into this class."""
@@ -93,33 +147,32 @@ class LlavaAdapter(LanguageModelAdapter):
         trained at (where interpolating its position embeddings changes nothing): another size gives
         another grid than the prompt's placeholders and the methods' budgets are laid out for."""
         if image_sizes is not None:
-            raise SlimVLMError("image_sizes is not supported by the LLaVA adapter (LLaVA-1.5 takes fixed-size images)")
+            raise SlimVLMError(f"image_sizes is not supported by the {self.name} adapter ({self.name} takes fixed-size views)")
         self._check_view_size(pixel_values, interpolate)
         return pixel_values
 
     def _check_view_size(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
-        size = self.vision_config.image_size
-        if tuple(pixel_values.shape[-2:]) != (size, size):
+        height, width = self.view_size
+        if tuple(pixel_values.shape[-2:]) != self.view_size:
             raise SlimVLMError(
-                f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels: slimvlm's LLaVA adapter takes {size}x{size} "
+                f"pixel_values of {tuple(pixel_values.shape[-2:])} pixels: slimvlm's {self.name} adapter takes {height}x{width} "
                 f"images (the model's image_size{', also with interpolate_pos_encoding' if interpolate else ''}); "
                 "let the processor resize them"
             )
 
     def image_tokens(self) -> int | list[int]:
         """The placeholder tokens of every image of the last views() (here one number for all)."""
-        return self.tokens_per_image
+        return self.view_tokens
 
     def images_per_sample(self, placeholders: list[int]) -> list[int]:
         """Per sample, its images, from its placeholder tokens."""
-        return [n // self.tokens_per_image for n in placeholders]
+        return [n // self.view_tokens for n in placeholders]
 
     def synthetic_images(self, count: int, generator: torch.Generator) -> tuple[dict, int]:
         """Random pixels for `count` images, as the processor would hand them over, and the placeholders
         each image takes: what a benchmark needs (its numbers do not depend on content)."""
-        vision = self.vision_config
-        pixels = torch.randn(count, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
-        return {"pixel_values": pixels}, self.tokens_per_image
+        pixels = torch.randn(count, self.vision_config.num_channels, *self.view_size, generator=generator)
+        return {"pixel_values": pixels}, self.view_tokens
 
     # ---- stage 1: the vision encoder -------------------------------------------------------
     def encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool = False,
@@ -134,7 +187,7 @@ class LlavaAdapter(LanguageModelAdapter):
 
     def _encode(self, pixel_values: torch.Tensor, method: Method | None, graphs: bool,
                 keep_width: bool) -> tuple[VisualTokens, list[torch.Tensor]]:
-        layers = self.vision.encoder.layers[: self.vision_layers_run]
+        layers = self.blocks[: self.vision_layers_run]
         untouched = len(layers) if method is None else (0 if method.acts_in_encoder_layers else len(layers) - 1)
         if graphs:
             if untouched not in self._prefix_graphs:
@@ -147,29 +200,32 @@ class LlavaAdapter(LanguageModelAdapter):
         proportional = method is not None and method.proportional_attention
         attention = sized = None
         for index in range(untouched, len(layers)):
-            layer = layers[index]
+            block = layers[index]
             if tokens.size is not sized:  # new only where the method regrouped the tokens
                 sized, counts, bias = tokens.size, tokens.counts, tokens.attention_bias(proportional)
             trace.append(counts)
             residual = tokens.x
-            attn = layer.self_attn
-            with capture_outputs(attn.q_proj, attn.k_proj) as captured:
-                attended = attn(hidden_states=layer.layer_norm1(residual), attention_mask=bias)[0]
-            attention = self._encoder_attention(index, len(layers), attn, *captured, bias, keep_width)
+            with capture_outputs(*block.scored()) as captured:
+                attended = block.attend(residual, bias)
+            attention = self._encoder_attention(index, len(layers), block.attention, *captured, bias, keep_width)
             tokens = method.encode_layer(attention, tokens.with_features(residual + attended))
             hidden = tokens.x
-            tokens = tokens.with_features(hidden + layer.mlp(layer.layer_norm2(hidden)))
+            tokens = tokens.with_features(hidden + block.feed_forward(hidden))
         if method is not None:
             attention.next_rows = self._next_layer_rows(tokens, proportional)
-            tokens = method.encode_output(attention, tokens)
+            tokens = self._encode_output(method, attention, tokens)
         return tokens, trace
+
+    def _encode_output(self, method: Method, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        """The stage-1 method's last word on the feature layer's tokens."""
+        return method.encode_output(attention, tokens)
 
     def _untouched_layers(self, pixel_values: torch.Tensor, count: int) -> torch.Tensor:
         """The patch embedding and the first `count` encoder layers, as the model runs them."""
         hidden = self._embed_patches(pixel_values)
-        for layer in self.vision.encoder.layers[:count]:
-            hidden = hidden + layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None)[0]
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        for block in self.blocks[:count]:
+            hidden = hidden + block.attend(hidden, None)
+            hidden = hidden + block.feed_forward(hidden)
         return hidden
 
     def _embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -178,19 +234,18 @@ class LlavaAdapter(LanguageModelAdapter):
 
     def _next_layer_rows(self, tokens: VisualTokens, proportional: bool):
         """Attention rows of the encoder layer after the feature layer, on the feature tokens."""
-        layers = self.vision.encoder.layers
-        if self.vision_layers_run >= len(layers):
+        if self.vision_layers_run >= len(self.blocks):
             return None
-        layer = layers[self.vision_layers_run]
-        attn = layer.self_attn
+        block = self.blocks[self.vision_layers_run]
+        attn = block.attention
         bias = tokens.attention_bias(proportional)
 
         def rows(query_index: torch.Tensor) -> torch.Tensor:
-            normed = layer.layer_norm1(tokens.x)
+            normed = block.norm_before(tokens.x)
             batch, length, _ = normed.shape
             picked = normed.gather(1, query_index[..., None].expand(-1, -1, normed.shape[-1]))
-            queries = attn.q_proj(picked).view(batch, query_index.shape[1], attn.num_heads, -1).transpose(1, 2)
-            keys = attn.k_proj(normed).view(batch, length, attn.num_heads, -1).transpose(1, 2)
+            queries = block.queries(picked).view(batch, query_index.shape[1], attn.num_heads, -1).transpose(1, 2)
+            keys = block.keys(normed).view(batch, length, attn.num_heads, -1).transpose(1, 2)
             return attention_rows(queries, keys, attn.scale, bias=bias)
 
         return rows

@@ -15,7 +15,8 @@ TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
 MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_next_video": "LlavaNextVideoForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                 "internvl": "InternVLForConditionalGeneration"}
 
 
 def resolve_device(name: str) -> torch.device:

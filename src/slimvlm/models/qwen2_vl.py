@@ -39,7 +39,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_i
 from ..attention import QUERY_CHUNK, rotate_half
 from ..errors import SlimVLMError
 from ..hooks import Installed, capture_inputs
-from ..method import EncoderAttention, Method, Stage
+from ..method import EncoderAttention, Method, Stage, no_rows
 from ..tokens import VisualTokens
 from .compat import modality_outputs, multimodal_output_class
 from .adapter import DecodeParts, LanguageModelAdapter, images_in_prompt_order
@@ -66,10 +66,6 @@ def equal_segments(bounds: list[int], most: int) -> list[tuple[int, int, int]]:
         else:
             runs.append((begin, end - begin, 1))
     return runs
-
-
-def _no_rows(_query_index: torch.Tensor) -> torch.Tensor:
-    raise SlimVLMError("Qwen2-VL's merged tokens have no attention rows of their own; read EncoderAttention.received")
 
 
 def mrope_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -315,7 +311,7 @@ class QwenVLAdapter(LanguageModelAdapter):
         for index, item in enumerate(output.pooler_output):  # each item alone: its own token count
             end = start + len(item)
             attention = EncoderAttention(layer=len(self.visual.blocks) - 1, num_layers=len(self.visual.blocks),
-                                         keys=keys[start:end].transpose(0, 1)[None], rows=_no_rows,
+                                         keys=keys[start:end].transpose(0, 1)[None], rows=no_rows,
                                          received=received[None, start:end], positions_kept=True)
             tokens = VisualTokens.from_images([item], None if features is None else [features[index]])
             parts.append(method.encode_output(attention, tokens))

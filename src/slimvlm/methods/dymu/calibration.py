@@ -115,7 +115,7 @@ def calibrate_dymu(
     patches = adapter.grid[0] * adapter.grid[1]
     layers = adapter.vision_layers_run
     schedule = schedule_for(patches, target, layers)
-    weight = adapter.vision.embeddings.patch_embedding.weight
+    weight = next(adapter.vision.parameters())  # the tower's device and dtype
     sums = [0.0] * layers
     counts = [0] * layers
     seen = 0
@@ -148,7 +148,7 @@ def token_counts(model, thresholds: Thresholds, images: Iterable, batch_size: in
     adapter = adapter_for(model)
     method = DyMU(thresholds=thresholds, vtu=False)
     adapter.check_method(method)
-    weight = adapter.vision.embeddings.patch_embedding.weight
+    weight = next(adapter.vision.parameters())  # the tower's device and dtype
     out: list[int] = []
     for batch in _batches(images, batch_size):
         tokens, _ = adapter.encode(_pixels(batch, processor, weight.device, weight.dtype), method)
