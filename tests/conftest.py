@@ -457,6 +457,14 @@ def qwen_select(inputs: dict, index: int) -> dict:
     return out
 
 
+def visual_tokens_out(output, modality: str = "image") -> list[torch.Tensor]:
+    """Each item's visual tokens the output carries, from `{modality}_outputs` (5.2x) or `{modality}_hidden_states`
+    (5.17: one tensor, padded: every row whole, for items of equal length)."""
+    if f"{modality}_outputs" in output.keys():
+        return list(output[f"{modality}_outputs"].pooler_output)
+    return list(output[f"{modality}_hidden_states"])
+
+
 def assert_visual_tokens(output, counts: list[int], modality: str = "image") -> None:
     """The output carries the visual tokens each image (or video) gave the LLM, as the installed release names
     them: `image_outputs` (5.2x: each image's tokens) or `image_hidden_states` (5.17: one tensor, padded)."""
