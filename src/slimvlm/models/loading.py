@@ -40,7 +40,7 @@ def model_class_name(folder: Path) -> str:
     named = config.get("architectures") or [MODEL_CLASSES.get(config.get("model_type"), "LlavaForConditionalGeneration")]
     if named[0] not in ADAPTERS:
         raise SlimVLMError(
-            f"{folder} holds a {named[0]} checkpoint, which slimvlm does not support; give a checkpoint of one of "
+            f"{folder}: its config names {named[0]}, which slimvlm does not support; give a checkpoint of one of "
             f"{', '.join(ADAPTERS)}"
         )
     return named[0]
