@@ -79,6 +79,16 @@ def test_methods_compose_with_plus_and_take_options_after_semicolons():
     model.clean()
 
 
+def test_a_task_text_becomes_the_models_prompt():
+    model = SlimVLM(pretrained="testbed", device="cpu")
+    assert model.prompt("<image>\nwhat colour? answer:", 1) == "<image>\nwhat colour? answer:"  # the task placed it
+    assert model.prompt("what colour?", 2) == "<image><image>\nwhat colour?"  # the testbed has no chat template
+    model.processor.chat_template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                                     "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+    assert model.prompt("what colour?", 1) == "USER: <image>what colour? ASSISTANT:"
+    model.clean()
+
+
 @pytest.mark.parametrize("model_args, message", [
     ("pretrained=testbed,methods=nosuch", "unknown method 'nosuch'"),
     ("pretrained=testbed,methods=tome:r=8+divprune+random:budget=8", "both act at stage 2"),
