@@ -53,10 +53,11 @@ def method_specs(text: str) -> list[str]:
 
 @dataclass
 class RunStats:
-    """What this process measured: per sample, the visual tokens that reached the LLM (summed over its images);
-    in seconds over all its generate() calls, the vision stages, prefill and decode; new tokens generated."""
+    """What this process measured: per sample ('task/split/doc'), the visual tokens that reached the LLM (summed
+    over its images), keyed so that the requests lmms-eval repeats to even out processes count once; in seconds
+    over all its generate() calls, the vision stages, prefill and decode; new tokens generated."""
 
-    visual_tokens: list[int] = field(default_factory=list)
+    visual_tokens: dict[str, int] = field(default_factory=dict)
     vision: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
@@ -65,14 +66,14 @@ class RunStats:
     @staticmethod
     def combined(parts: Sequence["RunStats"]) -> "RunStats":
         """The statistics of several processes as one run's."""
-        return RunStats(visual_tokens=[t for part in parts for t in part.visual_tokens],
+        return RunStats(visual_tokens={key: t for part in parts for key, t in part.visual_tokens.items()},
                         **{name: sum(getattr(part, name) for part in parts) for name in ("vision", "prefill", "decode", "new_tokens")})
 
     def summary(self) -> dict[str, float]:
-        samples = len(self.visual_tokens)
+        samples, tokens = len(self.visual_tokens), list(self.visual_tokens.values())
         per_sample_ms = {f"{name}_ms_per_sample": 1000 * getattr(self, name) / samples for name in ("vision", "prefill", "decode")}
-        return {"samples": samples, "visual_tokens_mean": statistics.mean(self.visual_tokens),
-                "visual_tokens_min": min(self.visual_tokens), "visual_tokens_max": max(self.visual_tokens),
+        return {"samples": samples, "visual_tokens_mean": statistics.mean(tokens),
+                "visual_tokens_min": min(tokens), "visual_tokens_max": max(tokens),
                 "vision_s": self.vision, "prefill_s": self.prefill, "decode_s": self.decode, **per_sample_ms}
 
 
@@ -142,7 +143,8 @@ class SlimVLM(lmms):
             contexts, options, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             images = [self._images(visual(self.task_dict[task][split][doc]))
                       for visual, doc, task, split in zip(doc_to_visual, doc_ids, tasks, splits)]
-            answers += self._answer(list(contexts), images, dict(options[0]))
+            keys = [f"{task}/{split}/{doc}" for doc, task, split in zip(doc_ids, tasks, splits)]
+            answers += self._answer(list(contexts), images, dict(options[0]), keys)
         return order.get_original(answers)
 
     def _images(self, visuals) -> list[PIL.Image.Image]:
@@ -151,7 +153,7 @@ class SlimVLM(lmms):
                                f"{[type(v).__name__ for v in visuals] or 'none'}")
         return list(visuals)
 
-    def _answer(self, contexts: list[str], images: list[list[PIL.Image.Image]], options: dict) -> list[str]:
+    def _answer(self, contexts: list[str], images: list[list[PIL.Image.Image]], options: dict, keys: list[str]) -> list[str]:
         """One batch: the prompts, one greedy (or sampled, if the task asks) generate(), the answers cut at the
         task's stop strings; what it did added to self.stats."""
         until = options.pop("until", None) or []
@@ -161,22 +163,24 @@ class SlimVLM(lmms):
                                 return_tensors="pt", padding=True, padding_side="left")
         parameter = next(self.model.parameters())
         inputs = inputs.to(parameter.device, dtype=parameter.dtype)  # casts only float tensors
+        if int(options.get("num_beams") or 1) != 1:  # the clock reads the first token off a streamer, which beams refuse
+            raise SlimVLMError(f"--model slimvlm generates greedily or by sampling; this task asks num_beams={options['num_beams']}")
         sample = bool(options.get("do_sample")) and float(options.get("temperature") or 0) > 0
-        settings = dict(max_new_tokens=int(options.get("max_new_tokens", 128)), num_beams=int(options.get("num_beams", 1)),
-                        do_sample=sample, pad_token_id=self.pad_id)
+        settings = dict(max_new_tokens=int(options.get("max_new_tokens", 128)), do_sample=sample, pad_token_id=self.pad_id)
         if sample:
             settings.update(temperature=float(options["temperature"]), top_p=options.get("top_p"))
         with torch.inference_mode():
             output, split = self.clock.generate(self.model, **inputs, **settings)
         new = output[:, inputs["input_ids"].shape[1]:]
-        self._record(images, split, int((new != self.pad_id).sum()))
+        self._record(keys, images, split, int((new != self.pad_id).sum()))
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [_cut(text, until) for text in texts]
 
-    def _record(self, images: list[list[PIL.Image.Image]], split, new_tokens: int) -> None:
+    def _record(self, keys: list[str], images: list[list[PIL.Image.Image]], split, new_tokens: int) -> None:
         counts = self.handle.stats.visual_tokens  # per image, in batch order
         ends = [sum(len(item) for item in images[: i + 1]) for i in range(len(images))]
-        self.stats.visual_tokens += [sum(counts[end - len(item): end]) for item, end in zip(images, ends)]
+        for key, item, end in zip(keys, images, ends):
+            self.stats.visual_tokens[key] = sum(counts[end - len(item): end])
         self.stats.vision += split.vision
         self.stats.prefill += split.prefill
         self.stats.decode += split.decode
