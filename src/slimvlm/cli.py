@@ -1,4 +1,5 @@
-"""The command line: slimvlm bench | bench-generate | bench-vision | bench-layer | bench-train | eval | demo | calibrate | train | methods | make-tiny."""
+"""The command line: slimvlm bench | bench-generate | bench-vision | bench-layer | bench-train | eval | export-testbed-task | demo
+| calibrate | train | methods | make-tiny."""
 
 from __future__ import annotations
 
@@ -242,6 +243,16 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _export_testbed_task(args: argparse.Namespace) -> None:
+    from .integrations.testbed_task import TASK, export_task
+
+    if args.samples < 1:
+        raise SlimVLMError(f"--samples {args.samples}: give at least 1 scene")
+    path = export_task(args.out, args.samples, args.seed)
+    print(f"wrote {path} and its {args.samples} scenes; run it with\n  python -m lmms_eval --include_path {args.out} "
+          f"--tasks {TASK} --model slimvlm --model_args pretrained=testbed,methods=none")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -450,6 +461,13 @@ def parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--json", help="write the summary and one record per sample here")
     evaluation.add_argument("--keep-positions", action="store_true", default=None, help=KEEP_POSITIONS_HELP)
     evaluation.set_defaults(run=_eval)
+
+    export = sub.add_parser("export-testbed-task", help="write the held-out testbed scenes as an lmms-eval task "
+                            "(scenes file + task YAML) that runs offline")
+    export.add_argument("out", help="the task folder to write (give it to lmms-eval's --include_path)")
+    export.add_argument("--samples", type=int, default=200, help="held-out scenes, as slimvlm eval --samples")
+    export.add_argument("--seed", type=int, default=0, help="as slimvlm eval --seed")
+    export.set_defaults(run=_export_testbed_task)
 
     demo = sub.add_parser("demo", help="the main job: every method at two budgets on the testbed, table and plots")
     demo.add_argument("--model", default="testbed")

@@ -11,7 +11,7 @@ from ..errors import SlimVLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TESTBED = Path(__file__).resolve().parent.parent / "testbed" / "weights"
-# by the config's model_type; LLaVA-1.5 otherwise (the testbed's and make-tiny's folders)
+# by the config's model_type, for a config that names no class ("architectures"); LLaVA-1.5 otherwise
 MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_next_video": "LlavaNextVideoForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -33,8 +33,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(spec: str, device: torch.device, dtype: str = "float32"):
-    """(model, processor or None) for 'testbed', 'shape:NAME' (random weights) or a local folder."""
+def model_class_name(folder: Path) -> str:
+    """The transformers class of the checkpoint in `folder`: the one its config names, else the one its
+    model_type implies. SlimVLMError when slimvlm has no adapter for it, before any weights are read."""
+    from . import ADAPTERS
+
+    config = json.loads((folder / "config.json").read_text())
+    named = config.get("architectures") or [MODEL_CLASSES.get(config.get("model_type"), "LlavaForConditionalGeneration")]
+    if named[0] not in ADAPTERS:
+        raise SlimVLMError(
+            f"{folder}: its config names {named[0]}, which slimvlm does not support; give a checkpoint of one of "
+            f"{', '.join(ADAPTERS)}"
+        )
+    return named[0]
+
+
+def load_model(spec: str, device: torch.device, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """(model, processor or None) for 'testbed', 'shape:NAME' (random weights) or a local folder.
+    attn_implementation: as transformers' from_pretrained takes it ('sdpa', 'eager', 'flash_attention_2')."""
     if dtype not in DTYPES:
         raise SlimVLMError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -53,10 +69,9 @@ def load_model(spec: str, device: torch.device, dtype: str = "float32"):
     import transformers
     from transformers import AutoProcessor
 
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    model_class = getattr(transformers, MODEL_CLASSES.get(model_type, "LlavaForConditionalGeneration"))
+    model_class = getattr(transformers, model_class_name(folder))
     model = model_class.from_pretrained(
-        folder, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
+        folder, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True
     ).to(device).eval()
     processor = None
     if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
