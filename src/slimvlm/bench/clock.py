@@ -27,9 +27,9 @@ class Split:
     decode: float
 
 
-class _FirstTokens:
-    """A generate() streamer noting when the first new tokens reach the host: generate() puts the prompt
-    first, then each step's tokens."""
+class FirstTokens:
+    """A generate() streamer noting when the first new tokens reach the host (time to first token): generate()
+    puts the prompt first, then each step's tokens."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -68,7 +68,7 @@ class GenerateClock:
 
     def generate(self, model, **kwargs) -> tuple[torch.Tensor, Split]:
         """model.generate(**kwargs) and where its time went."""
-        first = _FirstTokens(self.device)
+        first = FirstTokens(self.device)
         self._vision = 0.0
         synchronize(self.device)
         begin = time.perf_counter()

@@ -16,6 +16,7 @@ from ..errors import SlimVLMError
 from ..models import adapter_for
 from ..registry import check_runs
 from ..sequence import is_placeholder
+from .clock import FirstTokens
 from .table import text_table
 from .timing import peak_memory_bytes, synchronize
 
@@ -47,23 +48,6 @@ class GenerateResult:
         return asdict(self)
 
 
-class _FirstTokenClock:
-    """A generate() streamer that notes when the first new tokens reach the host: generate() puts the
-    prompt first, then each step's tokens (copied to the host, so the clock reads after the device)."""
-
-    def __init__(self) -> None:
-        self.puts = 0
-        self.first: float | None = None
-
-    def put(self, _tokens) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
 def time_generate(model, inputs: dict, new_tokens: int, path: str, warmup: int, repeats: int) -> dict:
     """Median TTFT and whole-call milliseconds of model.generate on `path`, greedy, exactly
     `new_tokens` new tokens (EOS cannot end it early), both read in the same calls (TTFT when the
@@ -77,12 +61,12 @@ def time_generate(model, inputs: dict, new_tokens: int, path: str, warmup: int, 
                               streamer=streamer, **extra)
 
     def timed() -> tuple[float, float]:
-        clock = _FirstTokenClock()
+        clock = FirstTokens(device)
         synchronize(device)
         begin = time.perf_counter()
         generate(clock)
         synchronize(device)
-        return (clock.first - begin) * 1000, (time.perf_counter() - begin) * 1000
+        return (clock.at - begin) * 1000, (time.perf_counter() - begin) * 1000
 
     calls = [timed() for _ in range(warmup + repeats)]
     ttfts, totals = zip(*calls[warmup:])
