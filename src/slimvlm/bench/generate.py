@@ -16,7 +16,7 @@ from ..errors import SlimVLMError
 from ..models import adapter_for
 from ..registry import check_runs
 from ..sequence import is_placeholder
-from .clock import FirstTokens
+from .clock import FirstTokens, GenerateClock
 from .table import text_table
 from .timing import peak_memory_bytes, synchronize
 
@@ -43,6 +43,12 @@ class GenerateResult:
     # the first call's whole time after apply (or for the untouched model), before any warm-up: what compiling
     # the decode step, capturing CUDA graphs and building attention kernels cost the user's first generate()
     first_call_ms: float | None = None
+    # where the time goes, from one more call with a clock on the vision stages (bench/clock.py; the device synchronised
+    # around them): stages 1-2 (vision tower, its stage-1 method, projector, stage-2 method), the LLM prefill to the first
+    # token, and the decode; the untouched row's through `none` (the same computation on slimvlm's runtime)
+    vision_ms: float | None = None
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +79,14 @@ def time_generate(model, inputs: dict, new_tokens: int, path: str, warmup: int, 
     peak = peak_memory_bytes(generate, device)
     return {"ttft_ms": statistics.median(ttfts), "total_ms": statistics.median(totals), "peak_memory_bytes": peak,
             "first_call_ms": calls[0][1]}
+
+
+def stage_split(model, handle, inputs: dict, new_tokens: int, path: str) -> dict:
+    """vision_ms, prefill_ms, decode_ms of one generate() on `path` of the model `handle` applied to."""
+    with GenerateClock(handle) as clock:
+        _, split = clock.generate(model, **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  **PATHS[path])
+    return {"vision_ms": split.vision * 1000, "prefill_ms": split.prefill * 1000, "decode_ms": split.decode * 1000}
 
 
 def bench_generate(
@@ -110,11 +124,14 @@ def bench_generate(
                 tokens = float(is_placeholder(inputs["input_ids"], placeholders).sum(dim=1).float().mean())
                 kept = tokens
                 name = UNTOUCHED
+                with apply(model, "none") as handle:
+                    timed |= stage_split(model, handle, inputs, new_tokens, path)
             else:
                 with apply(model, specs) as handle:
                     timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
                     tokens = statistics.mean(handle.stats.visual_tokens)
                     kept = statistics.mean(entries[-1] for entries in handle.stats.kv_visual_entries)
+                    timed |= stage_split(model, handle, inputs, new_tokens, path)
                 name = "+".join(specs)
         results.append(GenerateResult(
             method=name, path=path, batch_size=batch_size, new_tokens=new_tokens, visual_tokens_mean=tokens,
@@ -139,7 +156,7 @@ def _add_ratios(results: list[GenerateResult]) -> None:
 
 def format_table(results: list[GenerateResult]) -> str:
     header = ["batch", "path", "method", "vis tok", "KV vis", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB",
-              "1st call s"]
+              "1st call s", "vision ms", "prefill ms", "decode ms"]
     rows = [[
         str(r.batch_size), r.path, r.method, f"{r.visual_tokens_mean:.0f}",
         "-" if r.kv_visual_mean is None else f"{r.kv_visual_mean:.0f}",
@@ -147,5 +164,6 @@ def format_table(results: list[GenerateResult]) -> str:
         f"{r.decode_ms_per_token:.2f}", f"{r.tokens_per_s:.0f}", f"{r.tokens_per_s_ratio:.2f}",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
         "-" if r.first_call_ms is None else f"{r.first_call_ms / 1000:.1f}",
+        *("-" if ms is None else f"{ms:.1f}" for ms in (r.vision_ms, r.prefill_ms, r.decode_ms)),
     ] for r in results]
     return text_table(header, rows)
