@@ -101,6 +101,7 @@ def _bench_generate(args: argparse.Namespace) -> None:
         lambda b: synthetic_inputs(model, b, args.text_tokens, video_frames=args.video_frames),
         batch_sizes,
         paths, args.new_tokens, warmup=args.warmup, repeats=args.repeats, on_result=save if args.json else None,
+        ideal=args.ideal,
     )
     print(format_table(results))
     if args.json:
@@ -411,6 +412,9 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--new-tokens", type=int, default=128)
     generate.add_argument("--text-tokens", type=int, default=64)
     generate.add_argument("--video-frames", type=int, default=0, help=VIDEO_FRAMES_HELP)
+    generate.add_argument("--ideal", action="store_true",
+                          help="also time each method's token-ideal: the untouched LLM fed its visual tokens as text, "
+                               "no vision, no method, plus the untouched vision stages (ideal / measured in the table)")
     generate.add_argument("--calibration-images", type=int, default=32,
                           help="train-split testbed scenes for a dymu spec without thresholds=, calibrated here")
     _timing_options(generate, 1, 3, "write the results here (and calibrated thresholds beside it)")

@@ -13,8 +13,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from slimvlm.bench import flops
 from slimvlm.bench.generate import time_generate
-from slimvlm.bench.run import parse_methods
+from slimvlm.bench.run import parse_methods, synthetic_inputs
 from slimvlm.cli import main
+from slimvlm.models.loading import load_model
 from slimvlm.runtime import Stats
 
 
@@ -142,6 +143,7 @@ def test_bench_generate_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
         assert min(r["vision_ms"], r["prefill_ms"], r["decode_ms"]) > 0  # where one more call's time went
     assert {r["visual_tokens_mean"] for r in payload["results"] if r["method"] == "divprune:budget=64"} == {64}
     assert {r["kv_visual_mean"] for r in payload["results"] if r["method"] == "divprune:budget=64"} == {64}
+    assert all(r["ideal_ttft_ms"] is None for r in payload["results"])  # asked for with --ideal
     assert main(["bench-generate", "--model", str(tiny_dir), "--paths", "fast", "--device", "cpu"]) == 2
     assert "--paths 'fast'" in capsys.readouterr().err
 
@@ -248,3 +250,27 @@ def test_qwen25_vl_7b_shape():
     tensors, span = adapter_for(model).synthetic_videos(2, 16, torch.Generator().manual_seed(0))
     assert span == 8 * 23 * 23  # --video-frames 16: 8 steps of 644-px frames, 529 tokens each
     assert tensors["video_grid_thw"].tolist() == [[8, 46, 46]] * 2 and tensors["second_per_grid_ts"].tolist() == [1.0, 1.0]
+
+
+def test_the_token_ideal_is_the_untouched_llm_fed_as_many_tokens_as_text(tiny_dir, monkeypatch):
+    """--ideal: per method, the untouched model's generate() on a text-only prompt as long as the reduced one, plus
+    the untouched vision stages' time."""
+    from slimvlm.bench import generate as bench
+
+    model, _ = load_model(str(tiny_dir), torch.device("cpu"))
+    inputs = synthetic_inputs(model, 2, 7)
+    lengths = []
+    timer = bench.time_generate
+
+    def recording(model_, given, *args):
+        lengths.append((given["input_ids"].shape[1], "pixel_values" in given))
+        return timer(model_, given, *args)
+
+    monkeypatch.setattr(bench, "time_generate", recording)
+    rows = bench.bench_generate(model, [["divprune:budget=64"]], lambda b: inputs, [2], ["eager"], 3, warmup=0, repeats=1,
+                                progress=False, ideal=True)
+    full = inputs["input_ids"].shape[1]
+    assert lengths == [(full, True), (full, True), (full - 576 + 64, False)]  # untouched, divprune, its ideal
+    untouched, divprune = rows
+    assert untouched.ideal_ttft_ms is None
+    assert divprune.ideal_ttft_ms > untouched.vision_ms and divprune.ideal_total_ms > divprune.ideal_ttft_ms

@@ -49,6 +49,11 @@ class GenerateResult:
     vision_ms: float | None = None
     prefill_ms: float | None = None
     decode_ms: float | None = None
+    # token-ideal (ideal=True): the untouched vision stages' time plus the untouched model's generate() on a text-only
+    # prompt as long as the reduced one (the LLM fed this row's visual tokens with no method): what the token count
+    # alone would cost; ideal / measured is the share of the ideal a method keeps
+    ideal_ttft_ms: float | None = None
+    ideal_total_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +94,17 @@ def stage_split(model, handle, inputs: dict, new_tokens: int, path: str) -> dict
     return {"vision_ms": split.vision * 1000, "prefill_ms": split.prefill * 1000, "decode_ms": split.decode * 1000}
 
 
+def text_only_inputs(model, inputs: dict, visual_per_sample: float) -> dict:
+    """inputs' prompts with their visual placeholders replaced by round(visual_per_sample) text tokens each, and no
+    pixels: the untouched LLM fed that many tokens, no vision, no method."""
+    adapter = adapter_for(model)
+    ids = inputs["input_ids"]
+    text = ids[:, ~is_placeholder(ids, adapter.placeholder_ids).any(dim=0)]
+    filler = text[:, -1:].expand(-1, round(visual_per_sample))
+    ids = torch.cat([text[:, :1], filler, text[:, 1:]], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **{k: v.to(ids.device) for k, v in adapter.text_inputs(ids).items()}}
+
+
 def bench_generate(
     model,
     methods: list[list[str]],
@@ -100,10 +116,12 @@ def bench_generate(
     repeats: int = 3,
     progress: bool = True,
     on_result=None,
+    ideal: bool = False,
 ) -> list[GenerateResult]:
     """Per batch size and path: the untouched model, then each method run (specs composed).
     inputs_for(batch_size) gives the batch; the ratios compare with the untouched row of the same
-    batch size and path. on_result(results so far) after each row (to save partial runs)."""
+    batch size and path. on_result(results so far) after each row (to save partial runs). ideal: time each row's
+    token-ideal too (GenerateResult.ideal_ttft_ms)."""
     from tqdm.auto import tqdm
 
     unknown = sorted(set(paths) - set(PATHS))
@@ -132,7 +150,12 @@ def bench_generate(
                     tokens = statistics.mean(handle.stats.visual_tokens)
                     kept = statistics.mean(entries[-1] for entries in handle.stats.kv_visual_entries)
                     timed |= stage_split(model, handle, inputs, new_tokens, path)
+                    visual = sum(handle.stats.visual_tokens) / batch_size
                 name = "+".join(specs)
+                if ideal:
+                    plain = time_generate(model, text_only_inputs(model, inputs, visual), new_tokens, path, warmup, repeats)
+                    vision = next(r.vision_ms for r in results if (r.method, r.batch_size, r.path) == (UNTOUCHED, batch_size, path))
+                    timed |= {"ideal_ttft_ms": vision + plain["ttft_ms"], "ideal_total_ms": vision + plain["total_ms"]}
         results.append(GenerateResult(
             method=name, path=path, batch_size=batch_size, new_tokens=new_tokens, visual_tokens_mean=tokens,
             kv_visual_mean=kept,
@@ -156,7 +179,7 @@ def _add_ratios(results: list[GenerateResult]) -> None:
 
 def format_table(results: list[GenerateResult]) -> str:
     header = ["batch", "path", "method", "vis tok", "KV vis", "TTFT ms", "x", "total ms", "x", "decode ms/tok", "tok/s", "x", "peak MB",
-              "1st call s", "vision ms", "prefill ms", "decode ms"]
+              "1st call s", "vision ms", "prefill ms", "decode ms", "ideal/TTFT", "ideal/total"]
     rows = [[
         str(r.batch_size), r.path, r.method, f"{r.visual_tokens_mean:.0f}",
         "-" if r.kv_visual_mean is None else f"{r.kv_visual_mean:.0f}",
@@ -165,5 +188,7 @@ def format_table(results: list[GenerateResult]) -> str:
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}",
         "-" if r.first_call_ms is None else f"{r.first_call_ms / 1000:.1f}",
         *("-" if ms is None else f"{ms:.1f}" for ms in (r.vision_ms, r.prefill_ms, r.decode_ms)),
+        *("-" if ideal is None else f"{ideal / measured:.2f}"
+          for ideal, measured in ((r.ideal_ttft_ms, r.ttft_ms), (r.ideal_total_ms, r.total_ms))),
     ] for r in results]
     return text_table(header, rows)
