@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+import torch
+
 from slimvlm.cli import main
-from slimvlm.demo import BUDGETS, budget_specs
+from slimvlm.demo import BUDGETS, budget_specs, demo_dtype
 from slimvlm.registry import methods
 
-SHIPPED_BUDGETS = [1]  # the LLaVA-Mini budgets the testbed folder ships (src/slimvlm/testbed/weights/llava_mini)
+SHIPPED_BUDGETS = [1, 16]  # the LLaVA-Mini budgets the testbed folder ships (src/slimvlm/testbed/weights/llava_mini)
 
 
 def test_eval_cli_writes_summary_and_records(tiny_dir, tmp_path, capsys):
@@ -151,3 +154,10 @@ def test_eval_refuses_a_bad_spec_before_running_any(tiny_dir, capsys):
     captured = capsys.readouterr()
     assert "ships none at dymu/target_195.json" in captured.err
     assert "tome:r=8" not in captured.out  # no table: nothing ran
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_demo_runs_bfloat16_only_on_a_cpu_that_computes_it_natively(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert demo_dtype(torch.device("cpu")) == expected
+    assert demo_dtype(torch.device("cuda")) == "float32"
