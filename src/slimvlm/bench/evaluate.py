@@ -349,6 +349,7 @@ def evaluate(
     prompt: Callable[[str], str] = format_prompt,
     progress: bool = True,
     keep_positions: bool | None = None,
+    prepared: dict | None = None,
 ) -> MethodResult:
     """Answer every item greedily with `method` installed; the model is restored afterwards.
 
@@ -357,6 +358,8 @@ def evaluate(
     with the model's image placeholder (LLaVA-1.5 checkpoints want their chat template here).
     Only the newly generated tokens are decoded and scored. keep_positions: passed to
     :func:`slimvlm.apply` (visual tokens keep their patches' rotary positions; None: the family's default).
+    prepared: the processor's output per batch (by its items' ids), filled on first use: pass one dict to the
+    evaluate() calls of a sweep over the same items and prompt, and each batch is processed once.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -379,14 +382,19 @@ def evaluate(
     try:
         for batch in _batches(items, batch_size):
             frames = [_frames(item) for item in batch]
-            inputs = processor(
-                images=[frame for item_frames in frames for frame in item_frames],
-                text=[_with_frames(prompt(item.question), len(f), image_token) for item, f in zip(batch, frames)],
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",  # decoder-only: the new tokens must follow every prompt directly
-            )
-            inputs = inputs.to(parameter.device, dtype=parameter.dtype)  # casts only float tensors
+            key = (tuple(item.id for item in batch), parameter.device, parameter.dtype)
+            inputs = None if prepared is None else prepared.get(key)
+            if inputs is None:
+                inputs = processor(
+                    images=[frame for item_frames in frames for frame in item_frames],
+                    text=[_with_frames(prompt(item.question), len(f), image_token) for item, f in zip(batch, frames)],
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="left",  # decoder-only: the new tokens must follow every prompt directly
+                )
+                inputs = inputs.to(parameter.device, dtype=parameter.dtype)  # casts only float tensors
+                if prepared is not None:
+                    prepared[key] = inputs
             with torch.inference_mode():
                 output = model.generate(**inputs, **generate_options)
             stats: Stats = copy.deepcopy(handle.stats)

@@ -13,6 +13,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ..attention import attention_rows
 from ..errors import SlimVLMError
+from ..encoder_memo import untouched_layers
 from ..graphs import GraphCache
 from ..hooks import capture_outputs
 from ..method import EncoderAttention, Method
@@ -194,7 +195,7 @@ class LlavaAdapter(LanguageModelAdapter):
                 self._prefix_graphs[untouched] = GraphCache(lambda pixels: self._untouched_layers(pixels, untouched))
             hidden = self._prefix_graphs[untouched](pixel_values)
         else:
-            hidden = self._untouched_layers(pixel_values, untouched)
+            hidden = untouched_layers(self.vision, pixel_values, untouched, lambda: self._untouched_layers(pixel_values, untouched))
         tokens = VisualTokens.from_patches(hidden, self.grid, has_cls=self.has_cls)
         trace = [tokens.counts] * untouched
         proportional = method is not None and method.proportional_attention
