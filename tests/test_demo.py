@@ -43,12 +43,12 @@ def test_budget_rules_give_the_testbed_the_specs_the_demo_has_always_run():
     assert budget_specs(model, 64, targets) == {
         "random": "random:budget=64", "uniform": "uniform:budget=64", "pool": "pool:budget=64", "tome": "tome:r=103",
         "vtu": ["tome:r=103", "vtu"], "fastv": "fastv:k=2,ratio=0.8889", "visionzip": "visionzip:dominant=54,contextual=10",
-        "divprune": "divprune:budget=64", "mustdrop": "mustdrop-64", "dymu": "dymu:target=96", "llava-mini": None,
+        "divprune": "divprune:budget=64", "mustdrop": "mustdrop-llava7b-64", "dymu": "dymu:target=96", "llava-mini": None,
     }
     assert budget_specs(model, 192, targets) == {
         "random": "random:budget=192", "uniform": "uniform:budget=192", "pool": "pool:budget=196", "tome": "tome:r=77",
         "vtu": ["tome:r=77", "vtu"], "fastv": "fastv:k=2,ratio=0.6667", "visionzip": "visionzip:dominant=162,contextual=30",
-        "divprune": "divprune:budget=192", "mustdrop": "mustdrop-192", "dymu": "dymu:target=195", "llava-mini": None,
+        "divprune": "divprune:budget=192", "mustdrop": "mustdrop-llava7b-192", "dymu": "dymu:target=195", "llava-mini": None,
     }
 
 
@@ -144,7 +144,7 @@ def test_plot_family_groups_presets_with_their_method():
     from slimvlm.bench.report import family
 
     assert family("tome:r=8") == "tome"
-    assert family("mustdrop-64") == family("mustdrop:layers=2") == "mustdrop"
+    assert family("mustdrop-llava7b-64") == family("mustdrop:layers=2") == "mustdrop"
     assert family("tome:r=77+vtu") == "tome+vtu"
     assert family("dymu-mid:vtu=false") == "dymu"
 

@@ -8,7 +8,7 @@
 #   vision_dtome.json          vision tower + projector alone: none / tome:r=16 / dymu-mid (calibrated here), batch 1 and 32
 #   thresholds/*.json          the dymu-mid thresholds calibrated in this run (random weights need their own)
 #   layer_vtu.json             one LLM decoder layer: full 576+64 / merged (tome:r=16 -> 208)+64 / merged + VTU, batch 1 and 16
-#   mustdrop_b16_decode128.json  slimvlm bench, batch 16, 128 new tokens: none, mustdrop-64, mustdrop-64 without the cache
+#   mustdrop_b16_decode128.json  slimvlm bench, batch 16, 128 new tokens: none, mustdrop-llava7b-64, mustdrop-llava7b-64 without the cache
 #   mustdrop_b1_decode32.json    the same at batch 1, 32 new tokens
 #   wall_times.txt             milliseconds each step took
 #
@@ -54,11 +54,11 @@ step layer $PYTHON -m slimvlm.cli bench-layer "${COMMON[@]}" \
 
 # 3. MustDrop's output-aware cache: long generation at batch 16, then batch 1
 step mustdrop_b16 $PYTHON -m slimvlm.cli bench "${COMMON[@]}" --batch-size 16 \
-    --methods none,mustdrop-64,mustdrop-64,output_cache=false --new-tokens "$B16_NEW_TOKENS" \
+    --methods none,mustdrop-llava7b-64,mustdrop-llava7b-64,output_cache=false --new-tokens "$B16_NEW_TOKENS" \
     --warmup 1 --repeats "$DECODE_REPEATS" --json "$OUT/mustdrop_b16_decode${B16_NEW_TOKENS}.json"
 
 step mustdrop_b1 $PYTHON -m slimvlm.cli bench "${COMMON[@]}" --batch-size 1 \
-    --methods none,mustdrop-64,mustdrop-64,output_cache=false --new-tokens "$B1_NEW_TOKENS" \
+    --methods none,mustdrop-llava7b-64,mustdrop-llava7b-64,output_cache=false --new-tokens "$B1_NEW_TOKENS" \
     --warmup 1 --repeats "$DECODE_REPEATS" --json "$OUT/mustdrop_b1_decode${B1_NEW_TOKENS}.json"
 
 echo "total $(( ($(date +%s%N) - total_start) / 1000000 )) ms" | tee -a "$OUT/wall_times.txt"

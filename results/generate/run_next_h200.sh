@@ -8,6 +8,6 @@
 #   usage (repo root, on the GPU machine): OUT=DIR bash results/generate/run_next_h200.sh
 source "$(dirname "$0")/bench.sh"
 timeout 240 python3 -m pytest -q -x -p no:warnings tests/test_cuda_graphs.py 2>&1 | tail -4
-bench 90 h200_static_b1_mustdrop.json llava-1.5-7b 1 static mustdrop-64,fastv
-bench 110 h200_eager_b1_segments.json llava-1.5-7b 1 eager none,visionzip-64,fastv,mustdrop-64
-bench 80 h200_static_b16_mustdrop.json llava-1.5-7b 16 static mustdrop-64
+bench 90 h200_static_b1_mustdrop.json llava-1.5-7b 1 static mustdrop-llava7b-64,fastv
+bench 110 h200_eager_b1_segments.json llava-1.5-7b 1 eager none,visionzip-64,fastv,mustdrop-llava7b-64
+bench 80 h200_static_b16_mustdrop.json llava-1.5-7b 16 static mustdrop-llava7b-64

@@ -6,6 +6,6 @@
 #    h100_qwen25_video16_static_b1.json), and the eager path (generate()'s default) for the video methods.
 #   usage (repo root, on the GPU machine): OUT=DIR bash results/generate/run_queued.sh
 source "$(dirname "$0")/bench.sh"
-bench 150 ${gpu}_eager_b1_decode_mask.json llava-1.5-7b 1 eager none,fastv,mustdrop-64
+bench 150 ${gpu}_eager_b1_decode_mask.json llava-1.5-7b 1 eager none,fastv,mustdrop-llava7b-64
 bench 150 ${gpu}_qwen25_video16_static_b1_visionzip.json qwen2.5-vl-7b 1 static none,visionzip-64 --video-frames 16
 bench 220 ${gpu}_qwen25_video16_eager_b1.json qwen2.5-vl-7b 1 eager none,visionzip-64,divprune:budget=640,fastv --video-frames 16

@@ -13,7 +13,7 @@ bench() {  # seconds, json name, batch sizes, path, methods
 }
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
 timeout 150 python3 -m pytest -q -p no:warnings tests/test_cuda_graphs.py 2>&1 | tail -4
-bench 130 h200_static_b1_stage34.json 1 static none,fastv,mustdrop-64,visionzip-64
-bench 100 h200_static_b16_stage34.json 16 static fastv,mustdrop-64
-bench 100 h200_static_b64_stage34.json 64 static fastv,mustdrop-64
-bench 90 h200_eager_b16.json 16 eager visionzip-64,divprune-64,fastv,mustdrop-64
+bench 130 h200_static_b1_stage34.json 1 static none,fastv,mustdrop-llava7b-64,visionzip-64
+bench 100 h200_static_b16_stage34.json 16 static fastv,mustdrop-llava7b-64
+bench 100 h200_static_b64_stage34.json 64 static fastv,mustdrop-llava7b-64
+bench 90 h200_eager_b16.json 16 eager visionzip-64,divprune-64,fastv,mustdrop-llava7b-64

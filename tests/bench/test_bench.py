@@ -64,7 +64,7 @@ def test_parse_methods():
         ["none"], ["tome:r=8"], ["fastv:k=2,ratio=0.5"], ["tome:r=4", "fastv"]
     ]
     # a preset's options follow ':' (this once cost a GPU run: the bench now checks every spec first)
-    assert parse_methods("mustdrop-64,output_cache=false") == [["mustdrop-64:output_cache=false"]]
+    assert parse_methods("mustdrop-llava7b-64,output_cache=false") == [["mustdrop-llava7b-64:output_cache=false"]]
 
 
 def test_bench_refuses_a_bad_spec_before_running_any(tiny):

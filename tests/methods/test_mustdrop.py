@@ -207,11 +207,11 @@ def test_keep_all_generate_is_identical(fresh):
 
 def test_presets_and_listing():
     for budget, (g, i) in {64: (0.011, 0.01), 128: (0.0012, 0.001), 192: (0.001, 0.001)}.items():
-        method = build(f"mustdrop-{budget}")
+        method = build(f"mustdrop-llava7b-{budget}")
         assert (method.global_thr, method.individual_thr) == (g, i)
         assert method.drop_layers == (3, 7, 11, 15) and method.cache_from_layer == 2
         assert method.window == 3 and method.threshold == 0.8 and method.important_ratio == 0.08
-    assert "mustdrop-64" in PRESETS
+    assert "mustdrop-llava7b-64" in PRESETS
     listing = slimvlm.methods()["mustdrop"]
     assert listing["stages"] == ["encode", "prefill", "decode"]
     assert listing["options"]["layers"] == "2;6;10;14"
@@ -296,9 +296,9 @@ def test_demo_budget_rule_uses_the_presets(tiny):
     from slimvlm.demo import budget_specs
 
     model, _ = tiny
-    assert budget_specs(model, 64)["mustdrop"] == "mustdrop-64"
-    assert budget_specs(model, 192)["mustdrop"] == "mustdrop-192"
-    assert Stage.DECODE in build("mustdrop-64").stages
+    assert budget_specs(model, 64)["mustdrop"] == "mustdrop-llava7b-64"
+    assert budget_specs(model, 192)["mustdrop"] == "mustdrop-llava7b-192"
+    assert Stage.DECODE in build("mustdrop-llava7b-64").stages
 
 
 def test_stages_1_2_replayed_as_one_graph_at_batch_1_give_what_they_give_eagerly(fresh):

@@ -147,7 +147,7 @@ def test_what_cannot_act_on_qwen_is_refused_with_the_fix(fresh_qwen, name):
 
 def test_mustdrop_asks_for_its_llm_parts_alone(fresh_qwen):
     with pytest.raises(slimvlm.SlimVLMError, match="mustdrop:lsm=false,important=false"):
-        slimvlm.apply(fresh_qwen, "mustdrop-64")
+        slimvlm.apply(fresh_qwen, "mustdrop-llava7b-64")
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -10,7 +10,7 @@ from conftest import batch, select
 from slimvlm.registry import build
 
 CAPTURABLE = ["none", "tome:r=8", "visionzip:dominant=20,contextual=5", "divprune:budget=40", "pool:budget=36",
-              ["tome:r=8", "divprune:budget=40"], "mustdrop-64:threshold=0.0"]
+              ["tome:r=8", "divprune:budget=40"], "mustdrop-llava7b-64:threshold=0.0"]
 
 
 class NoHostTraffic(TorchDispatchMode):
@@ -46,7 +46,7 @@ def test_capturable_stages_read_nothing_back(fresh, spec, monkeypatch):
 def test_a_method_that_reads_back_is_caught(fresh, monkeypatch):
     model, processor = fresh
     inputs = batch(processor, 1)
-    spec = "mustdrop-64:lsm_batch_min=true"  # the batch's fewest qualifying windows are read back
+    spec = "mustdrop-llava7b-64:lsm_batch_min=true"  # the batch's fewest qualifying windows are read back
     with torch.no_grad(), slimvlm.apply(model, spec) as handle:
         monkeypatch.setattr(torch.Tensor, "tolist", refuse)
         monkeypatch.setattr(torch.Tensor, "item", refuse)

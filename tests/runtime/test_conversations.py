@@ -50,7 +50,7 @@ def test_a_follow_up_turn_equals_a_fresh_run_of_the_whole_conversation(chat, spe
         assert torch.allclose(a, b, atol=1e-4), spec
 
 
-@pytest.mark.parametrize("spec", ["fastv:k=2,ratio=0.5", "mustdrop-64"])
+@pytest.mark.parametrize("spec", ["fastv:k=2,ratio=0.5", "mustdrop-llava7b-64"])
 def test_after_stage_3_4_drops_a_follow_up_attends_to_what_was_kept(chat, spec):
     """The first turn's drops stand: the follow-up's tokens enter every layer's kept entries, in one step as token
     by token (a fresh run would drop again, for its own last token)."""

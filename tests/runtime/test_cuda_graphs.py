@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 # capturable as a whole (vision tower + method + projector in one graph), then methods whose untouched
 # encoder layers alone replay from a graph
 SPECS = ["none", "tome:r=8", "visionzip:dominant=20,contextual=5", "divprune:budget=40", "pool:budget=36",
-         ["tome:r=8", "divprune:budget=40"], "random:budget=30", "mustdrop-64", "llava-mini:budget=2", "fastv"]
+         ["tome:r=8", "divprune:budget=40"], "random:budget=30", "mustdrop-llava7b-64", "llava-mini:budget=2", "fastv"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_replayed_prefill_equals_eager(tiny_cuda, spec):
 
 
 @pytest.mark.parametrize("spec", ["none", "visionzip:dominant=20,contextual=5", "divprune:budget=40", "llava-mini:budget=2",
-                                  "fastv", "mustdrop-64"])
+                                  "fastv", "mustdrop-llava7b-64"])
 def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
     model, processor = tiny_cuda
     inputs = on_cuda(batch(processor, 2, seed=3))
@@ -57,8 +57,8 @@ def test_static_cache_generation_with_graphs_and_compile(tiny_cuda, spec):
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-64", "mustdrop:filter=false,cache_keep=important",
-                                  "mustdrop-64:threshold=0.0"])  # the last merges windows, a different number per image
+@pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-llava7b-64", "mustdrop:filter=false,cache_keep=important",
+                                  "mustdrop-llava7b-64:threshold=0.0"])  # the last merges windows, a different number per image
 def test_batch_1_prefill_segments_replayed_from_graphs_generate_what_eager_does(tiny_cuda, spec, cache):
     """At batch 1 the LM's layers run in segments between drops replayed from CUDA graphs (runtime/segments.py):
     prompts in turn, each replaying what the others captured where widths agree."""

@@ -77,7 +77,7 @@ def test_a_prefill_reads_what_its_shapes_need_and_statistics_only_when_asked(fre
         assert again.total == 0
 
 
-@pytest.mark.parametrize("spec", ["mustdrop-64", "mustdrop:layers=0;1,cache_from_layer=1"])
+@pytest.mark.parametrize("spec", ["mustdrop-llava7b-64", "mustdrop:layers=0;1,cache_from_layer=1"])
 def test_mustdrop_reads_once_per_drop_and_once_for_its_question_and_its_cache(fresh, spec):
     model, processor = fresh
     inputs = select(batch(processor, 1), 0)
@@ -110,7 +110,7 @@ def decode_step(model, inputs) -> tuple[float, float]:
     return (counted[1].ops - counted[0].ops) / 4, (counted[1].total - counted[0].total) / 4
 
 
-@pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-64"])
+@pytest.mark.parametrize("spec", ["none", "fastv", "mustdrop-llava7b-64"])
 def test_a_batch_1_decode_step_costs_what_the_untouched_models_does(fresh, spec):
     """Layers after a drop attend to every key of their unpadded view: no mask to build per step, no read."""
     model, processor = fresh
@@ -150,7 +150,7 @@ def static_prefill_launches(model, inputs, **extra) -> HostReads:
     return reads
 
 
-@pytest.mark.parametrize("spec", ["fastv", "mustdrop-64"])
+@pytest.mark.parametrize("spec", ["fastv", "mustdrop-llava7b-64"])
 def test_a_batch_1_static_prefill_launches_its_segments_as_graphs(fresh, spec):
     """Stage-3 layers run in segments replayed as CUDA graphs (nothing inside them reads the device, or the count
     raises); what launches beside `none`'s graphs is the drops' bookkeeping, not the LLM's layers."""

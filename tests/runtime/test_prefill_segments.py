@@ -9,7 +9,7 @@ from conftest import batch, causal_attention_calls, next_batch, next_select, ov_
 import slimvlm
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 
-SPECS = ["none", "visionzip:dominant=20,contextual=5", "fastv", "fastv:k=1,ratio=0.75", "mustdrop-64",
+SPECS = ["none", "visionzip:dominant=20,contextual=5", "fastv", "fastv:k=1,ratio=0.75", "mustdrop-llava7b-64",
          ["tome:r=8", "fastv"], "mustdrop:filter=false,cache_keep=important", "llava-mini:budget=2", "divprune:budget=40"]
 
 
@@ -77,7 +77,7 @@ def prefill_launches(model, inputs, graphs: bool) -> int:
     return reads.ops
 
 
-@pytest.mark.parametrize("spec", ["none", "mustdrop-64"])
+@pytest.mark.parametrize("spec", ["none", "mustdrop-llava7b-64"])
 def test_a_batch_1_prefill_replays_the_lm_in_one_segment_per_drop_and_one_more(fresh, spec):
     model, processor = fresh
     inputs = select(batch(processor, 1), 0)

@@ -107,7 +107,7 @@ def text_labels(inputs: dict, image_token_id: int) -> torch.Tensor:
     return labels.masked_fill(inputs["attention_mask"] == 0, -100)
 
 
-@pytest.mark.parametrize("spec", ["fastv", "mustdrop-64", "divprune:budget=32", ["tome:r=8", "fastv:k=1,ratio=0.75"]], ids=str)
+@pytest.mark.parametrize("spec", ["fastv", "mustdrop-llava7b-64", "divprune:budget=32", ["tome:r=8", "fastv:k=1,ratio=0.75"]], ids=str)
 def test_labels_follow_the_sequence_whatever_stage_shortens_it(fresh, spec):
     model, processor = fresh
     inputs = batch(processor, 2)
@@ -203,7 +203,7 @@ def test_sliding_window_language_models(tiny_dir):
 
     _, processor = load(tiny_dir)
     inputs = batch(processor, 2)
-    for spec in ("fastv", "mustdrop-64", ["tome:r=8", "vtu"]):
+    for spec in ("fastv", "mustdrop-llava7b-64", ["tome:r=8", "vtu"]):
         with pytest.raises(slimvlm.SlimVLMError, match="sliding window"):
             slimvlm.apply(model, spec)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
 
 STAGE_1_2 = ["none", "tome:r=8", "divprune:budget=40", "visionzip:dominant=20,contextual=5", "uniform:budget=49",
              "pool:budget=36", "llava-mini:budget=2"]
-STAGE_3_4 = ["fastv", "fastv:k=1,ratio=0.75", "mustdrop-64", ["tome:r=8", "fastv"]]
+STAGE_3_4 = ["fastv", "fastv:k=1,ratio=0.75", "mustdrop-llava7b-64", ["tome:r=8", "fastv"]]
 UNMERGING = [["tome:r=8", "vtu"]]  # attends over copies in every layer: its prefill never runs in segments
 
 
@@ -113,7 +113,7 @@ def test_the_static_cache_holds_the_reduced_prompt_and_the_new_tokens(fresh):
     assert second is first  # reused: a compiled step keeps its shapes
 
 
-@pytest.mark.parametrize("spec", ["divprune:budget=40", "mustdrop-64", ["tome:r=8", "vtu"]], ids=str)  # one group of
+@pytest.mark.parametrize("spec", ["divprune:budget=40", "mustdrop-llava7b-64", ["tome:r=8", "vtu"]], ids=str)  # one group of
 # layers; several; copies in every layer
 def test_the_decode_step_compiles_as_one_graph(fresh, spec):
     model, processor = fresh
@@ -152,7 +152,7 @@ def test_layers_after_a_drop_hold_fewer_entries_and_decode_reads_only_those(fres
 def test_after_a_static_generate_the_dynamic_path_still_drops(fresh):
     model, processor = fresh
     inputs = batch(processor, 2, seed=2)
-    with torch.no_grad(), slimvlm.apply(model, "mustdrop-64") as handle:
+    with torch.no_grad(), slimvlm.apply(model, "mustdrop-llava7b-64") as handle:
         dynamic = generate(model, inputs, static=False)
         generate(model, inputs, static=True)  # takes the layer hooks off for its decode steps
         again = generate(model, inputs, static=False)

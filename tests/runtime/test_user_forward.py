@@ -7,7 +7,7 @@ from conftest import batch
 
 import slimvlm
 
-METHODS = ["none", "divprune:budget=16", "fastv:k=2,ratio=0.5", "mustdrop-64", ["tome:r=8", "vtu"]]
+METHODS = ["none", "divprune:budget=16", "fastv:k=2,ratio=0.5", "mustdrop-llava7b-64", ["tome:r=8", "vtu"]]
 
 
 def test_remove_puts_back_the_forward_the_user_set(fresh):

@@ -13,7 +13,7 @@ from .evaluate import MethodResult  # noqa: E402
 
 
 def family(method: str) -> str:
-    """'tome:r=8' -> 'tome', 'mustdrop-64' -> 'mustdrop' (a preset is its method's); compositions
+    """'tome:r=8' -> 'tome', 'mustdrop-llava7b-64' -> 'mustdrop' (a preset is its method's); compositions
     keep every part's name ('tome+fastv')."""
     from ..registry import PRESETS
 

@@ -228,7 +228,7 @@ class MustDrop(Method):
     @classmethod
     def spec_for_budget(cls, adapter: LanguageModelAdapter, budget: int, **context: Any) -> BudgetSpec:
         # threshold-driven: the authors' preset nearest the budget (their budgets average over LLM layers)
-        return f"mustdrop-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}"
+        return f"mustdrop-llava7b-{min((64, 128, 192), key=lambda preset: abs(preset - budget))}"
 
     def check_model(self, num_vision_layers: int, num_llm_layers: int, tokens_per_image: int) -> None:
         if self.filter:
