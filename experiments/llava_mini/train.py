@@ -7,7 +7,9 @@ share the model (`c1+c16`: one projector and LLM trained for both, the losses su
 modules), the vision tower frozen (the paper's instruction tuning), and either the projector and LLM trained with
 the modules (default) or the modules alone (`:frozen`: the student then runs on the untouched model); `:distill`
 adds the distillation from the untouched model (CE + KL(teacher || student) on the answer, the teacher being the
-model the students start from). Every student starts as `pool:budget=C` exactly (methods/llava_mini.py, init).
+model the students start from). Every student starts as `pool:budget=C` exactly (methods/llava_mini.py, init), or,
+with `--continue-shipped`, from the LLaVA-Mini the model folder ships (its modules at the student's budgets and the
+model they were trained with): a second stage at a lower rate.
 
 Speed: the batches come from a pool of scenes rendered once onto the device (experiments/scene_pool.py); the
 frozen vision tower and the teacher run once per batch for all students; each student's step is the direct
@@ -37,7 +39,7 @@ from experiments.scene_pool import render_pool
 from experiments.testbed.optimizer import lr_factor
 from slimvlm.bench.evaluate import evaluate, from_sample
 from slimvlm.bench.timing import synchronize
-from slimvlm.methods.llava_mini import LlavaMini
+from slimvlm.methods.llava_mini import LlavaMini, shipped_model, shipped_weights
 from slimvlm.models import adapter_for
 from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.sequence import IGNORE_INDEX
@@ -57,6 +59,7 @@ class Student:
     train_llm: bool
     distill: bool
     init: str
+    continued_from: str | None = None  # --continue-shipped: the model folder whose LLaVA-Mini it starts from
     model: torch.nn.Module = None
     methods: list[LlavaMini] = field(default_factory=list)
     optimizer: torch.optim.Optimizer = None
@@ -81,8 +84,10 @@ def parse_students(text: str) -> list[Student]:
     return students
 
 
-def build_student(student: Student, base: torch.nn.Module, args) -> None:
-    student.model = copy.deepcopy(base).train().requires_grad_(True)  # the base is frozen: it teaches
+def build_student(student: Student, base: torch.nn.Module, args, shipped: dict[int, Path] | None = None) -> None:
+    """The student's model and modules; with `shipped` (--continue-shipped: the model folder's trained LLaVA-Mini, by
+    budget) they start from those weights and the model they were trained with, `base` (the start otherwise)."""
+    student.model = copy.deepcopy(base).train().requires_grad_(True)  # the untouched base is frozen: it teaches
     adapter_for(student.model).vision.requires_grad_(False)  # the paper keeps the CLIP encoder frozen
     if not student.train_llm:
         student.model.requires_grad_(False)
@@ -91,6 +96,11 @@ def build_student(student: Student, base: torch.nn.Module, args) -> None:
     groups = []
     for method in student.methods:
         groups.append({"params": list(method.build(student.model).parameters()), "lr": args.lr})
+        if shipped is not None:
+            if method.budget not in shipped:
+                raise SystemExit(f"--continue-shipped: {args.model} ships no LLaVA-Mini modules for C = {method.budget} "
+                                 f"(it ships C = {sorted(shipped)})")
+            method.load(shipped[method.budget])
         method.trained_here = True
     if student.train_llm:
         groups.append({"params": [p for p in student.model.parameters() if p.requires_grad], "lr": args.llm_lr})
@@ -219,8 +229,12 @@ def run(args) -> dict:
     if alone:
         print(f"one C=1 student alone: {alone['samples_per_s']} samples/s", flush=True)
     students = parse_students(args.students)
+    shipped = shipped_weights(base.name_or_path) if args.continue_shipped else None
+    start = shipped_model(base.name_or_path, device).eval().requires_grad_(False) if args.continue_shipped else base
     for student in students:
-        build_student(student, base, args)
+        if args.continue_shipped:
+            student.continued_from = base.name_or_path
+        build_student(student, start, args, shipped)
     rows, types, items = eval_rows(processor, args.eval_samples, args.seed, device)
     rows["pixel_values"] = normalizer(rows.pop("pixels")) if "pixels" in rows else rows["pixel_values"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -288,7 +302,7 @@ def run(args) -> dict:
             curve = [point for point in student.curve if point["budget"] == method.budget]
             results["students"].append({
                 "name": student.name, "budget": method.budget, "train_llm": student.train_llm, "distill": student.distill,
-                "init": student.init, "shared_with": [b for b in student.budgets if b != method.budget],
+                "init": student.init, "continued_from": student.continued_from, "shared_with": [b for b in student.budgets if b != method.budget],
                 "steps": curve[-1]["step"], "samples": curve[-1]["samples"],
                 "step_ms_median": sorted(times)[len(times) // 2] if times else None,
                 "accuracy": scored.accuracy, "per_type": scored.accuracy_by_type(),
@@ -317,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alone-steps", type=int, default=0)
     p.add_argument("--max-train-seconds", type=float, default=float("inf"),
                    help="stop training after this long; the learning rate's cosine then follows the time too")
+    p.add_argument("--continue-shipped", action="store_true",
+                   help="start every student from the LLaVA-Mini the model folder ships (its modules at the student's "
+                        "budgets and the model they were trained with) instead of pool init: a second, lower-rate stage")
     return p
 
 

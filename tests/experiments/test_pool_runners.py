@@ -4,6 +4,10 @@ end on the tiny model, and the shipping of what they train."""
 import json
 import shutil
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 from experiments.dualspeed import testbed as dualspeed_runner
 from experiments.llava_mini import ship
 from experiments.llava_mini import train as llava_mini_runner
@@ -57,3 +61,18 @@ def test_llava_mini_students_train_side_by_side_and_ship(tiny_dir, tmp_path):
     assert sorted(shipped_weights(folder)) == [1, 4] and (folder / SHIPPED / SHIPPED_MODEL).is_file()
     card = (folder / SHIPPED / "c4" / "README.md").read_text()
     assert "one model for C = 1, 4" in card and "| **overall** |" in card and "experiments.llava_mini.train" in card
+
+    # a second stage starts from what the folder ships: its modules and the model they were trained with
+    again = tmp_path / "again"
+    common = ["--model", str(folder), "--out", str(again), "--layers", "1", "--clip-samples", "0", "--continue-shipped",
+              *SMALL, "--samples", "0"]  # no step: the students are saved as they start
+    assert llava_mini_runner.main([*common, "--students", "c1+c4"]) == 0
+    for budget in (1, 4):
+        shipped_file = load_file(str(folder / SHIPPED / f"c{budget}" / "llava_mini.safetensors"))
+        started = load_file(str(again / "c1-c4" / f"c{budget}" / "llava_mini.safetensors"))
+        assert shipped_file.keys() == started.keys() and all(torch.equal(shipped_file[k], started[k]) for k in started)
+    trained = load_file(str(folder / SHIPPED / SHIPPED_MODEL))
+    assert all(torch.equal(trained[k], t) for k, t in load_file(str(again / "c1-c4" / "model_trained_parts.safetensors")).items())
+    assert json.loads((again / "results.json").read_text())["students"][0]["continued_from"] == str(folder)
+    with pytest.raises(SystemExit, match=r"ships no LLaVA-Mini modules for C = 2 \(it ships C = \[1, 4\]\)"):
+        llava_mini_runner.main([*common, "--students", "c2"])
