@@ -283,3 +283,25 @@ def test_a_llava_next_checkpoint_loaded_as_llava_is_refused(tiny_dir, tmp_path):
     model, _ = load(folder)  # transformers loads it, warning only
     with pytest.raises(slimvlm.SlimVLMError, match="LLaVA-NeXT checkpoint"):
         slimvlm.apply(model, "none")
+
+
+def test_a_failure_while_installing_layer_hooks_leaves_none_behind(fresh, monkeypatch):
+    """FastV's row probe is installed after the layers' pre-hooks: when it fails, the model must come back whole."""
+    model, processor = fresh
+    inputs = batch(processor)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    handle = slimvlm.apply(model, "fastv")
+    layers = model.model.language_model.layers
+
+    def broken(self, layer):
+        raise RuntimeError("no attention here")
+
+    from slimvlm.models.llava import LlavaAdapter
+    monkeypatch.setattr(LlavaAdapter, "attention_parts", broken)
+    with pytest.raises(RuntimeError, match="no attention here"), torch.no_grad():
+        model(**inputs)
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)

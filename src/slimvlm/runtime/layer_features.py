@@ -25,9 +25,9 @@ def layer_features_added(layers: list, session: Session) -> Iterator[None]:
         yield
         return
     hooks = HookSet()
-    for layer in range(features.shape[2]):
-        hooks.add(layers[layer].register_forward_hook(functools.partial(_add, session, features, layer)))
-    try:
+    try:  # installing inside: a failure halfway leaves none of the hooks behind
+        for layer in range(features.shape[2]):
+            hooks.add(layers[layer].register_forward_hook(functools.partial(_add, session, features, layer)))
         yield
     finally:
         hooks.remove()

@@ -44,15 +44,15 @@ class LayerEdits:
             return
         first = 0 if self.cache_methods else min((layer for m in self.drop_methods for layer in m.drop_layers), default=0)
         pre_hook = self._prefill_pre_hook if plan.prefill is not None else self._decode_pre_hook
-        for index in range(first, len(self.adapter.llm_layers)):
-            hook = functools.partial(pre_hook, index)
-            self._hooks.add(self.adapter.llm_layers[index].register_forward_pre_hook(hook, with_kwargs=True))
-        if plan.prefill is not None:
-            for method in self.drop_methods:
-                if method.queries is not None:
-                    for layer in method.drop_layers:
-                        self._install_row_probe(method, layer)
-        try:
+        try:  # installing inside: a failure halfway leaves none of the hooks behind
+            for index in range(first, len(self.adapter.llm_layers)):
+                hook = functools.partial(pre_hook, index)
+                self._hooks.add(self.adapter.llm_layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+            if plan.prefill is not None:
+                for method in self.drop_methods:
+                    if method.queries is not None:
+                        for layer in method.drop_layers:
+                            self._install_row_probe(method, layer)
             yield
         finally:
             self._hooks.remove()
