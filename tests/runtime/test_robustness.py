@@ -291,8 +291,9 @@ def test_a_failure_while_installing_layer_hooks_leaves_none_behind(fresh, monkey
     inputs = batch(processor)
     with torch.no_grad():
         reference = model(**inputs).logits
-    handle = slimvlm.apply(model, "fastv")
     layers = model.model.language_model.layers
+    hooks_before = [(dict(layer._forward_pre_hooks), dict(layer._forward_hooks)) for layer in layers]
+    handle = slimvlm.apply(model, "fastv")
 
     def broken(self, layer):
         raise RuntimeError("no attention here")
@@ -301,7 +302,7 @@ def test_a_failure_while_installing_layer_hooks_leaves_none_behind(fresh, monkey
     monkeypatch.setattr(LlavaAdapter, "attention_parts", broken)
     with pytest.raises(RuntimeError, match="no attention here"), torch.no_grad():
         model(**inputs)
-    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+    assert [(dict(layer._forward_pre_hooks), dict(layer._forward_hooks)) for layer in layers] == hooks_before
     handle.remove()
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
