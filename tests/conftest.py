@@ -220,7 +220,9 @@ def sharpened(model):
     LM norms them per head (Qwen3's q_norm, k_norm) by the norms' weights."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            attention = layer.self_attn
+            attention = getattr(layer, "self_attn", None)
+            if attention is None:  # a linear-attention layer of a hybrid LM (Qwen3.5): no queries and keys to scale
+                continue
             for scaled in (attention.q_norm, attention.k_norm) if hasattr(attention, "q_norm") else (attention.q_proj,
                                                                                                       attention.k_proj):
                 scaled.weight.mul_(8)
@@ -322,11 +324,12 @@ QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=90
 
 
 def qwen_model(family: str, seed: int = 0):
-    """A tiny random Qwen2-VL ('qwen2_vl'), Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl', 'qwen3_vl_moe'), float32, SDPA: a
-    4-layer M-RoPE LM (mrope_section sums to head_dim / 2) whose attention is sharp enough that a wrong position
-    shows in the logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3; 3 with 16-px patches,
-    interleaved M-RoPE and DeepStack features from ViT blocks 0, 1 and 2 added to LM layers 0, 1 and 2 (so a drop at
-    layer 2 has features added before and after it)."""
+    """A tiny random Qwen2-VL ('qwen2_vl'), Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl', 'qwen3_vl_moe') or Qwen3.5
+    ('qwen3_5'), float32, SDPA: a 4-layer M-RoPE LM (mrope_section sums to head_dim / 2) whose attention is sharp enough
+    that a wrong position shows in the logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3; 3
+    with 16-px patches, interleaved M-RoPE and DeepStack features from ViT blocks 0, 1 and 2 added to LM layers 0, 1 and
+    2 (so a drop at layer 2 has features added before and after it); 3.5 with 16-px patches, no DeepStack, and three
+    linear-attention LM layers before one of full attention (with a quarter of each head rotated)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
@@ -345,6 +348,22 @@ def qwen_model(family: str, seed: int = 0):
             depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1, 3],
             **patches), **QWEN_IDS)
         model_class = Qwen2_5_VLForConditionalGeneration
+    elif family.startswith("qwen3_5"):  # Qwen3.5: Qwen3-VL's vision without DeepStack; LM layers linear x 3, full
+        from transformers import (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+                                  Qwen3_5MoeForConditionalGeneration)
+
+        text = dict(text, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                    linear_num_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                               "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5,
+                                                               "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_position_embeddings=64,
+                      **{**patches, "patch_size": 16})
+        config_class, model_class = Qwen3_5Config, Qwen3_5ForConditionalGeneration
+        if family == "qwen3_5_moe":  # 4 experts, 2 a token, and a shared one
+            text = dict(text, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                        num_experts_per_tok=2)
+            config_class, model_class = Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+        config = config_class(text_config=text, vision_config=vision, **QWEN_IDS)
     else:  # Qwen3-VL, or with 'qwen3_vl_moe' its mixture of experts (4 experts, 2 a token)
         text = dict(text, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                         "mrope_section": [4, 2, 2], "mrope_interleaved": True})
@@ -430,7 +449,7 @@ def qwen_placeholders(config, kind: str, grid: tuple[int, int, int]) -> list[int
     start, end = config.vision_start_token_id, config.vision_end_token_id
     if kind == "image":
         return [start] + [config.image_token_id] * (t * h * w // 4) + [end]
-    if not config.model_type.startswith("qwen3_vl"):
+    if not config.model_type.startswith(("qwen3_vl", "qwen3_5")):
         return [start] + [config.video_token_id] * (t * h * w // 4) + [end]
     return [token for step in range(t) for token in [QWEN3_TIMESTAMP + step, start] + [config.video_token_id] * (h * w // 4) + [end]]
 

@@ -97,10 +97,11 @@ def test_slimvlm_methods_names_the_families_each_method_runs_on(capsys):
     from slimvlm.registry import families_taking
 
     llava_families = ["Llava", "LlavaNext", "LlavaNextVideo", "LlavaOnevision"]
-    qwen = ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3VLMoe"]
+    qwen = ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3VLMoe", "Qwen3_5", "Qwen3_5Moe"]
     tome = llava_families + ["InternVL"]  # per tile inside InternViT, unmerged before the pixel shuffle
     assert families_taking("tome") == (tome, qwen)  # stage 1 inside Qwen's encoder
     assert families_taking("divprune") == (llava_families + qwen + ["InternVL"], [])
+    assert families_taking("fastv")[1] == ["Qwen3_5", "Qwen3_5Moe"]  # its linear-attention layers hold no tokens
     assert families_taking("pool")[1] == llava_families[1:] + qwen  # one square grid per image (InternVL: per tile)
     assert main(["methods"]) == 0
     shown = capsys.readouterr().out

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import SlimVLMError
+
 
 @dataclass(frozen=True)
 class VisionShape:
@@ -79,10 +81,20 @@ def internvl_vision_shape(config) -> VisionShape:
                        patches=(height // patch) * (width // patch_width), merge=round(1 / config.downsample_ratio) ** 2)
 
 
+def covers(config) -> bool:
+    """Whether the formulas here hold for the model: not for a hybrid LM's linear-attention layers (Qwen3.5)."""
+    return "linear_attention" not in (getattr(config.text_config, "layer_types", None) or ())
+
+
 def shapes(config) -> tuple[VisionShape, LLMShape]:
     """The sizes the formulas need, read from a LLaVA (-NeXT), Qwen2-VL (2.5-VL, 3-VL) or InternVL config; a mixture of experts'
     MLP width is its active experts' (num_experts_per_tok x moe_intermediate_size)."""
     v, t = config.vision_config, config.text_config
+    if not covers(config):
+        raise SlimVLMError(
+            f"slimvlm's FLOPs count has no formula for the linear-attention layers of {config.model_type}'s hybrid LM yet; "
+            "time it with slimvlm bench-generate (wall-clock, no FLOPs)"
+        )
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         vision = qwen_vision_shape(v)

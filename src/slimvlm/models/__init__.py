@@ -12,6 +12,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS = {
@@ -23,6 +24,8 @@ ADAPTERS = {
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
     "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLAdapter,
+    "Qwen3_5ForConditionalGeneration": Qwen3_5Adapter,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3_5Adapter,
     "InternVLForConditionalGeneration": InternVLAdapter,
 }
 

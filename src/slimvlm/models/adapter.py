@@ -148,6 +148,7 @@ class LanguageModelAdapter:
     sizes_argument = "image_sizes"  # the forward argument giving each image's size, handed to views()
     tokens_at_origin = False  # each visual token takes its origin's placeholder in the rebuilt prompt (sequence.rebuild)
     adds_layer_features = False  # visual tokens add features to the LM's first layers' outputs (DeepStack)
+    static_cache_refusal: str | None = None  # why slimvlm's static cache cannot hold this family's LM, if it cannot
 
     def __init__(self, model: nn.Module, language_model: nn.Module) -> None:
         config = model.config
@@ -160,7 +161,7 @@ class LanguageModelAdapter:
         self.placeholder_ids: tuple[int, ...] = (config.image_token_id,)  # the visual items' placeholder tokens
         self.llm_layers = list(language_model.layers)
         self.cache_kwarg = cache_kwarg(language_model.forward)
-        first = self.llm_layers[0].self_attn
+        first = next((layer.self_attn for layer in self.llm_layers if hasattr(layer, "self_attn")), None)
         for name in ("q_proj", "k_proj", "scaling", "head_dim"):
             if not hasattr(first, name):
                 raise SlimVLMError(

@@ -99,6 +99,9 @@ class QwenVLAdapter(LanguageModelAdapter):
     # why stage-1 methods cannot act inside this family's tower
     whole_tower = ("its merger joins each 2x2 block of patches in place into one token and 2.5's window attention is "
                    "laid out on the whole grid")
+    # what a refusal offers instead: the methods this family runs
+    instead = ("visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) or stages 3-4 (fastv, or "
+               "mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)")
 
     def __init__(self, model: nn.Module) -> None:
         inner = model.model
@@ -119,14 +122,13 @@ class QwenVLAdapter(LanguageModelAdapter):
         """What cannot act on Qwen's images (see the module's docstring), naming what works instead."""
         if Stage.ENCODE in method.stages and not method.at_merged_tokens:
             return (f"{method.name} acts inside the vision encoder (stage 1), which slimvlm runs whole on {cls.name}: "
-                    f"{cls.whole_tower}; use visionzip (on the merged tokens), a stage-2 method (divprune, random, uniform) "
-                    "or stages 3-4 (fastv, or mustdrop:lsm=false,important=false: its LLM filter and output-aware cache)")
+                    f"{cls.whole_tower}; use {cls.instead}")
         if method.needs_patch_grid:
             return (f"{method.name} works on one square patch grid per image, but {cls.name} gives each image its own grid "
                     "(dynamic resolution); use uniform, random or divprune")
         if method.virtual_unmerge:
             return (f"{method.name} unmerges the tokens a stage-1 method merged, which {cls.name} refuses (and rotates "
-                    "copies along 1-D positions, not M-RoPE's); use fastv or a stage-2 method")
+                    f"copies along 1-D positions, not M-RoPE's); use {cls.instead}")
         return None
 
     def method_limits(self, method: Method) -> tuple[int, int, int]:

@@ -198,12 +198,15 @@ class Runtime:
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
+        static_given = is_static(arguments.get(self._cache_name))
+        if static_given and self.adapter.static_cache_refusal:
+            raise SlimVLMError(self.adapter.static_cache_refusal)
         return plan_prefill(
             edits_layers=self._edits_layers, unmerge=self._unmerge, windowed=self._windowed,
             takes_masks=self.adapter.takes_masks(),
             graphs=graphs.graphs_wanted(self.cuda_graphs, input_ids.device),  # looked up here: device_reads swaps it
             batch=input_ids.shape[0], lm_outputs_asked=bool(kwargs), use_cache=bool(use_cache),
-            static_given=is_static(arguments.get(self._cache_name)), layer_features=self.adapter.adds_layer_features)
+            static_given=static_given, layer_features=self.adapter.adds_layer_features)
 
     def _prefill(self, plan: Plan, arguments: dict, kwargs: dict):
         """Stages 1-2, the rebuilt prompt, the LLM over it by the plan's path (stages 3-4), the statistics."""
