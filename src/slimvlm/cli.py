@@ -208,7 +208,7 @@ def _bench_train(args: argparse.Namespace) -> None:
             "text_tokens": args.text_tokens, "answer_tokens": args.answer_tokens, "lora": args.lora,
             "gradient_checkpointing": args.gradient_checkpointing, "versions": _versions(),
             "timed": "one training step (DualSpeed.loss on the direct forward, backward, AdamW) under bf16 autocast on a "
-                     "GPU: step_ms = median of --repeats after --warmup per mode (CUDA events); run_s = --steps steps in "
+                     "GPU: step_ms = median of --repeats rounds after --warmup, each round one step of every recipe and mode in turn (CUDA events); run_s = --steps steps in "
                      "the recipe's mode order, wall-clock between device synchronisations; expected speed-up = untouched "
                      "step / ((1 - r) fast + r slow)",
             "command": _command(args), "results": [r.as_dict() for r in results],

@@ -47,3 +47,13 @@ def test_the_direct_modes_equal_the_applied_ones_on_anyres_images(fresh_next):
             direct, _ = ds.loss(batch, step, details=False)
             applied, _ = ds.loss(general, step, details=False)
         assert torch.allclose(direct, applied, atol=1e-5), mode
+
+
+def test_step_medians_interleave_the_recipes_so_drift_falls_on_all_alike():
+    from slimvlm.bench.timing import interleaved_medians_ms
+
+    calls = []
+    medians = interleaved_medians_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                     torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, each calling both in turn
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
@@ -22,7 +23,7 @@ from ..sequence import IGNORE_INDEX
 from ..train.dualspeed import DualSpeed, variant
 from .run import synthetic_inputs
 from .table import text_table
-from .timing import median_ms, peak_memory_bytes, synchronize
+from .timing import interleaved_medians_ms, peak_memory_bytes, synchronize
 
 
 @dataclass
@@ -92,25 +93,33 @@ RECIPES = ("baseline", "naive-pruning", "dualspeed")
 
 def bench_train(model, batch: dict, p: float, r: float, steps: int, warmup: int, repeats: int,
                 isolator_length: int = 4, seed: int = 0) -> list[TrainResult]:
-    """Time the three recipes on `batch` (training_batch), the model made trainable already (make_trainable)."""
+    """Time the three recipes on `batch` (training_batch), the model made trainable already (make_trainable).
+
+    The step medians interleave the recipes and modes (each round times one step of each in turn), so that a drift
+    of the machine over the run cannot pass for a difference between them; one optimizer serves all three (the
+    isolator's state stays empty in the steps that do not use it), so peak memory counts one optimizer's state."""
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     params = [param for param in model.parameters() if param.requires_grad]
-    results: list[TrainResult] = []
     batch_size, length = batch["input_ids"].shape
-    for recipe in RECIPES:
-        options = variant(recipe, pruner=f"divprune:ratio={round(1 - p, 4)}", r=r, isolator_length=isolator_length, seed=seed)
-        dual = DualSpeed(model, **options)
-        optimizer = torch.optim.AdamW([*params, *dual.parameters()], lr=1e-6, fused=device.type == "cuda")
-        step_ms, tokens = {}, {}
+    options = {recipe: variant(recipe, pruner=f"divprune:ratio={round(1 - p, 4)}", r=r, isolator_length=isolator_length,
+                               seed=seed) for recipe in RECIPES}
+    duals = {recipe: DualSpeed(model, **options[recipe]) for recipe in RECIPES}
+    optimizer = torch.optim.AdamW([*params, *(q for dual in duals.values() for q in dual.parameters())], lr=1e-6,
+                                  fused=device.type == "cuda")
+    step_fns, tokens = {}, {recipe: {} for recipe in RECIPES}
+    for recipe, dual in duals.items():
         for mode in ("fast", "slow"):
             step = next((s for s in range(10_000) if dual.step_mode(s) == mode), None)
             if step is None:  # the recipe never runs this mode
                 continue
-            step_ms[mode] = round(median_ms(lambda: _step(dual, optimizer, batch, step, autocast), device, warmup, repeats), 2)
+            step_fns[recipe, mode] = partial(_step, dual, optimizer, batch, step, autocast)
             with torch.no_grad(), autocast:  # the visual tokens the LLM trains on in this mode
                 _, logits, _ = dual.fast_forward(batch) if mode == "fast" else dual.slow_forward(batch)
-            tokens[mode] = logits.shape[1] - (length - batch["image_tokens"])
+            tokens[recipe][mode] = logits.shape[1] - (length - batch["image_tokens"])
+    medians = interleaved_medians_ms(step_fns, device, warmup, repeats)
+    results: list[TrainResult] = []
+    for recipe, dual in duals.items():
         run_s = []
 
         def whole_run() -> None:
@@ -122,9 +131,10 @@ def bench_train(model, batch: dict, p: float, r: float, steps: int, warmup: int,
             run_s.append(time.perf_counter() - began)
 
         peak = peak_memory_bytes(whole_run, device)
+        step_ms = {mode: round(medians[key, mode], 2) for key, mode in medians if key == recipe}
         results.append(TrainResult(
-            recipe=recipe, options=options, batch_size=batch_size, visual_tokens=tokens, step_ms=step_ms,
-            run_steps=steps, run_s=round(run_s[0], 3), steps_per_s=round(steps / run_s[0], 3),
+            recipe=recipe, options=options[recipe], batch_size=batch_size, visual_tokens=tokens[recipe],
+            step_ms=step_ms, run_steps=steps, run_s=round(run_s[0], 3), steps_per_s=round(steps / run_s[0], 3),
             samples_per_s=round(steps * batch_size / run_s[0], 2), expected_speedup=None, measured_speedup=None,
             peak_memory_bytes=peak,
         ))
