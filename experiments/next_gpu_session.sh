@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The runs queued for the next GPU session, in order of what they decide (rewritten 2026-12-08 after the H100 runs
-# of that morning), one device call of at most 10 minutes: each run is stopped at its share and writes as it goes.
-#   usage (repo root, on the GPU machine, .whl carried): OUT=DIR bash experiments/next_gpu_session.sh
-# 1. issue 26: LLaVA-Mini's second stage from the shipped weights (run 3 reached C = 1 89.8%, C = 16 94.2% in
-#    generate(), but its modules sat three folders deep and the device returns two: they are copied flat here);
-# 2. issue 27: the LLaVA-NeXT-7B shape at batch 16, where tokens and not launches are the cost (batch 4: 2.46x);
-# 3. issue 27: baseline / NaivePrune / DualSpeed trained on the testbed, scored full-token and pruned.
+# of that morning): two device calls of at most 10 minutes each; each run is stopped at its share and writes as
+# it goes.
+#   usage (repo root, on the GPU machine, .whl carried): OUT=DIR bash experiments/next_gpu_session.sh 1   (then 2)
+# Call 1:
+#   issue 26: LLaVA-Mini's second stage from the shipped weights (run 3 reached C = 1 89.8%, C = 16 94.2% in
+#   generate(), but its modules sat three folders deep and the device returns two: they are copied flat here);
+#   issue 27: baseline / NaivePrune / DualSpeed trained on the testbed, scored full-token and pruned.
+# Call 2 (issue 27): DualSpeed's steps where the host was the floor: LLaVA-NeXT-7B at batch 4 with compiled layer
+#   parts (batch 4 eager: 2.46x), at batch 16 eager and compiled, and LLaVA-1.5-7B at batch 16 compiled (eager 2.26x).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=$PWD/src:$PWD:/tmp/site PYTHONUNBUFFERED=1
@@ -17,14 +20,22 @@ run() {  # SECONDS NAME COMMAND...: one run, stopped after SECONDS, its output (
   timeout "$1" "${@:3}" 2>&1 | grep -v "it/s\]" >> "$log"
   echo "== $2: exit ${PIPESTATUS[0]}" >> "$log"
 }
-run 280 llava-mini-stage2 python3 -m experiments.llava_mini.train --out "$out/mini" --students c1+c16 --continue-shipped \
-  --lr 1e-4 --llm-lr 2e-5 --warmup 50 --samples 1000000 --max-train-seconds 215 --eval-every 100000 --device cuda
-for budget in c1 c16; do  # the device returns files at most two folders deep
-  cp "$out/mini/c1-c16/$budget/llava_mini.safetensors" "$out/mini/${budget}_llava_mini.safetensors"
-  cp "$out/mini/c1-c16/$budget/llava_mini.json" "$out/mini/${budget}_llava_mini.json"
-  rm -r "$out/mini/c1-c16/$budget"
-done
-run 140 bench-train-next-b16 python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 --dtype bfloat16 \
-  --device cuda --text-tokens 128 --answer-tokens 64 --lora 128 --gradient-checkpointing --steps 5 --warmup 1 --repeats 2 \
-  --json "$out/bench_train_next_7b_b16.json"
-run 170 dualspeed-testbed python3 -m experiments.dualspeed.testbed --out "$out/dualspeed_testbed" --samples 100000 --max-runs 3 --device cuda
+train="--dtype bfloat16 --device cuda --text-tokens 128 --answer-tokens 64 --lora 128 --gradient-checkpointing --steps 5 --warmup 1 --repeats 3"
+case "${1:?say which call: 1 or 2}" in
+1)
+  run 280 llava-mini-stage2 python3 -m experiments.llava_mini.train --out "$out/mini" --students c1+c16 --continue-shipped \
+    --lr 1e-4 --llm-lr 2e-5 --warmup 50 --samples 1000000 --max-train-seconds 215 --eval-every 100000 --device cuda
+  for budget in c1 c16; do  # the device returns files at most two folders deep
+    cp "$out/mini/c1-c16/$budget/llava_mini.safetensors" "$out/mini/${budget}_llava_mini.safetensors"
+    cp "$out/mini/c1-c16/$budget/llava_mini.json" "$out/mini/${budget}_llava_mini.json"
+    rm -r "$out/mini/c1-c16/$budget"
+  done
+  run 260 dualspeed-testbed python3 -m experiments.dualspeed.testbed --out "$out/dualspeed_testbed" --samples 150000 --max-runs 3 --device cuda
+  ;;
+2)
+  run 130 next-b4-compiled python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 4 --compile $train --json "$out/bench_train_next_7b_b4_compiled.json"
+  run 150 next-b16 python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 $train --json "$out/bench_train_next_7b_b16.json"
+  run 160 next-b16-compiled python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 --compile $train --json "$out/bench_train_next_7b_b16_compiled.json"
+  run 120 llava15-b16-compiled python3 -m slimvlm bench-train --model shape:llava-1.5-7b --batch-size 16 --compile $train --json "$out/bench_train_llava15_7b_b16_compiled.json"
+  ;;
+esac

@@ -191,14 +191,19 @@ def _bench_layer(args: argparse.Namespace) -> None:
 
 def _bench_train(args: argparse.Namespace) -> None:
     from .bench.train import bench_train, format_table, make_trainable, training_batch
+    from .train.compiled import compile_llm_layers
     from .models.loading import load_model, resolve_device
 
+    if args.compile and args.warmup < 1:
+        raise SlimVLMError("--compile needs --warmup 1 or more: the first round compiles each recipe's shapes")
     device = resolve_device(args.device)
     model, _ = load_model(args.model, device, args.dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     make_trainable(model, args.lora)
+    if args.compile:
+        compile_llm_layers(model)
     batch = training_batch(model, args.batch_size, args.text_tokens, args.answer_tokens)
     results = bench_train(model, batch, args.p, args.slow_prob, args.steps, args.warmup, args.repeats, seed=args.seed)
     print(format_table(results))
@@ -206,7 +211,7 @@ def _bench_train(args: argparse.Namespace) -> None:
         _write_json(args.json, {
             "model": args.model, "device": _device_name(device), "dtype": args.dtype, "batch_size": args.batch_size,
             "text_tokens": args.text_tokens, "answer_tokens": args.answer_tokens, "lora": args.lora,
-            "gradient_checkpointing": args.gradient_checkpointing, "versions": _versions(),
+            "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile, "versions": _versions(),
             "timed": "one training step (DualSpeed.loss on the direct forward, backward, AdamW) under bf16 autocast on a "
                      "GPU: step_ms = median of --repeats rounds after --warmup, each round one step of every recipe and mode in turn (CUDA events); run_s = --steps steps in "
                      "the recipe's mode order, wall-clock between device synchronisations; expected speed-up = untouched "
@@ -449,6 +454,9 @@ def parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--slow-prob", type=float, default=0.1, help="DualSpeed's slow-mode probability r")
     bench_train.add_argument("--lora", type=int, default=0, help="LoRA rank of the LLM's projections (peft); 0: train it in full")
     bench_train.add_argument("--gradient-checkpointing", action="store_true", help="as LLaVA's training recipes run")
+    bench_train.add_argument("--compile", action="store_true",
+                             help="torch.compile the parts of each LM decoder layer (attention, MLP, norms; "
+                             "slimvlm.train.compile_llm_layers): fewer launches a step; needs --warmup >= 1")
     bench_train.add_argument("--steps", type=int, default=20, help="steps of each recipe's whole run")
     bench_train.add_argument("--seed", type=int, default=0)
     _timing_options(bench_train, warmup=2, repeats=5, json_help="write the results here")
