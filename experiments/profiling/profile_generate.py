@@ -1,10 +1,11 @@
-"""Where a batch-1 prefill and decode step spend their time, per method, beside the untouched model.
+"""Where a prefill and a decode step spend their time, per method, beside the untouched model (batch 1 unless
+--batch-size says otherwise: issue 31's eager batch-16 decode, where `none` and DivPrune were slower).
 
 For each method: the prefill's median time (CUDA events), then torch.profiler over one prefill and
 over the decode steps of one generate() call: kernel launches, host syncs, GPU busy time, and the
 ops with the most host time. Launch-bound batch-1 inference is paid in launches and host time.
 
-    PYTHONPATH=src python3 -m experiments.profiling.profile_generate --device cuda [--methods none,visionzip-64] [--out DIR]
+    PYTHONPATH=src python3 -m experiments.profiling.profile_generate --device cuda [--methods none,visionzip-64] [--batch-size 16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for the full profiler tables")
     parser.add_argument("--trace", default=None, help="folder for gzipped chrome traces of one prefill per method")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, _ = load_model(args.model, device, args.dtype)
-    inputs = synthetic_inputs(model, 1, 64)
+    inputs = synthetic_inputs(model, args.batch_size, 64)
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
