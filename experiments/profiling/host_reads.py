@@ -10,7 +10,7 @@ nothing), for a prefill on the dynamic cache (generate()'s default), on a Static
 generate(cache_implementation="static") hands one over), and per eager decode step (generate(10 new tokens)
 less generate(2), over the 8 steps between).
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python3 -m experiments.profiling.host_reads [--methods none,mustdrop-llava7b-64] [--where]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python3 -m experiments.profiling.host_reads [--methods none,mustdrop-llava7b-64] [--where] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def main() -> None:
     parser.add_argument("--methods", default="none,visionzip-64,divprune-64,tome:r=16,fastv,mustdrop-llava7b-64")
     parser.add_argument("--where", action="store_true", help="list each method's reads by the line that made them")
     parser.add_argument("--repeats", type=int, default=15, help="timed prefills per method (after one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
     model = narrow_llava_15_7b()
-    inputs = synthetic_inputs(model, 1, 64)
+    inputs = synthetic_inputs(model, args.batch_size, 64)
     cache_name = cache_kwarg(model.forward)
 
     def prefill(cache: StaticCache | None = None) -> None:
