@@ -81,9 +81,20 @@ def internvl_vision_shape(config) -> VisionShape:
                        patches=(height // patch) * (width // patch_width), merge=round(1 / config.downsample_ratio) ** 2)
 
 
+def uncovered(config) -> str | None:
+    """What of the model's LM the formulas here do not count, or None: a hybrid LM's linear-attention layers
+    (Qwen3.5), sliding-window layers (Gemma 3: their attention spans the window, not the prompt)."""
+    layer_types = set(getattr(config.text_config, "layer_types", None) or ())
+    if "linear_attention" in layer_types:
+        return f"the linear-attention layers of {config.model_type}'s hybrid LM"
+    if "sliding_attention" in layer_types:
+        return f"the sliding-window layers of {config.model_type}'s LM"
+    return None
+
+
 def covers(config) -> bool:
-    """Whether the formulas here hold for the model: not for a hybrid LM's linear-attention layers (Qwen3.5)."""
-    return "linear_attention" not in (getattr(config.text_config, "layer_types", None) or ())
+    """Whether the formulas here hold for the model (uncovered)."""
+    return uncovered(config) is None
 
 
 def shapes(config) -> tuple[VisionShape, LLMShape]:
@@ -92,7 +103,7 @@ def shapes(config) -> tuple[VisionShape, LLMShape]:
     v, t = config.vision_config, config.text_config
     if not covers(config):
         raise SlimVLMError(
-            f"slimvlm's FLOPs count has no formula for the linear-attention layers of {config.model_type}'s hybrid LM yet; "
+            f"slimvlm's FLOPs count has no formula for {uncovered(config)} yet; "
             "time it with slimvlm bench-generate (wall-clock, no FLOPs)"
         )
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads

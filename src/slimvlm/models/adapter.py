@@ -19,6 +19,7 @@ from .compat import cache_kwarg, modality_outputs
 
 if TYPE_CHECKING:
     from ..method import Method
+    from ..sequence import Sequence
 
 
 def images_in_prompt_order(placeholders: list[int], counts: list[int], argument: str, kind: str = "image") -> list[int]:
@@ -259,6 +260,12 @@ class LanguageModelAdapter:
             **{self.cache_kwarg: cache},
             **kwargs,
         )
+
+    def prompt_mask(self, sequence: "Sequence", embeds: torch.Tensor, cache, arguments: dict) -> torch.Tensor | dict:
+        """The attention_mask the LM's own forward takes over a rebuilt prompt (arguments: the model's forward's):
+        the 2D mask of its real tokens, from which the LM builds its causal masks. A family whose prompt attends
+        otherwise builds its masks here (Gemma 3: image tokens both ways within each image's run)."""
+        return sequence.valid.long()
 
     def attention_parts(self, layer: int) -> AttentionParts:
         attn = self.llm_layers[layer].self_attn

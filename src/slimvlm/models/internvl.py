@@ -27,20 +27,19 @@ Where methods act on it:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 
 from ..errors import SlimVLMError
-from ..method import EncoderAttention, Method, Stage, no_rows
+from ..method import EncoderAttention, Method, no_rows
 from ..tokens import VisualTokens
 from .llava import EncoderBlock, LlavaAdapter
-from .pixel_shuffle import unit_mean, unit_of_patch, unmerged
+from .pixel_shuffle import unit_mean, unmerged
+from .units import UnitViews
 
 
-class InternVLAdapter(LlavaAdapter):
+class InternVLAdapter(UnitViews, LlavaAdapter):
     """LLaVA's encoder loop on InternViT, each tile a view; the pixel shuffle and projector after it (see the
     module's docstring). grid and tokens_per_image are a tile's patches (what stage 1 sees, as on a LLaVA-NeXT
     crop), units its shuffled grid and view_tokens their number: a tile's tokens for the LLM."""
@@ -53,17 +52,15 @@ class InternVLAdapter(LlavaAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         ratio = self.config.downsample_ratio
-        self.block = round(1 / ratio)
+        block = round(1 / ratio)
         rows, cols = self.grid
-        if self.block * ratio != 1 or rows != cols or rows % self.block:
+        if block * ratio != 1 or rows != cols or rows % block:
             raise SlimVLMError(
                 f"downsample_ratio={ratio} on a {rows} x {cols} patch grid: the pixel shuffle joins square blocks of "
                 "1 / downsample_ratio patches a side on a square grid they tile; use a checkpoint whose config does "
                 "(InternVL3: 0.5 on 32 x 32)"
             )
-        self.units = (rows // self.block, cols // self.block)
-        self.view_tokens = self.units[0] * self.units[1]
-        self.patch_unit = unit_of_patch(self.grid, self.block)
+        self._join_units(block)
         # get_image_features reads the tower's last_hidden_state (after its final norm) only for layer -1
         self.final_norm = self.vision.layernorm if self.config.vision_feature_layer == -1 else None
 
@@ -101,12 +98,6 @@ class InternVLAdapter(LlavaAdapter):
                     "uniform, random or divprune at stage 2")
         return None
 
-    def method_limits(self, method: Method) -> tuple[int, int, int]:
-        """Stage 1 inside the tower reaches a tile's patches, every other method its shuffled tokens."""
-        inside = Stage.ENCODE in method.stages and not method.at_merged_tokens
-        tokens = self.tokens_per_image if inside else self.view_tokens
-        return self.vision_layers_run, len(self.llm_layers), tokens
-
     # ---- stage 1 on the shuffled tokens (VisionZip) ---------------------------------------------
     def _encode_output(self, method: Method, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
         """A method that acts on merged tokens chooses among each tile's shuffled, projected tokens, scored by the
@@ -137,13 +128,4 @@ class InternVLAdapter(LlavaAdapter):
         batch, rows, cols = features.shape[0], *self.grid
         blocks = self.model.model.pixel_shuffle(features.reshape(batch, rows, cols, -1),
                                                 scale_factor=self.config.downsample_ratio)
-        projected = self.projector(blocks.reshape(batch, -1, blocks.shape[-1]))
-        units = VisualTokens.from_patches(projected, self.units, has_cls=False)
-        if self.patch_unit.device != projected.device:  # moved once, not in a CUDA graph's capture (after its warm-up)
-            self.patch_unit = self.patch_unit.to(projected.device)
-        tile = torch.arange(batch, device=projected.device)[:, None] * self.view_tokens
-        return replace(units, view_slots=tile + self.patch_unit)
-
-    def projector_counts(self, projected: VisualTokens) -> list[int]:
-        """Every tile's units: the projector runs on all of them, before a method chooses."""
-        return [self.view_tokens] * projected.batch_size
+        return self.unit_tokens(self.projector(blocks.reshape(batch, -1, blocks.shape[-1])))

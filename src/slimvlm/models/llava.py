@@ -105,7 +105,8 @@ class LlavaAdapter(LanguageModelAdapter):
         self.vision_config = config.vision_config
         self.blocks = self._blocks()
 
-        layer = config.vision_feature_layer
+        self.feature_layer, self.select_strategy = self._feature_selection(config)
+        layer = self.feature_layer
         if not isinstance(layer, int):
             raise SlimVLMError(
                 f"vision_feature_layer={layer} (several layers) is not supported yet; use a model with one feature layer"
@@ -115,7 +116,6 @@ class LlavaAdapter(LanguageModelAdapter):
         self.vision_layers_run = layer if layer >= 0 else total + 1 + layer
         if not 1 <= self.vision_layers_run <= total:
             raise SlimVLMError(f"vision_feature_layer={layer} does not exist in a {total}-layer vision tower")
-        self.select_strategy = config.vision_feature_select_strategy
         if self.select_strategy not in ("default", "full"):
             raise SlimVLMError(f"vision_feature_select_strategy={self.select_strategy!r} is not supported; use 'default' or 'full'")
         self.view_size = pair(self.vision_config.image_size)  # (height, width) pixels of a view
@@ -129,6 +129,10 @@ class LlavaAdapter(LanguageModelAdapter):
         """The vision tower's layers as the encoder loop runs them (CLIP's and SigLIP's names)."""
         return [EncoderBlock(layer.self_attn, layer.layer_norm1, layer.layer_norm2, layer.mlp, layer.self_attn.q_proj,
                              layer.self_attn.k_proj) for layer in self.vision.encoder.layers]
+
+    def _feature_selection(self, config) -> tuple[int, str]:
+        """The vision layer the LLM's features come from and which of its tokens it takes, as LLaVA's config names them."""
+        return config.vision_feature_layer, config.vision_feature_select_strategy
 
     def _check_config(self, config) -> None:
         """Refuse a checkpoint of another family loaded into this class."""

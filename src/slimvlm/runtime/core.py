@@ -189,6 +189,9 @@ class Runtime:
     def _read_prompt(self, arguments: dict, kwargs: dict, visuals: tuple) -> Plan:
         """Check a prompt with images, give the encoder its views, and plan its prefill."""
         refuse_unsupported(self.adapter, arguments, self._cache_name)
+        static_given = is_static(arguments.get(self._cache_name))
+        if static_given and self.adapter.static_cache_refusal:  # before reading generate()'s masks for that cache
+            raise SlimVLMError(self.adapter.static_cache_refusal)
         arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
             *visuals, kwargs.pop("interpolate_pos_encoding", False))
         input_ids = arguments["input_ids"]
@@ -198,9 +201,6 @@ class Runtime:
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
-        static_given = is_static(arguments.get(self._cache_name))
-        if static_given and self.adapter.static_cache_refusal:
-            raise SlimVLMError(self.adapter.static_cache_refusal)
         return plan_prefill(
             edits_layers=self._edits_layers, unmerge=self._unmerge, windowed=self._windowed,
             takes_masks=self.adapter.takes_masks(),
@@ -233,7 +233,7 @@ class Runtime:
         given = arguments.get(self._cache_name)
         session = self.session = self.llm_prefill.start_session(plan, rebuilt, visual.tokens, given,
                                                                 input_ids, right_padded)
-        output, hidden, layer_tokens = self.llm_prefill.run(plan, rebuilt, session, given, kwargs)
+        output, hidden, layer_tokens = self.llm_prefill.run(plan, rebuilt, session, given, arguments, kwargs)
         if plan.cache is not Cache.NONE:
             self.conversations.started(session)
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild

@@ -61,10 +61,10 @@ class LlmPrefill:
             session.copies = session.query_copies = prompt_copies(self.adapter, sequence, tokens, rebuilt.embeds)
         return session
 
-    def run(self, plan: Plan, rebuilt, session: Session, given, kwargs: dict):
+    def run(self, plan: Plan, rebuilt, session: Session, given, arguments: dict, kwargs: dict):
         """(the LM's output or None, its last hidden states, the tokens per layer (stats.tokens_per_layer)) over
         the rebuilt prompt by the plan's path; then the cache decoding continues on: stage 4's cuts, and the
-        entries moved where the plan says."""
+        entries moved where the plan says. arguments: the model's forward's (what the LM's masks may follow)."""
         sequence = rebuilt.sequence
         target = session.cache  # the dynamic cache decoding continues on, where the segments' entries move to
         output = None
@@ -75,7 +75,8 @@ class LlmPrefill:
             hidden = self.static.prefill(rebuilt.embeds, sequence.positions, session.static, mask_dtype, plan.graphs)
         else:
             with layer_features_added(self.adapter.llm_layers, session):  # on the LM's own forward alone (plan.py)
-                output = self.adapter.run_llm(rebuilt.embeds, sequence.valid.long(), sequence.positions, session.cache,
+                mask = self.adapter.prompt_mask(sequence, rebuilt.embeds, session.cache, arguments)
+                output = self.adapter.run_llm(rebuilt.embeds, mask, sequence.positions, session.cache,
                                               session.cache is not None, **kwargs)
             hidden = output.last_hidden_state
         layer_tokens = tokens_per_layer(session)

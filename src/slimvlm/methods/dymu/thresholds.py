@@ -39,15 +39,16 @@ def shipped_thresholds(folder: str | Path) -> dict[int, Path]:
 def identity_of(model) -> dict:
     """What a threshold file is tied to: the model class, a sha256 of the vision config (JSON, sorted
     keys, without load-time entries such as dtype) together with the feature layer and the feature
-    selection, and the readable facts behind it."""
+    selection (the adapter's: what the model reads, where its config names neither, as Gemma 3's), and the
+    readable facts behind it."""
     adapter = adapter_for(model)
     config = model.config
     vision = config.vision_config
     kept = {k: v for k, v in vision.to_dict().items() if not k.startswith("_") and k not in RUNTIME_KEYS}
     hashed = {
         "vision_config": kept,
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_feature_layer": adapter.feature_layer,
+        "vision_feature_select_strategy": adapter.select_strategy,
     }
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
     return {
@@ -58,8 +59,8 @@ def identity_of(model) -> dict:
         "num_attention_heads": vision.num_attention_heads,
         "image_size": vision.image_size,
         "patch_size": vision.patch_size,
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_feature_layer": adapter.feature_layer,
+        "vision_feature_select_strategy": adapter.select_strategy,
         "vision_layers_run": adapter.vision_layers_run,
         "tokens_per_image": adapter.tokens_per_image,
         "patches": adapter.grid[0] * adapter.grid[1],
