@@ -88,6 +88,25 @@ def remove_slimvlm(model) -> None:
         handle.remove()
 
 
+def assert_remove_restores(model, inputs: dict, specs, run) -> None:
+    """Each of `specs` applied, `run()` (its generate() calls), removed: then the untouched model's logits on `inputs`
+    bit for bit, no forward of slimvlm's on any module, and only the hooks the model had (transformers' own)."""
+    def hooks():
+        return [(list(module._forward_hooks.values()), list(module._forward_pre_hooks.values()))
+                for module in model.modules()]
+
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        before = hooks()
+        for spec in specs:
+            handle = slimvlm.apply(model, spec)
+            run()
+            handle.remove()
+        assert torch.equal(model(**inputs).logits, reference)
+    assert hooks() == before
+    assert not any("forward" in module.__dict__ for module in model.modules())
+
+
 @pytest.fixture
 def fresh(tiny):
     """The tiny model, guaranteed untouched after the test."""
@@ -491,3 +510,74 @@ def assert_visual_tokens(output, counts: list[int], modality: str = "image") -> 
         assert [len(item) for item in output[f"{modality}_outputs"].pooler_output] == counts
     else:
         assert output[f"{modality}_hidden_states"].shape[:2] == (len(counts), max(counts))
+
+
+# ---- Gemma 3 (SigLIP, pooled projector, sliding-window LM with two-way image blocks) --------------------------
+GEMMA3_IDS = dict(image_token_index=900, boi_token_index=901, eoi_token_index=902)
+GEMMA3_SIDE, GEMMA3_TOKENS = 32, 16  # px an image: 8 x 8 patches of 4 px, pooled 2 x 2 into 4 x 4 = 16 tokens
+
+
+def gemma3_model(seed: int = 0):
+    """A tiny random Gemma 3, float32, SDPA: SigLIP of 2 layers (no head) on 32-px images, 16 tokens an image after
+    the pooling, a 6-layer LM (5 sliding-window layers of window 8, shorter than every test prompt, then a global
+    one); its projection drawn at random (the init's is zero: every image would give zeros) and its attention
+    sharpened as sharpened() does (queries and keys times 8, here through Gemma's (1 + w) q/k norms), so that a wrong
+    mask or position shows in the logits."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                max_position_embeddings=2048, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=GEMMA3_SIDE, patch_size=4, vision_use_head=False)
+    torch.manual_seed(seed)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_TOKENS, **GEMMA3_IDS)
+    model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+        for layer in model.model.language_model.layers:  # (1 + w) scaled by 8: 8 + 8w - 1
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.mul_(8).add_(7)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    return gemma3_model()
+
+
+@pytest.fixture
+def fresh_gemma3(tiny_gemma3):
+    yield tiny_gemma3
+    remove_slimvlm(tiny_gemma3)
+
+
+def gemma3_batch(images=(1, 1), seed: int = 0, token_types: bool = True) -> dict:
+    """Left-padded prompts of different lengths (all longer than the sliding window), prompt i with images[i] images,
+    each as the processor writes it (<start_of_image>, 16 placeholders, <end_of_image>) between text; pixel_values
+    every image in prompt order; token_type_ids (1 at the placeholders) unless token_types is False."""
+    generator = torch.Generator().manual_seed(seed)
+    start, image, end = GEMMA3_IDS["boi_token_index"], GEMMA3_IDS["image_token_index"], GEMMA3_IDS["eoi_token_index"]
+    rows = []
+    for index, count in enumerate(images):
+        row = torch.randint(10, 800, (3 + 2 * index,), generator=generator).tolist()
+        for _ in range(count):
+            row += [start] + [image] * GEMMA3_TOKENS + [end] + torch.randint(10, 800, (4,), generator=generator).tolist()
+        rows.append(row)
+    length = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (length - len(row)) + row for row in rows])
+    inputs = {"input_ids": input_ids,
+              "attention_mask": torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows]),
+              "pixel_values": torch.randn(sum(images), 3, GEMMA3_SIDE, GEMMA3_SIDE, generator=generator)}
+    if token_types:
+        inputs["token_type_ids"] = (input_ids == image).long()
+    return inputs
+
+
+def gemma3_select(inputs: dict, index: int, images=(1, 1)) -> dict:
+    """One prompt of a Gemma 3 batch, alone, without padding, with its own images."""
+    keep = inputs["attention_mask"][index].bool()
+    out = {name: inputs[name][index : index + 1, keep] for name in ("input_ids", "attention_mask", "token_type_ids")
+           if name in inputs}
+    first = sum(images[:index])
+    return {**out, "pixel_values": inputs["pixel_values"][first : first + images[index]]}

@@ -98,10 +98,12 @@ def test_slimvlm_methods_names_the_families_each_method_runs_on(capsys):
 
     llava_families = ["Llava", "LlavaNext", "LlavaNextVideo", "LlavaOnevision"]
     qwen = ["Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3VLMoe", "Qwen3_5", "Qwen3_5Moe"]
-    tome = llava_families + ["InternVL"]  # per tile inside InternViT, unmerged before the pixel shuffle
+    # per tile inside InternViT, unmerged before the pixel shuffle; per image in Gemma 3's SigLIP, before its pooling
+    tome = llava_families + ["InternVL", "Gemma3"]
     assert families_taking("tome") == (tome, qwen)  # stage 1 inside Qwen's encoder
-    assert families_taking("divprune") == (llava_families + qwen + ["InternVL"], [])
-    assert families_taking("fastv")[1] == ["Qwen3_5", "Qwen3_5Moe"]  # its linear-attention layers hold no tokens
+    assert families_taking("divprune") == (llava_families + qwen + ["InternVL", "Gemma3"], [])
+    # Qwen3.5's linear-attention layers hold no tokens; Gemma 3's sliding-window layers are not in slimvlm's drops yet
+    assert families_taking("fastv")[1] == ["Qwen3_5", "Qwen3_5Moe", "Gemma3"]
     assert families_taking("pool")[1] == llava_families[1:] + qwen  # one square grid per image (InternVL: per tile)
     assert main(["methods"]) == 0
     shown = capsys.readouterr().out

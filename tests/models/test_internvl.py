@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import slimvlm
-from conftest import assert_visual_tokens, remove_slimvlm, sharpened, visual_tokens_out
+from conftest import assert_remove_restores, assert_visual_tokens, remove_slimvlm, sharpened, visual_tokens_out
 from slimvlm.methods.dymu import DyMU, calibrate_dymu
 from slimvlm.registry import methods
 
@@ -166,22 +166,8 @@ def test_remove_restores_the_model_exactly(fresh):
     bit for bit, no forward of slimvlm's, only the hooks the model had (transformers' own output capture)."""
     model = fresh
     inputs = internvl_batch()
-
-    def hooks():
-        return [(list(module._forward_hooks.values()), list(module._forward_pre_hooks.values()))
-                for module in model.modules()]
-
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        before = hooks()
-        for spec in ("tome:r=4", "visionzip:dominant=5,contextual=2", "mustdrop:layers=0", "pool:budget=4"):
-            handle = slimvlm.apply(model, spec)
-            generate(model, inputs)
-            generate(model, inputs, static=True)
-            handle.remove()
-        assert torch.equal(model(**inputs).logits, reference)
-    assert hooks() == before
-    assert not any("forward" in module.__dict__ for module in model.modules())
+    specs = ("tome:r=4", "visionzip:dominant=5,contextual=2", "mustdrop:layers=0", "pool:budget=4")
+    assert_remove_restores(model, inputs, specs, lambda: (generate(model, inputs), generate(model, inputs, static=True)))
 
 
 # ---- stage 1 and the pixel shuffle ------------------------------------------------------------------------------

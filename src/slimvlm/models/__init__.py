@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import SlimVLMError
 from .adapter import LanguageModelAdapter
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -27,6 +28,7 @@ ADAPTERS = {
     "Qwen3_5ForConditionalGeneration": Qwen3_5Adapter,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5Adapter,
     "InternVLForConditionalGeneration": InternVLAdapter,
+    "Gemma3ForConditionalGeneration": Gemma3Adapter,
 }
 
 

@@ -17,7 +17,7 @@ MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration", "llava_next_
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                  "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-                 "internvl": "InternVLForConditionalGeneration"}
+                 "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
 
 
 def resolve_device(name: str) -> torch.device:

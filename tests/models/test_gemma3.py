@@ -1,0 +1,227 @@
+"""Gemma 3 (SigLIP, a projector that pools each image's patches, an LM of sliding-window and global layers whose image
+tokens attend to each other both ways) on a tiny random Gemma3ForConditionalGeneration: the no-op is exact (logits
+with and without token_type_ids, text, left padding, two images in a prompt), remove() restores the model, every
+method runs batched as one by one or is refused with the reason; then what is Gemma 3's own: the two-way block of an
+image's kept tokens (against the model's own masks on the reduced prompt), merged patches unmerged before the
+pooling, per-image budgets, the static cache refused."""
+
+import json
+
+import pytest
+import torch
+
+import slimvlm
+from conftest import GEMMA3_IDS, GEMMA3_TOKENS, assert_remove_restores, assert_visual_tokens, gemma3_batch, gemma3_select, visual_tokens_out
+from slimvlm.errors import SlimVLMError
+from slimvlm.methods.dymu import DyMU, calibrate_dymu
+from slimvlm.registry import methods
+
+IMAGE = GEMMA3_IDS["image_token_index"]
+RUNS = {
+    "none": "none",
+    "random": "random:budget=6",
+    "uniform": "uniform:ratio=0.25",
+    "divprune": "divprune:budget=6",
+    "pool": "pool:budget=4",
+    "tome": "tome:r=8",
+    "dymu": "dymu:vtu=false",
+}
+IN_LM = "acts inside the LM.*Gemma 3's sliding-window layers.*use a stage-2 method"
+REFUSED = {
+    "fastv": ("fastv:k=2,ratio=0.5", "fastv " + IN_LM),
+    "mustdrop": ("mustdrop:lsm=false,important=false,layers=0;1", "mustdrop " + IN_LM),
+    "vtu": (["tome:r=8", "vtu"], "vtu " + IN_LM),
+    "visionzip": ("visionzip:dominant=5,contextual=2", "visionzip chooses.*SigLIP has none.*use a stage-2 method"),
+    "llava-mini": ("llava-mini:budget=4", "llava-mini's modules are laid out.*pools blocks of patches"),
+}
+
+
+@pytest.fixture(scope="module")
+def thresholds(tiny_gemma3):
+    side = tiny_gemma3.config.vision_config.image_size
+    crops = torch.randn(16, 3, side, side, generator=torch.Generator().manual_seed(0))
+    return calibrate_dymu(tiny_gemma3, [crops], target=40, batch_size=16, progress=False)
+
+
+def generate(model, inputs: dict, new: int = 5, **options):
+    """Greedy generation of `new` tokens (the tiny model may end a prompt at once), with each step's scores."""
+    return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, **options)
+
+
+def spec_of(name: str, thresholds):
+    return DyMU(thresholds=thresholds, vtu=False) if name == "dymu" else RUNS[name]
+
+
+def test_every_method_is_covered():
+    assert set(RUNS) | set(REFUSED) == set(methods())
+
+
+@pytest.mark.parametrize("images", [(1, 1), (2, 1)])
+def test_none_gives_the_untouched_logits_and_text(fresh_gemma3, images):
+    """Left padding, prompts longer than the window, with token_type_ids (each image's run two-way) and without (the
+    model's plain causal masks, whose logits differ: the test sees which mask ran); (2, 1): two images in a prompt."""
+    model = fresh_gemma3
+    inputs = gemma3_batch(images)
+    causal = {name: value for name, value in inputs.items() if name != "token_type_ids"}
+    assert not inputs["attention_mask"].all() and inputs["input_ids"].shape[1] > 8  # left padding, past the window
+    with torch.no_grad():
+        reference, untyped = model(**inputs).logits, model(**causal).logits
+        text = generate(model, inputs).sequences
+        with slimvlm.apply(model, "none") as handle:
+            out = model(**inputs)
+            assert type(out).__name__ == "Gemma3CausalLMOutputWithPast"
+            assert_visual_tokens(out, [GEMMA3_TOKENS] * sum(images))
+            assert handle.stats.visual_tokens == [GEMMA3_TOKENS] * sum(images)
+            assert torch.equal(generate(model, inputs).sequences, text)
+            plain = model(**causal).logits
+    valid = inputs["attention_mask"].bool()
+    assert (reference - untyped)[valid].abs().max() > 1e-2  # the two-way block changes the logits
+    assert (out.logits - reference)[valid].abs().max() < 1e-5
+    assert (plain - untyped)[valid].abs().max() < 1e-5
+
+
+def test_remove_restores_the_model_exactly(fresh_gemma3, thresholds):
+    """After methods of stages 1 and 2 ran (generate() too), remove() leaves the untouched model: its logits bit for
+    bit, no forward of slimvlm's, only the hooks the model had."""
+    model = fresh_gemma3
+    inputs = gemma3_batch()
+    specs = ("tome:r=8", "divprune:budget=6", "pool:budget=4", DyMU(thresholds=thresholds, vtu=False))
+    assert_remove_restores(model, inputs, specs, lambda: generate(model, inputs))
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_batched_equals_one_by_one(fresh_gemma3, thresholds, name):
+    """Greedy tokens equal and each step's scores within 1e-4, prompt by prompt, on two images in the first prompt
+    and one in the second (left padding: the prompts' reduced lengths differ)."""
+    model = fresh_gemma3
+    images = (2, 1)
+    inputs = gemma3_batch(images)
+    with torch.no_grad(), slimvlm.apply(model, spec_of(name, thresholds)) as handle:
+        batched = generate(model, inputs)
+        counts = handle.stats.visual_tokens
+        for index in range(len(images)):
+            alone = generate(model, gemma3_select(inputs, index, images))
+            first = sum(images[:index])
+            assert handle.stats.visual_tokens == counts[first : first + images[index]]
+            assert alone.sequences[0, -5:].tolist() == batched.sequences[index, -5:].tolist()
+            for together, single in zip(batched.scores, alone.scores, strict=True):
+                torch.testing.assert_close(together[index], single[0], atol=1e-4, rtol=1e-4)
+    assert len(counts) == sum(images) and all(0 < count <= GEMMA3_TOKENS for count in counts)
+
+
+@pytest.mark.parametrize("spec, expected", [("divprune:budget=6", 6), ("random:budget=3", 3), ("pool:budget=4", 4),
+                                            ("uniform:ratio=0.25", 4), ("tome:r=8", GEMMA3_TOKENS)])
+def test_budgets_are_per_image(fresh_gemma3, spec, expected):
+    """Stage 2 keeps its budget of each image's 16 pooled tokens; stage 1 merges patches in the tower and the LLM
+    still gets every image's 16 (the merges undone before the pooling)."""
+    with torch.no_grad(), slimvlm.apply(fresh_gemma3, spec) as handle:
+        fresh_gemma3(**gemma3_batch((2, 1)))
+    assert handle.stats.visual_tokens == [expected] * 3
+    assert handle.stats.projector_tokens == [GEMMA3_TOKENS] * 3
+
+
+def test_a_kept_all_budget_is_the_untouched_model(fresh_gemma3):
+    inputs = gemma3_batch((2, 1))
+    with torch.no_grad():
+        reference = fresh_gemma3(**inputs).logits
+        with slimvlm.apply(fresh_gemma3, f"divprune:budget={GEMMA3_TOKENS}"):
+            kept_all = fresh_gemma3(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert (kept_all - reference)[valid].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("token_types", [True, False])
+def test_an_images_kept_tokens_attend_both_ways_as_the_models_own(fresh_gemma3, token_types):
+    """The reference is the model itself on the reduced prompt: 6 placeholders an image, their embeddings the tokens
+    DivPrune kept (as the output carries them), through the model's own masks (two-way within each image's run with
+    token_type_ids, causal without); two images in the prompt, so two blocks."""
+    model = fresh_gemma3
+    inputs = gemma3_select(gemma3_batch((2, 1), token_types=token_types), 0, (2, 1))
+    with torch.no_grad():
+        with slimvlm.apply(model, "divprune:budget=6"):
+            out = model(**inputs)
+        kept = visual_tokens_out(out)
+        ids = inputs["input_ids"][0].tolist()
+        at = ids.index(IMAGE)
+        second = ids.index(IMAGE, at + GEMMA3_TOKENS)
+        reduced = torch.tensor([ids[:at] + [IMAGE] * 6 + ids[at + GEMMA3_TOKENS : second] + [IMAGE] * 6
+                                + ids[second + GEMMA3_TOKENS :]])
+        embeds = model.get_input_embeddings()(reduced)
+        embeds[reduced == IMAGE] = torch.cat(kept)
+        typed = {"token_type_ids": (reduced == IMAGE).long()} if token_types else {}
+        reference = model(inputs_embeds=embeds, attention_mask=torch.ones_like(reduced), **typed).logits
+        other = model(inputs_embeds=embeds, attention_mask=torch.ones_like(reduced),
+                      **({} if token_types else {"token_type_ids": (reduced == IMAGE).long()})).logits
+    assert [len(tokens) for tokens in kept] == [6, 6] and reduced.shape[1] == out.logits.shape[1]
+    assert (out.logits - reference).abs().max() < 1e-5
+    assert (out.logits - other).abs().max() > 1e-2  # the other mask would show
+
+
+def test_merged_patches_are_unmerged_before_the_pooling(tiny_gemma3):
+    """By hand, on one image: patches 0 and 9 (both in pooled token 0: patches 0, 1, 8, 9) merged into one token, and
+    patch 4 with 3 (pooled tokens 1 and 2). The projector gets each patch with its token's features: the model's own
+    pooling and projection of the patches so replaced."""
+    from slimvlm.models.gemma3 import Gemma3Adapter
+    from slimvlm.tokens import VisualTokens
+
+    adapter = Gemma3Adapter(tiny_gemma3)
+    features = torch.randn(1, 64, tiny_gemma3.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    assign = torch.tensor([[0, 1, 2, 3, 3] + list(range(4, 8)) + [0] + list(range(8, 62))])
+    merged = VisualTokens.from_patches(features, (8, 8), has_cls=False).regroup(assign, 62)
+    replaced = features.clone()
+    replaced[0, [0, 9]] = features[0, [0, 9]].mean(dim=0)
+    replaced[0, [3, 4]] = features[0, [3, 4]].mean(dim=0)
+    projector, norm = tiny_gemma3.model.multi_modal_projector, adapter.vision.post_layernorm
+    with torch.no_grad():
+        ours = adapter.project(merged).x
+        model, untouched = projector(norm(replaced)), projector(norm(features))
+    torch.testing.assert_close(ours, model, atol=1e-5, rtol=1e-5)
+    assert (ours - untouched)[0, :3].abs().amax(dim=-1).min() > 1e-4  # pooled tokens 0, 1, 2 changed
+    torch.testing.assert_close(ours[0, 3:], untouched[0, 3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_cannot_act_on_gemma3_is_refused_with_the_reason(fresh_gemma3, name):
+    from slimvlm.registry import families_taking
+
+    spec, says = REFUSED[name]
+    with pytest.raises(SlimVLMError, match=says):
+        slimvlm.apply(fresh_gemma3, spec)
+    assert "forward" not in fresh_gemma3.__dict__
+    assert "Gemma3" in families_taking(name)[1]  # `slimvlm methods` lists it as refused
+
+
+def test_dymus_virtual_unmerging_is_refused_with_the_fix(fresh_gemma3, thresholds):
+    with pytest.raises(SlimVLMError, match=r"dymu acts inside the LM.*dymu:vtu=false"):
+        slimvlm.apply(fresh_gemma3, DyMU(thresholds=thresholds))
+
+
+def test_the_static_cache_is_refused_by_name_and_the_model_stays_whole(fresh_gemma3):
+    model = fresh_gemma3
+    inputs = gemma3_batch()
+    with torch.no_grad():
+        reference = generate(model, inputs).sequences
+        with slimvlm.apply(model, "divprune:budget=6"):
+            with pytest.raises(SlimVLMError, match="sliding window.*cache_implementation='static'"):
+                generate(model, inputs, cache_implementation="static")
+        assert torch.equal(generate(model, inputs).sequences, reference)
+
+
+def test_a_local_folder_loads_by_its_model_type(tmp_path):
+    from slimvlm.models.loading import model_class_name
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    assert model_class_name(tmp_path) == "Gemma3ForConditionalGeneration"
+
+
+def test_flops_are_not_counted_where_slimvlm_has_no_formula(fresh_gemma3):
+    """The sliding-window layers attend over the window, not the prompt: bench/flops.py has no formula for them and
+    says so by name, as for Qwen3.5's linear-attention layers."""
+    from slimvlm.bench import flops
+
+    with torch.no_grad(), slimvlm.apply(fresh_gemma3, "divprune:budget=6") as handle:
+        fresh_gemma3(**gemma3_batch())
+    assert not flops.covers(fresh_gemma3.config)
+    with pytest.raises(SlimVLMError, match="no formula for the sliding-window layers of gemma3's LM"):
+        flops.count(fresh_gemma3.config, handle.stats)
