@@ -52,9 +52,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def question_rows(adapter, parts, queries: torch.Tensor, keys: torch.Tensor, position_embeddings, index: torch.Tensor,
                   key_valid: torch.Tensor) -> torch.Tensor:
-    """(B, H, Q, L) attention probabilities of the queries at index (B, Q) over the valid keys before them, from a
-    layer's projected queries and keys (B, L, H x d) (through its per-head norms where it has them: parts.normed)
-    and its rotary embeddings: computed beside SDPA."""
+    """(B, H, Q, L) attention probabilities of the queries at index (B, Q) over the valid keys before them (on a
+    sliding-window layer, those less than its window before), from a layer's projected queries and keys (B, L, H x d)
+    (through its per-head norms where it has them: parts.normed) and its rotary embeddings: computed beside SDPA."""
     batch, length, _ = keys.shape
     queries, keys = parts.normed(queries.view(batch, length, parts.num_heads, parts.head_dim),
                                  keys.view(batch, length, parts.num_kv_heads, parts.head_dim))
@@ -65,4 +65,6 @@ def question_rows(adapter, parts, queries: torch.Tensor, keys: torch.Tensor, pos
     picked = adapter.rotate(picked, (cos, sin))
     key_at = torch.arange(length, device=keys.device)
     allowed = (key_at[None, None, :] <= index[:, :, None]) & key_valid[:, None, :]
+    if parts.window is not None:
+        allowed &= index[:, :, None] - key_at[None, None, :] < parts.window
     return attention_rows(picked, keys, parts.scaling, allowed=allowed[:, None])

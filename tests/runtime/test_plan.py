@@ -29,6 +29,8 @@ def plan(**changes):
      False),
     (dict(edits_layers=False, unmerge=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
     (dict(edits_layers=False, windowed=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
+    # drops on a windowed LM (Gemma 3): its own forward decodes, building the first view's masks for its sliding caches
+    (dict(windowed=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, True),
     # features added to the first layers' outputs (Qwen3-VL's DeepStack): hooks on the LM's own forward
     (dict(layer_features=True), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
     (dict(layer_features=True, static_given=True), Prefill.LM, Cache.HAND_OFF, Decode.STATIC, True),
@@ -45,6 +47,9 @@ def test_a_decode_step_follows_its_prompts_plan():
     assert not layer_by_layer.step(lm_outputs_asked=False).layer_hooks  # the step masks each layer itself
     with_outputs = layer_by_layer.step(lm_outputs_asked=True)  # only the LM's own forward takes them
     assert (with_outputs.prefill, with_outputs.decode, with_outputs.layer_hooks) == (None, Decode.LM, True)
+    windowed = plan(windowed=True).step(lm_outputs_asked=False)  # the hooks give the later views their masks
+    assert (windowed.prefill, windowed.decode, windowed.layer_hooks) == (None, Decode.LM, True)
+    assert not plan(windowed=True, edits_layers=False).step(lm_outputs_asked=False).layer_hooks
     static = plan(graphs=False, static_given=True).step(lm_outputs_asked=True)
     assert (static.decode, static.layer_hooks) == (Decode.STATIC, False)  # hooks would be traced into the step
 

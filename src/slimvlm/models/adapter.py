@@ -13,7 +13,7 @@ from torch import nn
 from ..attention import apply_rope
 from ..errors import SlimVLMError
 from ..hooks import Installed
-from ..sequence import gather_rows
+from ..sequence import attention_mask_4d, gather_rows
 from ..tokens import VisualTokens
 from .compat import cache_kwarg, modality_outputs
 
@@ -116,6 +116,7 @@ class AttentionParts:
     scaling: float
     q_norm: nn.Module | None = None  # per-head norms before RoPE (Qwen3's), where the layer has them
     k_norm: nn.Module | None = None
+    window: int | None = None  # a sliding-window layer's window (a query sees keys less than it before), else None
 
     def normed(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected queries and keys split into heads (..., H, d), through the layer's per-head norms where it has
@@ -150,6 +151,7 @@ class LanguageModelAdapter:
     tokens_at_origin = False  # each visual token takes its origin's placeholder in the rebuilt prompt (sequence.rebuild)
     adds_layer_features = False  # visual tokens add features to the LM's first layers' outputs (DeepStack)
     static_cache_refusal: str | None = None  # why slimvlm's static cache cannot hold this family's LM, if it cannot
+    masks_layer_kinds = False  # builds each view's masks and rotary embeddings per kind of layer, sliding windows too
 
     def __init__(self, model: nn.Module, language_model: nn.Module) -> None:
         config = model.config
@@ -261,11 +263,37 @@ class LanguageModelAdapter:
             **kwargs,
         )
 
-    def prompt_mask(self, sequence: "Sequence", embeds: torch.Tensor, cache, arguments: dict) -> torch.Tensor | dict:
-        """The attention_mask the LM's own forward takes over a rebuilt prompt (arguments: the model's forward's):
-        the 2D mask of its real tokens, from which the LM builds its causal masks. A family whose prompt attends
-        otherwise builds its masks here (Gemma 3: image tokens both ways within each image's run)."""
+    # ---- the masks and rotary embeddings each layer takes --------------------------------------
+    # One causal mask and one rotary embedding serve every layer here; an LM whose layers differ (Gemma 3's
+    # sliding-window and global layers, its image tokens' two-way blocks) builds its own, per kind of layer.
+    def mask_inputs(self, arguments: dict) -> dict:
+        """What of a prefill call (the model's forward's arguments) the LM's masks follow: nothing here."""
+        return {}
+
+    def prompt_mask(self, sequence: "Sequence", embeds: torch.Tensor, cache, mask_inputs: dict) -> torch.Tensor | dict:
+        """The attention_mask the LM's own forward takes over a rebuilt prompt: the 2D mask of its real tokens, from
+        which the LM builds its causal masks."""
         return sequence.valid.long()
+
+    def view_prefill_mask(self, sequence: "Sequence", hidden: torch.Tensor, mask_dtype: torch.dtype | None,
+                          mask_inputs: dict):
+        """The mask of the prefill's layers after a stage-3 drop, over the kept tokens `sequence`: causal, padding
+        masked."""
+        return attention_mask_4d(sequence.valid, sequence.valid.shape[1], mask_dtype)
+
+    def view_decode_mask(self, view, steps: int, mask_dtype: torch.dtype | None, session, positions: torch.Tensor):
+        """The mask of a decode step's `steps` new tokens (at `positions`) in the layers of `view` (one of the
+        session's; its key_valid holds the new tokens, its layers' cache not yet): causal, padding masked."""
+        return attention_mask_4d(view.key_valid, steps, mask_dtype)
+
+    def view_position_embeddings(self, embeddings, gather: torch.Tensor, sequence: "Sequence", like: torch.Tensor):
+        """The rotary embeddings of the layers after a stage-3 drop: the earlier view's `embeddings` gathered at the
+        kept tokens (`sequence`, gathered by `gather`)."""
+        return self.gather_position_embeddings(embeddings, gather)
+
+    def for_layer(self, value, layer: int):
+        """A view's mask or rotary embeddings as LLM layer `layer` takes them: the one for every layer here."""
+        return value
 
     def attention_parts(self, layer: int) -> AttentionParts:
         attn = self.llm_layers[layer].self_attn
@@ -279,6 +307,7 @@ class LanguageModelAdapter:
             scaling=attn.scaling,
             q_norm=getattr(attn, "q_norm", None),
             k_norm=getattr(attn, "k_norm", None),
+            window=getattr(attn, "sliding_window", None),
         )
 
     @staticmethod

@@ -5,18 +5,22 @@ one, each kind with its own rotary base, and image tokens that attend to each ot
 them (with the processor's token_type_ids; without them the model's mask is causal).
 
 Where methods act on it:
-- stage 1 inside the tower (tome, dymu:vtu=false) runs on each image's patches through SigLIP's layers, as on a
-  LLaVA-OneVision crop. The pooling reads the whole grid, so each patch takes its merged token's features before
-  it (models/units.py, as before InternVL's pixel shuffle): an image still gives the LLM its mm_tokens_per_image
-  tokens, and stage 1 saves encoder compute alone;
+- stage 1 inside the tower (tome, dymu:vtu=false, mustdrop's window merge and important set) runs on each image's
+  patches through SigLIP's layers, as on a LLaVA-OneVision crop. The pooling reads the whole grid, so each patch
+  takes its merged token's features before it (models/units.py, as before InternVL's pixel shuffle): an image still
+  gives the LLM its mm_tokens_per_image tokens, and stage 1 saves encoder compute alone;
 - stage 2 (divprune, random, uniform, pool on the pooled grid) on each image's projected tokens; the kept tokens
   of an image are one run in the rebuilt prompt, and with token_type_ids they attend to each other both ways, as
   the model's own tokens do (prompt_mask);
-- refused: stages 3-4 (fastv, mustdrop, vtu): slimvlm's drops inside the LM give every layer one causal mask and
-  one rotary embedding, but Gemma 3's sliding layers need their window, their own rotary base and a cache that
-  keeps only the window, and its image tokens their two-way block; visionzip (it would choose among pooled tokens
-  by a class token's attention, which SigLIP lacks); llava-mini (its modules are laid out a projected token per
-  patch); slimvlm's static cache (its masks and cache know no sliding window).
+- stage 3 drops (fastv, mustdrop's filter) on every layer, sliding ones included: the rows they score by see the
+  layer's window (AttentionParts.window), and the layers after a drop get the masks the model makes for the kept
+  tokens alone (the window over their indices, each image's kept tokens one two-way block) and each kind of layer
+  its own rotary embedding at the kept positions; decode steps run the LM's own forward (its sliding caches keep
+  the window), each view's masks sized by its layers' caches;
+- refused: stage 4 (mustdrop's output-aware cache: a sliding layer's cache holds only the window, which slimvlm's
+  cut does not follow), vtu (nothing stays merged past the pooling), visionzip (it would choose among pooled tokens
+  by a class token's attention, which SigLIP lacks), llava-mini (its modules are laid out a projected token per
+  patch), slimvlm's static cache (its masks and cache know no sliding window).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import torch
 from torch import nn
 from transformers.models.gemma3 import modeling_gemma3
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.gemma3.modeling_gemma3 import Gemma3CausalLMOutputWithPast
 
 from ..errors import SlimVLMError
@@ -44,9 +49,12 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
     family = "gemma3"
     name = "Gemma 3"  # in messages
     output_class = Gemma3CausalLMOutputWithPast
+    joined_by = "projector's pooling"
+    masks_layer_kinds = True
     vision_towers = ("SiglipVisionModel", "SiglipVisionTransformer")
     has_cls = False
-    instead = "a stage-2 method (divprune, random, uniform, pool) or a stage-1 method in the tower (tome, dymu:vtu=false)"
+    instead = ("a stage-2 method (divprune, random, uniform, pool), a stage-1 method in the tower (tome, dymu:vtu=false) "
+               "or a stage-3 drop (fastv, mustdrop:output_cache=false)")
     static_cache_refusal = (
         "Gemma 3's LM attends within a sliding window on five of every six layers, which slimvlm's static cache and its "
         "masks do not apply; generate without cache_implementation='static' (the dynamic cache runs every method Gemma 3 "
@@ -65,6 +73,7 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
                 "64 x 64 patches)"
             )
         self._join_units(rows // side)
+        self.layer_kinds = list(self.text_config.layer_types)
 
     def _feature_selection(self, config) -> tuple[int, str]:
         """Every SigLIP layer, every patch: the model reads the tower's last_hidden_state (after post_layernorm)."""
@@ -77,19 +86,18 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
     # ---- which methods run here ----------------------------------------------------------------
     @classmethod
     def refusal(cls, method: Method) -> str | None:
-        if {Stage.PREFILL, Stage.DECODE} & set(method.stages):
-            return (f"{method.name} acts inside the LM (stages 3-4: drops, cache cuts or virtual unmerging), where slimvlm "
-                    "gives every layer one causal mask and one rotary embedding; Gemma 3's sliding-window layers need their "
-                    "window, their own rotary base and a cache that keeps only the window, and its image tokens attend to "
-                    f"each other both ways, so slimvlm does not run it on {cls.name} yet; use {cls.instead}")
-        if method.at_merged_tokens:
+        """The units' refusals (virtual unmerging, LLaVA-Mini), then a stage-4 cut and VisionZip (the module's
+        docstring says why)."""
+        reason = super().refusal(method)
+        if reason is None and Stage.DECODE in method.stages:
+            return (f"{method.name} cuts each LLM layer's KV cache after prefill (stage 4), but {cls.name}'s sliding-window "
+                    "layers keep only their window's entries, which slimvlm's cut does not follow yet; use "
+                    f"{cls.instead}")
+        if reason is None and method.at_merged_tokens:
             return (f"{method.name} chooses among the tokens the LLM gets by the attention a class token pays them, but "
                     f"{cls.name}'s SigLIP has none and its projector pools the whole patch grid, so slimvlm has no score "
                     f"for the pooled tokens yet; use {cls.instead}")
-        if method.grid_from_vision_config:
-            return (f"{method.name}'s modules are laid out on the vision config's patch grid, a projected token per "
-                    f"patch, but {cls.name}'s projector pools blocks of patches into one token; use {cls.instead}")
-        return None
+        return reason
 
     # ---- after the tower: pooling and projector ----------------------------------------------
     def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:
@@ -106,16 +114,56 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
             input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         return super().embed(input_ids)
 
-    def prompt_mask(self, sequence, embeds: torch.Tensor, cache, arguments: dict) -> torch.Tensor | dict:
+    def mask_inputs(self, arguments: dict) -> dict:
+        """Whether the call gave token_type_ids: the model's image blocks attend both ways only then."""
+        return {"both_ways": arguments.get("token_type_ids") is not None}
+
+    def prompt_mask(self, sequence, embeds: torch.Tensor, cache, mask_inputs: dict) -> torch.Tensor | dict:
         """With token_type_ids, the model's own masks with each run of visual tokens attending to itself both ways
         (on sliding layers within the window), the runs those of the rebuilt prompt: an image's kept tokens are one
         run. Without them, the causal masks the LM builds from the 2D mask, as the model does."""
-        if arguments.get("token_type_ids") is None:
-            return super().prompt_mask(sequence, embeds, cache, arguments)
+        if not mask_inputs["both_ways"]:
+            return super().prompt_mask(sequence, embeds, cache, mask_inputs)
+        return self._prefill_masks(sequence, embeds, cache)
+
+    def _prefill_masks(self, sequence, like: torch.Tensor, cache) -> dict:
+        """Per kind of layer, the model's own masks over `sequence` with each run of its visual tokens one block."""
         blocks = modeling_gemma3.get_block_sequence_ids_for_mask(sequence.visual.long())
         # positional: the cache's keyword is past_key_values before transformers 5.24
-        return modeling_gemma3.create_masks_for_vision_model(self.text_config, embeds, sequence.valid.long(), cache,
+        return modeling_gemma3.create_masks_for_vision_model(self.text_config, like, sequence.valid.long(), cache,
                                                              sequence.positions, blocks)
+
+    def view_prefill_mask(self, sequence, hidden: torch.Tensor, mask_dtype, mask_inputs: dict) -> dict:
+        """After a drop, per kind of layer: the masks the model makes for the kept tokens alone (the window over their
+        indices; each image's kept tokens one two-way block where the call gave token_type_ids), on caches those
+        layers have not filled yet."""
+        if mask_inputs["both_ways"]:
+            return self._prefill_masks(sequence, hidden, None)
+        valid = sequence.valid.long()
+        return {"full_attention": create_causal_mask(self.text_config, hidden, valid, None, sequence.positions),
+                "sliding_attention": create_sliding_window_causal_mask(self.text_config, hidden, valid, None,
+                                                                       sequence.positions)}
+
+    def view_decode_mask(self, view, steps: int, mask_dtype, session, positions: torch.Tensor) -> dict:
+        """Per kind of layer of the view, the masks the model makes for a decode step over the view's entries, sized
+        by its first layer of that kind in the cache (a sliding layer's holds its window alone)."""
+        like = torch.empty(view.key_valid.shape[0], steps, 0, dtype=self.model.dtype, device=view.key_valid.device)
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = {}
+        for layer, kind in enumerate(self.layer_kinds):
+            if kind not in masks and session.layer_views[layer] is view:
+                masks[kind] = makers[kind](self.text_config, like, view.key_valid.long(), session.cache, positions,
+                                           layer_idx=layer)
+        return masks
+
+    def view_position_embeddings(self, embeddings, gather: torch.Tensor, sequence, like: torch.Tensor) -> dict:
+        """Per kind of layer (each its own rope base), the rotary embeddings of the kept tokens' positions."""
+        rotary = self.language_model.rotary_emb
+        return {kind: rotary(like, sequence.positions, kind) for kind in set(self.layer_kinds)}
+
+    def for_layer(self, value, layer: int):
+        """The mask or rotary embeddings of the layer's kind (sliding or full attention)."""
+        return value[self.layer_kinds[layer]] if isinstance(value, dict) else value
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict:
         """token_type_ids, as the processor returns them: 1 at the image placeholders."""

@@ -47,6 +47,7 @@ class InternVLAdapter(UnitViews, LlavaAdapter):
     family = "internvl"
     name = "InternVL"  # in messages
     output_class = InternVLCausalLMOutputWithPast
+    joined_by = "pixel shuffle"
     vision_towers = ("InternVLVisionModel",)
 
     def __init__(self, model: nn.Module) -> None:
@@ -83,20 +84,6 @@ class InternVLAdapter(UnitViews, LlavaAdapter):
     def _embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """InternViT's class and patch embeddings with its position embeddings; no pre-layernorm."""
         return self.vision.embeddings(pixel_values)
-
-    # ---- which methods run here ----------------------------------------------------------------
-    @classmethod
-    def refusal(cls, method: Method) -> str | None:
-        if method.virtual_unmerge:
-            return (f"{method.name} unmerges in the LLM the tokens a stage-1 method merged, but on {cls.name} the merges "
-                    "are undone before the pixel shuffle (each patch takes its merged token's features; every tile "
-                    "gives the LLM its 256 tokens), so nothing stays merged; run the stage-1 method alone (tome, "
-                    "dymu:vtu=false)")
-        if method.grid_from_vision_config:
-            return (f"{method.name}'s modules are laid out on the vision config's patch grid, a projected token per "
-                    f"patch, but {cls.name}'s pixel shuffle joins each 2x2 block of patches into one token; use pool, "
-                    "uniform, random or divprune at stage 2")
-        return None
 
     # ---- stage 1 on the shuffled tokens (VisionZip) ---------------------------------------------
     def _encode_output(self, method: Method, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:

@@ -18,6 +18,23 @@ class UnitViews:
     """For a LLaVA-style adapter (grid, tokens_per_image: a view's patches) whose model joins block x block patches
     into one unit: units is the units' grid, view_tokens their number (a view's tokens for the LLM)."""
 
+    joined_by = ""  # what joins the patches, as messages name it
+
+    @classmethod
+    def refusal(cls, method: Method) -> str | None:
+        """What the units leave no place for: virtual unmerging (stage-1 merges are undone before the units are
+        formed) and modules laid out a projected token per patch (LLaVA-Mini)."""
+        if method.virtual_unmerge:
+            return (f"{method.name} unmerges in the LLM the tokens a stage-1 method merged, but on {cls.name} the merges "
+                    f"are undone before the {cls.joined_by} (each patch takes its merged token's features; every view "
+                    "gives the LLM all its tokens), so nothing stays merged; run the stage-1 method alone (tome, "
+                    "dymu:vtu=false)")
+        if method.grid_from_vision_config:
+            return (f"{method.name}'s modules are laid out on the vision config's patch grid, a projected token per "
+                    f"patch, but {cls.name}'s {cls.joined_by} joins each block of patches into one token; use pool, "
+                    "uniform, random or divprune at stage 2")
+        return None
+
     def _join_units(self, block: int) -> None:
         """Set the units of a view whose square grid block x block patches tile (the caller has checked it)."""
         rows, cols = self.grid

@@ -61,7 +61,7 @@ class Runtime:
         drop_methods = [m for m in by_stage[Stage.PREFILL] if not m.virtual_unmerge]
         window = getattr(adapter.text_config, "sliding_window", None)
         self._windowed = window is not None
-        if window is not None and (self._unmerge or in_llm):
+        if window is not None and (self._unmerge or in_llm) and not adapter.masks_layer_kinds:
             names = sorted({m.name for m in in_llm} | ({"vtu"} if self._unmerge else set()))
             raise SlimVLMError(
                 f"{', '.join(names)} attend(s) with masks slimvlm builds, which do not apply this LM's sliding window "
@@ -232,8 +232,8 @@ class Runtime:
         )
         given = arguments.get(self._cache_name)
         session = self.session = self.llm_prefill.start_session(plan, rebuilt, visual.tokens, given,
-                                                                input_ids, right_padded)
-        output, hidden, layer_tokens = self.llm_prefill.run(plan, rebuilt, session, given, arguments, kwargs)
+                                                                input_ids, right_padded, arguments)
+        output, hidden, layer_tokens = self.llm_prefill.run(plan, rebuilt, session, given, kwargs)
         if plan.cache is not Cache.NONE:
             self.conversations.started(session)
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild

@@ -59,8 +59,8 @@ class Decoder:
         for view in session.distinct_views():
             view.key_valid = torch.cat([view.key_valid, new_valid], dim=1)
             if view is not base:  # no mask where it would allow everything (a batch-1 step): SDPA attends to all
-                view.decode_mask = None if every_key and not view.padded else attention_mask_4d(
-                    view.key_valid, steps, mask_dtype)
+                view.decode_mask = None if every_key and not view.padded else self.adapter.view_decode_mask(
+                    view, steps, mask_dtype, session, positions)
         if plan.decode is Decode.LAYER_BY_LAYER:
             base_mask = attention_mask_4d(base.key_valid, steps, mask_dtype) if mask_needed else None
             logits = self._layer_by_layer(session, input_ids, positions, base_mask)

@@ -48,8 +48,9 @@ class Plan:
         if self.decode is Decode.LAYER_BY_LAYER and lm_outputs_asked:  # the hooks give each layer its view's mask
             return replace(self, prefill=None, decode=Decode.LM, layer_hooks=True)
         # no hooks elsewhere: no view needs them, or the step gives each layer its mask itself (on the static
-        # cache, where hooks would also be traced into the compiled step)
-        return replace(self, prefill=None, layer_hooks=False)
+        # cache, where hooks would also be traced into the compiled step); but a windowed LM's views, decoded by
+        # the LM's own forward, keep them
+        return replace(self, prefill=None, layer_hooks=self.layer_hooks and self.decode is Decode.LM)
 
 
 def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_masks: bool, graphs: bool, batch: int,
@@ -90,8 +91,10 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
         prefill = Prefill.LM
     if cache in (Cache.STATIC, Cache.HAND_OFF):
         decode = Decode.STATIC
-    elif edits_layers:  # no layer hook runs each step (decode.py)
+    elif edits_layers and not windowed:  # no layer hook runs each step (decode.py)
         decode = Decode.LAYER_BY_LAYER
+    # else the LM's own forward: on a windowed LM (whose adapter masks each view per kind of layer) it builds the
+    # first view's masks for its sliding caches and every layer's rotary embeddings, the hooks the other views' masks
     else:
         decode = Decode.LM
     return Plan(prefill=prefill, cache=cache, decode=decode, layer_hooks=prefill is Prefill.LM and edits_layers,

@@ -26,9 +26,11 @@ class LlmPrefill:
         self.edits = edits
         self.unmerge = unmerge
 
-    def start_session(self, plan: Plan, rebuilt, tokens, given, input_ids: torch.Tensor, right_padded: bool) -> Session:
+    def start_session(self, plan: Plan, rebuilt, tokens, given, input_ids: torch.Tensor, right_padded: bool,
+                      arguments: dict) -> Session:
         """The prompt's state for prefill and decoding: its cache (the caller's, slimvlm's own static
-        one, or a new dynamic one), its views of the sequence, where positions continue."""
+        one, or a new dynamic one), its views of the sequence, where positions continue, what of the call
+        (`arguments`: the model's forward's) the LM's masks follow."""
         sequence = rebuilt.sequence
         prompt_length = input_ids.shape[1]
         static = None
@@ -56,15 +58,16 @@ class LlmPrefill:
             padded=rebuilt.padded,
             labels=rebuilt.labels,
             right_padded=right_padded,
+            mask_inputs=self.adapter.mask_inputs(arguments),
         )
         if self.unmerge:
             session.copies = session.query_copies = prompt_copies(self.adapter, sequence, tokens, rebuilt.embeds)
         return session
 
-    def run(self, plan: Plan, rebuilt, session: Session, given, arguments: dict, kwargs: dict):
+    def run(self, plan: Plan, rebuilt, session: Session, given, kwargs: dict):
         """(the LM's output or None, its last hidden states, the tokens per layer (stats.tokens_per_layer)) over
         the rebuilt prompt by the plan's path; then the cache decoding continues on: stage 4's cuts, and the
-        entries moved where the plan says. arguments: the model's forward's (what the LM's masks may follow)."""
+        entries moved where the plan says."""
         sequence = rebuilt.sequence
         target = session.cache  # the dynamic cache decoding continues on, where the segments' entries move to
         output = None
@@ -75,7 +78,7 @@ class LlmPrefill:
             hidden = self.static.prefill(rebuilt.embeds, sequence.positions, session.static, mask_dtype, plan.graphs)
         else:
             with layer_features_added(self.adapter.llm_layers, session):  # on the LM's own forward alone (plan.py)
-                mask = self.adapter.prompt_mask(sequence, rebuilt.embeds, session.cache, arguments)
+                mask = self.adapter.prompt_mask(sequence, rebuilt.embeds, session.cache, session.mask_inputs)
                 output = self.adapter.run_llm(rebuilt.embeds, mask, sequence.positions, session.cache,
                                               session.cache is not None, **kwargs)
             hidden = output.last_hidden_state

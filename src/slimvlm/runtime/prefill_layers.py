@@ -17,7 +17,7 @@ from ..attention import question_rows
 from ..device_reads import read_together
 from ..hooks import HookSet, capture_outputs
 from ..method import Method, PrefillLayer, query_index
-from ..sequence import IGNORE_INDEX, Sequence, attention_mask_4d, compaction, gather_rows, kept_range
+from ..sequence import IGNORE_INDEX, Sequence, compaction, gather_rows, kept_range
 from .plan import Plan
 from .session import Session, View
 
@@ -62,7 +62,7 @@ class LayerEdits:
         session = self._session()
         if session.is_base(layer_index):
             return None
-        kwargs["attention_mask"] = session.view_of(layer_index).decode_mask
+        kwargs["attention_mask"] = self.adapter.for_layer(session.view_of(layer_index).decode_mask, layer_index)
         return args, kwargs
 
     def _prefill_pre_hook(self, layer_index: int, _module, args, kwargs):
@@ -73,8 +73,9 @@ class LayerEdits:
                 hidden = self.drop(session, method, layer_index, args[0] if args else kwargs["hidden_states"],
                                    kwargs["position_embeddings"])
                 dropped = session.view_of(layer_index)  # the mask its layers attend with (segments make their own)
-                dropped.prefill_mask = attention_mask_4d(dropped.key_valid, dropped.key_valid.shape[1],
-                                                         self.adapter.mask_dtype(hidden.dtype))
+                dropped.prefill_mask = self.adapter.view_prefill_mask(dropped.sequence, hidden,
+                                                                      self.adapter.mask_dtype(hidden.dtype),
+                                                                      session.mask_inputs)
                 if args:
                     args = (hidden, *args[1:])
                 else:
@@ -82,8 +83,8 @@ class LayerEdits:
         if session.is_base(layer_index):
             return None
         view = session.view_of(layer_index)
-        kwargs["attention_mask"] = view.prefill_mask
-        kwargs["position_embeddings"] = view.position_embeddings
+        kwargs["attention_mask"] = self.adapter.for_layer(view.prefill_mask, layer_index)
+        kwargs["position_embeddings"] = self.adapter.for_layer(view.position_embeddings, layer_index)
         kwargs["position_ids"] = view.sequence.positions
         return args, kwargs
 
@@ -153,7 +154,7 @@ class LayerEdits:
             sequence=new_sequence,
             key_valid=new_valid,
             padded=padded,
-            position_embeddings=self.adapter.gather_position_embeddings(embeddings, gather),
+            position_embeddings=self.adapter.view_position_embeddings(embeddings, gather, new_sequence, hidden),
         )
         session.set_view(range(layer_index, len(self.adapter.llm_layers)), view)
         return gather_rows(hidden, gather)

@@ -47,6 +47,7 @@ class Session:
     static_copies: StaticCopies | None = None  # the keys' copies in one shape, on slimvlm's static cache
     rows: dict = field(default_factory=dict)
     queries: dict = field(default_factory=dict)  # per kind of query rows: (the sequence they index, index, valid)
+    mask_inputs: dict = field(default_factory=dict)  # what of the prefill call the LM's masks follow (adapter.mask_inputs)
 
     def view_of(self, layer: int) -> View:
         return self.layer_views[layer]
