@@ -389,7 +389,7 @@ VIDEO_FRAMES_HELP = ("each prompt holds a video of this many random frames in pl
                      "LLaVA-OneVision, Qwen2-VL, Qwen3-VL: even counts); 0: an image")
 SHAPE_MODEL_HELP = ("local folder, 'testbed', or 'shape:llava-1.5-7b' | 'shape:llava-next-7b' | 'shape:llava-next-video-7b' "
                     "| 'shape:llava-onevision-7b' | 'shape:qwen2.5-vl-7b' | 'shape:qwen3-vl-8b' | 'shape:internvl3-8b' "
-                    "(random weights)")
+                    "| 'shape:gemma-3-12b' (random weights)")
 
 
 def parser() -> argparse.ArgumentParser:

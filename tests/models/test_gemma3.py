@@ -333,3 +333,22 @@ def test_mustdrops_important_set_lands_on_the_pooled_tokens(fresh_gemma3):
     patches = method._important.view(-1, 4, 2, 4, 2)  # (images, pooled row, row in it, pooled col, col in it)
     assert torch.equal(moved, patches.any(dim=4).any(dim=2).flatten(1))
     assert method._important.sum(dim=1).tolist() == [6] * 3  # ceil(8% of 64) patches an image
+
+
+def test_gemma_3_12b_shape():
+    """shape:gemma-3-12b is google/gemma-3-12b-it's shape: its 12.19B parameters, 256 tokens an 896-px image pooled
+    from 64 x 64 patches, five sliding-window layers (window 1024) to one global, each kind its rope."""
+    from slimvlm.bench.shapes import MODEL_CLASSES, shape_config
+    from slimvlm.models import adapter_for
+
+    config = shape_config("gemma-3-12b")
+    with torch.device("meta"):
+        model = MODEL_CLASSES[type(config)]._from_config(config)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 12.19
+    assert config.text_config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert config.text_config.sliding_window == 1024
+    adapter = adapter_for(model)
+    tensors, span = adapter.synthetic_images(2, torch.Generator().manual_seed(0))
+    assert span == 256 and tensors["pixel_values"].shape == (2, 3, 896, 896)
+    assert adapter.grid == (64, 64) and adapter.units == (16, 16) and adapter.tokens_per_image == 4096

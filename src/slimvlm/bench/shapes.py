@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -105,12 +107,28 @@ INTERNVL3_8B = dict(
     image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
     vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
 )
+# Gemma 3 12B (google/gemma-3-12b-it, its config.json): SigLIP so400m (27 layers of width 1152, 14-px patches, no head)
+# at 896 px, pooled 64 x 64 -> 16 x 16 = 256 visual tokens, and a 48-layer LM of width 3840, 16 heads, 8 KV heads of
+# 256, five sliding-window layers (window 1024, rope base 1e4) to one global (rope base 1e6, linear scaling x 8)
+GEMMA3_12B = dict(
+    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                       image_size=896, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                       vision_use_head=False),
+    text_config=dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                     num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                     vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                     hidden_activation="gelu_pytorch_tanh",
+                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    mm_tokens_per_image=256, image_token_index=262144, boi_token_index=255999, eoi_token_index=256000,
+)
 # built from their spec as it is
-SPEC_CONFIGS = {"qwen2.5-vl-7b": Qwen2_5_VLConfig, "qwen3-vl-8b": Qwen3VLConfig, "internvl3-8b": InternVLConfig}
+SPEC_CONFIGS = {"qwen2.5-vl-7b": Qwen2_5_VLConfig, "qwen3-vl-8b": Qwen3VLConfig, "internvl3-8b": InternVLConfig,
+                "gemma-3-12b": Gemma3Config}
 
 SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": LLAVA_NEXT_7B, "llava-next-video-7b": LLAVA_NEXT_VIDEO_7B,
           "llava-onevision-7b": LLAVA_ONEVISION_7B, "qwen2.5-vl-7b": QWEN25_VL_7B, "qwen3-vl-8b": QWEN3_VL_8B,
-          "internvl3-8b": INTERNVL3_8B}
+          "internvl3-8b": INTERNVL3_8B, "gemma-3-12b": GEMMA3_12B}
 MODEL_CLASSES = {
     LlavaConfig: LlavaForConditionalGeneration,
     LlavaNextConfig: LlavaNextForConditionalGeneration,
@@ -119,11 +137,12 @@ MODEL_CLASSES = {
     Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
     Qwen3VLConfig: Qwen3VLForConditionalGeneration,
     InternVLConfig: InternVLForConditionalGeneration,
+    Gemma3Config: Gemma3ForConditionalGeneration,
 }
 
 
 def shape_config(name: str) -> (LlavaConfig | LlavaNextConfig | LlavaNextVideoConfig | LlavaOnevisionConfig
-                                | Qwen2_5_VLConfig | Qwen3VLConfig | InternVLConfig):
+                                | Qwen2_5_VLConfig | Qwen3VLConfig | InternVLConfig | Gemma3Config):
     if name not in SHAPES:
         raise SlimVLMError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
     spec = SHAPES[name]
