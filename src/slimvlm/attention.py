@@ -8,6 +8,8 @@ rows eager attention would have produced, at O(rows x keys) cost.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 QUERY_CHUNK = 128  # queries scored at once: all of a batch of 729-token crops at once is gigabytes of (B, H, Q, N)
@@ -68,3 +70,20 @@ def question_rows(adapter, parts, queries: torch.Tensor, keys: torch.Tensor, pos
     if parts.window is not None:
         allowed &= index[:, :, None] - key_at[None, None, :] < parts.window
     return attention_rows(picked, keys, parts.scaling, allowed=allowed[:, None])
+
+
+def received_attention(rows: Callable[[torch.Tensor], torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) the attention each token receives, averaged over heads and over the valid queries (rows: an
+    encoder layer's attention rows for query indices, EncoderAttention.rows): where a tower has no class
+    token, the score LightCompress ranks VisionZip's dominant tokens by on LLaVA-OneVision's SigLIP
+    (zhangbilang/LightCompress, llmc/compression/token_reduction/holitom.py, SigLipVisionTower_forward with
+    WRAPPER=visionzip: `attentions[-1].mean(dim=1).mean(dim=1)`, the feature layer's attention averaged over
+    heads, then over queries). Reads nothing back to the host."""
+    batch, n = valid.shape
+    weight = valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)  # padding queries count for nothing
+    total = torch.zeros(batch, n, dtype=torch.float32, device=valid.device)
+    for start in range(0, n, QUERY_CHUNK):
+        index = torch.arange(start, min(start + QUERY_CHUNK, n), device=valid.device).expand(batch, -1)
+        per_query = rows(index).mean(dim=1)  # (B, Q, N): mean over heads
+        total += (per_query * weight[:, start : start + QUERY_CHUNK, None]).sum(dim=1)
+    return total

@@ -3,7 +3,9 @@ tokens attend to each other both ways) on a tiny random Gemma3ForConditionalGene
 with and without token_type_ids, text, left padding, two images in a prompt), remove() restores the model, every
 method runs batched as one by one or is refused with the reason; then what is Gemma 3's own: the two-way block of an
 image's kept tokens (against the model's own masks on the reduced prompt), merged patches unmerged before the
-pooling, per-image budgets, the static cache refused."""
+pooling, per-image budgets, VisionZip on the pooled tokens and MustDrop's important set on them, FastV on the
+sliding-window layers (against FastV by hand: prefill, decode step, follow-up turn), the static cache refused, and
+shape:gemma-3-12b"""
 
 import json
 
@@ -27,6 +29,7 @@ RUNS = {
     "tome": "tome:r=8",
     "dymu": "dymu:vtu=false",
     "fastv": "fastv:k=2,ratio=0.5",
+    "visionzip": "visionzip:dominant=5,contextual=2",
     "mustdrop": "mustdrop:global_thr=0.05,individual_thr=0.05,layers=0;1,output_cache=false",
 }
 REFUSED = {
@@ -34,7 +37,6 @@ REFUSED = {
                  "mustdrop cuts each LLM layer's KV cache after prefill .stage 4.*sliding-window layers keep only their "
                  "window's entries.*mustdrop:output_cache=false"),
     "vtu": (["tome:r=8", "vtu"], "vtu unmerges in the LLM.*undone before the projector's pooling.*nothing stays merged"),
-    "visionzip": ("visionzip:dominant=5,contextual=2", "visionzip chooses.*SigLIP has none.*use a stage-2 method"),
     "llava-mini": ("llava-mini:budget=4", "llava-mini's modules are laid out.*projector's pooling joins each block"),
 }
 
@@ -352,3 +354,25 @@ def test_gemma_3_12b_shape():
     tensors, span = adapter.synthetic_images(2, torch.Generator().manual_seed(0))
     assert span == 256 and tensors["pixel_values"].shape == (2, 3, 896, 896)
     assert adapter.grid == (64, 64) and adapter.units == (16, 16) and adapter.tokens_per_image == 4096
+
+
+def test_visionzip_keeps_the_pooled_tokens_whose_patches_receive_the_most_attention(fresh_gemma3):
+    """Dominant tokens are pooled tokens kept whole (each one of the untouched model's image features), in spatial
+    order: those whose 4 patches receive the most attention in SigLIP's last layer, as the eager tower returns it,
+    averaged over heads and queries (no class token to ask), then over the 4 patches."""
+    model = fresh_gemma3
+    eager = gemma3_model()
+    eager.set_attn_implementation("eager")
+    inputs = gemma3_batch((2, 1))
+    with torch.no_grad():
+        untouched = model.model.get_image_features(inputs["pixel_values"]).pooler_output  # (images, 16, D)
+        received = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-1]
+        with slimvlm.apply(model, "visionzip:dominant=5,contextual=2") as handle:
+            out = model(**inputs)
+    score = received.mean(dim=(1, 2)).view(-1, 4, 2, 4, 2).mean(dim=(2, 4)).flatten(1)  # per pooled token
+    expected = score.topk(5, dim=1).indices.sort(dim=1).values
+    assert handle.stats.visual_tokens == [7] * 3 and handle.stats.projector_tokens == [GEMMA3_TOKENS] * 3
+    for image, kept in enumerate(visual_tokens_out(out)):
+        distance = torch.cdist(kept[:5], untouched[image])  # dominant tokens first, in spatial order
+        assert (distance.min(dim=1).values < 1e-5).all()
+        assert distance.argmin(dim=1).tolist() == expected[image].tolist()

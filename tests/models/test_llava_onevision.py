@@ -14,8 +14,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 import slimvlm
 from conftest import OV_RESIZED, OV_SIZES, assert_visual_tokens, dymu_thresholds, ov_batch, ov_select
+from slimvlm.attention import QUERY_CHUNK, received_attention
 from slimvlm.methods.dymu import DyMU
-from slimvlm.methods.visionzip import QUERY_CHUNK, VisionZip, received_attention
+from slimvlm.methods.visionzip import VisionZip
 from slimvlm.models import adapter_for
 from slimvlm.registry import methods
 

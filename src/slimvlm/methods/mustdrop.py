@@ -53,7 +53,7 @@ from ..registry import register
 from ..sequence import Sequence
 from ..method import BudgetSpec, EncoderAttention, Method, PrefillLayer, Stage, check_ratio
 from ..tokens import VisualTokens
-from .visionzip import received_attention
+from ..attention import received_attention
 
 if TYPE_CHECKING:
     from ..models.adapter import LanguageModelAdapter

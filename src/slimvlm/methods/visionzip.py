@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from ..attention import QUERY_CHUNK
+from ..attention import received_attention
 from ..errors import SlimVLMError
 from ..registry import register
 from ..sequence import gather_rows
@@ -34,24 +34,6 @@ from ..tokens import VisualTokens
 
 if TYPE_CHECKING:
     from ..models.adapter import LanguageModelAdapter
-
-
-
-def received_attention(rows: Callable[[torch.Tensor], torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-    """(B, N) the attention each token receives, averaged over heads and over the valid queries (rows: an
-    encoder layer's attention rows for query indices, EncoderAttention.rows): where a tower has no class
-    token, the score LightCompress ranks VisionZip's dominant tokens by on LLaVA-OneVision's SigLIP
-    (zhangbilang/LightCompress, llmc/compression/token_reduction/holitom.py, SigLipVisionTower_forward with
-    WRAPPER=visionzip: `attentions[-1].mean(dim=1).mean(dim=1)`, the feature layer's attention averaged over
-    heads, then over queries). Reads nothing back to the host."""
-    batch, n = valid.shape
-    weight = valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)  # padding queries count for nothing
-    total = torch.zeros(batch, n, dtype=torch.float32, device=valid.device)
-    for start in range(0, n, QUERY_CHUNK):
-        index = torch.arange(start, min(start + QUERY_CHUNK, n), device=valid.device).expand(batch, -1)
-        per_query = rows(index).mean(dim=1)  # (B, Q, N): mean over heads
-        total += (per_query * weight[:, start : start + QUERY_CHUNK, None]).sum(dim=1)
-    return total
 
 
 def contextual_groups(metric: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

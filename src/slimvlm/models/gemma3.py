@@ -9,6 +9,9 @@ Where methods act on it:
   patches through SigLIP's layers, as on a LLaVA-OneVision crop. The pooling reads the whole grid, so each patch
   takes its merged token's features before it (models/units.py, as before InternVL's pixel shuffle): an image still
   gives the LLM its mm_tokens_per_image tokens, and stage 1 saves encoder compute alone;
+- visionzip on the pooled tokens, each block of patches whole (as on InternVL's shuffled tokens): a token's score
+  is the attention its patches receive in the last layer, averaged over heads and all queries (no class token:
+  LightCompress's SigLIP score), then over its patches; its key their keys' mean;
 - stage 2 (divprune, random, uniform, pool on the pooled grid) on each image's projected tokens; the kept tokens
   of an image are one run in the rebuilt prompt, and with token_type_ids they attend to each other both ways, as
   the model's own tokens do (prompt_mask);
@@ -18,9 +21,8 @@ Where methods act on it:
   its own rotary embedding at the kept positions; decode steps run the LM's own forward (its sliding caches keep
   the window), each view's masks sized by its layers' caches;
 - refused: stage 4 (mustdrop's output-aware cache: a sliding layer's cache holds only the window, which slimvlm's
-  cut does not follow), vtu (nothing stays merged past the pooling), visionzip (it would choose among pooled tokens
-  by a class token's attention, which SigLIP lacks), llava-mini (its modules are laid out a projected token per
-  patch), slimvlm's static cache (its masks and cache know no sliding window).
+  cut does not follow), vtu (nothing stays merged past the pooling), llava-mini (its modules are laid out a
+  projected token per patch), slimvlm's static cache (its masks and cache know no sliding window).
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.gemma3.modeling_gemma3 import Gemma3CausalLMOutputWithPast
 
 from ..errors import SlimVLMError
-from ..method import Method, Stage
+from ..attention import received_attention
+from ..method import EncoderAttention, Method, Stage, no_rows
 from ..tokens import VisualTokens
 from .llava import LlavaAdapter
-from .pixel_shuffle import unmerged
+from .pixel_shuffle import unit_mean, unmerged
 from .units import UnitViews
 
 
@@ -53,8 +56,8 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
     masks_layer_kinds = True
     vision_towers = ("SiglipVisionModel", "SiglipVisionTransformer")
     has_cls = False
-    instead = ("a stage-2 method (divprune, random, uniform, pool), a stage-1 method in the tower (tome, dymu:vtu=false) "
-               "or a stage-3 drop (fastv, mustdrop:output_cache=false)")
+    instead = ("visionzip (on the pooled tokens), a stage-2 method (divprune, random, uniform, pool), a stage-1 method in "
+               "the tower (tome, dymu:vtu=false) or a stage-3 drop (fastv, mustdrop:output_cache=false)")
     static_cache_refusal = (
         "Gemma 3's LM attends within a sliding window on five of every six layers, which slimvlm's static cache and its "
         "masks do not apply; generate without cache_implementation='static' (the dynamic cache runs every method Gemma 3 "
@@ -86,25 +89,39 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
     # ---- which methods run here ----------------------------------------------------------------
     @classmethod
     def refusal(cls, method: Method) -> str | None:
-        """The units' refusals (virtual unmerging, LLaVA-Mini), then a stage-4 cut and VisionZip (the module's
-        docstring says why)."""
+        """The units' refusals (virtual unmerging, LLaVA-Mini), then a stage-4 cut (the module's docstring says
+        why)."""
         reason = super().refusal(method)
         if reason is None and Stage.DECODE in method.stages:
             return (f"{method.name} cuts each LLM layer's KV cache after prefill (stage 4), but {cls.name}'s sliding-window "
                     "layers keep only their window's entries, which slimvlm's cut does not follow yet; use "
                     f"{cls.instead}")
-        if reason is None and method.at_merged_tokens:
-            return (f"{method.name} chooses among the tokens the LLM gets by the attention a class token pays them, but "
-                    f"{cls.name}'s SigLIP has none and its projector pools the whole patch grid, so slimvlm has no score "
-                    f"for the pooled tokens yet; use {cls.instead}")
         return reason
+
+    # ---- stage 1 on the pooled tokens (VisionZip) -------------------------------------------------
+    def _encode_output(self, method: Method, attention: EncoderAttention, tokens: VisualTokens) -> VisualTokens:
+        """A method that acts on merged tokens chooses among each image's pooled, projected tokens: a token's score is
+        the attention its patches receive in the last layer (mean over heads and all queries: SigLIP has no class
+        token; mean over its patches), its key their keys' mean; others as on LLaVA."""
+        if not method.at_merged_tokens:
+            return super()._encode_output(method, attention, tokens)
+        received = received_attention(attention.rows, tokens.valid)
+        units = EncoderAttention(layer=attention.layer, num_layers=attention.num_layers,
+                                 keys=unit_mean(attention.keys, self.grid, self.block), rows=no_rows,
+                                 received=unit_mean(received[..., None], self.grid, self.block)[..., 0],
+                                 keep_width=attention.keep_width)
+        return method.encode_output(units, self.pooled(tokens))
 
     # ---- after the tower: pooling and projector ----------------------------------------------
     def project(self, tokens: VisualTokens, keep_cls: bool = False) -> VisualTokens:
+        """The tower's tokens pooled and projected; those a method chose among the pooled tokens in encode (VisionZip:
+        they carry their patches' units, view_slots) are the LLM's already."""
+        return tokens if tokens.view_slots is not None else self.pooled(tokens)
+
+    def pooled(self, tokens: VisualTokens) -> VisualTokens:
         """Each image's patches (merged tokens unmerged onto them) through SigLIP's post_layernorm and the model's own
         projector (pooling, norm, projection): its pooled tokens as fresh tokens on the units grid."""
-        features = self.vision.post_layernorm(unmerged(tokens))
-        return self.unit_tokens(self.projector(features))
+        return self.unit_tokens(self.projector(self.vision.post_layernorm(unmerged(tokens))))
 
     # ---- the language model ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
