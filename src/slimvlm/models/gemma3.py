@@ -38,6 +38,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3CausalLMOutputWithP
 from ..errors import SlimVLMError
 from ..attention import received_attention
 from ..method import EncoderAttention, Method, Stage, no_rows
+from ..sequence import Sequence
 from ..tokens import VisualTokens
 from .llava import LlavaAdapter
 from .pixel_shuffle import unit_mean, unmerged
@@ -135,7 +136,7 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
         """Whether the call gave token_type_ids: the model's image blocks attend both ways only then."""
         return {"both_ways": arguments.get("token_type_ids") is not None}
 
-    def prompt_mask(self, sequence, embeds: torch.Tensor, cache, mask_inputs: dict) -> torch.Tensor | dict:
+    def prompt_mask(self, sequence: Sequence, embeds: torch.Tensor, cache, mask_inputs: dict) -> torch.Tensor | dict:
         """With token_type_ids, the model's own masks with each run of visual tokens attending to itself both ways
         (on sliding layers within the window), the runs those of the rebuilt prompt: an image's kept tokens are one
         run. Without them, the causal masks the LM builds from the 2D mask, as the model does."""
@@ -143,14 +144,15 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
             return super().prompt_mask(sequence, embeds, cache, mask_inputs)
         return self._prefill_masks(sequence, embeds, cache)
 
-    def _prefill_masks(self, sequence, like: torch.Tensor, cache) -> dict:
+    def _prefill_masks(self, sequence: Sequence, like: torch.Tensor, cache) -> dict:
         """Per kind of layer, the model's own masks over `sequence` with each run of its visual tokens one block."""
         blocks = modeling_gemma3.get_block_sequence_ids_for_mask(sequence.visual.long())
         # positional: the cache's keyword is past_key_values before transformers 5.24
         return modeling_gemma3.create_masks_for_vision_model(self.text_config, like, sequence.valid.long(), cache,
                                                              sequence.positions, blocks)
 
-    def view_prefill_mask(self, sequence, hidden: torch.Tensor, mask_dtype, mask_inputs: dict) -> dict:
+    def view_prefill_mask(self, sequence: Sequence, hidden: torch.Tensor, mask_dtype: torch.dtype | None,
+                          mask_inputs: dict) -> dict:
         """After a drop, per kind of layer: the masks the model makes for the kept tokens alone (the window over their
         indices; each image's kept tokens one two-way block where the call gave token_type_ids), on caches those
         layers have not filled yet."""
@@ -161,7 +163,7 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
                 "sliding_attention": create_sliding_window_causal_mask(self.text_config, hidden, valid, None,
                                                                        sequence.positions)}
 
-    def view_decode_mask(self, view, steps: int, mask_dtype, session, positions: torch.Tensor) -> dict:
+    def view_decode_mask(self, view, steps: int, mask_dtype: torch.dtype | None, session, positions: torch.Tensor) -> dict:
         """Per kind of layer of the view, the masks the model makes for a decode step over the view's entries, sized
         by its first layer of that kind in the cache (a sliding layer's holds its window alone)."""
         like = torch.empty(view.key_valid.shape[0], steps, 0, dtype=self.model.dtype, device=view.key_valid.device)
@@ -173,7 +175,7 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
                                            layer_idx=layer)
         return masks
 
-    def view_position_embeddings(self, embeddings, gather: torch.Tensor, sequence, like: torch.Tensor) -> dict:
+    def view_position_embeddings(self, embeddings, gather: torch.Tensor, sequence: Sequence, like: torch.Tensor) -> dict:
         """Per kind of layer (each its own rope base), the rotary embeddings of the kept tokens' positions."""
         rotary = self.language_model.rotary_emb
         return {kind: rotary(like, sequence.positions, kind) for kind in set(self.layer_kinds)}

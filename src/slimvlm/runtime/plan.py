@@ -93,9 +93,8 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
         decode = Decode.STATIC
     elif edits_layers and not windowed:  # no layer hook runs each step (decode.py)
         decode = Decode.LAYER_BY_LAYER
-    # else the LM's own forward: on a windowed LM (whose adapter masks each view per kind of layer) it builds the
-    # first view's masks for its sliding caches and every layer's rotary embeddings, the hooks the other views' masks
-    else:
+    else:  # on a windowed LM after drops (its adapter masks each view per kind of layer), the LM's own forward builds
+        # the first view's masks for its sliding caches and every layer's rotary embeddings, the hooks the other views'
         decode = Decode.LM
     return Plan(prefill=prefill, cache=cache, decode=decode, layer_hooks=prefill is Prefill.LM and edits_layers,
                 graphs=graphs)
