@@ -376,3 +376,21 @@ def test_visionzip_keeps_the_pooled_tokens_whose_patches_receive_the_most_attent
         distance = torch.cdist(kept[:5], untouched[image])  # dominant tokens first, in spatial order
         assert (distance.min(dim=1).values < 1e-5).all()
         assert distance.argmin(dim=1).tolist() == expected[image].tolist()
+
+
+def test_bench_generate_runs_on_a_local_gemma3_folder_and_bench_refuses_it_by_name(tiny_gemma3, tmp_path, capsys):
+    """bench-generate (wall-clock, no FLOPs) times the folder's model with its methods on synthetic images, their
+    token_type_ids from the adapter; bench, which counts FLOPs, names the sliding-window layers it has no formula for."""
+    from slimvlm.cli import main
+
+    tiny_gemma3.save_pretrained(tmp_path)
+    out = tmp_path / "generate.json"
+    assert main(["bench-generate", "--model", str(tmp_path), "--methods", "none,divprune:budget=6,fastv:k=2,ratio=0.5",
+                 "--batch-sizes", "2", "--paths", "eager", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    rows = {row["method"]: row["visual_tokens_mean"] for row in json.loads(out.read_text())["results"]}
+    assert rows == {"untouched": GEMMA3_TOKENS, "none": GEMMA3_TOKENS, "divprune:budget=6": 6,
+                    "fastv:k=2,ratio=0.5": GEMMA3_TOKENS}
+    assert main(["bench", "--model", str(tmp_path), "--methods", "none", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--device", "cpu"]) == 2
+    assert "no formula for the sliding-window layers of gemma3's LM" in capsys.readouterr().err
