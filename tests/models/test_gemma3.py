@@ -394,3 +394,10 @@ def test_bench_generate_runs_on_a_local_gemma3_folder_and_bench_refuses_it_by_na
     assert main(["bench", "--model", str(tmp_path), "--methods", "none", "--repeats", "1", "--warmup", "0",
                  "--new-tokens", "2", "--device", "cpu"]) == 2
     assert "no formula for the sliding-window layers of gemma3's LM" in capsys.readouterr().err
+
+
+def test_a_pooling_that_does_not_tile_the_patch_grid_is_refused(tiny_gemma3, monkeypatch):
+    monkeypatch.setattr(tiny_gemma3.config, "mm_tokens_per_image", 8)  # no square number of tokens
+    with pytest.raises(SlimVLMError, match="mm_tokens_per_image=8 on a 8 x 8 patch grid.*use a checkpoint"):
+        slimvlm.apply(tiny_gemma3, "none")
+    assert "forward" not in tiny_gemma3.__dict__
