@@ -18,14 +18,17 @@ def _loss_and_grads(model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
 
 # attention, MLP and norm as one graph each for all layers; the slow step runs two lengths (its own, all tokens,
 # and its teacher's, the fast mode's), each a graph of its own (shapes are specialised)
-@pytest.mark.parametrize(("mode", "graphs"), [("fast", 3), ("slow", 6)])
-def test_compiled_layers_give_the_eager_loss_and_gradients_under_checkpointing(tiny_dir, mode, graphs):
+# (LoRA through peft: its adapters inside the compiled attention and MLP, as bench-train --lora runs them)
+@pytest.mark.parametrize(("mode", "graphs", "lora"), [("fast", 3, 0), ("slow", 6, 0), ("fast", 3, 4)])
+def test_compiled_layers_give_the_eager_loss_and_gradients_under_checkpointing(tiny_dir, mode, graphs, lora):
     from slimvlm.testbed.build import load
 
     model, _ = load(tiny_dir)  # its own copy: compiling is for the model's lifetime
     model.gradient_checkpointing_enable()
     model.train()
-    make_trainable(model, lora_rank=0)
+    if lora:
+        pytest.importorskip("peft")
+    make_trainable(model, lora_rank=lora)
     batch = training_batch(model, batch_size=2, text_tokens=12, answer_tokens=4)
     step = next(s for s in range(1000) if DualSpeed(model).step_mode(s) == mode)
     eager_loss, eager_grads = _loss_and_grads(model, batch, step)
