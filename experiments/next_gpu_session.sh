@@ -35,10 +35,10 @@ case "${1:?say which call: 1, 2 or 3}" in
   run 260 dualspeed-testbed python3 -m experiments.dualspeed.testbed --out "$out/dualspeed_testbed" --samples 150000 --max-runs 3 --device cuda
   ;;
 2)
-  run 130 next-b4-compiled python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 4 --compile $train --json "$out/bench_train_next_7b_b4_compiled.json"
-  run 150 next-b16 python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 $train --json "$out/bench_train_next_7b_b16.json"
-  run 160 next-b16-compiled python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 --compile $train --json "$out/bench_train_next_7b_b16_compiled.json"
-  run 120 llava15-b16-compiled python3 -m slimvlm bench-train --model shape:llava-1.5-7b --batch-size 16 --compile $train --json "$out/bench_train_llava15_7b_b16_compiled.json"
+  run 120 next-b4-compiled python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 4 --compile $train --json "$out/bench_train_next_7b_b4_compiled.json"
+  run 170 next-b16 python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 ${train/--repeats 3/--repeats 2} --json "$out/bench_train_next_7b_b16.json"
+  run 190 next-b16-compiled python3 -m slimvlm bench-train --model shape:llava-next-7b --batch-size 16 --compile ${train/--repeats 3/--repeats 2} --json "$out/bench_train_next_7b_b16_compiled.json"
+  run 100 llava15-b16-compiled python3 -m slimvlm bench-train --model shape:llava-1.5-7b --batch-size 16 --compile $train --json "$out/bench_train_llava15_7b_b16_compiled.json"
   ;;
 3)
   run 300 dymu-static python3 -m slimvlm bench-generate --model shape:llava-1.5-7b --dtype bfloat16 --device cuda \
