@@ -15,19 +15,11 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from slimvlm.testbed.scenes import QUESTION_TYPES  # noqa: E402
+from experiments.figures import pct, plt, save
+from slimvlm.testbed.scenes import QUESTION_TYPES
 
 BUDGETS = (1, 4, 16, 64)
 FAMILIES = ("divprune", "visionzip", "pool", "random")
-
-
-def pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def baseline_points(baselines: dict) -> tuple[float, dict[str, list[tuple[float, float]]]]:
@@ -75,15 +67,6 @@ def table(runs: list[dict], untouched: dict) -> str:
                      + " | ".join(pct(per_type.get(t)) for t in types)
                      + f" | **{pct(accuracy)}** | {how} | {pct(row.get('clips'))} |")
     return "\n".join(lines)
-
-
-def save(fig, ax, path: Path, legend_size: int) -> Path:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_curves(runs: list[dict], path: Path) -> Path:
