@@ -162,7 +162,9 @@ def test_bench_generate_reports_the_first_calls_time_apart_from_the_medians(fres
     monkeypatch.setattr(model, "generate", slow_first)
     with torch.inference_mode():
         timed = time_generate(model, select(batch(processor, 1), 0), 2, "eager", warmup=1, repeats=2)
-    assert timed["first_call_ms"] >= 1000 > timed["total_ms"]
+    # the first call alone carries the second of sleep; the medians do not (their difference, not a bound on the
+    # medians, which a loaded CPU can stretch past a second)
+    assert timed["first_call_ms"] >= 1000 and timed["first_call_ms"] - timed["total_ms"] > 500
 
 
 def test_bench_cli_on_tiny_llava_next(tiny_next_dir, tmp_path):
