@@ -121,6 +121,13 @@ class Sequence:
         """(B,) visual tokens per sample."""
         return (self.visual & self.valid).sum(dim=1)
 
+    def visual_runs(self) -> torch.Tensor:
+        """(B, L): per sample the lengths of its runs of consecutive visual tokens in order, then zeros."""
+        visual = (self.visual & self.valid).long()
+        starts = visual.diff(dim=1, prepend=torch.zeros_like(visual[:, :1])).clamp(min=0)  # 1 where a run begins
+        run = (starts.cumsum(dim=1) - 1).clamp(min=0)
+        return torch.zeros_like(visual).scatter_add_(1, run, visual)
+
 
 @dataclass
 class Rebuilt:

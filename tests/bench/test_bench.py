@@ -214,6 +214,28 @@ def test_flops_hand_count_qwen():
     assert flops.count(qwen2, stats).llm_prefill == counted.llm_prefill
 
 
+def test_flops_hand_count_linear_sliding_and_gated_layers():
+    """Qwen3.5's layers (a Gated DeltaNet layer, a full-attention one whose q projection carries a gate), a sliding
+    layer's window, image runs attending both ways, and Gemma 3's one-matrix projector, against hand counts."""
+    t = flops.LLMShape(width=4, heads=2, kv_heads=1, head_dim=2, mlp=5, vocab=7, layers=3, query_gate=True,
+                       layer_kinds=("linear_attention", "full_attention", "sliding_attention"), window=2,
+                       linear=flops.LinearAttentionShape(key_heads=1, value_heads=2, key_dim=2, value_dim=3, conv_kernel=4))
+    # linear, n=3 (K=2, V'=6, 2K+V'=10): q,k,v 2*3*4*10=240, gate z 2*3*4*6=144, a,b 4*3*4*2=96, out 2*3*6*4=144;
+    # convolution 2*3*4*10=240; delta rule 6*3*2*2*3=216; MLP 6*3*4*5=360
+    assert flops.llm_layer_prefill_flops(t, 3, layer=0) == 240 + 144 + 96 + 144 + 240 + 216 + 360
+    assert flops.llm_layer_decode_flops(t, 100, layer=0) == (240 + 144 + 96 + 144 + 240 + 216 + 360) // 3
+    # gated full attention, n=3: q 2*3*4*8=192, o 2*3*4*4=96, k,v 4*3*4*1*2=96; 6 pairs x 4*2*2; MLP 360
+    assert flops.llm_layer_prefill_flops(t, 3, layer=1) == 192 + 96 + 96 + 6 * 16 + 360
+    # sliding (gated here too: 128 a token for q, k, v, o), window 2, n=4: pairs 1 + 2 + 2 + 2 = 7; a two-way run of
+    # 3 adds 3 (each token with the later ones)
+    assert flops.attention_pairs(4, 2) == 7 and flops.two_way_pairs([3, 1]) == 3
+    assert flops.llm_layer_prefill_flops(t, 4, layer=2, runs=[3]) == 4 * 128 + (7 + 3) * 16 + 4 * 120
+    # a decode token on the sliding layer attends over the window alone: 2 of its 9 entries
+    assert flops.llm_layer_decode_flops(t, 9, layer=2) == 128 + 2 * 16 + 120
+    gemma = flops.VisionShape(width=3, mlp=1, patch=1, channels=1, patches=16, projector_layers=1)
+    assert flops.projector_flops(gemma, t, 4) == 4 * 2 * 3 * 4  # 4 pooled tokens, d_v 3 -> D 4
+
+
 def test_bench_clis_on_tiny_qwen(tmp_path):
     """A saved Qwen2.5-VL folder loads by its model_type; synthetic 644 x 644 images: 23 x 23 = 529 tokens."""
     from conftest import qwen_model

@@ -231,16 +231,47 @@ def test_a_local_folder_loads_by_its_model_type(tmp_path):
     assert model_class_name(tmp_path) == "Gemma3ForConditionalGeneration"
 
 
-def test_flops_are_not_counted_where_slimvlm_has_no_formula(fresh_gemma3):
-    """The sliding-window layers attend over the window, not the prompt: bench/flops.py has no formula for them and
-    says so by name, as for Qwen3.5's linear-attention layers."""
+def test_flops_count_the_pairs_the_models_own_masks_allow(fresh_gemma3):
+    """bench/flops.py's attention term, per kind of layer, is the query-key pairs the model's own prefill masks allow:
+    the window on sliding layers, each image's block both ways with token_type_ids (AND(window, OR(causal, block))),
+    causal without; counted here from the masks transformers builds for the prompt (two images in one, left padding)."""
+    from transformers.models.gemma3 import modeling_gemma3
+
     from slimvlm.bench import flops
 
-    with torch.no_grad(), slimvlm.apply(fresh_gemma3, "divprune:budget=6") as handle:
-        fresh_gemma3(**gemma3_batch())
-    assert not flops.covers(fresh_gemma3.config)
-    with pytest.raises(SlimVLMError, match="no formula for the sliding-window layers of gemma3's LM"):
-        flops.count(fresh_gemma3.config, handle.stats)
+    model, config = fresh_gemma3, fresh_gemma3.config.text_config
+    shape = flops.llm_shape(config)
+    assert shape.layer_kinds.count("sliding_attention") == 5 and shape.window == 8
+    for token_types in (True, False):
+        inputs = gemma3_batch(images=(1, 2), token_types=token_types)
+        with torch.no_grad(), slimvlm.apply(model, "none") as handle:
+            model(**inputs)
+        stats = handle.stats
+        assert stats.two_way_runs == ([[[GEMMA3_TOKENS], [GEMMA3_TOKENS] * 2]] * 6 if token_types else [])
+        valid = inputs["attention_mask"].bool()
+        image = (inputs["input_ids"] == IMAGE).long() if token_types else torch.zeros_like(inputs["input_ids"])
+        masks = modeling_gemma3.create_masks_for_vision_model(
+            config, torch.zeros(*valid.shape, 1), inputs["attention_mask"], None, (valid.cumsum(1) - 1).clamp(min=0),
+            modeling_gemma3.get_block_sequence_ids_for_mask(image))
+        for layer, kind in enumerate(shape.layer_kinds):
+            allowed = [int(mask[0][row][:, row].sum()) for mask, row in zip(masks[kind], valid)]
+            counted = [flops.attention_pairs(n, shape.window_of(layer))
+                       + flops.two_way_pairs(stats.two_way_runs[layer][sample] if token_types else [])
+                       for sample, n in enumerate(stats.llm_tokens[layer])]
+            assert counted == allowed, (layer, kind, token_types)
+        assert flops.count(model.config, stats).llm_prefill > 0
+
+
+def test_two_way_runs_follow_the_kept_tokens(fresh_gemma3):
+    """After FastV's drop at layer 2 the runs the FLOPs count are those of each image's kept tokens: they sum to the
+    visual entries each later layer holds; before it, every image's 16."""
+    with torch.no_grad(), slimvlm.apply(fresh_gemma3, "fastv:k=2,ratio=0.5") as handle:
+        fresh_gemma3(**gemma3_batch(images=(1, 2)))
+    stats = handle.stats
+    assert stats.two_way_runs[:2] == [[[GEMMA3_TOKENS], [GEMMA3_TOKENS] * 2]] * 2
+    for layer in range(2, 6):
+        assert [sum(runs) for runs in stats.two_way_runs[layer]] == [entries[layer] for entries in stats.kv_visual_entries]
+    assert [sum(runs) for runs in stats.two_way_runs[2]] == [GEMMA3_TOKENS // 2, GEMMA3_TOKENS]
 
 
 # ---- stage 3 on the sliding-window LM ------------------------------------------------------------------------------
@@ -378,9 +409,10 @@ def test_visionzip_keeps_the_pooled_tokens_whose_patches_receive_the_most_attent
         assert distance.argmin(dim=1).tolist() == expected[image].tolist()
 
 
-def test_bench_generate_runs_on_a_local_gemma3_folder_and_bench_refuses_it_by_name(tiny_gemma3, tmp_path, capsys):
-    """bench-generate (wall-clock, no FLOPs) times the folder's model with its methods on synthetic images, their
-    token_type_ids from the adapter; bench, which counts FLOPs, names the sliding-window layers it has no formula for."""
+def test_bench_and_bench_generate_run_on_a_local_gemma3_folder(tiny_gemma3, tmp_path):
+    """bench-generate (wall-clock) and bench (FLOPs too) time the folder's model with its methods on synthetic images,
+    their token_type_ids from the adapter (so the LM's image blocks attend both ways, as the FLOPs count)."""
+    from slimvlm.bench import flops
     from slimvlm.cli import main
 
     tiny_gemma3.save_pretrained(tmp_path)
@@ -391,9 +423,16 @@ def test_bench_generate_runs_on_a_local_gemma3_folder_and_bench_refuses_it_by_na
     rows = {row["method"]: row["visual_tokens_mean"] for row in json.loads(out.read_text())["results"]}
     assert rows == {"untouched": GEMMA3_TOKENS, "none": GEMMA3_TOKENS, "divprune:budget=6": 6,
                     "fastv:k=2,ratio=0.5": GEMMA3_TOKENS}
-    assert main(["bench", "--model", str(tmp_path), "--methods", "none", "--repeats", "1", "--warmup", "0",
-                 "--new-tokens", "2", "--device", "cpu"]) == 2
-    assert "no formula for the sliding-window layers of gemma3's LM" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tmp_path), "--methods", "divprune:budget=6", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--device", "cpu", "--json", str(out)]) == 0
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["none"]["visual_tokens_mean"] == GEMMA3_TOKENS and results["none"]["flops_ratio"] == 1.0
+    assert 0 < results["divprune:budget=6"]["flops_ratio"] < 1
+    vision, _ = flops.shapes(tiny_gemma3.config)
+    per_image = flops.projector_flops(vision, flops.llm_shape(tiny_gemma3.config.text_config), GEMMA3_TOKENS)
+    assert results["none"]["flops"]["projector"] == results["divprune:budget=6"]["flops"]["projector"]
+    assert results["none"]["flops"]["projector"] % per_image == 0  # whole images of pooled tokens, one matrix each
 
 
 def test_a_pooling_that_does_not_tile_the_patch_grid_is_refused(tiny_gemma3, monkeypatch):

@@ -132,18 +132,22 @@ def test_the_moe_class_runs_as_the_dense_one():
     assert [row.tolist() for row in batched] == [row.tolist() for row in alone]
 
 
-def test_flops_are_not_counted_where_slimvlm_has_no_formula(fresh_qwen):
-    """A hybrid LM's linear-attention layers have no formula in bench/flops.py: `slimvlm bench` says so by name, and an
-    evaluation's table and summary leave the FLOPs out (None) instead of counting them as attention layers."""
+def test_flops_count_the_hybrid_lms_layers(fresh_qwen):
+    """`slimvlm bench`'s FLOPs on the hybrid LM: a linear-attention layer's cost grows with its tokens alone (no pair
+    term), a full-attention layer's with their pairs; a stage-2 method's count is below the untouched one's, and an
+    evaluation reports it."""
     from slimvlm.bench import flops
     from slimvlm.bench.evaluate import MethodResult
 
     model = fresh_qwen
-    with torch.no_grad(), slimvlm.apply(model, "divprune:budget=10") as handle:
-        model(**qwen_batch(model.config))
-        stats = handle.stats
-    assert not flops.covers(model.config) and flops.covers(qwen_model("qwen3_vl").config)
-    with pytest.raises(SlimVLMError, match="no formula for the linear-attention layers of qwen3_5"):
-        flops.count(model.config, stats)
-    result = MethodResult(method="divprune:budget=10", records=[], stats=[stats], config=model.config)
-    assert result.prefill_flops is None and result.flops_ratio(result) is None
+    shape = flops.llm_shape(model.config.text_config)
+    assert "linear_attention" in shape.layer_kinds and "full_attention" in shape.layer_kinds and shape.query_gate
+    linear, full = shape.layer_kinds.index("linear_attention"), shape.layer_kinds.index("full_attention")
+    assert flops.llm_layer_prefill_flops(shape, 20, layer=linear) == 20 * flops.llm_layer_prefill_flops(shape, 1, layer=linear)
+    assert flops.llm_layer_prefill_flops(shape, 20, layer=full) > 20 * flops.llm_layer_prefill_flops(shape, 1, layer=full)
+    results = {}
+    for method in ("none", "divprune:budget=10"):
+        with torch.no_grad(), slimvlm.apply(model, method) as handle:
+            model(**qwen_batch(model.config))
+        results[method] = MethodResult(method=method, records=[], stats=[handle.stats], config=model.config)
+    assert 0 < results["divprune:budget=10"].prefill_flops < results["none"].prefill_flops

@@ -225,9 +225,8 @@ class MethodResult:
 
     @property
     def prefill_flops(self) -> int | None:
-        """Analytic prefill FLOPs (encoder + projector + LLM) summed over every batch run; None where slimvlm has no
-        formula for the model (a hybrid LM's linear-attention layers)."""
-        if self.config is None or not self.stats or not flops.covers(self.config):
+        """Analytic prefill FLOPs (encoder + projector + LLM) summed over every batch run."""
+        if self.config is None or not self.stats:
             return None
         return sum(flops.count(self.config, stats).prefill for stats in self.stats)
 

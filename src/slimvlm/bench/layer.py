@@ -81,7 +81,8 @@ def bench_layer(model, merge: str = "tome:r=16", batch_size: int = 1, text_token
                 case=case, methods=specs, batch_size=inputs["input_ids"].shape[0], layer=layer,
                 tokens=statistics.mean(tokens), attended=statistics.mean(attended), latency_ms=latency,
                 peak_memory_bytes=peak, extra_memory_bytes=None if peak is None else peak - before,
-                flops=sum(flops_mod.llm_layer_prefill_flops(shape, n, m) for n, m in zip(tokens, attended)),
+                flops=sum(flops_mod.llm_layer_prefill_flops(shape, n, m, layer, runs)
+                          for n, m, runs in zip(tokens, attended, flops_mod.two_way_runs_of(stats, layer))),
                 visual_tokens=list(stats.visual_tokens),
             ))
         finally:

@@ -270,6 +270,10 @@ class LanguageModelAdapter:
         """What of a prefill call (the model's forward's arguments) the LM's masks follow: nothing here."""
         return {}
 
+    def two_way_visual_runs(self, mask_inputs: dict) -> bool:
+        """Whether the LM's prefill masks let each run of visual tokens attend to itself both ways: no, causal here."""
+        return False
+
     def prompt_mask(self, sequence: "Sequence", embeds: torch.Tensor, cache, mask_inputs: dict) -> torch.Tensor | dict:
         """The attention_mask the LM's own forward takes over a rebuilt prompt: the 2D mask of its real tokens, from
         which the LM builds its causal masks."""

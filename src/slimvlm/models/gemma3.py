@@ -136,6 +136,9 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
         """Whether the call gave token_type_ids: the model's image blocks attend both ways only then."""
         return {"both_ways": arguments.get("token_type_ids") is not None}
 
+    def two_way_visual_runs(self, mask_inputs: dict) -> bool:
+        return mask_inputs["both_ways"]
+
     def prompt_mask(self, sequence: Sequence, embeds: torch.Tensor, cache, mask_inputs: dict) -> torch.Tensor | dict:
         """With token_type_ids, the model's own masks with each run of visual tokens attending to itself both ways
         (on sliding layers within the window), the runs those of the rebuilt prompt: an image's kept tokens are one

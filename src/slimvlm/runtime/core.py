@@ -238,7 +238,8 @@ class Runtime:
             self.conversations.started(session)
         self.labels = session.labels  # stage 3 may have shortened the sequence since rebuild
         self._read_stats = recorded(session, visual.tokens, visual.trace, visual.projected, layer_tokens,
-                                    input_ids.shape[1], visual.fusion)
+                                    input_ids.shape[1], visual.fusion,
+                                    adapter.two_way_visual_runs(session.mask_inputs))
         if plan.cache is Cache.NONE:
             self.session = None
         return self.outputs.from_hidden(hidden, session.cache, arguments, self.labels, output,
