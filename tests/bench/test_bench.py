@@ -132,8 +132,10 @@ def test_bench_generate_cli_on_tiny_model(tiny_dir, tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert payload["command"].startswith("slimvlm bench-generate") and payload["new_tokens"] == 3
     rows = [(r["batch_size"], r["path"], r["method"]) for r in payload["results"]]
-    # per batch size and path: the untouched model (the reference of the ratios) first, then each method
-    assert rows == [(b, p, m) for b in (1, 2) for p in ("eager", "static") for m in ("untouched", "none", "divprune:budget=64")]
+    # per batch size and path: the untouched model (the reference of the ratios) first, then each method, then the
+    # untouched model again (its ratios: the drift over the rows between)
+    assert rows == [(b, p, m) for b in (1, 2) for p in ("eager", "static")
+                    for m in ("untouched", "none", "divprune:budget=64", "untouched, again")]
     for r in payload["results"]:
         assert r["total_ms"] >= r["ttft_ms"] > 0 and r["first_call_ms"] > 0
         assert r["decode_ms_per_token"] == (r["total_ms"] - r["ttft_ms"]) / 2
@@ -257,7 +259,8 @@ def test_bench_clis_on_tiny_qwen(tmp_path):
                  "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["path"], r["method"], r["visual_tokens_mean"]) for r in rows] == [
-        (path, method, tokens) for path in ("eager", "static") for method, tokens in (("untouched", 529), ("divprune:budget=64", 64))]
+        (path, method, tokens) for path in ("eager", "static")
+        for method, tokens in (("untouched", 529), ("divprune:budget=64", 64), ("untouched, again", 529))]
 
 
 def test_qwen25_vl_7b_shape():
@@ -294,7 +297,8 @@ def test_the_token_ideal_is_the_untouched_llm_fed_as_many_tokens_as_text(tiny_di
     rows = bench.bench_generate(model, [["divprune:budget=64"]], lambda b: inputs, [2], ["eager"], 3, warmup=0, repeats=1,
                                 progress=False, ideal=True)
     full = inputs["input_ids"].shape[1]
-    assert lengths == [(full, True), (full, True), (full - 576 + 64, False)]  # untouched, divprune, its ideal
-    untouched, divprune = rows
-    assert untouched.ideal_ttft_ms is None
+    # untouched, divprune, its ideal, untouched again
+    assert lengths == [(full, True), (full, True), (full - 576 + 64, False), (full, True)]
+    untouched, divprune, again = rows
+    assert untouched.ideal_ttft_ms is None and again.ideal_ttft_ms is None
     assert divprune.ideal_ttft_ms > untouched.vision_ms and divprune.ideal_total_ms > divprune.ideal_ttft_ms

@@ -525,7 +525,8 @@ def test_bench_generate_leaves_out_the_default_runs_qwen_refuses(tmp_path, capsy
     assert main(["bench-generate", "--model", str(folder), "--batch-sizes", "1", "--paths", "eager", "--new-tokens", "2",
                  "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     assert "refused by this model: tome:r=16" in capsys.readouterr().out
-    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["untouched", "none", "visionzip-64", "divprune-64"]
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["untouched", "none", "visionzip-64", "divprune-64",
+                                                                         "untouched, again"]
     assert main(["bench-generate", "--model", str(folder), "--methods", "tome:r=16", "--batch-sizes", "1",
                  "--device", "cpu"]) != 0
 

@@ -21,6 +21,7 @@ from .table import text_table
 from .timing import peak_memory_bytes, synchronize
 
 UNTOUCHED = "untouched"
+UNTOUCHED_AGAIN = "untouched, again"  # the same run timed after the methods: its ratio is the machine's drift
 PATHS = {"eager": {}, "static": {"cache_implementation": "static"}}
 
 
@@ -118,10 +119,11 @@ def bench_generate(
     on_result=None,
     ideal: bool = False,
 ) -> list[GenerateResult]:
-    """Per batch size and path: the untouched model, then each method run (specs composed).
-    inputs_for(batch_size) gives the batch; the ratios compare with the untouched row of the same
-    batch size and path. on_result(results so far) after each row (to save partial runs). ideal: time each row's
-    token-ideal too (GenerateResult.ideal_ttft_ms)."""
+    """Per batch size and path: the untouched model, then each method run (specs composed), then the untouched model
+    again. inputs_for(batch_size) gives the batch; the ratios compare with the first untouched row of the same
+    batch size and path, and the last row's ratios are the drift of the machine over the rows between (what a
+    ratio nearer 1 than that does not tell apart). on_result(results so far) after each row (to save partial runs).
+    ideal: time each row's token-ideal too (GenerateResult.ideal_ttft_ms)."""
     from tqdm.auto import tqdm
 
     unknown = sorted(set(paths) - set(PATHS))
@@ -130,18 +132,18 @@ def bench_generate(
     if new_tokens < 2:
         raise SlimVLMError(f"new_tokens={new_tokens}: decode time per token needs at least 2 new tokens")
     check_runs(model, methods)
-    runs = [None] + methods  # None: the untouched model
+    runs = [UNTOUCHED] + methods + [UNTOUCHED_AGAIN]
     placeholders = adapter_for(model).placeholder_ids  # an image's or a video's
     results = []
     todo = [(b, p, r) for b in batch_sizes for p in paths for r in runs]
     for batch_size, path, specs in tqdm(todo, desc="bench-generate", disable=not progress):
         inputs = inputs_for(batch_size)
         with torch.inference_mode():
-            if specs is None:
+            if specs in (UNTOUCHED, UNTOUCHED_AGAIN):
                 timed = time_generate(model, inputs, new_tokens, path, warmup, repeats)
                 tokens = float(is_placeholder(inputs["input_ids"], placeholders).sum(dim=1).float().mean())
                 kept = tokens
-                name = UNTOUCHED
+                name = specs
                 with apply(model, "none") as handle:
                     timed |= stage_split(model, handle, inputs, new_tokens, path)
             else:
