@@ -13,6 +13,12 @@ steps with probability r on all tokens with self-distillation from the fast mode
 (--sweep-p x --sweep-r). Each run is timed alone, a device synchronisation at both ends, and then scored on
 held-out scenes with all tokens and with pruned tokens (its fast mode: pruner + isolator; the pruner alone
 for the others), through slimvlm.apply + generate() (slimvlm.bench.evaluate).
+
+`--compile` (every run alike, as the testbed trainer's own --compile): each run's LM layer parts compiled
+(slimvlm.train.compile_llm_layers), and before its timer starts one step of each mode it will run, on batches
+of another seed, with no optimizer step (the gradients dropped): compiling is not charged to the run, and the
+run trains exactly as it would eagerly. Scoring runs them eagerly (eager_llm_layers); a graph per run's token
+count is kept across runs, so the limit on a function's compiled versions is raised to fit the sweep.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from slimvlm.models import adapter_for
 from slimvlm.models.loading import load_model, resolve_device
 from slimvlm.testbed.scenes import make_samples
 from slimvlm.testbed.batches import PixelNormalizer
+from slimvlm.train import compile_llm_layers, eager_llm_layers
 from slimvlm.train.dualspeed import DualSpeed, variant
 
 
@@ -59,8 +66,11 @@ def train_run(name: str, options: dict, base, pool, normalizer, args, device) ->
     rates = [group["lr"] for group in optimizer.param_groups]
     per_step = args.scenes_per_batch * pool.questions_per_scene
     steps = args.samples // per_step
-    batches = pool.batches(args.scenes_per_batch, seed=args.seed)  # the same batches, in the same order, for every run
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.compile:
+        compile_llm_layers(model)
+        warm_compiled(dual, pool, normalizer, args, steps, autocast, optimizer)
+    batches = pool.batches(args.scenes_per_batch, seed=args.seed)  # the same batches, in the same order, for every run
     modes = {"fast": 0, "slow": 0}
     synchronize(device)
     if device.type == "cuda":
@@ -83,8 +93,26 @@ def train_run(name: str, options: dict, base, pool, normalizer, args, device) ->
     record = {"run": name, "options": options, "steps": steps, "samples": steps * per_step, "train_s": round(seconds, 2),
               "samples_per_s": round(steps * per_step / seconds, 1), "fast_steps": modes["fast"], "slow_steps": modes["slow"],
               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    if args.compile:
+        eager_llm_layers(model)  # scoring's generate() would recompile the training graphs for its lengths
     model.eval()
     return model, dual, record
+
+
+def warm_compiled(dual: DualSpeed, pool, normalizer, args, steps: int, autocast, optimizer) -> None:
+    """One forward and backward of each mode the run's steps will take, on batches of another seed, the gradients
+    dropped with no optimizer step: the compiled parts are built before the timer starts, the training unchanged."""
+    batches = pool.batches(args.scenes_per_batch, seed=args.seed + 1)
+    first_of_mode = {}
+    for step in range(steps):
+        first_of_mode.setdefault(dual.step_mode(step), step)
+    for step in first_of_mode.values():
+        batch = next(batches)
+        batch = {**batch, "pixel_values": normalizer(batch.pop("pixels"))}
+        with autocast:
+            loss, _ = dual.loss(batch, step, details=False)
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def score(model, dual: DualSpeed, processor, items, batch_size: int) -> dict:
@@ -114,6 +142,8 @@ def run(args) -> dict:
                             "command": command("experiments.dualspeed.testbed", args)},
                "start": {"full": evaluate(base, processor, items, "none", batch_size=args.eval_batch_size).accuracy},
                "runs": []}
+    if args.compile:  # a fast-mode graph per pruning ratio and isolator, the slow one, for every run of the sweep
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for name, options in runs(args)[: args.max_runs]:
         model, dual, record = train_run(name, options, base, pool, normalizer, args, device)
         record.update(score(model, dual, processor, items, args.eval_batch_size))
@@ -137,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (the main three first)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--isolator-lr", type=float, default=1e-3)
+    p.add_argument("--compile", action="store_true",
+                   help="compile every run's LM layer parts, built on one untimed step per mode before its timer")
     return p
 
 

@@ -40,6 +40,34 @@ def test_dualspeed_runs_the_three_recipes_on_the_same_batches(tiny_dir, tmp_path
     assert all(0 <= r["full"] <= 1 and 0 <= r["pruned"] <= 1 for r in runs)
 
 
+def test_compiled_runs_warm_each_mode_off_the_clock_and_train_as_eager_ones(tiny_dir, tmp_path, monkeypatch):
+    """--compile: every run's LM compiled (here recorded, not compiled) and warmed by one step of each mode it will
+    take, on other batches, with no optimizer step: the runs train and score exactly as the eager ones."""
+    compiled, warm_modes = [], []
+    monkeypatch.setattr(dualspeed_runner, "compile_llm_layers", compiled.append)
+    warm = dualspeed_runner.warm_compiled
+
+    def recording_warm(dual, *args):
+        before = {name: p.detach().clone() for name, p in dual.model.named_parameters()}
+        loss = dual.loss
+        dual.loss = lambda batch, step, details: (warm_modes.append(dual.step_mode(step)), loss(batch, step, details))[1]
+        warm(dual, *args)
+        del dual.loss
+        assert all(torch.equal(p, before[name]) and p.grad is None for name, p in dual.model.named_parameters())
+
+    monkeypatch.setattr(dualspeed_runner, "warm_compiled", recording_warm)
+    small = [*SMALL, "--samples", "48", "--r", "0.5", "--max-runs", "3"]
+    assert dualspeed_runner.main(["--model", str(tiny_dir), "--out", str(tmp_path / "eager"), *small]) == 0
+    assert dualspeed_runner.main(["--model", str(tiny_dir), "--out", str(tmp_path / "compiled"), *small, "--compile"]) == 0
+    eager, timed = ([{k: v for k, v in r.items() if k not in ("train_s", "samples_per_s", "peak_gb")} for r in
+                     json.loads((tmp_path / name / "results.json").read_text())["runs"]] for name in ("eager", "compiled"))
+    assert timed == eager and len(compiled) == 3
+    dual = eager[2]
+    taken = {mode for mode in ("fast", "slow") if dual[f"{mode}_steps"]}
+    assert dual["fast_steps"] and dual["slow_steps"]  # r = 0.5 over 4 steps: both modes to warm
+    assert warm_modes[:2] == ["slow", "fast"] and sorted(warm_modes[2:]) == sorted(taken)  # baseline, naive, dualspeed
+
+
 def test_llava_mini_students_train_side_by_side_and_ship(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--model", str(tiny_dir), "--out", str(out), "--students", "c1+c4,c1:frozen", "--layers", "1",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimvlm.bench.train import make_trainable, training_batch
-from slimvlm.train import DualSpeed, compile_llm_layers
+from slimvlm.train import DualSpeed, compile_llm_layers, eager_llm_layers
 
 
 def _loss_and_grads(model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
@@ -43,6 +43,11 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_under_checkpointing(t
     assert compiled_grads.keys() == eager_grads.keys() and any("layers" in name for name in eager_grads)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # undone for evaluation: no graph more for a step of another length or mode
+    assert eager_llm_layers(model) == sum(len(list(layer.children())) for layer in layers)
+    other = next(s for s in range(1000) if DualSpeed(model).step_mode(s) != mode)
+    _loss_and_grads(model, batch, other)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_bench_train_refuses_compiling_without_a_warm_up_round():

@@ -25,8 +25,22 @@ from ..models import adapter_for
 def compile_llm_layers(model: nn.Module, **options: Any) -> int:
     """Compile the parts of each of the model's LM decoder layers in place (`nn.Module.compile`; options go to
     torch.compile, e.g. backend, mode; shapes are specialised, dynamic=False, unless given); returns how many parts.
-    For training runs: they stay compiled for the model's lifetime."""
-    parts = [part for layer in adapter_for(model).llm_layers for part in layer.children()]
+    For training runs: they stay compiled until eager_llm_layers(model)."""
+    parts = _layer_parts(model)
     for part in parts:
         part.compile(**{"dynamic": False, **options})
     return len(parts)
+
+
+def eager_llm_layers(model: nn.Module) -> int:
+    """Undo compile_llm_layers: the parts run eagerly again; returns how many. Evaluate a trained model so: generate()'s
+    lengths, its KV cache and no-grad mode would each recompile the training graphs, and torch.compile stops
+    compiling a function after a few versions (config.recompile_limit), for every model of that class."""
+    parts = _layer_parts(model)
+    for part in parts:
+        part._compiled_call_impl = None  # what nn.Module.compile set; its __call__ then runs forward as before
+    return len(parts)
+
+
+def _layer_parts(model: nn.Module) -> list[nn.Module]:
+    return [part for layer in adapter_for(model).llm_layers for part in layer.children()]
