@@ -5,7 +5,7 @@ import pytest
 from slimvlm.runtime.plan import Cache, Decode, Prefill, plan_prefill
 
 # stage-3/4 methods on an SDPA LM, on a GPU at inference, at batch 1, on generate()'s dynamic cache
-USUAL = dict(edits_layers=True, unmerge=False, windowed=False, takes_masks=True, graphs=True, batch=1,
+USUAL = dict(edits_layers=True, unmerge=False, mixed_layers=False, takes_masks=True, graphs=True, batch=1,
              lm_outputs_asked=False, use_cache=True, static_given=False)
 
 
@@ -28,9 +28,10 @@ def plan(**changes):
     (dict(edits_layers=False, static_given=True, lm_outputs_asked=True), Prefill.LM, Cache.STATIC, Decode.STATIC,
      False),
     (dict(edits_layers=False, unmerge=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
-    (dict(edits_layers=False, windowed=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
-    # drops on a windowed LM (Gemma 3): its own forward decodes, building the first view's masks for its sliding caches
-    (dict(windowed=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, True),
+    (dict(edits_layers=False, mixed_layers=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, False),
+    # drops on an LM of mixed layers (Gemma 3's sliding windows, Qwen3.5's linear attention): its own forward decodes,
+    # building the first view's masks for each kind of layer, the hooks the later views'
+    (dict(mixed_layers=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, True),
     # features added to the first layers' outputs (Qwen3-VL's DeepStack): hooks on the LM's own forward
     (dict(layer_features=True), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
     (dict(layer_features=True, static_given=True), Prefill.LM, Cache.HAND_OFF, Decode.STATIC, True),
@@ -47,9 +48,9 @@ def test_a_decode_step_follows_its_prompts_plan():
     assert not layer_by_layer.step(lm_outputs_asked=False).layer_hooks  # the step masks each layer itself
     with_outputs = layer_by_layer.step(lm_outputs_asked=True)  # only the LM's own forward takes them
     assert (with_outputs.prefill, with_outputs.decode, with_outputs.layer_hooks) == (None, Decode.LM, True)
-    windowed = plan(windowed=True).step(lm_outputs_asked=False)  # the hooks give the later views their masks
-    assert (windowed.prefill, windowed.decode, windowed.layer_hooks) == (None, Decode.LM, True)
-    assert not plan(windowed=True, edits_layers=False).step(lm_outputs_asked=False).layer_hooks
+    mixed = plan(mixed_layers=True).step(lm_outputs_asked=False)  # the hooks give the later views their masks
+    assert (mixed.prefill, mixed.decode, mixed.layer_hooks) == (None, Decode.LM, True)
+    assert not plan(mixed_layers=True, edits_layers=False).step(lm_outputs_asked=False).layer_hooks
     static = plan(graphs=False, static_given=True).step(lm_outputs_asked=True)
     assert (static.decode, static.layer_hooks) == (Decode.STATIC, False)  # hooks would be traced into the step
 

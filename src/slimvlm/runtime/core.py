@@ -60,7 +60,8 @@ class Runtime:
         self._edits_layers = bool(in_llm) and not self._unmerge
         drop_methods = [m for m in by_stage[Stage.PREFILL] if not m.virtual_unmerge]
         window = getattr(adapter.text_config, "sliding_window", None)
-        self._windowed = window is not None
+        # layers of more than one kind (sliding-window or linear attention beside full): plan.py's mixed_layers
+        self._mixed_layers = window is not None or adapter.masks_layer_kinds
         if window is not None and (self._unmerge or in_llm) and not adapter.masks_layer_kinds:
             names = sorted({m.name for m in in_llm} | ({"vtu"} if self._unmerge else set()))
             raise SlimVLMError(
@@ -202,7 +203,7 @@ class Runtime:
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
         return plan_prefill(
-            edits_layers=self._edits_layers, unmerge=self._unmerge, windowed=self._windowed,
+            edits_layers=self._edits_layers, unmerge=self._unmerge, mixed_layers=self._mixed_layers,
             takes_masks=self.adapter.takes_masks(),
             graphs=graphs.graphs_wanted(self.cuda_graphs, input_ids.device),  # looked up here: device_reads swaps it
             batch=input_ids.shape[0], lm_outputs_asked=bool(kwargs), use_cache=bool(use_cache),

@@ -48,23 +48,25 @@ class Plan:
         if self.decode is Decode.LAYER_BY_LAYER and lm_outputs_asked:  # the hooks give each layer its view's mask
             return replace(self, prefill=None, decode=Decode.LM, layer_hooks=True)
         # no hooks elsewhere: no view needs them, or the step gives each layer its mask itself (on the static
-        # cache, where hooks would also be traced into the compiled step); but a windowed LM's views, decoded by
-        # the LM's own forward, keep them
+        # cache, where hooks would also be traced into the compiled step); but the views of an LM of mixed layers,
+        # decoded by the LM's own forward, keep them
         return replace(self, prefill=None, layer_hooks=self.layer_hooks and self.decode is Decode.LM)
 
 
-def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_masks: bool, graphs: bool, batch: int,
+def plan_prefill(*, edits_layers: bool, unmerge: bool, mixed_layers: bool, takes_masks: bool, graphs: bool, batch: int,
                  lm_outputs_asked: bool, use_cache: bool, static_given: bool, layer_features: bool = False) -> Plan:
     """The plan of a prompt with images.
 
     edits_layers: stage-3/4 methods drop tokens or cut cache entries, so LLM layers end prefill holding different
-    entries. unmerge: virtual unmerging (unmerge.py) runs in every layer's attention. windowed: the LM attends within
-    a sliding window. takes_masks: its attention takes slimvlm's 4D masks (SDPA, eager; not flash attention).
-    graphs: CUDA graphs are wanted (graphs.graphs_wanted). batch: the prompts. lm_outputs_asked: the call passes
-    arguments for the LM's own forward. use_cache: the prefill keeps a cache. static_given: the caller's cache is a
-    static one (generate(cache_implementation="static")). layer_features: visual tokens add features to the LM's
-    first layers' outputs (Qwen3-VL's DeepStack, added by hooks on those layers: layer_features.py), so the LM's own
-    forward runs the prefill (the segments' graphs and the static prefill's reordered rows would not see them)."""
+    entries. unmerge: virtual unmerging (unmerge.py) runs in every layer's attention. mixed_layers: not every LM layer
+    attends causally over the whole prompt (some attend within a sliding window, or are linear attention, whose cache is
+    a recurrent state: Qwen3.5's), so each kind of layer takes masks of its own. takes_masks: its attention takes
+    slimvlm's 4D masks (SDPA, eager; not flash attention). graphs: CUDA graphs are wanted (graphs.graphs_wanted).
+    batch: the prompts. lm_outputs_asked: the call passes arguments for the LM's own forward. use_cache: the prefill
+    keeps a cache. static_given: the caller's cache is a static one (generate(cache_implementation="static")).
+    layer_features: visual tokens add features to the LM's first layers' outputs (Qwen3-VL's DeepStack, added by hooks
+    on those layers: layer_features.py), so the LM's own forward runs the prefill (the segments' graphs and the static
+    prefill's reordered rows would not see them)."""
     if not use_cache:
         cache = Cache.NONE
     elif not static_given:
@@ -78,10 +80,10 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
     # at batch 1 with CUDA graphs, where a prefill is paid in launches, the runtime runs the LM in segments
     # between drops replayed from graphs (segments.py): on the dynamic cache, and on the static one for
     # stages 3-4 (stage 1-2 methods replay the whole LM there). Not where the caller asks the LM's own outputs,
-    # nor on an LM that attends within a sliding window (the segments' masks are causal over the whole prompt)
+    # nor on an LM of mixed layers (the segments' layers attend causally over the whole prompt into a cache of keys)
     # or whose attention takes no mask of slimvlm's (flash attention); nor without graphs, where the segments'
     # attention over the prompt's width (masked) would cost what the drops save
-    segments = (graphs and batch == 1 and not lm_outputs_asked and not unmerge and not windowed and takes_masks
+    segments = (graphs and batch == 1 and not lm_outputs_asked and not unmerge and not mixed_layers and takes_masks
                 and cache is not Cache.STATIC and not layer_features)
     if segments:
         prefill = Prefill.SEGMENTS  # the segments run the drops themselves
@@ -91,10 +93,11 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, windowed: bool, takes_mas
         prefill = Prefill.LM
     if cache in (Cache.STATIC, Cache.HAND_OFF):
         decode = Decode.STATIC
-    elif edits_layers and not windowed:  # no layer hook runs each step (decode.py)
+    elif edits_layers and not mixed_layers:  # no layer hook runs each step (decode.py)
         decode = Decode.LAYER_BY_LAYER
-    else:  # on a windowed LM after drops (its adapter masks each view per kind of layer), the LM's own forward builds
-        # the first view's masks for its sliding caches and every layer's rotary embeddings, the hooks the other views'
+    else:  # on an LM of mixed layers after drops (its adapter masks each view per kind of layer), the LM's own forward
+        # builds the first view's masks for its kinds of layers and every layer's rotary embeddings, the hooks the other
+        # views'
         decode = Decode.LM
     return Plan(prefill=prefill, cache=cache, decode=decode, layer_hooks=prefill is Prefill.LM and edits_layers,
                 graphs=graphs)
