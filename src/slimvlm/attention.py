@@ -48,7 +48,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama-style rotary embedding: x (B, H, L, d), cos/sin (B, L, d)."""
+    """Llama-style rotary embedding: x (B, H, L, d), cos/sin (B, L, r). Where r < d (partial rotary: Qwen3.5's full
+    attention rotates a part of each head) the first r channels rotate and the rest pass, as the model does."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
@@ -56,10 +60,10 @@ def question_rows(adapter, parts, queries: torch.Tensor, keys: torch.Tensor, pos
                   key_valid: torch.Tensor) -> torch.Tensor:
     """(B, H, Q, L) attention probabilities of the queries at index (B, Q) over the valid keys before them (on a
     sliding-window layer, those less than its window before), from a layer's projected queries and keys (B, L, H x d)
-    (through its per-head norms where it has them: parts.normed) and its rotary embeddings: computed beside SDPA."""
+    (the query of each head, where the projection also gives a gate: parts.query_heads; through its per-head norms where
+    it has them: parts.normed) and its rotary embeddings: computed beside SDPA."""
     batch, length, _ = keys.shape
-    queries, keys = parts.normed(queries.view(batch, length, parts.num_heads, parts.head_dim),
-                                 keys.view(batch, length, parts.num_kv_heads, parts.head_dim))
+    queries, keys = parts.normed(parts.query_heads(queries), keys.view(batch, length, parts.num_kv_heads, parts.head_dim))
     queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)
     keys = adapter.rotate(keys, position_embeddings)
     cos, sin = adapter.gather_position_embeddings(position_embeddings, index)

@@ -117,6 +117,14 @@ class AttentionParts:
     q_norm: nn.Module | None = None  # per-head norms before RoPE (Qwen3's), where the layer has them
     k_norm: nn.Module | None = None
     window: int | None = None  # a sliding-window layer's window (a query sees keys less than it before), else None
+    gated_query: bool = False  # q_proj gives each head its query, then a gate on its output (Qwen3.5's gated attention)
+
+    def query_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        """q_proj's output (..., H x d) split into heads (..., H, d): where it carries an output gate beside each head's
+        query (H x 2d), the query alone. The gate scales the attention's output, not its probabilities."""
+        if not self.gated_query:
+            return projected.unflatten(-1, (self.num_heads, self.head_dim))
+        return projected.unflatten(-1, (self.num_heads, 2 * self.head_dim))[..., : self.head_dim]
 
     def normed(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected queries and keys split into heads (..., H, d), through the layer's per-head norms where it has
@@ -163,6 +171,8 @@ class LanguageModelAdapter:
         self.image_token_id = config.image_token_id
         self.placeholder_ids: tuple[int, ...] = (config.image_token_id,)  # the visual items' placeholder tokens
         self.llm_layers = list(language_model.layers)
+        # per LLM layer its kind, as the config names them ('full_attention', 'sliding_attention', 'linear_attention')
+        self.layer_kinds: list[str] = list(getattr(self.text_config, "layer_types", None) or [])
         self.cache_kwarg = cache_kwarg(language_model.forward)
         first = next((layer.self_attn for layer in self.llm_layers if hasattr(layer, "self_attn")), None)
         for name in ("q_proj", "k_proj", "scaling", "head_dim"):
@@ -296,8 +306,9 @@ class LanguageModelAdapter:
         return self.gather_position_embeddings(embeddings, gather)
 
     def for_layer(self, value, layer: int):
-        """A view's mask or rotary embeddings as LLM layer `layer` takes them: the one for every layer here."""
-        return value
+        """A view's mask or rotary embeddings as LLM layer `layer` takes them: the one of the layer's kind where the
+        adapter made one per kind (a dict, masks_layer_kinds), else the one for every layer."""
+        return value[self.layer_kinds[layer]] if isinstance(value, dict) else value
 
     def attention_parts(self, layer: int) -> AttentionParts:
         attn = self.llm_layers[layer].self_attn

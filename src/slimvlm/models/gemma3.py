@@ -77,7 +77,6 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
                 "64 x 64 patches)"
             )
         self._join_units(rows // side)
-        self.layer_kinds = list(self.text_config.layer_types)
 
     def _feature_selection(self, config) -> tuple[int, str]:
         """Every SigLIP layer, every patch: the model reads the tower's last_hidden_state (after post_layernorm)."""
@@ -182,10 +181,6 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
         """Per kind of layer (each its own rope base), the rotary embeddings of the kept tokens' positions."""
         rotary = self.language_model.rotary_emb
         return {kind: rotary(like, sequence.positions, kind) for kind in set(self.layer_kinds)}
-
-    def for_layer(self, value, layer: int):
-        """The mask or rotary embeddings of the layer's kind (sliding or full attention)."""
-        return value[self.layer_kinds[layer]] if isinstance(value, dict) else value
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict:
         """token_type_ids, as the processor returns them: 1 at the image placeholders."""
