@@ -236,16 +236,26 @@ def nv_model(folder):
 def sharpened(model):
     """The model with sharper LM attention: at the default init it is nearly uniform, and attention-ranked drops
     (fastv, mustdrop) take all or nothing, and a wrong position hardly shows. Queries and keys scaled by 8, where an
-    LM norms them per head (Qwen3's q_norm, k_norm) by the norms' weights."""
+    LM norms them per head (Qwen3's q_norm, k_norm) by the norms (sharpen_norm)."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             attention = getattr(layer, "self_attn", None)
             if attention is None:  # a linear-attention layer of a hybrid LM (Qwen3.5): no queries and keys to scale
                 continue
-            for scaled in (attention.q_norm, attention.k_norm) if hasattr(attention, "q_norm") else (attention.q_proj,
-                                                                                                      attention.k_proj):
-                scaled.weight.mul_(8)
+            if hasattr(attention, "q_norm"):
+                sharpen_norm(attention.q_norm)
+                sharpen_norm(attention.k_norm)
+            else:
+                attention.q_proj.weight.mul_(8)
+                attention.k_proj.weight.mul_(8)
     return model
+
+
+def sharpen_norm(norm) -> None:
+    """A per-head norm's outputs times 8: its scale w times 8, or where it scales by 1 + w (Qwen3.5's, whose w starts at
+    0: a vector of ones comes out as 1 + w), 1 + w' = 8 (1 + w)."""
+    offset = float((norm(torch.ones_like(norm.weight)) - norm.weight).mean().round())  # 1 or 0
+    norm.weight.mul_(8).add_(7 * offset)
 
 
 @pytest.fixture(scope="session")
@@ -342,13 +352,14 @@ QWEN_GRIDS = [(1, 8, 12), (1, 8, 8)]  # (t, h, w) patches: 24 and 16 tokens (2 x
 QWEN_IDS = dict(image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
 
 
-def qwen_model(family: str, seed: int = 0):
+def qwen_model(family: str, seed: int = 0, **text_options):
     """A tiny random Qwen2-VL ('qwen2_vl'), Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl', 'qwen3_vl_moe') or Qwen3.5
     ('qwen3_5'), float32, SDPA: a 4-layer M-RoPE LM (mrope_section sums to head_dim / 2) whose attention is sharp enough
     that a wrong position shows in the logits; 2.5 with windows of 2 x 2 tokens and full attention in blocks 1 and 3; 3
     with 16-px patches, interleaved M-RoPE and DeepStack features from ViT blocks 0, 1 and 2 added to LM layers 0, 1 and
     2 (so a drop at layer 2 has features added before and after it); 3.5 with 16-px patches, no DeepStack, and three
-    linear-attention LM layers before one of full attention (with a quarter of each head rotated)."""
+    linear-attention LM layers before one of full attention (with a quarter of each head rotated). text_options: the
+    LM config's own, over these (num_hidden_layers, Qwen3.5's full_attention_interval)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
@@ -356,6 +367,7 @@ def qwen_model(family: str, seed: int = 0):
     text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+    text.update(text_options)
     patches = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=2)
     torch.manual_seed(seed)
     if family == "qwen2_vl":
