@@ -52,11 +52,13 @@ def compaction(keep: torch.Tensor, width_step: int = 1, right: bool = False,
     return Packed(index[:, :width], valid, fewest < width)
 
 
-def padding_of_causal_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+def padding_of_causal_mask(mask: torch.Tensor, length: int, two_way: torch.Tensor | None = None) -> torch.Tensor:
     """The 2D padding mask (B, length) behind a 4D causal mask (B, 1, length, K >= length), bool
     (True = attend) or additive (0 = attend), such as generate() builds for a static cache: the last
-    query sees every real key before it. Any other 4D mask is refused: slimvlm rebuilds the mask of
-    the reduced sequence from padding alone, and would drop what else the mask says."""
+    query sees every real key before it. two_way: (B, length, length) the (query, key) pairs the model's
+    own mask also lets attend (Gemma 3's image blocks, both ways), where it has such. Any other 4D mask is
+    refused: slimvlm rebuilds the mask of the reduced sequence from padding alone, and would drop what
+    else the mask says."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != length or mask.shape[3] < length:
         raise SlimVLMError(
             f"a 4D attention_mask of shape {tuple(mask.shape)} is not the causal mask of a {length}-token prompt; "
@@ -65,7 +67,10 @@ def padding_of_causal_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
     padding = allowed[:, -1, :length]
     at = torch.arange(length, device=mask.device)
-    expected = padding[:, None, :] & (at[None, :] <= at[:, None])[None]
+    pairs = (at[None, :] <= at[:, None])[None]
+    if two_way is not None:
+        pairs = pairs | two_way
+    expected = padding[:, None, :] & pairs
     real_rows = padding[:, :, None]
     if not bool(((allowed[:, :, :length] == expected) | ~real_rows).all()) or bool(allowed[:, :, length:].any()):
         raise SlimVLMError(
@@ -258,17 +263,22 @@ def rebuild(
 
 
 def attention_mask_4d(
-    key_valid: torch.Tensor, query_length: int, dtype: torch.dtype | None, first_query: int | None = None
+    key_valid: torch.Tensor, query_length: int, dtype: torch.dtype | None, first_query: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """(B, 1, Q, K) mask for Q queries at key slots first_query.. (default: the last Q of K keys):
-    causal, padding masked, each query sees itself (so padding rows never attend to nothing). dtype
-    None gives a bool mask (True = attend, for SDPA); a float dtype gives an additive mask (for eager
-    attention)."""
+    causal, padding masked, each query sees itself (so padding rows never attend to nothing); with a
+    `window`, a query sees only the keys less than `window` slots before it, as transformers' sliding
+    layers do (kv_idx > q_idx - window, on cache indices). dtype None gives a bool mask (True = attend,
+    for SDPA); a float dtype gives an additive mask (for eager attention)."""
     keys = key_valid.shape[1]
     first = keys - query_length if first_query is None else first_query
     query_at = torch.arange(first, first + query_length, device=key_valid.device)[:, None]
     key_at = torch.arange(keys, device=key_valid.device)[None, :]
-    allowed = (key_at <= query_at)[None] & key_valid[:, None, :]
+    seen = key_at <= query_at
+    if window is not None:
+        seen &= key_at > query_at - window
+    allowed = seen[None] & key_valid[:, None, :]
     allowed |= (key_at == query_at)[None]
     allowed = allowed[:, None]
     if dtype is None:

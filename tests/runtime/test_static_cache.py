@@ -211,6 +211,33 @@ def test_padding_of_a_causal_mask():
         padding_of_causal_mask(torch.ones(2, 1, 1, 8, dtype=torch.bool), 5)
 
 
+def test_the_padding_of_a_causal_mask_with_two_way_blocks():
+    """A model whose mask also lets some pairs attend both ways (Gemma 3's image blocks) gives them: the padding is
+    read where the mask is causal over padding plus those pairs, and refused where it allows other pairs."""
+    padding = torch.tensor([[False, True, True, True, True]])
+    block = torch.zeros(1, 5, 5, dtype=torch.bool)
+    block[0, 2:4, 2:4] = True  # tokens 2 and 3: one block
+    at = torch.arange(5)
+    mask = (padding[:, None, :] & ((at[None, :] <= at[:, None]) | block))[:, None]
+    with pytest.raises(slimvlm.SlimVLMError, match="not a causal mask"):
+        padding_of_causal_mask(mask, 5)
+    assert torch.equal(padding_of_causal_mask(mask, 5, block), padding.long())
+    other = torch.zeros_like(block)
+    other[0, 1:3, 1:3] = True
+    with pytest.raises(slimvlm.SlimVLMError, match="not a causal mask"):
+        padding_of_causal_mask(mask, 5, other)
+
+
+def test_a_windowed_mask_sees_the_keys_less_than_the_window_before_each_query():
+    """As transformers' sliding layers (kv_idx > q_idx - window): queries at slots 5 and 6 of 8, window 3, padding
+    at slot 4 masked, each query seeing itself."""
+    key_valid = torch.tensor([[True, True, True, True, False, True, True, False]])
+    mask = attention_mask_4d(key_valid, 2, None, first_query=5, window=3)
+    assert mask[0, 0].int().tolist() == [[0, 0, 0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1, 0]]
+    additive = attention_mask_4d(key_valid, 2, torch.float32, first_query=5, window=3)
+    assert torch.equal(additive[0, 0] == 0, mask[0, 0])
+
+
 def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fresh):
     """slimvlm's static cache only grows, per group of layers: a shorter reduced prompt (MustDrop's and DyMU's
     counts follow the image) reuses it, as transformers reuses its own across calls."""
