@@ -137,7 +137,9 @@ class AttentionParts:
 @dataclass(frozen=True)
 class DecodeParts:
     """What one decode step runs of an LM: token embedding, the LM body (the module whose outputs
-    transformers captures), its decoder layers, final norm and rotary embedding, and the head."""
+    transformers captures), its decoder layers, final norm and rotary embedding, and the head. rotary_kinds: per
+    layer, the kind of layer whose rotary embedding it takes (`rotary(x, position_ids, kind)`: Gemma 3's rope base
+    per kind), or None where one serves every layer."""
 
     embed: torch.nn.Module
     body: torch.nn.Module
@@ -145,6 +147,7 @@ class DecodeParts:
     norm: torch.nn.Module
     rotary: torch.nn.Module
     head: torch.nn.Module
+    rotary_kinds: tuple[str, ...] | None = None
 
 
 class LanguageModelAdapter:

@@ -177,8 +177,9 @@ class StaticDecoder:
         hidden = gather_rows(embeds, order)
         parts = self.adapter.decode_parts()
         position_embeddings = self.adapter.position_embeddings(hidden, gather_rows(positions, order))
-        hidden = decoder_layers(parts.body, parts, hidden, (mask,), (0,) * len(parts.layers), None,
-                                position_embeddings, self.adapter.cache_kwarg, self._cache).last_hidden_state
+        layers = len(parts.layers)
+        hidden = decoder_layers(parts.body, parts, hidden, (mask,), (0,) * layers, None, [position_embeddings] * layers,
+                                self.adapter.cache_kwarg, self._cache).last_hidden_state
         return gather_rows(hidden, (at - first) % width), ordered
 
     def step(self, input_ids: torch.Tensor, masks: tuple[torch.Tensor, ...], group_of_layer: tuple[int, ...],
