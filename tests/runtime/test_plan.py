@@ -32,6 +32,10 @@ def plan(**changes):
     # drops on an LM of mixed layers (Gemma 3's sliding windows, Qwen3.5's linear attention): its own forward decodes,
     # building the first view's masks for each kind of layer, the hooks the later views'
     (dict(mixed_layers=True), Prefill.LM, Cache.DYNAMIC, Decode.LM, True),
+    # an LM of mixed layers on a static cache: its own forward fills slimvlm's cache with its masks per kind of layer
+    # (the static prefill's are causal over the prompt), or prefills on the dynamic cache after drops and hands off
+    (dict(edits_layers=False, mixed_layers=True, static_given=True), Prefill.LM, Cache.STATIC, Decode.STATIC, False),
+    (dict(mixed_layers=True, static_given=True), Prefill.LM, Cache.HAND_OFF, Decode.STATIC, True),
     # features added to the first layers' outputs (Qwen3-VL's DeepStack): hooks on the LM's own forward
     (dict(layer_features=True), Prefill.LM, Cache.DYNAMIC, Decode.LAYER_BY_LAYER, True),
     (dict(layer_features=True, static_given=True), Prefill.LM, Cache.HAND_OFF, Decode.STATIC, True),

@@ -219,6 +219,34 @@ def test_sliding_window_language_models(tiny_dir):
             torch.testing.assert_close(model(**single).logits, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_a_static_cache_on_an_lm_windowed_on_every_layer(tiny_dir):
+    """transformers caps every layer of such an LM's static cache at the window, and the cache then no longer says how
+    many tokens generate() adds: refused by name. Where the window is longer than the prompt and its new tokens, the
+    cache says it, and slimvlm's static cache (the LM's own forward filling it) generates what the dynamic one does."""
+    from slimvlm.testbed.build import load
+
+    _, processor = load(tiny_dir)
+    inputs = batch(processor, 2)
+
+    def generate(model, **options):
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **options)
+
+    with torch.no_grad():
+        short = sliding_window_model(tiny_dir, window=64)
+        with slimvlm.apply(short, "divprune:budget=32"):
+            says = "sliding window of 64 tokens on every layer.*generate without cache_implementation='static'"
+            with pytest.raises(slimvlm.SlimVLMError, match=says):
+                generate(short, cache_implementation="static")
+        long = sliding_window_model(tiny_dir, window=inputs["input_ids"].shape[1] + 8)
+        with slimvlm.apply(long, "divprune:budget=32") as handle:
+            dynamic, static = generate(long), generate(long, cache_implementation="static")
+            assert handle.runtime.session.static is not None
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", [
     dict(num_beams=2), dict(do_sample=True, top_k=5), dict(num_return_sequences=2, do_sample=True), dict(use_cache=False),
     dict(num_beams=2, cache_implementation="static"),

@@ -241,7 +241,7 @@ def test_a_windowed_mask_sees_the_keys_less_than_the_window_before_each_query():
 def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fresh):
     """slimvlm's static cache only grows, per group of layers: a shorter reduced prompt (MustDrop's and DyMU's
     counts follow the image) reuses it, as transformers reuses its own across calls."""
-    from slimvlm.runtime.static_cache import StaticDecoder
+    from slimvlm.runtime.static_cache import LayerGroups, StaticDecoder
     from slimvlm.models import adapter_for
 
     model, _ = fresh
@@ -251,8 +251,8 @@ def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fre
     groups = (0,) + (1,) * (layers - 1)  # e.g. FastV at k=1: layer 0, then the rest
 
     def start(*widths):
-        return decoder.start(given, [torch.ones(1, width, dtype=torch.bool) for width in widths], groups, 600,
-                             torch.zeros(1))
+        key_valid = [torch.ones(1, width, dtype=torch.bool) for width in widths]
+        return decoder.start(given, LayerGroups(key_valid, (None,) * len(widths), groups), 600, torch.zeros(1))
 
     cache, steps = start(300, 130)
     assert [layer.max_cache_len for layer in cache.layers] == [448] + [256] * (layers - 1)  # 300+100, 130+100 -> 64s
@@ -261,5 +261,6 @@ def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fre
     assert steps.lengths == [250, 40] and steps.key_valid[1][0, 40:].any().item() is False
     longer, _ = start(250, 200)  # the second group needs 320: grown, the first keeps its 448
     assert longer is not cache and [layer.max_cache_len for layer in longer.layers] == [448] + [320] * (layers - 1)
-    other, _ = decoder.start(given, [torch.ones(1, 250, dtype=torch.bool)], (0,) * layers, 600, torch.zeros(1))
+    other, _ = decoder.start(given, LayerGroups([torch.ones(1, 250, dtype=torch.bool)], (None,), (0,) * layers), 600,
+                             torch.zeros(1))
     assert [layer.max_cache_len for layer in other.layers] == [384] * layers  # one group over layers of two lengths

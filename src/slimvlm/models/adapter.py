@@ -313,6 +313,21 @@ class LanguageModelAdapter:
         adapter made one per kind (a dict, masks_layer_kinds), else the one for every layer."""
         return value[self.layer_kinds[layer]] if isinstance(value, dict) else value
 
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per LLM layer, the sliding window its attention keeps to (None: every earlier token), by the rule
+        transformers sizes its caches by: the config's layer_types, else a window on every layer where the config
+        sets sliding_window. slimvlm's static cache masks these two kinds of layer; others are refused there."""
+        window = getattr(self.text_config, "sliding_window", None)
+        kinds = getattr(self.text_config, "layer_types", None) or (
+            ["full_attention" if window is None else "sliding_attention"] * len(self.llm_layers))
+        others = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+        if others:
+            raise SlimVLMError(
+                f"{self.name}'s language model has {', '.join(others)} layers, which slimvlm's static cache does not "
+                "mask (it knows full and sliding-window attention); generate without cache_implementation='static'"
+            )
+        return tuple(None if kind == "full_attention" else window for kind in kinds)
+
     def attention_parts(self, layer: int) -> AttentionParts:
         attn = self.llm_layers[layer].self_attn
         return AttentionParts(

@@ -24,7 +24,7 @@ from .prefill import LlmPrefill
 from .prefill_layers import LayerEdits
 from .prompt import prompt_shape, refuse_unsupported
 from .session import Session
-from .static_cache import CAPACITY_STEP, StaticDecoder, is_static
+from .static_cache import CAPACITY_STEP, StaticDecoder, is_static, refuse_static_cache
 from .stats import Stats, recorded
 from .unmerge import UnmergeCore
 from .vision import VisionStages
@@ -191,8 +191,8 @@ class Runtime:
         """Check a prompt with images, give the encoder its views, and plan its prefill."""
         refuse_unsupported(self.adapter, arguments, self._cache_name)
         static_given = is_static(arguments.get(self._cache_name))
-        if static_given and self.adapter.static_cache_refusal:  # before reading generate()'s masks for that cache
-            raise SlimVLMError(self.adapter.static_cache_refusal)
+        if static_given:  # before reading generate()'s masks for that cache
+            refuse_static_cache(self.adapter, arguments[self._cache_name])
         arguments["pixel_values"] = self.adapter.views(  # the encoder's views (LLaVA-NeXT: each image's crops)
             *visuals, kwargs.pop("interpolate_pos_encoding", False))
         input_ids = arguments["input_ids"]

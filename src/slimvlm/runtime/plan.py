@@ -87,7 +87,9 @@ def plan_prefill(*, edits_layers: bool, unmerge: bool, mixed_layers: bool, takes
                 and cache is not Cache.STATIC and not layer_features)
     if segments:
         prefill = Prefill.SEGMENTS  # the segments run the drops themselves
-    elif cache is Cache.STATIC and not lm_outputs_asked and not layer_features:
+    elif cache is Cache.STATIC and not lm_outputs_asked and not layer_features and not mixed_layers:  # an LM of mixed
+        # layers fills slimvlm's static cache through its own forward, with its own masks per kind of layer (the static
+        # prefill's are causal over the whole prompt)
         prefill = Prefill.STATIC
     else:
         prefill = Prefill.LM

@@ -10,7 +10,7 @@ from .plan import Cache, Plan, Prefill
 from .prefill_layers import LayerEdits
 from .segments import SegmentedPrefill
 from .session import Session, View
-from .static_cache import CAPACITY_STEP, StaticDecoder
+from .static_cache import CAPACITY_STEP, StaticDecoder, layer_groups
 from .stats import tokens_per_layer
 from .unmerge import prompt_copies, static_copies
 
@@ -33,12 +33,14 @@ class LlmPrefill:
         (`arguments`: the model's forward's) the LM's masks follow."""
         sequence = rebuilt.sequence
         prompt_length = input_ids.shape[1]
+        layers = len(self.adapter.llm_layers)
+        views = [View(sequence=sequence, key_valid=sequence.valid)] * layers
         static = None
         if plan.cache is Cache.NONE:
             cache = None
-        elif plan.cache is Cache.STATIC:
-            layers = len(self.adapter.llm_layers)
-            cache, static = self.static.start(given, [sequence.valid], (0,) * layers, prompt_length, rebuilt.embeds)
+        elif plan.cache is Cache.STATIC:  # every layer holds the whole prompt: a group per window
+            groups = layer_groups(views, self.adapter.layer_windows(), [sequence.valid.shape[1]] * layers)
+            cache, static = self.static.start(given, groups, prompt_length, rebuilt.embeds)
         elif plan.cache is Cache.DYNAMIC and given is not None:
             cache = given
         else:  # a new dynamic cache: none was given, or a static one that the prefill's entries are handed to
@@ -51,7 +53,7 @@ class LlmPrefill:
             prompt_length=prompt_length,
             conversation=input_ids,
             next_position=sequence.next_position(),
-            layer_views=[View(sequence=sequence, key_valid=sequence.valid)] * len(self.adapter.llm_layers),
+            layer_views=views,
             tokens=tokens,
             given_cache=given,
             static=static,
@@ -131,12 +133,12 @@ class LlmPrefill:
 
     def _hand_off_to_static(self, session: Session, given, like: torch.Tensor) -> None:
         """Move the prefill's dynamic cache into slimvlm's static one, a length per group of layers that
-        hold the same entries: the static decode step gives each layer its group's mask itself."""
-        groups = session.distinct_views()
-        group_index = {id(view): group for group, view in enumerate(groups)}
-        session.cache, session.static = self.static.hand_off(
-            given, [view.key_valid for view in groups], tuple(group_index[id(view)] for view in session.layer_views),
-            self.adapter.cache_layers(session.cache), session.prompt_length, like)
+        hold the same entries and attend with one window (a sliding layer's dynamic cache holds its window's
+        last entries alone): the static decode step gives each layer its group's mask itself."""
+        layers = self.adapter.cache_layers(session.cache)
+        groups = layer_groups(session.layer_views, self.adapter.layer_windows(),
+                              [layer.keys.shape[2] for layer in layers])
+        session.cache, session.static = self.static.hand_off(given, groups, layers, session.prompt_length, like)
         if session.copies is not None:
             slots = session.static.key_valid[0]  # virtual unmerging edits no layer: one group
             session.static_copies = static_copies(self.adapter, session.copies, slots, session.static.lengths[0],

@@ -5,7 +5,10 @@ prompt. slimvlm swaps in a cache of its own, sized for the reduced sequence plus
 left for new tokens, so that each decode step's attention reads only the entries that were kept
 (a static cache attends over its whole length). Where stage 3 or 4 left layers with different
 entries (FastV drops tokens from layer K on, MustDrop's output-aware cache keeps fewer), each group
-of layers gets its own length: the prefill's entries are handed over. The cache is reused while the batch
+of layers gets its own length: the prefill's entries are handed over. Every layer is a plain StaticLayer,
+sliding-window ones too (Gemma 3's): their window is in their group's decode mask (a query sees the keys
+less than `window` slots before it, as transformers' sliding layers do on cache indices), not in a rolling
+buffer, so the slots keep the order the masks count in. The cache is reused while the batch
 size stays and each group's length suffices (it only grows), so the compiled step is not rebuilt, and
 lengths are rounded up to CAPACITY_STEP so that image-dependent counts (DyMU, MustDrop) share a few sizes.
 
@@ -16,6 +19,7 @@ assignment per group and an add.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,16 +43,58 @@ def cache_length(cache) -> int:
     return max(layer.max_cache_len for layer in cache.layers)
 
 
+def refuse_static_cache(adapter, given) -> None:
+    """Refuse, before any work, a static cache (generate()'s, `given`) that slimvlm's cannot stand in for: the family's
+    LM it cannot hold (adapter.static_cache_refusal), layers it does not mask (adapter.layer_windows), or an LM with a
+    sliding window on every layer, whose every layer transformers caps at the window once prompt and new tokens pass
+    it: the cache then no longer says how many tokens generate() will add, which slimvlm's must hold."""
+    if adapter.static_cache_refusal:
+        raise SlimVLMError(adapter.static_cache_refusal)
+    windows = adapter.layer_windows()
+    if None not in windows and cache_length(given) >= min(windows):
+        raise SlimVLMError(
+            f"{adapter.name}'s language model attends within a sliding window of {min(windows)} tokens on every layer, "
+            "so the static cache generate() made holds that window alone and does not say how many tokens it will "
+            "generate, which slimvlm's static cache must hold; generate without cache_implementation='static'"
+        )
+
+
+class LayerGroups(NamedTuple):
+    """LLM layers that hold the same cache entries and attend with one mask form a group: per group, key_valid
+    (B, W) of the entries its layers hold after the prompt and its sliding window (None: every earlier key); per
+    LLM layer, its group."""
+
+    key_valid: list[torch.Tensor]
+    windows: tuple[int | None, ...]
+    of_layer: tuple[int, ...]
+
+
+def layer_groups(views: list, windows: tuple[int | None, ...], entries: list[int]) -> LayerGroups:
+    """The groups of LLM layers that see one view (`views`: per layer, an object with the key_valid (B, W) of its
+    sequence) and have one window (`windows`: per layer). entries: per layer, the entries its cache holds, the last
+    of its view's: a dynamic cache's sliding layer keeps only its window's."""
+    index: dict[tuple[int, int | None], int] = {}
+    key_valid, group_windows, of_layer = [], [], []
+    for view, window, held in zip(views, windows, entries, strict=True):
+        key = (id(view), window)
+        if key not in index:
+            index[key] = len(key_valid)
+            key_valid.append(view.key_valid[:, view.key_valid.shape[1] - held :])
+            group_windows.append(window)
+        of_layer.append(index[key])
+    return LayerGroups(key_valid, tuple(group_windows), tuple(of_layer))
+
+
 @dataclass
 class StaticSteps:
-    """Where decoding stands in slimvlm's static cache. LLM layers that hold the same entries form a
-    group (one group, unless stage 3/4 shortened some layers' caches): per group, key_valid (B, C) marks
-    the slots that hold a real entry (the reduced prompt's, then each decoded token) and `lengths` slots
-    are used; `group_of_layer` names each LLM layer's group."""
+    """Where decoding stands in slimvlm's static cache, per group of layers (LayerGroups): key_valid (B, C)
+    marks the slots that hold a real entry (the reduced prompt's, then each decoded token), `lengths` slots are
+    used, `windows` is its sliding window; `group_of_layer` names each LLM layer's group."""
 
     key_valid: list[torch.Tensor]
     lengths: list[int]
     group_of_layer: tuple[int, ...]
+    windows: tuple[int | None, ...]
 
     def advance(self, steps: int, new_valid: torch.Tensor | None, mask_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         """Take `steps` new tokens into each group's next slots, valid where `new_valid` (B, Q) says (None:
@@ -60,14 +106,15 @@ class StaticSteps:
                     "generate() the max_new_tokens it will decode, or pass a larger StaticCache"
                 )
         masks = []
-        for group, key_valid in enumerate(self.key_valid):
+        for group, (key_valid, window) in enumerate(zip(self.key_valid, self.windows)):
             start = self.lengths[group]
             key_valid[:, start : start + steps] = True if new_valid is None else new_valid
             self.lengths[group] = start + steps
-            if steps == 1 and mask_dtype is None:  # later slots are still False: the padding mask is the causal one
+            if steps == 1 and mask_dtype is None and window is None:  # later slots are still False: the padding
+                # mask is the causal one
                 masks.append(key_valid[:, None, None, :])
             else:
-                masks.append(attention_mask_4d(key_valid, steps, mask_dtype, first_query=start))
+                masks.append(attention_mask_4d(key_valid, steps, mask_dtype, first_query=start, window=window))
         return tuple(masks)
 
 
@@ -86,28 +133,16 @@ class StaticDecoder:
         self._prefill_graphs: GraphCache | None = None  # of the LLM prefill, writing self._cache
         self._compiled = None
 
-    def start(self, given, key_valid: list[torch.Tensor], group_of_layer: tuple[int, ...], prompt_length: int,
-              like: torch.Tensor) -> tuple[object, StaticSteps]:
+    def start(self, given, groups: LayerGroups, prompt_length: int, like: torch.Tensor) -> tuple[object, StaticSteps]:
         """A reset static cache for the reduced prompt, with the decode room that the given cache (sized by
-        generate for the untouched prompt) left after `prompt_length`. key_valid: per group of layers, the
-        (B, W) entries the prompt leaves in those layers; group_of_layer: each LLM layer's group."""
-        room = cache_length(given) - prompt_length
-        if room < 1:
-            raise SlimVLMError(
-                f"the static cache holds {cache_length(given)} entries, no more than the prompt's {prompt_length}; "
-                "make it longer than the prompt plus the tokens to generate"
-            )
+        generate for the untouched prompt) left after `prompt_length`; a length per group of layers."""
+        key_valid, group_of_layer = groups.key_valid, groups.of_layer
+        room = self._room(given, prompt_length)
         batch = key_valid[0].shape[0]
         needed = [-(-(valid.shape[1] + room) // CAPACITY_STEP) * CAPACITY_STEP for valid in key_valid]
         held = self._held(batch, group_of_layer, like)
         reuse = held is not None and all(want <= have for want, have in zip(needed, held))
         capacities = held if reuse else [max(pair) for pair in zip(needed, held or needed)]  # only ever grows
-        window = getattr(self.adapter.text_config, "sliding_window", None)
-        if window is not None and max(capacities) > window:
-            raise SlimVLMError(
-                f"the language model attends within a sliding window of {window} tokens, shorter than the "
-                f"{max(capacities)} this static cache holds; generate without cache_implementation='static'"
-            )
         if reuse:
             reset(self._cache)
         else:
@@ -121,7 +156,19 @@ class StaticDecoder:
             slot = torch.zeros(batch, capacity, dtype=torch.bool, device=valid.device)
             slot[:, : valid.shape[1]] = valid
             slots.append(slot)
-        return self._cache, StaticSteps(slots, [valid.shape[1] for valid in key_valid], group_of_layer)
+        return self._cache, StaticSteps(slots, [valid.shape[1] for valid in key_valid], group_of_layer, groups.windows)
+
+    @staticmethod
+    def _room(given, prompt_length: int) -> int:
+        """The slots for new tokens that generate() left in the static cache it sized for the untouched prompt (its
+        longest layers' length past the prompt: refuse_static_cache keeps out caches whose every layer is capped)."""
+        room = cache_length(given) - prompt_length
+        if room < 1:
+            raise SlimVLMError(
+                f"the static cache holds {cache_length(given)} entries, no more than the prompt's {prompt_length}; "
+                "make it longer than the prompt plus the tokens to generate"
+            )
+        return room
 
     def _held(self, batch: int, group_of_layer: tuple[int, ...], like: torch.Tensor) -> list[int] | None:
         """Per group of layers, the slots the cache held now gives it (its layers' one length), or None where it
@@ -138,12 +185,12 @@ class StaticDecoder:
             return None
         return [lengths[group].pop() for group in range(len(lengths))]
 
-    def hand_off(self, given, key_valid: list[torch.Tensor], group_of_layer: tuple[int, ...], layers: list,
-                 prompt_length: int, like: torch.Tensor) -> tuple[object, StaticSteps]:
+    def hand_off(self, given, groups: LayerGroups, layers: list, prompt_length: int,
+                 like: torch.Tensor) -> tuple[object, StaticSteps]:
         """A static cache holding what a prefill left in a dynamic one (`layers`: per LLM layer, its keys and
         values), for methods after which layers hold different entries (stages 3-4): each group of layers
         gets its own length, so decode steps read only the entries kept."""
-        cache, steps = self.start(given, key_valid, group_of_layer, prompt_length, like)
+        cache, steps = self.start(given, groups, prompt_length, like)
         fill(cache, layers)
         return cache, steps
 
@@ -202,13 +249,14 @@ class StaticDecoder:
 
 
 def static_cache(text_config, capacities: tuple[int, ...]):
-    """transformers' StaticCache with each LLM layer's own length."""
+    """transformers' StaticCache with each LLM layer's own length, every layer a plain StaticLayer (where the config
+    has sliding-window layers, transformers' would roll their entries through a window-long buffer, out of the
+    slots slimvlm's masks count)."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=text_config, max_cache_len=max(capacities))
-    if len(set(capacities)) > 1:  # sliding-window layers never get here: stages 3-4 are refused on such LMs
-        cache.layers = [StaticLayer(max_cache_len=capacity) for capacity in capacities]
+    cache.layers = [StaticLayer(max_cache_len=capacity) for capacity in capacities]
     return cache
 
 
