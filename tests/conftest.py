@@ -529,16 +529,16 @@ GEMMA3_IDS = dict(image_token_index=900, boi_token_index=901, eoi_token_index=90
 GEMMA3_SIDE, GEMMA3_TOKENS = 32, 16  # px an image: 8 x 8 patches of 4 px, pooled 2 x 2 into 4 x 4 = 16 tokens
 
 
-def gemma3_model(seed: int = 0):
+def gemma3_model(seed: int = 0, window: int = 8):
     """A tiny random Gemma 3, float32, SDPA: SigLIP of 2 layers (no head) on 32-px images, 16 tokens an image after
-    the pooling, a 6-layer LM (5 sliding-window layers of window 8, shorter than every test prompt, then a global
-    one); its projection drawn at random (the init's is zero: every image would give zeros) and its attention
+    the pooling, a 6-layer LM (5 sliding-window layers of `window`, by default 8, shorter than every test prompt, then
+    a global one); its projection drawn at random (the init's is zero: every image would give zeros) and its attention
     sharpened as sharpened() does (queries and keys times 8, here through Gemma's (1 + w) q/k norms), so that a wrong
     mask or position shows in the logits."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                num_key_value_heads=2, head_dim=16, sliding_window=window, query_pre_attn_scalar=16,
                 max_position_embeddings=2048, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=GEMMA3_SIDE, patch_size=4, vision_use_head=False)

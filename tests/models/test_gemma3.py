@@ -4,8 +4,9 @@ with and without token_type_ids, text, left padding, two images in a prompt), re
 method runs batched as one by one or is refused with the reason; then what is Gemma 3's own: the two-way block of an
 image's kept tokens (against the model's own masks on the reduced prompt), merged patches unmerged before the
 pooling, per-image budgets, VisionZip on the pooled tokens and MustDrop's important set on them, FastV on the
-sliding-window layers (against FastV by hand: prefill, decode step, follow-up turn), the static cache refused, and
-shape:gemma-3-12b"""
+sliding-window layers (against FastV by hand: prefill, decode step, follow-up turn), slimvlm's static cache (the
+untouched model's tokens and logits under `none`, the dynamic path's under every method, its window crossed before and
+during decoding, compiled as one graph, no host read a step), and shape:gemma-3-12b"""
 
 import json
 
@@ -88,12 +89,18 @@ def test_none_gives_the_untouched_logits_and_text(fresh_gemma3, images):
 
 
 def test_remove_restores_the_model_exactly(fresh_gemma3, thresholds):
-    """After methods of stages 1 and 2 ran (generate() too), remove() leaves the untouched model: its logits bit for
-    bit, no forward of slimvlm's, only the hooks the model had."""
+    """After methods of stages 1-3 ran (generate() too, on the dynamic and the static cache), remove() leaves the
+    untouched model: its logits bit for bit, no forward of slimvlm's, only the hooks the model had."""
     model = fresh_gemma3
     inputs = gemma3_batch()
-    specs = ("tome:r=8", "divprune:budget=6", "pool:budget=4", DyMU(thresholds=thresholds, vtu=False))
-    assert_remove_restores(model, inputs, specs, lambda: generate(model, inputs))
+    specs = ("tome:r=8", "divprune:budget=6", "pool:budget=4", DyMU(thresholds=thresholds, vtu=False),
+             "fastv:k=2,ratio=0.5")
+
+    def run():
+        generate(model, inputs)
+        generate(model, inputs, cache_implementation="static")
+
+    assert_remove_restores(model, inputs, specs, run)
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +112,21 @@ def double_gemma3():
     remove_slimvlm(model)
 
 
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_batched_equals_one_by_one(double_gemma3, thresholds, name):
+def test_batched_equals_one_by_one(double_gemma3, thresholds, name, cache):
     """Greedy tokens equal and each step's logits within 1e-8, prompt by prompt, on two images in the first prompt
-    and one in the second (left padding: the prompts' reduced lengths differ; the decode steps' masks are the views')."""
+    and one in the second (left padding: the prompts' reduced lengths differ; the decode steps' masks are the views'),
+    on the dynamic cache and on slimvlm's static one (whose slots a row's padding fills in part)."""
     model = double_gemma3
     images = (2, 1)
     inputs = gemma3_batch(images)
     inputs["pixel_values"] = inputs["pixel_values"].double()
     with torch.no_grad(), slimvlm.apply(model, spec_of(name, thresholds)) as handle:
-        batched = generate(model, inputs)
+        batched = generate(model, inputs, **cache)
         counts = handle.stats.visual_tokens
         for index in range(len(images)):
-            alone = generate(model, gemma3_select(inputs, index, images))
+            alone = generate(model, gemma3_select(inputs, index, images), **cache)
             first = sum(images[:index])
             assert handle.stats.visual_tokens == counts[first : first + images[index]]
             assert alone.sequences[0, -5:].tolist() == batched.sequences[index, -5:].tolist()
@@ -213,15 +222,128 @@ def test_dymus_virtual_unmerging_is_refused_with_the_fix(fresh_gemma3, threshold
         slimvlm.apply(fresh_gemma3, DyMU(thresholds=thresholds))
 
 
-def test_the_static_cache_is_refused_by_name_and_the_model_stays_whole(fresh_gemma3):
+# ---- slimvlm's static cache on the sliding-window LM ---------------------------------------------------------------
+@pytest.fixture(scope="module", params=[8, 32], ids=["prompts-past-the-window", "decoding-crosses-the-window"])
+def windowed_gemma3(request):
+    """The tiny Gemma 3 in float64 with a window of 8 (every prompt is longer) or 32 (the prompts, 25 and 27 tokens with
+    an image each, fit in it, reduced or not; the tokens generated after them cross it)."""
+    model = gemma3_model(window=request.param).double()
+    yield model
+    remove_slimvlm(model)
+
+
+def windowed_batch(token_types: bool = True) -> dict:
+    inputs = gemma3_batch(token_types=token_types)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return inputs
+
+
+def assert_same_text_and_logits(first, second) -> None:
+    assert torch.equal(first.sequences, second.sequences)
+    for a, b in zip(first.logits, second.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("token_types", [True, False])
+def test_none_on_the_static_cache_is_the_untouched_model(windowed_gemma3, token_types):
+    """generate(cache_implementation="static") under `none` against the untouched model on transformers' static cache
+    (its sliding layers roll their window's entries): 12 new tokens, left padding, the sliding layers' window reached
+    in the prompt or while decoding; with token_type_ids (generate() hands the prefill its two-way image blocks in a
+    4D mask) and without."""
+    model = windowed_gemma3
+    inputs = windowed_batch(token_types)
+    window = model.config.text_config.sliding_window
+    assert not inputs["attention_mask"].all() and inputs["input_ids"].shape[1] + 12 > window
+    with torch.no_grad():
+        untouched = generate(model, inputs, 12, cache_implementation="static")
+        with slimvlm.apply(model, "none") as handle:
+            ours = generate(model, inputs, 12, cache_implementation="static")
+            assert handle.runtime.session.static is not None  # decoded on slimvlm's static cache
+    assert_same_text_and_logits(ours, untouched)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_the_static_cache_generates_what_the_dynamic_cache_does(windowed_gemma3, thresholds, name):
+    """Every method Gemma 3 runs, 24 new tokens on two left-padded prompts, every layer's reduced prompt and new tokens
+    past the window: the same tokens and logits (within 1e-8) on slimvlm's static cache as on the dynamic one, whose
+    sliding layers keep their window's entries alone (after a stage-3 drop the static cache takes the prefill's entries
+    from them)."""
+    model = windowed_gemma3
+    inputs = windowed_batch()
+    new = 24
+    with torch.no_grad(), slimvlm.apply(model, spec_of(name, thresholds)) as handle:
+        dynamic = generate(model, inputs, new)
+        static = generate(model, inputs, new, cache_implementation="static")
+        assert handle.runtime.session.static is not None
+        entries = handle.stats.kv_entries  # per sample, per layer, after the prefill
+    assert min(min(row) for row in entries) + new > model.config.text_config.sliding_window
+    assert_same_text_and_logits(static, dynamic)
+
+
+def test_the_static_decode_step_compiles_as_one_graph(fresh_gemma3):
+    """On every kind of layer its own mask and rotary embedding, traced as one graph (fullgraph: a break raises), with
+    CompileConfig's eager backend (no compiler on this machine): the eager step's text, under `none` (a group per
+    kind of layer) and FastV (the kinds' groups before and after its drop)."""
+    from transformers import CompileConfig
+
     model = fresh_gemma3
     inputs = gemma3_batch()
-    with torch.no_grad():
-        reference = generate(model, inputs).sequences
-        with slimvlm.apply(model, "divprune:budget=6"):
-            with pytest.raises(SlimVLMError, match="sliding window.*cache_implementation='static'"):
-                generate(model, inputs, cache_implementation="static")
-        assert torch.equal(generate(model, inputs).sequences, reference)
+    saved = model.generation_config.compile_config
+    model.generation_config.compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        with torch.no_grad():
+            for spec in ("none", "fastv:k=2,ratio=0.5"):
+                with slimvlm.apply(model, spec):
+                    eager = generate(model, inputs, 6, cache_implementation="static")
+                with slimvlm.apply(model, spec, compile=True) as handle:
+                    compiled = generate(model, inputs, 6, cache_implementation="static")
+                    assert handle.runtime.decoder.static._compiled is not None  # the steps ran compiled
+                assert torch.equal(compiled.sequences, eager.sequences)
+                for a, b in zip(compiled.logits, eager.logits, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # one a spec, no break
+    finally:
+        model.generation_config.compile_config = saved
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("spec", ["none", "fastv:k=2,ratio=0.5"])
+def test_the_static_cache_on_eager_attention_generates_what_the_dynamic_cache_does(spec):
+    """Eager attention takes additive masks: each kind of layer's decode mask in that form, the window in it. In float32
+    (in float64 transformers' eager masks give a padding row all -inf in its float32 softmax: NaN, the untouched model's
+    too), so the logits within 1e-3 (the sharpened attention's rounding)."""
+    model = gemma3_model()
+    model.set_attn_implementation("eager")
+    inputs = gemma3_batch()
+    with torch.no_grad(), slimvlm.apply(model, spec):
+        static, dynamic = generate(model, inputs, 12, cache_implementation="static"), generate(model, inputs, 12)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["none", "fastv:k=2,ratio=0.5"])
+def test_a_static_decode_step_reads_what_the_untouched_models_does(fresh_gemma3, spec):
+    """The per-kind masks are made on the device from what the host knows (each group's length): a decode step reads
+    back what the untouched model's step on its static cache reads (generate()'s own stopping check), at batch 1."""
+    from slimvlm.device_reads import HostReads
+
+    model = fresh_gemma3
+    inputs = gemma3_select(gemma3_batch(), 0)
+
+    def reads_per_step() -> float:
+        counted = []
+        for new in (2, 6):
+            with torch.no_grad(), HostReads() as reads:
+                generate(model, inputs, new, cache_implementation="static")
+            counted.append(reads.total)
+        return (counted[1] - counted[0]) / 4
+
+    untouched = reads_per_step()
+    with slimvlm.apply(model, spec):
+        assert reads_per_step() == untouched
 
 
 def test_a_local_folder_loads_by_its_model_type(tmp_path):

@@ -313,6 +313,11 @@ class LanguageModelAdapter:
         adapter made one per kind (a dict, masks_layer_kinds), else the one for every layer."""
         return value[self.layer_kinds[layer]] if isinstance(value, dict) else value
 
+    def two_way_pairs(self, arguments: dict) -> torch.Tensor | None:
+        """(B, L, L) the (query, key) pairs of a prompt that the model's own mask lets attend beyond causal attention,
+        from the forward's `arguments`: none here."""
+        return None
+
     def layer_windows(self) -> tuple[int | None, ...]:
         """Per LLM layer, the sliding window its attention keeps to (None: every earlier token), by the rule
         transformers sizes its caches by: the config's layer_types, else a window on every layer where the config

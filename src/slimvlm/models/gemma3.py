@@ -20,14 +20,19 @@ Where methods act on it:
   tokens alone (the window over their indices, each image's kept tokens one two-way block) and each kind of layer
   its own rotary embedding at the kept positions; decode steps run the LM's own forward (its sliding caches keep
   the window), each view's masks sized by its layers' caches;
+- slimvlm's static cache (generate(cache_implementation="static")) runs all of the above: the LM's own forward
+  fills it (or, after a drop, the dynamic cache it hands over), and each decode step gives each kind of layer its
+  own mask (the window on the cache's slots, as transformers' sliding layers count it) and rotary embedding
+  (runtime/static_cache.py); generate()'s 4D prompt mask holds the image blocks (two_way_pairs);
 - refused: stage 4 (mustdrop's output-aware cache: a sliding layer's cache holds only the window, which slimvlm's
   cut does not follow), vtu (nothing stays merged past the pooling), llava-mini (its modules are laid out a
-  projected token per patch), slimvlm's static cache (its masks and cache know no sliding window).
+  projected token per patch).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -40,6 +45,7 @@ from ..attention import received_attention
 from ..method import EncoderAttention, Method, Stage, no_rows
 from ..sequence import Sequence
 from ..tokens import VisualTokens
+from .adapter import DecodeParts
 from .llava import LlavaAdapter
 from .pixel_shuffle import unit_mean, unmerged
 from .units import UnitViews
@@ -59,11 +65,6 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
     has_cls = False
     instead = ("visionzip (on the pooled tokens), a stage-2 method (divprune, random, uniform, pool), a stage-1 method in "
                "the tower (tome, dymu:vtu=false) or a stage-3 drop (fastv, mustdrop:output_cache=false)")
-    static_cache_refusal = (
-        "Gemma 3's LM attends within a sliding window on five of every six layers, which slimvlm's static cache and its "
-        "masks do not apply; generate without cache_implementation='static' (the dynamic cache runs every method Gemma 3 "
-        "takes)"
-    )
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -181,6 +182,19 @@ class Gemma3Adapter(UnitViews, LlavaAdapter):
         """Per kind of layer (each its own rope base), the rotary embeddings of the kept tokens' positions."""
         rotary = self.language_model.rotary_emb
         return {kind: rotary(like, sequence.positions, kind) for kind in set(self.layer_kinds)}
+
+    def two_way_pairs(self, arguments: dict) -> torch.Tensor | None:
+        """With token_type_ids, the pairs of tokens in one run of image tokens: the model's masks let them attend to
+        each other both ways."""
+        token_types = arguments.get("token_type_ids")
+        if token_types is None:
+            return None
+        blocks = modeling_gemma3.get_block_sequence_ids_for_mask(token_types)
+        return (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+
+    def decode_parts(self) -> DecodeParts:
+        """Each layer takes its kind's rotary embedding (a rope base per kind)."""
+        return replace(super().decode_parts(), rotary_kinds=tuple(self.layer_kinds))
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict:
         """token_type_ids, as the processor returns them: 1 at the image placeholders."""

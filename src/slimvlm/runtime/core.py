@@ -198,7 +198,8 @@ class Runtime:
         input_ids = arguments["input_ids"]
         mask = arguments.get("attention_mask")
         if mask is not None and mask.dim() == 4:  # generate()'s mask for a static cache, in the untouched frame
-            arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1])
+            arguments["attention_mask"] = padding_of_causal_mask(mask, input_ids.shape[1],
+                                                                 self.adapter.two_way_pairs(arguments))
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
