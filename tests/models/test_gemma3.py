@@ -532,19 +532,21 @@ def test_visionzip_keeps_the_pooled_tokens_whose_patches_receive_the_most_attent
 
 
 def test_bench_and_bench_generate_run_on_a_local_gemma3_folder(tiny_gemma3, tmp_path):
-    """bench-generate (wall-clock) and bench (FLOPs too) time the folder's model with its methods on synthetic images,
-    their token_type_ids from the adapter (so the LM's image blocks attend both ways, as the FLOPs count)."""
+    """bench-generate (wall-clock) times the folder's model with its methods on synthetic images, their token_type_ids
+    from the adapter, on the eager and the static path; bench (FLOPs too) counts the LM's image blocks attending both
+    ways."""
     from slimvlm.bench import flops
     from slimvlm.cli import main
 
     tiny_gemma3.save_pretrained(tmp_path)
     out = tmp_path / "generate.json"
     assert main(["bench-generate", "--model", str(tmp_path), "--methods", "none,divprune:budget=6,fastv:k=2,ratio=0.5",
-                 "--batch-sizes", "2", "--paths", "eager", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
-                 "--device", "cpu", "--json", str(out)]) == 0
-    rows = {row["method"]: row["visual_tokens_mean"] for row in json.loads(out.read_text())["results"]}
-    assert rows == {"untouched": GEMMA3_TOKENS, "none": GEMMA3_TOKENS, "divprune:budget=6": 6,
-                    "fastv:k=2,ratio=0.5": GEMMA3_TOKENS, "untouched, again": GEMMA3_TOKENS}
+                 "--batch-sizes", "2", "--paths", "eager,static", "--new-tokens", "2", "--repeats", "1", "--warmup",
+                 "0", "--device", "cpu", "--json", str(out)]) == 0
+    rows = {(row["path"], row["method"]): row["visual_tokens_mean"] for row in json.loads(out.read_text())["results"]}
+    expected = {"untouched": GEMMA3_TOKENS, "none": GEMMA3_TOKENS, "divprune:budget=6": 6,
+                "fastv:k=2,ratio=0.5": GEMMA3_TOKENS, "untouched, again": GEMMA3_TOKENS}
+    assert rows == {(path, method): tokens for path in ("eager", "static") for method, tokens in expected.items()}
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(tmp_path), "--methods", "divprune:budget=6", "--repeats", "1", "--warmup", "0",
                  "--new-tokens", "2", "--device", "cpu", "--json", str(out)]) == 0
