@@ -2,13 +2,15 @@
 length per group of layers after stage 3-4 methods), the same text as the dynamic cache, a decode step that
 compiles as one graph, and clear refusals."""
 
+import copy
+
 import pytest
 import torch
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 import slimvlm
-from conftest import batch, causal_attention_calls, spy_on_segments
-from slimvlm.runtime.static_cache import CAPACITY_STEP
+from conftest import batch, causal_attention_calls, qwen_model, spy_on_segments
+from slimvlm.runtime.static_cache import CAPACITY_STEP, fill, is_recurrent, recurrent_tensors, reset, static_cache
 from slimvlm.device_reads import HostReads, graphs_replayed_as_launches
 from slimvlm.models.compat import cache_kwarg
 from slimvlm.sequence import attention_mask_4d, padding_of_causal_mask
@@ -264,3 +266,33 @@ def test_a_cache_long_enough_is_reused_so_the_compiled_step_keeps_its_shapes(fre
     other, _ = decoder.start(given, LayerGroups([torch.ones(1, 250, dtype=torch.bool)], (None,), (0,) * layers), 600,
                              torch.zeros(1))
     assert [layer.max_cache_len for layer in other.layers] == [384] * layers  # one group over layers of two lengths
+
+
+def test_reset_and_fill_keep_a_linear_attention_layers_states_as_transformers_does():
+    """On Qwen3.5's hybrid LM slimvlm's static cache keeps transformers' LinearAttentionLayers: reset() leaves it as
+    StaticCache.reset() does (states zeroed, no previous state: the next prefill starts afresh), and fill() hands it a
+    prefill's convolution and recurrent states and entries, from which decoding continues."""
+    model = qwen_model("qwen3_5")
+    lm = model.model.language_model
+    name = cache_kwarg(lm.forward)
+    embeds = torch.randn(2, 7, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    dynamic = DynamicCache(config=model.config.text_config)
+    ours = static_cache(model.config.text_config, (None, None, None, 64))
+    with torch.no_grad():
+        lm(inputs_embeds=embeds, use_cache=True, **{name: dynamic})
+        lm(inputs_embeds=embeds, use_cache=True, **{name: ours})
+    theirs = copy.deepcopy(ours)
+    reset(ours)
+    theirs.reset()
+    recurrent = [index for index, layer in enumerate(ours.layers) if is_recurrent(layer)]
+    assert recurrent == [0, 1, 2]
+    for index in recurrent:
+        assert ours.layers[index].has_previous_state == theirs.layers[index].has_previous_state == {0: False}
+        for a, b in zip(recurrent_tensors(ours.layers[index]), recurrent_tensors(theirs.layers[index]), strict=True):
+            assert torch.equal(a, b) and not a.any()
+    fill(ours, list(dynamic.layers))
+    for index in recurrent:
+        assert ours.layers[index].has_previous_state == {0: True}
+        states = zip(recurrent_tensors(ours.layers[index]), recurrent_tensors(dynamic.layers[index]), strict=True)
+        assert all(torch.equal(a, b) and a.any() for a, b in states)
+    assert torch.equal(ours.layers[3].keys[:, :, :7], dynamic.layers[3].keys)

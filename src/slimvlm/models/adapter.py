@@ -82,6 +82,7 @@ def items_in_prompt_order(runs: Iterable[tuple[Hashable, int]], counts: dict[Has
 
 
 CAUSAL_WITHOUT_MASK = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})  # is_causal when no mask is given
+LINEAR_ATTENTION = "linear_attention"  # a layer kind whose cache is a recurrent state (Qwen3.5's Gated DeltaNet)
 
 
 def run_causal(layers, x: torch.Tensor, rotary: Callable, implementation: str) -> torch.Tensor:
@@ -319,19 +320,27 @@ class LanguageModelAdapter:
         return None
 
     def layer_windows(self) -> tuple[int | None, ...]:
-        """Per LLM layer, the sliding window its attention keeps to (None: every earlier token), by the rule
-        transformers sizes its caches by: the config's layer_types, else a window on every layer where the config
-        sets sliding_window. slimvlm's static cache masks these two kinds of layer; others are refused there."""
+        """Per LLM layer, the sliding window its attention keeps to (None: every earlier token, or a linear-attention
+        layer, which recurrent_layers names), by the rule transformers sizes its caches by: the config's layer_types,
+        else a window on every layer where the config sets sliding_window. slimvlm's static cache serves these kinds
+        of layer; others are refused there."""
         window = getattr(self.text_config, "sliding_window", None)
         kinds = getattr(self.text_config, "layer_types", None) or (
             ["full_attention" if window is None else "sliding_attention"] * len(self.llm_layers))
-        others = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+        others = sorted(set(kinds) - {"full_attention", "sliding_attention", LINEAR_ATTENTION})
         if others:
             raise SlimVLMError(
                 f"{self.name}'s language model has {', '.join(others)} layers, which slimvlm's static cache does not "
-                "mask (it knows full and sliding-window attention); generate without cache_implementation='static'"
+                "serve (it knows full, sliding-window and linear attention); generate without "
+                "cache_implementation='static'"
             )
-        return tuple(None if kind == "full_attention" else window for kind in kinds)
+        return tuple(window if kind == "sliding_attention" else None for kind in kinds)
+
+    def recurrent_layers(self) -> tuple[bool, ...]:
+        """Per LLM layer, whether its cache is a recurrent state (linear attention: a convolution state and a
+        recurrent one per sequence, no per-token entries), which slimvlm's static cache keeps as transformers'
+        own StaticCache does."""
+        return tuple(kind == LINEAR_ATTENTION for kind in self.layer_kinds) or (False,) * len(self.llm_layers)
 
     def attention_parts(self, layer: int) -> AttentionParts:
         attn = self.llm_layers[layer].self_attn

@@ -38,8 +38,9 @@ class LlmPrefill:
         static = None
         if plan.cache is Cache.NONE:
             cache = None
-        elif plan.cache is Cache.STATIC:  # every layer holds the whole prompt: a group per window
-            groups = layer_groups(views, self.adapter.layer_windows(), [sequence.valid.shape[1]] * layers)
+        elif plan.cache is Cache.STATIC:  # every attention layer holds the whole prompt: a group per window
+            entries = [None if recurrent else sequence.valid.shape[1] for recurrent in self.adapter.recurrent_layers()]
+            groups = layer_groups(views, self.adapter.layer_windows(), entries)
             cache, static = self.static.start(given, groups, prompt_length, rebuilt.embeds)
         elif plan.cache is Cache.DYNAMIC and given is not None:
             cache = given
@@ -134,10 +135,12 @@ class LlmPrefill:
     def _hand_off_to_static(self, session: Session, given, like: torch.Tensor) -> None:
         """Move the prefill's dynamic cache into slimvlm's static one, a length per group of layers that
         hold the same entries and attend with one window (a sliding layer's dynamic cache holds its window's
-        last entries alone): the static decode step gives each layer its group's mask itself."""
+        last entries alone), a linear-attention layer's states as they are: the static decode step gives each layer
+        its group's mask itself."""
         layers = self.adapter.cache_layers(session.cache)
-        groups = layer_groups(session.layer_views, self.adapter.layer_windows(),
-                              [layer.keys.shape[2] for layer in layers])
+        entries = [None if recurrent else layer.keys.shape[2]
+                   for layer, recurrent in zip(layers, self.adapter.recurrent_layers(), strict=True)]
+        groups = layer_groups(session.layer_views, self.adapter.layer_windows(), entries)
         session.cache, session.static = self.static.hand_off(given, groups, layers, session.prompt_length, like)
         if session.copies is not None:
             slots = session.static.key_valid[0]  # virtual unmerging edits no layer: one group

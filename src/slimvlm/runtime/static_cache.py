@@ -8,7 +8,10 @@ entries (FastV drops tokens from layer K on, MustDrop's output-aware cache keeps
 of layers gets its own length: the prefill's entries are handed over. Every layer is a plain StaticLayer,
 sliding-window ones too (Gemma 3's): their window is in their group's decode mask (a query sees the keys
 less than `window` slots before it, as transformers' sliding layers do on cache indices), not in a rolling
-buffer, so the slots keep the order the masks count in. The cache is reused while the batch
+buffer, so the slots keep the order the masks count in. Linear-attention layers (Qwen3.5's Gated DeltaNet)
+hold no entries: each keeps transformers' own LinearAttentionLayer (a convolution and a recurrent state), reset,
+filled and handed over beside the entries, and takes no mask in a one-token step, as the model's own decode gives
+it none. The cache is reused while the batch
 size stays and each group's length suffices (it only grows), so the compiled step is not rebuilt, and
 lengths are rounded up to CAPACITY_STEP so that image-dependent counts (DyMU, MustDrop) share a few sizes.
 
@@ -39,8 +42,8 @@ def is_static(cache) -> bool:
 
 
 def cache_length(cache) -> int:
-    """The entries a static cache holds per sequence (its longest layer)."""
-    return max(layer.max_cache_len for layer in cache.layers)
+    """The entries a static cache holds per sequence (its longest layer; a linear-attention layer's is -1)."""
+    return max(layer.get_max_length() for layer in cache.layers)
 
 
 def refuse_static_cache(adapter, given) -> None:
@@ -62,34 +65,38 @@ def refuse_static_cache(adapter, given) -> None:
 class LayerGroups(NamedTuple):
     """LLM layers that hold the same cache entries and attend with one mask form a group: per group, key_valid
     (B, W) of the entries its layers hold after the prompt and its sliding window (None: every earlier key); per
-    LLM layer, its group."""
+    LLM layer, its group, or len(key_valid) for a layer of recurrent state (no entries, no mask in a one-token
+    step: StaticSteps.advance gives it None)."""
 
     key_valid: list[torch.Tensor]
     windows: tuple[int | None, ...]
     of_layer: tuple[int, ...]
 
 
-def layer_groups(views: list, windows: tuple[int | None, ...], entries: list[int]) -> LayerGroups:
+def layer_groups(views: list, windows: tuple[int | None, ...], entries: list[int | None]) -> LayerGroups:
     """The groups of LLM layers that see one view (`views`: per layer, an object with the key_valid (B, W) of its
     sequence) and have one window (`windows`: per layer). entries: per layer, the entries its cache holds, the last
-    of its view's: a dynamic cache's sliding layer keeps only its window's."""
+    of its view's (a dynamic cache's sliding layer keeps only its window's), None for a layer of recurrent state."""
     index: dict[tuple[int, int | None], int] = {}
     key_valid, group_windows, of_layer = [], [], []
     for view, window, held in zip(views, windows, entries, strict=True):
         key = (id(view), window)
-        if key not in index:
+        if held is not None and key not in index:
             index[key] = len(key_valid)
             key_valid.append(view.key_valid[:, view.key_valid.shape[1] - held :])
             group_windows.append(window)
-        of_layer.append(index[key])
-    return LayerGroups(key_valid, tuple(group_windows), tuple(of_layer))
+        of_layer.append(None if held is None else index[key])
+    recurrent = len(key_valid)
+    return LayerGroups(key_valid, tuple(group_windows),
+                       tuple(recurrent if group is None else group for group in of_layer))
 
 
 @dataclass
 class StaticSteps:
     """Where decoding stands in slimvlm's static cache, per group of layers (LayerGroups): key_valid (B, C)
     marks the slots that hold a real entry (the reduced prompt's, then each decoded token), `lengths` slots are
-    used, `windows` is its sliding window; `group_of_layer` names each LLM layer's group."""
+    used, `windows` is its sliding window; `group_of_layer` names each LLM layer's group (one past the groups: a
+    layer of recurrent state)."""
 
     key_valid: list[torch.Tensor]
     lengths: list[int]
@@ -98,7 +105,8 @@ class StaticSteps:
 
     def advance(self, steps: int, new_valid: torch.Tensor | None, mask_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         """Take `steps` new tokens into each group's next slots, valid where `new_valid` (B, Q) says (None:
-        all); per group, the (B, 1, Q, C) mask of their queries."""
+        all); per group, the (B, 1, Q, C) mask of their queries, then None for the layers of recurrent state (a
+        one-token step, the only kind on this cache (decode.py), has no padding for them to mask)."""
         for key_valid, start in zip(self.key_valid, self.lengths):
             if start + steps > key_valid.shape[1]:
                 raise SlimVLMError(
@@ -115,7 +123,7 @@ class StaticSteps:
                 masks.append(key_valid[:, None, None, :])
             else:
                 masks.append(attention_mask_4d(key_valid, steps, mask_dtype, first_query=start, window=window))
-        return tuple(masks)
+        return (*masks, None)
 
 
 class StaticDecoder:
@@ -145,8 +153,8 @@ class StaticDecoder:
         capacities = held if reuse else [max(pair) for pair in zip(needed, held or needed)]  # only ever grows
         if reuse:
             reset(self._cache)
-        else:
-            per_layer = tuple(capacities[group] for group in group_of_layer)
+        else:  # None: a layer of recurrent state, one past the groups
+            per_layer = tuple(capacities[group] if group < len(capacities) else None for group in group_of_layer)
             self._cache = None  # free the old one (and the graphs that write it) before allocating
             self._prefill_graphs = GraphCache(self._prefill)
             self._cache = static_cache(self.adapter.text_config, per_layer)
@@ -180,7 +188,8 @@ class StaticDecoder:
         per_layer = self._cache_key[1]
         lengths: dict[int, set[int]] = {}
         for layer, group in enumerate(group_of_layer):
-            lengths.setdefault(group, set()).add(per_layer[layer])
+            if per_layer[layer] is not None:  # a layer of recurrent state has no length
+                lengths.setdefault(group, set()).add(per_layer[layer])
         if any(len(held) != 1 for held in lengths.values()):
             return None
         return [lengths[group].pop() for group in range(len(lengths))]
@@ -248,32 +257,81 @@ class StaticDecoder:
         return device.type == "cuda" and not getattr(self.model.generation_config, "disable_compile", False)
 
 
-def static_cache(text_config, capacities: tuple[int, ...]):
-    """transformers' StaticCache with each LLM layer's own length, every layer a plain StaticLayer (where the config
-    has sliding-window layers, transformers' would roll their entries through a window-long buffer, out of the
-    slots slimvlm's masks count)."""
+def static_cache(text_config, capacities: tuple[int | None, ...]):
+    """transformers' StaticCache with each LLM layer's own length, every attention layer a plain StaticLayer (where the
+    config has sliding-window layers, transformers' would roll their entries through a window-long buffer, out of the
+    slots slimvlm's masks count); a layer of recurrent state (capacity None) keeps the LinearAttentionLayer
+    transformers' StaticCache gives it."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
-    cache = StaticCache(config=text_config, max_cache_len=max(capacities))
-    cache.layers = [StaticLayer(max_cache_len=capacity) for capacity in capacities]
+    cache = StaticCache(config=text_config, max_cache_len=max(c for c in capacities if c is not None))
+    cache.layers = [layer if capacity is None else StaticLayer(max_cache_len=capacity)
+                    for layer, capacity in zip(cache.layers, capacities, strict=True)]
     return cache
 
 
+def is_recurrent(layer) -> bool:
+    """Whether a cache layer holds a linear-attention layer's convolution and recurrent states, not entries."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    return isinstance(layer, LinearAttentionCacheLayerMixin)
+
+
+def recurrent_tensors(layer) -> list[torch.Tensor]:
+    """A linear-attention cache layer's initialised states, convolution then recurrent, and its token count where it
+    keeps one (transformers >= 5.25): what its reset() zeroes."""
+    states = [t for held in (layer.conv_states, layer.recurrent_states) for t in held.values() if t is not None]
+    count = getattr(layer, "cumulative_length_linear", None)
+    return states + ([] if count is None else [count])
+
+
 def reset(cache) -> None:
-    """What StaticCache.reset() does (every layer's keys, values and length zeroed) in one op, not three a layer:
-    at batch 1 each op is a kernel launch the prefill waits for."""
-    tensors = [t for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values)]
-    torch._foreach_zero_(tensors + [layer.cumulative_length for layer in cache.layers])
+    """What StaticCache.reset() does (every layer's keys, values and length zeroed, a linear-attention layer's states
+    too, and its flag of a previous state cleared, so that the next prefill starts it afresh) in one op, not three a
+    layer: at batch 1 each op is a kernel launch the prefill waits for."""
+    attention = [layer for layer in cache.layers if not is_recurrent(layer)]
+    recurrent = [layer for layer in cache.layers if is_recurrent(layer)]
+    tensors = [t for layer in attention if layer.is_initialized for t in (layer.keys, layer.values)]
+    tensors += [layer.cumulative_length for layer in attention]
+    torch._foreach_zero_(tensors + [t for layer in recurrent for t in recurrent_tensors(layer)])
+    for layer in recurrent:
+        for state in layer.has_previous_state:
+            layer.has_previous_state[state] = False
 
 
 def fill(cache, layers: list) -> None:
-    """Write each layer's prompt entries (`layers`: objects with keys and values (B, H, W, d)) at the start of a
-    reset static cache, in two ops for all layers (its update() takes five a layer)."""
-    for target, source in zip(cache.layers, layers):
+    """Write each layer's prompt entries (`layers`: per LLM layer, a dynamic cache's layer: keys and values (B, H, W, d),
+    or a linear-attention layer's states) at the start of a reset static cache, in two ops for all attention layers
+    (its update() takes five a layer) and one for the linear-attention layers' states, which decoding continues
+    from."""
+    pairs = list(zip(cache.layers, layers, strict=True))
+    fill_entries([pair for pair in pairs if not is_recurrent(pair[0])])
+    fill_states([pair for pair in pairs if is_recurrent(pair[0])])
+
+
+def fill_entries(pairs: list) -> None:
+    """Each (static layer, source) pair: the source's keys and values in the first slots."""
+    for target, source in pairs:
         if not target.is_initialized:
             target.lazy_initialization(source.keys, source.values)
-    targets = [t.keys[:, :, : s.keys.shape[2]] for t, s in zip(cache.layers, layers)]
-    targets += [t.values[:, :, : s.values.shape[2]] for t, s in zip(cache.layers, layers)]
-    torch._foreach_copy_(targets, [s.keys for s in layers] + [s.values for s in layers])
-    torch._foreach_add_([t.cumulative_length for t in cache.layers], [s.keys.shape[2] for s in layers])
+    targets = [t.keys[:, :, : s.keys.shape[2]] for t, s in pairs] + [t.values[:, :, : s.values.shape[2]] for t, s in pairs]
+    torch._foreach_copy_(targets, [s.keys for _, s in pairs] + [s.values for _, s in pairs])
+    torch._foreach_add_([t.cumulative_length for t, _ in pairs], [s.keys.shape[2] for _, s in pairs])
+
+
+def fill_states(pairs: list) -> None:
+    """Each (linear-attention layer, source) pair: the source's convolution and recurrent states (allocated as the
+    layer allocates them on its first update), its token count, and its flag that a previous state is held (without
+    which the next step would start the recurrence afresh)."""
+    for target, source in pairs:
+        for state in range(source.number_of_states):
+            if not target.is_conv_states_initialized[state] and source.is_conv_states_initialized[state]:
+                target.lazy_initialization(conv_states=source.conv_states[state], state_idx=state,
+                                           conv_kernel_size=source.conv_kernel_size[state])
+            if not target.is_recurrent_states_initialized[state] and source.is_recurrent_states_initialized[state]:
+                target.lazy_initialization(recurrent_states=source.recurrent_states[state], state_idx=state)
+            target.has_previous_state[state] = source.has_previous_state[state]
+    if pairs:
+        torch._foreach_copy_([t for target, _ in pairs for t in recurrent_tensors(target)],
+                             [t for _, source in pairs for t in recurrent_tensors(source)])
