@@ -1,11 +1,13 @@
 """Qwen3.5 (Qwen3-VL's vision without DeepStack, a hybrid LM of Gated DeltaNet linear-attention layers and gated
 full-attention layers) on a tiny random model of the real class. Qwen2-VL's tests that need neither the static cache
 nor stages 3-4 run here on Qwen3.5 (imported below, with this module's tiny_qwen); then what is Qwen3.5's own: the
-no-op's text on the dynamic cache, every method that runs batched as one by one (images and videos), stage 4 and the
-static cache refused by name, and the model whole after each; then stage 3 on an LM with a full-attention layer every
+no-op's text on the dynamic cache, every method that runs batched as one by one (images and videos), stage 4 refused by
+name, and the model whole after each; then stage 3 on an LM with a full-attention layer every
 other layer: FastV against FastV by hand (the linear layers' recurrence over the kept tokens; prefill, a decode step,
 a follow-up turn), the attention rows of a gated full-attention layer, batched = one by one, a drop scored at a
-linear-attention layer refused naming it."""
+linear-attention layer refused naming it; then slimvlm's static cache on it: `none` the untouched model on
+transformers' static cache, every method the dynamic path's tokens, batched = one by one, remove() after static
+generations, the decode step traced as one graph, no host read a step beyond the untouched model's."""
 
 import copy
 
@@ -114,17 +116,6 @@ def test_what_cannot_act_on_qwen35_is_refused_with_the_reason(fresh_qwen, name):
     spec, says = REFUSED[name]
     with pytest.raises(SlimVLMError, match=says):
         slimvlm.apply(fresh_qwen, spec)
-
-
-def test_the_static_cache_is_refused_by_name_and_the_model_stays_whole(fresh_qwen):
-    model = fresh_qwen
-    inputs = qwen_batch(model.config)
-    with torch.no_grad():
-        reference = generate(model, inputs, static=False).sequences
-        with slimvlm.apply(model, "divprune:budget=10"):
-            with pytest.raises(SlimVLMError, match="linear-attention layers.*cache_implementation='static'"):
-                generate(model, inputs, static=True)
-        assert torch.equal(generate(model, inputs, static=False).sequences, reference)
 
 
 def test_the_moe_class_runs_as_the_dense_one():
@@ -387,3 +378,135 @@ def test_a_drop_scored_at_a_linear_layer_is_refused_naming_it(fresh_hybrid, spec
     with pytest.raises(SlimVLMError, match=says):
         slimvlm.apply(fresh_hybrid, spec)
     assert "forward" not in fresh_hybrid.__dict__
+
+
+# ---- slimvlm's static cache on the hybrid LM ------------------------------------------------------------------------
+STATIC_RUNS = {**RUNS, **STAGE_3}
+
+
+def generate_with_logits(model, inputs: dict, new: int, static: bool):
+    """Greedy generation of `new` tokens with each step's logits, on transformers' static cache where `static`."""
+    extra = {"cache_implementation": "static"} if static else {}
+    return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, **extra)
+
+
+def assert_same_text_and_logits(first, second) -> None:
+    """The same greedy tokens, each step's logits within float32's rounding (1e-4, as this module's other tests): a linear
+    layer's recurrence runs in float32 whatever the model's dtype (in float64 the paths still differ by 1e-6)."""
+    assert torch.equal(first.sequences, second.sequences)
+    for a, b in zip(first.logits, second.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_none_on_the_static_cache_is_the_untouched_model(fresh_hybrid, kind):
+    """generate(cache_implementation="static") under `none` against the untouched model on transformers' static cache
+    (its linear layers' LinearAttentionLayers, its full-attention layers' StaticLayers): 12 new tokens on two
+    left-padded prompts; the steps ran on slimvlm's static cache, whose linear layers hold states."""
+    from slimvlm.runtime.static_cache import is_recurrent
+
+    model = fresh_hybrid
+    inputs = qwen_batch(model.config, kind=kind)
+    assert not inputs["attention_mask"].all()
+    with torch.no_grad():
+        untouched = generate_with_logits(model, inputs, 12, static=True)
+        with slimvlm.apply(model, "none") as handle:
+            ours = generate_with_logits(model, inputs, 12, static=True)
+            session = handle.runtime.session
+    assert session.static is not None
+    assert [is_recurrent(layer) for layer in session.cache.layers] == [True, False] * 3
+    assert_same_text_and_logits(ours, untouched)
+
+
+@pytest.mark.parametrize("name", sorted(STATIC_RUNS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_static_cache_generates_what_the_dynamic_cache_does(fresh_hybrid, kind, name):
+    """Every method Qwen3.5 runs, 12 new tokens on two left-padded prompts: the same tokens and logits on
+    slimvlm's static cache as on the dynamic one (after a stage-3 drop the static cache takes the prefill's entries
+    and its linear layers' convolution and recurrent states from the dynamic cache)."""
+    model = fresh_hybrid
+    inputs = qwen_batch(model.config, kind=kind)
+    with torch.no_grad(), slimvlm.apply(model, STATIC_RUNS[name]) as handle:
+        dynamic = generate_with_logits(model, inputs, 12, static=False)
+        static = generate_with_logits(model, inputs, 12, static=True)
+        assert handle.runtime.session.static is not None
+    assert_same_text_and_logits(static, dynamic)
+
+
+@pytest.mark.parametrize("name", sorted(STATIC_RUNS))
+def test_the_static_cache_batched_equals_one_by_one(fresh_hybrid, name):
+    """On slimvlm's static cache each left-padded prompt's greedy tokens and logits (within 1e-4, as on the dynamic cache) are its own alone:
+    the padding enters neither a linear layer's states nor a full-attention layer's mask."""
+    model = fresh_hybrid
+    inputs = qwen_batch(model.config)
+    new = 6
+    with torch.no_grad(), slimvlm.apply(model, STATIC_RUNS[name]):
+        batched = generate_with_logits(model, inputs, new, static=True)
+        for index in range(2):
+            alone = generate_with_logits(model, qwen_select(inputs, index), new, static=True)
+            assert alone.sequences[0, -new:].tolist() == batched.sequences[index, -new:].tolist()
+            for together, single in zip(batched.logits, alone.logits, strict=True):
+                torch.testing.assert_close(together[index], single[0], atol=1e-4, rtol=1e-4)
+
+
+def test_remove_restores_the_model_after_static_generations(fresh_hybrid):
+    model = fresh_hybrid
+    inputs = qwen_batch(model.config)
+    assert_remove_restores(model, inputs, ["divprune:budget=10", *STAGE_3.values()],
+                           lambda: generate(model, inputs, static=True))
+
+
+def test_the_static_decode_step_compiles_as_one_graph(fresh_hybrid):
+    """Linear layers without a mask beside full-attention layers with their group's, traced as one graph (fullgraph: a
+    break raises) with CompileConfig's eager backend (no compiler on this machine): the eager step's text, under
+    `none` and FastV (the full-attention layers' groups before and after its drop)."""
+    from transformers import CompileConfig
+
+    model = fresh_hybrid
+    inputs = qwen_batch(model.config)
+    saved = model.generation_config.compile_config
+    model.generation_config.compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        with torch.no_grad():
+            for spec in ("none", STAGE_3["fastv"]):
+                with slimvlm.apply(model, spec):
+                    eager = generate_with_logits(model, inputs, 6, static=True)
+                with slimvlm.apply(model, spec, compile=True) as handle:
+                    compiled = generate_with_logits(model, inputs, 6, static=True)
+                    assert handle.runtime.decoder.static._compiled is not None  # the steps ran compiled
+                assert torch.equal(compiled.sequences, eager.sequences)
+                for a, b in zip(compiled.logits, eager.logits, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # one a spec, no break
+    finally:
+        model.generation_config.compile_config = saved
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("spec", ["none", STAGE_3["fastv"]])
+def test_a_static_decode_step_reads_what_the_untouched_models_does(fresh_hybrid, spec):
+    """A decode step reads back from the device what the untouched model's step on its static cache reads (generate()'s
+    own stopping check), at batch 1: the linear layers' states stay where they are, no mask is made for them."""
+    from slimvlm.device_reads import HostReads
+
+    model = fresh_hybrid
+    inputs = qwen_select(qwen_batch(model.config), 0)
+
+    def reads_per_step() -> float:
+        """Reads a step, from two generations after a first: the first allocates slimvlm's static cache, whose reuse
+        after a reset holds the offset that the prefill's masks read once (a prefill's read, not a step's)."""
+        counted = []
+        with torch.no_grad():
+            generate_with_logits(model, inputs, 6, static=True)
+        for new in (2, 6):
+            with torch.no_grad(), HostReads() as reads:
+                generate_with_logits(model, inputs, new, static=True)
+            counted.append(reads.total)
+        return (counted[1] - counted[0]) / 4
+
+    untouched = reads_per_step()
+    with slimvlm.apply(model, spec):
+        assert reads_per_step() == untouched

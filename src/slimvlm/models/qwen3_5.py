@@ -15,12 +15,13 @@ What runs, on the dynamic cache:
   layer k - 1), and the rows are softmax(Q K^T) of each head's query (q_proj's first half; the gate, its second half,
   scales the attention's output, not its probabilities) after q_norm and the partial rotary (AttentionParts).
   After a drop each kind of layer gets the mask the model's own forward gives it: the causal mask of the kept tokens on
-  full attention, the 2D padding mask (None without padding, or in a one-token decode step) on linear attention.
+  full attention, the 2D padding mask (None without padding, or in a one-token decode step) on linear attention;
+- all of the above on slimvlm's static cache (generate(cache_implementation="static")): its linear layers keep
+  transformers' LinearAttentionLayer (convolution and recurrent states), filled by the LM's own forward or handed over
+  from the dynamic cache after a drop, and take no mask in a decode step (runtime/static_cache.py).
 What is refused, and why:
 - stage 4 (MustDrop's output-aware cache): it cuts the cache of each layer after prefill, but a linear-attention
   layer's state mixes every token the layer ran over, with no entries to cut, and no state without them is at hand;
-- slimvlm's static cache (generate(cache_implementation="static")): it holds per-token keys and values for every
-  layer, not the linear layers' convolution and recurrent states;
 - Qwen's refusals for the rest (stage-1 methods inside the tower, pool, llava-mini, vtu).
 """
 
@@ -52,11 +53,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     adds_layer_features = False
     masks_layer_kinds = True
     whole_tower = "its merger joins each 2x2 block of patches in place into one token"
-    static_cache_refusal = (
-        "Qwen3.5's LM keeps a recurrent state (and a convolution state) in its linear-attention layers, which slimvlm's "
-        "static cache does not hold; generate without cache_implementation='static' (the dynamic cache runs every "
-        "method Qwen3.5 takes)"
-    )
     instead = (f"{BEFORE_THE_LM}, or a stage-3 drop scored at a full-attention layer (fastv, or "
                "mustdrop:lsm=false,important=false,output_cache=false: its LLM filter)")
     layer_features = QwenVLAdapter.layer_features
